@@ -1,0 +1,4 @@
+"""The op surface: ``torch.ops.sparsekern.*`` registrations and validated public functions."""
+from .threshold import hard_threshold, power_threshold, soft_threshold, st3_threshold, str_threshold
+
+__all__ = ["soft_threshold", "str_threshold", "st3_threshold", "power_threshold", "hard_threshold"]

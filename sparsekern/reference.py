@@ -1,0 +1,162 @@
+"""Eager-PyTorch reference of every sparsekern op, written straight from SPEC.md.
+
+This module is the test oracle and the "eager" benchmark baseline: plain, unfused PyTorch with
+the autograd behaviour SPEC.md prescribes. All threshold math runs in fp32 whatever the storage
+dtype (SPEC §0); results are cast back to the weight's dtype.
+
+Shapes: ``w`` is any weight, dim 0 is the output channel (``K = w.shape[0]``, ``K = 1`` for a
+0-d ``w``). A threshold ``t`` is a Python number, a 1-element tensor (per layer), a tensor with
+``K`` elements (per output channel: ``[K]`` or ``[K, 1, ..]``), or one with ``w.numel()``
+elements (per weight).
+"""
+import torch
+
+ACTIVATIONS = ("identity", "sigmoid", "exp")
+
+
+def _channels(w):
+    return w.shape[0] if w.dim() > 0 else 1
+
+
+def _channel_view(w):
+    """Shape that broadcasts a ``[K]`` tensor along dim 0 of ``w``."""
+    return (_channels(w),) + (1,) * (w.dim() - 1) if w.dim() else ()
+
+
+def _rows(x, k):
+    """View ``x`` as ``[K, inner]`` (works for empty tensors)."""
+    return x.reshape(k, x.numel() // k if k else 0)
+
+
+def broadcast_threshold(t, w):
+    """``t`` (number or tensor, see module doc) as an fp32 tensor broadcastable to ``w``."""
+    t = torch.as_tensor(t, device=w.device).float()
+    k = _channels(w)
+    if t.numel() == 1:
+        return t.reshape(())
+    if t.numel() == k:
+        return t.reshape(_channel_view(w))
+    if t.numel() == w.numel():
+        return t.reshape(w.shape)
+    raise ValueError(f"threshold with {t.numel()} elements does not fit a weight of shape {tuple(w.shape)}")
+
+
+def reduce_to_threshold(x, t, w):
+    """Sum ``x`` (shaped like ``w``) over the elements that share each entry of ``t``."""
+    t = torch.as_tensor(t)
+    if t.numel() == 1:
+        return x.sum().reshape(t.shape)
+    if t.numel() == _channels(w):
+        return _rows(x, _channels(w)).sum(1).reshape(t.shape)
+    return x.reshape(t.shape)
+
+
+def activate(s, name):
+    """``g(s)`` of SPEC §1: ``identity`` (plain soft threshold), ``sigmoid`` or ``exp`` (k = 1)."""
+    s = torch.as_tensor(s).float()
+    if name == "identity":
+        return s
+    if name == "sigmoid":
+        return torch.sigmoid(s)
+    if name == "exp":
+        return torch.exp(s)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def _activation_grad(s, name):
+    s = torch.as_tensor(s).float()
+    if name == "identity":
+        return torch.ones_like(s)
+    if name == "sigmoid":
+        g = torch.sigmoid(s)
+        return g * (1 - g)
+    return torch.exp(s)
+
+
+# --- SPEC §1: soft threshold (STR) -------------------------------------------------------------
+
+def soft_threshold(w, t):
+    """``sign(w)·max(|w| − t, 0)``; true sub-gradients for ``w`` and ``t`` (SPEC §1, g = id)."""
+    wf = w.float()
+    thr = broadcast_threshold(t, w)
+    return (torch.sign(wf) * torch.relu(wf.abs() - thr)).to(w.dtype)
+
+
+def str_threshold(w, s, activation="sigmoid"):
+    """STR forward ``sign(w)·max(|w| − g(s), 0)`` with learnable ``s`` (SPEC §1)."""
+    return soft_threshold(w, activate(s, activation))
+
+
+def soft_threshold_backward(grad, w, t, activation="identity"):
+    """SPEC §1 sub-gradients of ``sign(w)·max(|w| − g(t), 0)``.
+
+    Returns ``(grad_w, grad_t)``: ``grad_w = grad·1[|w| > g(t)]`` (w's dtype) and
+    ``grad_t = −g'(t)·Σ_kept grad·sign(w)`` over the elements sharing each ``t`` (fp32, t's shape).
+    """
+    wf, gf = w.float(), grad.float()
+    thr = broadcast_threshold(activate(t, activation), w)
+    kept = wf.abs() > thr
+    grad_w = (gf * kept).to(w.dtype)
+    t = torch.as_tensor(t, device=w.device).float()
+    grad_t = -_activation_grad(t, activation) * reduce_to_threshold(gf * torch.sign(wf) * kept, t, w)
+    return grad_w, grad_t
+
+
+# --- SPEC §2: soft threshold with per-channel rescale (ST-3) -----------------------------------
+
+def st3_scale(w, t):
+    """Per-output-channel rescale ``1.01 / (ρ + 0.01)`` of SPEC §2, fp32 ``[K]``."""
+    k = _channels(w)
+    a = w.float().abs()
+    kept = a > broadcast_threshold(t, w)
+    rho = (_rows(a * kept, k).mean(1) + 1e-6) / (_rows(a, k).mean(1) + 1e-6)
+    return 1.01 / (rho + 0.01)
+
+
+def st3_threshold(w, t, rescale=True):
+    """ST-3 forward ``scale_o·sign(w)·max(|w| − t, 0)``; dense straight-through backward (SPEC §2)."""
+    wf = w.float()
+    q = torch.sign(wf) * torch.relu(wf.abs() - broadcast_threshold(t, w))
+    if rescale:
+        q = st3_scale(w, t).reshape(_channel_view(w)) * q
+    return (q.detach() + (wf - wf.detach())).to(w.dtype)
+
+
+# --- SPEC §3: power threshold (Feather) --------------------------------------------------------
+
+def power_threshold(w, t, p=3.0, theta=1.0):
+    """Feather ``sign(w)·(|w|^p − t^p)^(1/p)`` where ``|w| > t``, else 0 (SPEC §3).
+
+    Backward: ``grad·(1 if |w| > t else θ)``.
+    """
+    wf = w.float()
+    a = wf.abs()
+    thr = broadcast_threshold(t, w)
+    kept = a > thr
+    diff = torch.where(kept, a.pow(p) - thr.pow(p), torch.zeros_like(a)).clamp_min(0)
+    q = torch.sign(wf) * torch.where(kept, diff.pow(1.0 / p), torch.zeros_like(a))
+    gscale = torch.where(kept, torch.ones_like(a), torch.full_like(a, theta))
+    return (q.detach() + (wf - wf.detach()) * gscale).to(w.dtype)
+
+
+def power_threshold_backward(grad, w, t, theta=1.0):
+    """``grad·(1 if |w| > t else θ)`` in w's dtype (SPEC §3)."""
+    kept = w.float().abs() > broadcast_threshold(t, w)
+    return (grad.float() * torch.where(kept, 1.0, theta)).to(w.dtype)
+
+
+# --- SPEC §6: hard threshold (GMP) --------------------------------------------------------------
+
+def hard_threshold(w, t, ste=True):
+    """``w·1[|w| > t]``; backward dense straight-through (``ste``) or masked (GMP, SPEC §6)."""
+    wf = w.float()
+    q = wf * (wf.abs() > broadcast_threshold(t, w))
+    if ste:
+        q = q.detach() + (wf - wf.detach())
+    return q.to(w.dtype)
+
+
+def hard_threshold_backward(grad, w, t):
+    """Masked gradient ``grad·1[|w| > t]`` (``ste=False``)."""
+    kept = w.float().abs() > broadcast_threshold(t, w)
+    return (grad.float() * kept).to(w.dtype)

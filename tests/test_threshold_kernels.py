@@ -1,0 +1,123 @@
+"""Every threshold kernel backend (C++, Triton, reference fallback) against ``sparsekern.reference``.
+
+The kernel contract is documented in ``sparsekern/ops/threshold.py``: contiguous ``w``, flat
+fp32 ``t`` (per layer, per output channel or per weight), math in fp32.
+"""
+import math
+
+import pytest
+import torch
+
+from sparsekern import reference
+from utils import DTYPES, SHAPES, TOL, kernel_backend, make_threshold, make_weight
+
+BACKENDS = ["cpp", "triton", "reference"]
+MODES = ["scalar", "channel", "element"]
+ACTS = {0: "identity", 1: "sigmoid", 2: "exp"}
+
+
+def _inv_act(thr, act):
+    """Pre-activation s with g(s) ≈ thr, so ~half the weights stay."""
+    if act == 1:
+        return torch.logit(thr.clamp(1e-6, 1 - 1e-6))
+    if act == 2:
+        return torch.log(thr.clamp_min(1e-6))
+    return thr
+
+
+def _close(actual, expected, dtype, atol=None, rtol=None):
+    a, r = TOL[dtype]
+    a, r = (a if atol is None else atol), (r if rtol is None else rtol)
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=a, rtol=r)
+
+
+def _case(backend, shape, dtype, mode):
+    k, dev = kernel_backend(backend)
+    w = make_weight(shape, dtype, dev)
+    return k, w, make_threshold(w, mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hard_and_st3(backend, shape, dtype, mode):
+    k, w, t = _case(backend, shape, dtype, mode)
+    _close(k.hard_fwd(w, t), reference.hard_threshold(w, t, ste=False), dtype, atol=0, rtol=0)
+    g = make_weight(shape, dtype, w.device, seed=3)
+    _close(k.hard_bwd(g, w, t), reference.hard_threshold_backward(g, w, t), dtype, atol=0, rtol=0)
+    for rescale in (True, False):
+        _close(k.st3_fwd(w, t, rescale), reference.st3_threshold(w, t, rescale), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_soft(backend, shape, dtype, mode, act):
+    k, w, t = _case(backend, shape, dtype, mode)
+    s = _inv_act(t, act)
+    thr = reference.activate(s, ACTS[act])
+    _close(k.soft_fwd(w, s, act), reference.soft_threshold(w, thr), dtype)
+    g = make_weight(shape, dtype, w.device, seed=3)
+    gw, gs = k.soft_bwd(g, w, s, act, True)
+    ew, es = reference.soft_threshold_backward(g, w, s, ACTS[act])
+    _close(gw, ew, dtype)
+    # grad_s sums up to ~75k fp32 terms; summation order differs between backends.
+    assert gs.dtype == torch.float32
+    torch.testing.assert_close(gs.cpu(), es.cpu(), atol=1e-4 * math.sqrt(max(w.numel(), 1)), rtol=1e-5)
+    gw2, gs2 = k.soft_bwd(g, w, s, act, False)
+    assert torch.equal(gw2.cpu(), gw.cpu()) and gs2.numel() == 0
+    assert torch.equal(k.soft_bwd(g, w, s, act, True)[1].cpu(), gs.cpu()), "grad_t must be deterministic"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [1.0, 3.0, 7.5])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_power(backend, shape, dtype, mode, p):
+    k, w, t = _case(backend, shape, dtype, mode)
+    # (|w|^p − t^p)^(1/p) is ill-conditioned for |w| just above t: a 1-ulp difference in the
+    # two pow() implementations is amplified, so fp32 gets rtol 1e-4 (still 100× below bf16).
+    atol, rtol = (1e-5, 1e-4) if dtype == torch.float32 else TOL[dtype]
+    _close(k.power_fwd(w, t, p), reference.power_threshold(w, t, p), dtype, atol=atol, rtol=rtol)
+    g = make_weight(shape, dtype, w.device, seed=3)
+    for theta in (1.0, 0.5, 0.0):
+        _close(k.power_bwd(g, w, t, theta), reference.power_threshold_backward(g, w, t, theta), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_power_never_nan(backend):
+    """Weights at, just above and far below t must not produce NaN (no root of a negative)."""
+    k, dev = kernel_backend(backend)
+    t = torch.tensor([0.5])
+    w = torch.tensor([0.5, -0.5, 0.50000006, 1e-30, 0.0, -0.0, 3.0, 1e-3]).to(dev)
+    out = k.power_fwd(w, t.to(dev), 3.0).cpu()
+    assert not out.isnan().any()
+    assert torch.equal(out[:2], torch.zeros(2)) and out[3:6].eq(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_st3_zero_threshold_is_identity(backend):
+    k, dev = kernel_backend(backend)
+    w = make_weight((8, 5, 3, 3), torch.float32, dev)
+    w[0, 0] = 0
+    assert torch.equal(k.st3_fwd(w, torch.zeros(1, device=dev), True).cpu(), w.cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_rows_and_many_rows(backend):
+    """One long row (K=1) and many 1-element rows (inner=1) exercise both parallel splits."""
+    k, dev = kernel_backend(backend)
+    for shape in [(1, 200_003), (200_003,)]:
+        w = make_weight(shape, torch.float32, dev)
+        t = make_threshold(w, "scalar", q=0.9)
+        _close(k.st3_fwd(w, t, True), reference.st3_threshold(w, t), torch.float32)
+        g = make_weight(shape, torch.float32, dev, seed=4)
+        gs = k.soft_bwd(g, w, t, 0, True)[1]
+        es = reference.soft_threshold_backward(g, w, t)[1]
+        torch.testing.assert_close(gs.cpu(), es.cpu(), atol=1e-4 * math.sqrt(w.numel()), rtol=1e-5)

@@ -1,0 +1,61 @@
+"""Shared test helpers: weights, thresholds, tolerances, kernel backends."""
+import os
+
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(), (1,), (7,), (769,), (5, 123, 123), (64, 32, 3, 3), (0,), (0, 3)]
+# Triton tensors live on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol) per storage dtype for results computed in fp32 and rounded to storage: two fp32
+# results that differ in the last bits may round to neighbouring fp16/bf16 values (1 ulp:
+# 2^-10 for fp16, 2^-7 for bf16, relative).
+TOL = {
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-5, 2 ** -10),
+    torch.bfloat16: (1e-5, 2 ** -7),
+}
+
+
+def kernel_backend(name):
+    """The kernel namespace ``name`` ("cpp", "triton", "reference") and its tensor device."""
+    if name == "cpp":
+        from sparsekern import _ext
+
+        if not _ext.LOADED:
+            if os.environ.get("SPARSEKERN_NO_EXT") == "1":
+                pytest.skip("SPARSEKERN_NO_EXT=1: C++ kernels deliberately not loaded")
+            raise AssertionError(f"C++ kernels failed to load: {_ext.ERROR}")
+        return torch.ops.sparsekern_C, "cpu"
+    if name == "triton":
+        import sparsekern.triton.threshold as tk
+
+        return tk, TRITON_DEVICE
+    from sparsekern.ops.threshold import REFERENCE_KERNELS
+
+    return REFERENCE_KERNELS, "cpu"
+
+
+def make_weight(shape, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+def make_threshold(w, mode, q=0.5):
+    """A flat fp32 threshold at ≈ the q-quantile of |w|: "scalar", "channel" or "element".
+
+    Scalar and per-channel thresholds are exact |w| values, so ties at t are exercised.
+    """
+    a = w.detach().float().abs().cpu()
+    k = w.shape[0] if w.dim() else 1
+    if mode == "scalar":
+        flat = a.reshape(-1)
+        t = flat.sort().values[int(q * (flat.numel() - 1))].reshape(1) if flat.numel() else torch.ones(1)
+    elif mode == "channel":
+        rows = a.reshape(k, -1) if a.numel() else torch.ones(k, 1)
+        t = rows.sort(1).values[:, int(q * (rows.shape[1] - 1))].contiguous()
+    else:
+        t = torch.rand(a.numel(), generator=torch.Generator().manual_seed(1)) * 2 * q
+    return t.to(w.device)
