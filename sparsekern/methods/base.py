@@ -1,0 +1,54 @@
+"""What every sparse-training method provides to the layers and to the Sparsifier."""
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+class Method(ABC):
+    """One sparse-training method: its options, the state it puts on a layer, and the op its
+    forward calls. An instance holds options only, so one instance can serve every layer.
+
+    ``scheduled`` methods prune by magnitude: each layer has a ``threshold`` buffer that
+    ``Sparsifier.step()`` recomputes from the target sparsity. Others (STR) learn theirs.
+    """
+
+    name: str
+    scheduled: bool = False
+
+    @classmethod
+    def from_options(cls, final_sparsity: float | None, **options) -> "Method":
+        """Build from ``sparsify()`` options; ``final_sparsity`` fills defaults that depend on it."""
+        return cls(**options)
+
+    @abstractmethod
+    def init_state(self, layer: nn.Module) -> None:
+        """Register this method's parameters/buffers on ``layer`` (which already has ``weight``)."""
+
+    @abstractmethod
+    def sparse_weight(self, layer: nn.Module) -> Tensor:
+        """The effective weight the forward uses: one threshold op on ``layer.weight``."""
+
+    def options(self) -> dict:
+        """Options shown in ``extra_repr``."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"method={self.name}"] + [f"{k}={v}" for k, v in self.options().items()])
+
+
+class MagnitudeMethod(Method):
+    """Methods driven by a magnitude threshold ``t`` set each step by the Sparsifier.
+
+    Layer state: ``threshold``, a 0-d fp32 buffer (persistent, so a resumed run is bit-identical).
+    ``t = 0`` prunes nothing but exact zeros.
+    """
+
+    scheduled = True
+
+    def init_state(self, layer: nn.Module) -> None:
+        layer.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=layer.weight.device))
+
+    @staticmethod
+    def set_threshold(layer: nn.Module, t: Tensor) -> None:
+        layer.threshold.copy_(t)
