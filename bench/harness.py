@@ -1,0 +1,282 @@
+"""Shared benchmark machinery: cases, inputs, providers, timing, peak memory, run metadata.
+
+Used by ``python -m bench`` (``bench/__main__.py``) and the pytest-benchmark files
+(``bench/bench_*.py``). Providers (DESIGN.md §8): ``eager`` = ``sparsekern.reference.<op>``,
+``compile`` = ``torch.compile(reference.<op>)``, ``sparsekern`` = ``sparsekern.<op>``.
+
+Peak memory (:func:`peak_extra_bytes`) is the memory one forward+backward call needs on top of
+its inputs (``w``, threshold, pre-made output gradient; ``w.grad`` cleared), output and
+``w.grad`` included:
+
+* CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+  ``memory_allocated()`` before the call.
+* CPU (no allocator statistics): the kernel's peak resident set. The process must run with
+  :data:`CPU_MEMORY_ENV` (glibc serves every allocation >= 64 KiB with its own ``mmap`` and
+  unmaps it on free, so resident memory follows live tensors instead of a heap that keeps freed
+  pages). Before the call: ``malloc_trim(0)``, baseline ``VmRSS``, reset ``VmHWM`` by writing
+  ``5`` to ``/proc/self/clear_refs``; after it: ``VmHWM − baseline``. Only pages that are
+  written count (an untouched ``torch.empty`` is not resident); every op output is written in
+  full. ``python -m bench`` runs these measurements in a subprocess with that environment and
+  checks the method on known allocations (:func:`validate_memory`).
+"""
+import ctypes
+import datetime
+import functools
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+#: Benchmarked ops, headline first. Value: does the threshold argument get a gradient
+#: in forward+backward (learnable for STR-style soft thresholds, selected for the others)?
+OPS = {
+    "st3_threshold": False,
+    "soft_threshold": True,
+    "str_threshold": True,
+    "power_threshold": False,
+    "hard_threshold": False,
+}
+#: Weight shapes by size label (elements): realistic square Linear layers.
+SIZES = {"64K": (256, 256), "1M": (1024, 1024), "16M": (4096, 4096)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("eager", "compile", "sparsekern")
+#: Threshold = this quantile of |w| (per-layer scalar, ~90 % sparsity).
+SPARSITY = 0.9
+#: Environment that makes the CPU resident-set measurement track live allocations.
+CPU_MEMORY_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
+MEMORY_METHOD = {
+    "cpu": "peak RSS growth (VmHWM reset via /proc/self/clear_refs, minus VmRSS after "
+           "malloc_trim) during one call, in a subprocess with GLIBC_TUNABLES="
+           "glibc.malloc.mmap_threshold=65536; median of 3 calls after warmup",
+    "cuda": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
+            "memory_allocated() before the call; median of 3 calls after warmup",
+}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def op_name(name):
+    """``"st3"`` or ``"st3_threshold"`` -> ``"st3_threshold"``."""
+    full = name if name in OPS else f"{name}_threshold"
+    if full not in OPS:
+        raise ValueError(f"unknown op {name!r}; choose from {', '.join(OPS)}")
+    return full
+
+
+# --- inputs and providers -----------------------------------------------------------------------
+
+def make_inputs(op, shape, dtype, device, grad):
+    """Seeded weight ``w`` (``randn/sqrt(fan_in)``), 0-d fp32 threshold at the 0.9 quantile of
+    ``|w|`` (for STR, ``s = logit`` of it), and ``grad_out`` (only when ``grad``)."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(device=device, dtype=dtype)
+    a = w.float().abs().flatten()
+    t = a.kthvalue(max(1, round(SPARSITY * a.numel()))).values
+    if op == "str_threshold":
+        t = torch.logit(t)
+    inputs = {"w": w.requires_grad_(grad), "t": t.requires_grad_(grad and OPS[op]), "grad": None}
+    if grad:
+        inputs["grad"] = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    return inputs
+
+
+@functools.cache
+def _modules():
+    """``(sparsekern, sparsekern.reference)``, imported on first use."""
+    import sparsekern
+    from sparsekern import reference
+
+    return sparsekern, reference
+
+
+def sparsekern_backend(device):
+    """What ``sparsekern.<op>`` runs on ``device``: its kernels or the reference fallback."""
+    _modules()
+    from sparsekern import _ext
+    from sparsekern.ops import _common
+
+    if device == "cuda":
+        return "Triton kernels" if _common.HAS_TRITON else "REFERENCE FALLBACK: no Triton"
+    return "C++ kernels (sparsekern/_C)" if _ext.LOADED else f"REFERENCE FALLBACK: {_ext.ERROR}"
+
+
+def provider_fn(op, provider):
+    """The callable ``(w, t) -> out`` for ``provider``. ``compile`` resets dynamo and compiles a
+    fresh static-shape graph (the compilation happens on the first call, i.e. in warmup)."""
+    sk, reference = _modules()
+    if provider == "eager":
+        return getattr(reference, op)
+    if provider == "compile":
+        torch._dynamo.reset()
+        return torch.compile(getattr(reference, op), dynamic=False)
+    if provider == "sparsekern":
+        return getattr(sk, op)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_step(fn, inputs, mode):
+    """One benchmark iteration. ``fwd``: ``fn(w, t)``. ``fwd+bwd``: clear grads, forward,
+    ``out.backward(grad)``. Returns ``(step, clear)``; ``clear()`` drops the grads."""
+    w, t, g = inputs["w"], inputs["t"], inputs["grad"]
+
+    def clear():
+        w.grad = None
+        t.grad = None
+
+    if mode == "fwd":
+        return (lambda: fn(w, t)), clear
+
+    def step():
+        clear()
+        fn(w, t).backward(g)
+
+    return step, clear
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, device, budget_s=0.4, min_reps=5, max_reps=200, warmup=3):
+    """Time ``step``: ``warmup`` untimed calls (compilation happens here), then
+    ``reps = clamp(budget_s / fastest warmup call after the first, min_reps, max_reps)`` timed
+    calls. CPU: perf_counter around each call; CUDA: a CUDA event pair around each call.
+    Returns seconds: median, quartiles, min, max, and the first (compiling) call."""
+    warm = []
+    for _ in range(max(warmup, 2)):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        warm.append(time.perf_counter() - t0)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(min(warm[1:]), 1e-9))))
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(times), "max_s": max(times),
+            "reps": reps, "first_call_s": warm[0]}
+
+
+# --- peak memory --------------------------------------------------------------------------------
+
+def _proc_status_bytes(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6")
+
+
+def peak_extra_bytes(step, clear, device, repeats=3):
+    """Median over ``repeats`` calls of the peak memory of ``step()`` above its inputs (see the
+    module docstring for the method; on CPU the process needs :data:`CPU_MEMORY_ENV`)."""
+    peaks = []
+    for _ in range(repeats):
+        clear()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            _libc().malloc_trim(0)
+            base = _proc_status_bytes("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            step()
+            peaks.append(_proc_status_bytes("VmHWM") - base)
+    clear()
+    return int(statistics.median(peaks))
+
+
+def validate_memory(device):
+    """Measure known allocations with :func:`peak_extra_bytes`: a written 64 MiB and 1 MiB
+    tensor (expected: their size) and an unwritten 64 MiB ``torch.empty`` (CPU: not resident)."""
+    def alloc(n, write):
+        x = torch.empty(n // 4, dtype=torch.float32, device=device)
+        if write:
+            x.fill_(1.0)
+        _sync(device)
+
+    checks = []
+    for n, write in ((64 << 20, True), (1 << 20, True), (64 << 20, False)):
+        checks.append({"tensor_bytes": n, "written": write,
+                       "measured_bytes": peak_extra_bytes(lambda: alloc(n, write), lambda: None, device)})
+    return checks
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device):
+    """Run metadata that every result row carries."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "git_sha": _git("rev-parse", "HEAD") or "no commit",
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "sparsekern_backend": sparsekern_backend(device),
+    }
