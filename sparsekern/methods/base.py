@@ -9,12 +9,11 @@ class Method(ABC):
     """One sparse-training method: its options, the state it puts on a layer, and the op its
     forward calls. An instance holds options only, so one instance can serve every layer.
 
-    ``scheduled`` methods prune by magnitude: each layer has a ``threshold`` buffer that
-    ``Sparsifier.step()`` recomputes from the target sparsity. Others (STR) learn theirs.
+    ``MagnitudeMethod`` subclasses get their threshold from ``Sparsifier.step()``; others
+    (STR) learn theirs.
     """
 
     name: str
-    scheduled: bool = False
 
     @classmethod
     def from_options(cls, final_sparsity: float | None, **options) -> "Method":
@@ -43,8 +42,6 @@ class MagnitudeMethod(Method):
     Layer state: ``threshold``, a 0-d fp32 buffer (persistent, so a resumed run is bit-identical).
     ``t = 0`` prunes nothing but exact zeros.
     """
-
-    scheduled = True
 
     def init_state(self, layer: nn.Module) -> None:
         layer.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=layer.weight.device))

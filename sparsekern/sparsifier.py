@@ -1,0 +1,231 @@
+"""Training API: ``sparsify()`` swaps layers in place, ``Sparsifier`` drives thresholds per step."""
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .methods import MagnitudeMethod, Method, method_class
+from .nn import SPARSE_LAYERS
+from .nn.layers import _SparseLayer
+
+SCOPES = ("layer",)
+
+
+def _check_sparsity(value, name: str = "sparsity") -> float:
+    """``value`` as a float in [0, 1]; TypeError/ValueError naming ``name`` otherwise (SPEC §0)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+class CubicSchedule:
+    """Zhu & Gupta cubic ramp (SPEC §7): ``s(t) = s_f + (s_i − s_f)·(1 − (t − t0)/(t1 − t0))³``
+    for ``t0 ≤ t ≤ t1``, ``s_i`` before, ``s_f`` after; ``t`` counts optimizer steps."""
+
+    def __init__(self, start_step: int, end_step: int, final_sparsity: float, initial_sparsity: float = 0.0):
+        if not (isinstance(start_step, numbers.Integral) and isinstance(end_step, numbers.Integral)
+                and 0 <= start_step < end_step):
+            raise ValueError(f"need integers 0 <= start_step < end_step, got {start_step!r}, {end_step!r}")
+        self.start_step, self.end_step = int(start_step), int(end_step)
+        self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
+        self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
+
+    def __call__(self, step: int) -> float:
+        if step <= self.start_step:
+            return self.initial_sparsity
+        if step >= self.end_step:
+            return self.final_sparsity
+        frac = (step - self.start_step) / (self.end_step - self.start_step)
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
+
+    def __repr__(self) -> str:
+        return (f"CubicSchedule(start_step={self.start_step}, end_step={self.end_step}, "
+                f"final_sparsity={self.final_sparsity}, initial_sparsity={self.initial_sparsity})")
+
+
+def layer_magnitude_thresholds(weights: list[Tensor], sparsity: float) -> list[Tensor]:
+    """One 0-d fp32 threshold per weight: exactly ``np.quantile(|w|.float(), sparsity)``
+    (method ``linear``: position ``(N−1)·s``, neighbours by ``kthvalue`` — no 2^24 cap — and
+    numpy's fp32 lerp). Keeping |w| > t then prunes ≈ ``sparsity`` of each weight. No host sync."""
+    out = []
+    for w in weights:
+        a = w.detach().abs().flatten().float()
+        pos = (a.numel() - 1) * sparsity
+        lo = math.floor(pos)
+        gamma = pos - lo
+        v_lo = a.kthvalue(lo + 1).values
+        v_hi = a.kthvalue(min(lo + 2, a.numel())).values
+        d = v_hi - v_lo
+        out.append(v_lo + d * gamma if gamma < 0.5 else v_hi - d * (1.0 - gamma))
+    return out
+
+
+def _magnitude_thresholds(weights: list[Tensor], sparsity: float, scope: str) -> list[Tensor]:
+    """Thresholds that prune ``sparsity`` of the weights, ``scope="layer"``: each layer alone.
+    Sparsity 0 gives t = 0 (keeps every nonzero), not the minimum |w|."""
+    if sparsity == 0.0:
+        return [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
+    return layer_magnitude_thresholds(weights, sparsity)
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def _swap(model: nn.Module, replace: dict[int, nn.Module]) -> None:
+    """Put ``replace[id(m)]`` wherever module ``m`` is registered in ``model`` (shared ones too)."""
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if id(mod) in replace:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, replace[id(mod)])
+
+
+class Sparsifier:
+    """Drives the sparse layers of one model; returned by ``sparsify()``.
+
+    Call ``step()`` after every ``optimizer.step()``. Checkpoint ``state_dict()`` next to the
+    model's and the optimizer's (thresholds live in the model's state_dict), and resume is exact.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, layers: dict[str, nn.Module],
+                 schedule: Callable[[int], float] | None, final_sparsity: float | None, scope: str = "layer"):
+        _check_scope(scope)
+        self.model, self.method, self.layers = model, method, layers
+        self.schedule, self.final_sparsity, self.scope = schedule, final_sparsity, scope
+        self.step_count = 0
+        self._finalized = False
+        self._update()
+
+    def target(self, step: int | None = None) -> float | None:
+        """Target sparsity at ``step`` (default: now); None for learned-threshold methods (STR)."""
+        if not isinstance(self.method, MagnitudeMethod):
+            return None
+        step = self.step_count if step is None else step
+        if self.schedule is None:
+            return self.final_sparsity
+        return _check_sparsity(self.schedule(step), f"schedule({step})")
+
+    def step(self) -> None:
+        """Advance one optimizer step and recompute the thresholds from the updated weights."""
+        if self._finalized:
+            raise RuntimeError("Sparsifier.step() after finalize()")
+        self.step_count += 1
+        self._update()
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        if not isinstance(self.method, MagnitudeMethod):
+            return
+        layers = list(self.layers.values())
+        thresholds = _magnitude_thresholds([m.weight for m in layers], self.target(), self.scope)
+        for layer, t in zip(layers, thresholds):
+            self.method.set_threshold(layer, t)
+
+    @torch.no_grad()
+    def sparsity(self) -> dict:
+        """Attained sparsity (fraction of exact zeros in the effective weights):
+        ``{"overall": float, "layers": {name: float}}``. Works after ``finalize()`` too."""
+        zeros, total, per_layer = 0, 0, {}
+        for name, m in self.layers.items():
+            w = m.effective_weight() if isinstance(m, _SparseLayer) else m.weight
+            z = int((w == 0).sum())
+            per_layer[name] = z / max(w.numel(), 1)
+            zeros, total = zeros + z, total + w.numel()
+        return {"overall": zeros / max(total, 1), "layers": per_layer}
+
+    def finalize(self) -> nn.Module:
+        """Replace every sparse layer by plain ``nn.Conv2d``/``nn.Linear`` with the effective
+        weight baked in (same outputs); returns the model. ``step()`` is refused afterwards."""
+        dense = {id(m): m.to_dense() for m in self.layers.values() if isinstance(m, _SparseLayer)}
+        _swap(self.model, dense)
+        self.layers = {name: dense.get(id(m), m) for name, m in self.layers.items()}
+        self._finalized = True
+        return self.model
+
+    def state_dict(self) -> dict:
+        return {"method": self.method.name, "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the step counter (the thresholds come with the model's state_dict)."""
+        if state.get("method") != self.method.name:
+            raise ValueError(f"state_dict is for method {state.get('method')!r}, this Sparsifier runs {self.method.name!r}")
+        self.step_count = int(state["step"])
+
+    def __repr__(self) -> str:
+        return (f"Sparsifier(method={self.method.name}, layers={len(self.layers)}, step={self.step_count}, "
+                f"target={self.target()}, scope={self.scope})")
+
+
+def _excluded(exclude, model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    if callable(exclude):
+        return exclude
+    names = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    known = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"exclude names {unknown} are not modules of the model")
+    return lambda name, _: any(name == n or name.startswith(n + ".") for n in names)
+
+
+def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
+             schedule: Callable[[int], float] | None = None,
+             exclude: Iterable[str] | Callable[[str, nn.Module], bool] = (), scope: str = "layer",
+             **options) -> Sparsifier:
+    """Swap every ``nn.Conv2d``/``nn.Linear`` of ``model`` (exact types; subclasses are left
+    alone) in place for its sparse layer, and return the ``Sparsifier`` that drives them.
+
+    method: ``"str"``, ``"st3"``, ``"feather"``, ``"gmp"`` (SPEC §1–3, §6); ``options`` go to it
+      (STR: s_init, activation, granularity; ST-3: rescale; Feather: p, theta — None = authors' rule).
+    sparsity: final target in [0, 1] (ignored, with a warning, by the learned method ``str``).
+    schedule: callable step → target sparsity, e.g. ``CubicSchedule``; None = ``sparsity`` from
+      step 0. Magnitude methods need ``sparsity`` or ``schedule``.
+    exclude: module names (a name excludes its whole subtree) or a predicate ``(name, module) →
+      bool``, e.g. ``lambda n, m: m.weight.numel() < 1000``.
+    scope: where the magnitude threshold is chosen; ``"layer"``: each layer meets the target.
+    The weight/bias Parameters are reused, so an existing optimizer still holds them; STR's new
+    ``s`` Parameters must be added to the optimizer (with weight decay).
+    """
+    cls = method_class(method)
+    if sparsity is not None:
+        sparsity = _check_sparsity(sparsity)
+    if schedule is not None and not callable(schedule):
+        raise TypeError(f"schedule must be callable step -> sparsity, got {type(schedule).__name__}")
+    _check_scope(scope)
+    scheduled_final = getattr(schedule, "final_sparsity", None)
+    if None not in (sparsity, scheduled_final) and sparsity != scheduled_final:
+        raise ValueError(f"sparsity={sparsity} disagrees with schedule.final_sparsity={scheduled_final}")
+    final = sparsity if sparsity is not None else scheduled_final
+    magnitude = issubclass(cls, MagnitudeMethod)
+    if magnitude and sparsity is None and schedule is None:
+        raise ValueError(f"method {method!r} needs a target: pass sparsity= or schedule=")
+    if not magnitude and (sparsity is not None or schedule is not None):
+        warnings.warn(f"method {method!r} learns its sparsity; sparsity/schedule are ignored", UserWarning, stacklevel=2)
+        final, schedule = None, None
+    meth = cls.from_options(final, **options)
+
+    if type(model) in SPARSE_LAYERS:
+        raise ValueError("model is itself a Conv2d/Linear and cannot be swapped in place; wrap it, "
+                         "e.g. nn.Sequential(model)")
+    skip = _excluded(exclude, model)
+    found: dict[int, tuple[str, nn.Module, bool]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if type(mod) in SPARSE_LAYERS:
+            first, _, excluded = found.get(id(mod), (name, mod, False))
+            found[id(mod)] = (first, mod, excluded or bool(skip(name, mod)))
+    if not found:
+        raise ValueError("model has no nn.Conv2d or nn.Linear layer to sparsify")
+    chosen = [(name, mod) for name, mod, excluded in found.values() if not excluded]
+    if not chosen:
+        raise ValueError("every nn.Conv2d/nn.Linear of the model is excluded")
+    layers = {name: SPARSE_LAYERS[type(mod)].from_dense(mod, meth) for name, mod in chosen}
+    _swap(model, {id(mod): layers[name] for name, mod in chosen})
+    return Sparsifier(model, meth, layers, schedule, final, scope)
