@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .methods import MagnitudeMethod, Method, method_class
-from .nn import SPARSE_LAYERS
-from .nn.layers import _SparseLayer
+from .nn import SPARSE_LAYERS, SparseLayer
 
 SCOPES = ("layer",)
 
@@ -136,7 +135,7 @@ class Sparsifier:
         ``{"overall": float, "layers": {name: float}}``. Works after ``finalize()`` too."""
         zeros, total, per_layer = 0, 0, {}
         for name, m in self.layers.items():
-            w = m.effective_weight() if isinstance(m, _SparseLayer) else m.weight
+            w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
             z = int((w == 0).sum())
             per_layer[name] = z / max(w.numel(), 1)
             zeros, total = zeros + z, total + w.numel()
@@ -145,7 +144,7 @@ class Sparsifier:
     def finalize(self) -> nn.Module:
         """Replace every sparse layer by plain ``nn.Conv2d``/``nn.Linear`` with the effective
         weight baked in (same outputs); returns the model. ``step()`` is refused afterwards."""
-        dense = {id(m): m.to_dense() for m in self.layers.values() if isinstance(m, _SparseLayer)}
+        dense = {id(m): m.to_dense() for m in self.layers.values() if isinstance(m, SparseLayer)}
         _swap(self.model, dense)
         self.layers = {name: dense.get(id(m), m) for name, m in self.layers.items()}
         self._finalized = True

@@ -5,8 +5,8 @@ from torch.nn import functional as F
 from ..methods import Method, make_method
 
 
-class _SparseLayer:
-    """Shared by SparseConv2d and SparseLinear.
+class SparseLayer:
+    """Base of SparseConv2d and SparseLinear (`isinstance(m, SparseLayer)` finds them).
 
     State: ``weight`` (dense, trained), ``bias``, plus the method's own state (STR: ``s``;
     st3/feather/gmp: ``threshold``). The effective weight is recomputed by one op each forward,
@@ -52,7 +52,7 @@ class _SparseLayer:
         return f"{super().extra_repr()}, {self.method.extra_repr()}"
 
 
-class SparseConv2d(_SparseLayer, nn.Conv2d):
+class SparseConv2d(SparseLayer, nn.Conv2d):
     """``nn.Conv2d`` whose forward uses ``method``'s sparse weight; weight ``[K_out, C_in/groups, R, S]``.
 
     Same constructor as ``nn.Conv2d`` plus keyword ``method`` and its options; usually built by
@@ -77,7 +77,7 @@ class SparseConv2d(_SparseLayer, nn.Conv2d):
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
 
-class SparseLinear(_SparseLayer, nn.Linear):
+class SparseLinear(SparseLayer, nn.Linear):
     """``nn.Linear`` whose forward uses ``method``'s sparse weight; weight ``[out, in]``."""
 
     _dense_cls = nn.Linear
@@ -94,4 +94,5 @@ class SparseLinear(_SparseLayer, nn.Linear):
         return F.linear(x, self.effective_weight(), self.bias)
 
 
-SPARSE_LAYERS: dict[type[nn.Module], type[_SparseLayer]] = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}
+#: Dense type → sparse type; `sparsify` swaps exactly these types (subclasses are left alone).
+SPARSE_LAYERS: dict[type[nn.Module], type[SparseLayer]] = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}
