@@ -7,13 +7,17 @@ DEPS := triton numpy pytest pytest-benchmark pybind11 ninja hypothesis
 
 .PHONY: venv build test bench clean
 
-$(VPY):
-	$(PY) -m venv $(VENV)
+STAMP := $(VENV)/.deps-installed
+
+# torch is pinned and installed first, so nothing after it can pull an unpinned (CUDA) torch.
+$(STAMP): Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install "$(TORCH_SPEC)"
 	$(VPY) -m pip install $(DEPS)
+	touch $@
 
-venv: $(VPY)
+venv: $(STAMP)
 
 build: venv
 	$(VPY) -m pip install --no-build-isolation --no-deps -e .
