@@ -9,6 +9,8 @@ Shapes: ``w`` is any weight, dim 0 is the output channel (``K = w.shape[0]``, ``
 ``K`` elements (per output channel: ``[K]`` or ``[K, 1, ..]``), or one with ``w.numel()``
 elements (per weight).
 """
+import math
+
 import torch
 
 ACTIVATIONS = ("identity", "sigmoid", "exp")
@@ -160,3 +162,85 @@ def hard_threshold_backward(grad, w, t):
     """Masked gradient ``grad·1[|w| > t]`` (``ste=False``)."""
     kept = w.float().abs() > broadcast_threshold(t, w)
     return (grad.float() * kept).to(w.dtype)
+
+
+# --- SPEC §9: exact magnitude quantiles (select family) -----------------------------------------
+
+INTERPOLATIONS = ("linear", "lower", "higher", "nearest")
+
+
+def quantile_ranks(n, q, interpolation="linear"):
+    """numpy's order statistics for ``np.quantile(x, q, method=interpolation)`` of ``n`` values.
+
+    Returns ``(k0, k1, gamma)``: the quantile is ``numpy_lerp(x_(k0), x_(k1), gamma)`` for
+    ``linear``, else ``x_(k0)`` (0-based ranks of the sorted values). Mirrors numpy 2.x
+    ``_quantile``: virtual index ``(n−1)·q`` in float64; at or beyond the last index both ranks
+    are ``n−1`` and gamma is ``v + 1`` (numpy's ``v − (−1)``); ``nearest`` rounds half to even.
+    """
+    v = (n - 1) * q
+    if interpolation == "linear":
+        if v >= n - 1:
+            return n - 1, n - 1, v + 1.0
+        k = math.floor(v)
+        return k, k + 1, v - k
+    k = {"lower": math.floor, "higher": math.ceil, "nearest": round}[interpolation](v)
+    return k, k, 0.0
+
+
+def numpy_lerp(a, b, gamma):
+    """numpy's ``_lerp`` in fp32: ``a + (b−a)·γ``, or ``b − (b−a)·(1−γ)`` if ``γ ≥ 0.5``.
+
+    a, b: 0-d fp32 tensors; gamma: a Python float, rounded to fp32 as numpy does for a weak
+    Python scalar. Each step is one fp32 op (no FMA), so inf − inf and inf·0 give NaN as in numpy.
+    """
+    d = b - a
+    if gamma >= 0.5:
+        return b - d * torch.tensor(1.0 - gamma, dtype=torch.float32, device=d.device)
+    return a + d * torch.tensor(gamma, dtype=torch.float32, device=d.device)
+
+
+def magnitudes(tensors, scales=None):
+    """``[fp32 |w|·c, flattened]`` per tensor (c = 1 without ``scales``; the product is fp32)."""
+    out = []
+    for i, w in enumerate(tensors):
+        a = w.detach().float().abs().reshape(-1)
+        if scales is not None and scales[i] != 1.0:
+            a = a * torch.tensor(float(scales[i]), dtype=torch.float32, device=a.device)
+        out.append(a)
+    return out
+
+
+def _check_no_nan(mags):
+    for i, a in enumerate(mags):
+        if torch.isnan(a).any():
+            raise FloatingPointError(f"tensors[{i}] contains NaN (|w|·c is NaN)")
+
+
+def _sorted_quantile(x, q, interpolation):
+    k0, k1, gamma = quantile_ranks(x.numel(), q, interpolation)
+    x = x.sort().values
+    return numpy_lerp(x[k0], x[k1], gamma) if interpolation == "linear" else x[k0].clone()
+
+
+def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="linear"):
+    """``np.quantile(np.concatenate([|w|·c ...]), sparsity, method=interpolation)`` (SPEC §9).
+
+    The authors' way: concatenate and sort. tensors: non-empty list of fp32/fp16/bf16 tensors
+    (any shapes); scales: one multiplier per tensor or None. Returns a 0-d fp32 tensor.
+    Raises FloatingPointError naming the first tensor whose |w|·c has a NaN.
+    """
+    mags = magnitudes(tensors, scales)
+    _check_no_nan(mags)
+    return _sorted_quantile(torch.cat(mags), sparsity, interpolation)
+
+
+def magnitude_thresholds(tensors, sparsities, interpolation="linear"):
+    """One exact quantile of |w| per tensor: fp32 ``[len(tensors)]`` (SPEC §9, per-layer GMP).
+
+    sparsities: one number for all tensors or one per tensor; every tensor must be non-empty.
+    """
+    if isinstance(sparsities, (int, float)):
+        sparsities = [sparsities] * len(tensors)
+    mags = magnitudes(tensors)
+    _check_no_nan(mags)
+    return torch.stack([_sorted_quantile(a, s, interpolation) for a, s in zip(mags, sparsities)])

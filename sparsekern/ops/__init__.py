@@ -1,4 +1,6 @@
 """The op surface: ``torch.ops.sparsekern.*`` registrations and validated public functions."""
+from .select import global_magnitude_threshold, magnitude_thresholds
 from .threshold import hard_threshold, power_threshold, soft_threshold, st3_threshold, str_threshold
 
-__all__ = ["soft_threshold", "str_threshold", "st3_threshold", "power_threshold", "hard_threshold"]
+__all__ = ["soft_threshold", "str_threshold", "st3_threshold", "power_threshold", "hard_threshold",
+           "global_magnitude_threshold", "magnitude_thresholds"]

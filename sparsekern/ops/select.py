@@ -1,0 +1,179 @@
+"""Select family (SPEC §9): exact magnitude quantiles over many tensors, without concatenating.
+
+Raw ops (no autograd; results on the tensors' device):
+
+    torch.ops.sparsekern.global_magnitude_threshold(tensors, sparsity, scales, interpolation)
+        -> (value fp32 [], nan_index int64 [])
+    torch.ops.sparsekern.magnitude_thresholds(tensors, sparsities, interpolation)
+        -> (values fp32 [L], nan_index int64 [])
+
+``nan_index`` is the first tensor whose |w|·c holds a NaN (the value is then NaN), else -1. The
+bodies turn the quantile into numpy's ranks (``reference.quantile_ranks``) and call a kernel
+namespace (C++ on CPU, Triton on CUDA, the sort-based reference otherwise) with one contract:
+
+    select_global(tensors, scales, k0, k1, gamma, lerp) -> (value, nan_index)
+    select_each(tensors, k0s, k1s, gammas, lerp) -> (values, nan_index)
+
+where a, b are the k0-th / k1-th smallest fp32 keys ``|w|·c`` (k1 ∈ {k0, k0 + 1}) and the value
+is ``reference.numpy_lerp(a, b, gamma)`` if ``lerp`` else ``a`` (see ``csrc/cpu/select.cpp``).
+"""
+from types import SimpleNamespace
+
+import torch
+
+from .. import reference
+from ._common import check_number, check_weight, define_op, is_compiling, kernels, register_c_fakes
+
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _nan_index(mags):
+    """First index whose magnitudes hold a NaN, or -1 (int64 [], tensor ops only: traceable)."""
+    n = len(mags)
+    flags = torch.stack([torch.isnan(a).any() for a in mags])
+    first = torch.where(flags, torch.arange(n, device=flags.device), n).min()
+    return torch.where(first < n, first, -1)
+
+
+def _ref_global(tensors, scales, k0, k1, gamma, lerp):
+    mags = reference.magnitudes(tensors, scales)
+    x = torch.cat(mags).sort().values
+    value = reference.numpy_lerp(x[k0], x[k1], gamma) if lerp else x[k0]
+    nan = _nan_index(mags)
+    return torch.where(nan >= 0, torch.nan, value), nan
+
+
+def _ref_each(tensors, k0s, k1s, gammas, lerp):
+    values = [_ref_global([t], [1.0], k0, k1, g, lerp)[0]
+              for t, k0, k1, g in zip(tensors, k0s, k1s, gammas)]
+    return torch.stack(values), _nan_index(reference.magnitudes(tensors))
+
+
+#: The kernel contract implemented by sort (CPU without the C++ library, other devices).
+REFERENCE_KERNELS = SimpleNamespace(select_global=_ref_global, select_each=_ref_each)
+
+
+def _k(tensors):
+    return kernels(tensors[0].device, "select", REFERENCE_KERNELS)
+
+
+def _outputs(tensors, shape):
+    t = tensors[0]
+    return t.new_empty(shape, dtype=torch.float32), t.new_empty((), dtype=torch.int64)
+
+
+register_c_fakes({
+    "select_global": lambda tensors, scales, k0, k1, gamma, lerp: _outputs(tensors, ()),
+    "select_each": lambda tensors, k0s, k1s, gammas, lerp: _outputs(tensors, (len(tensors),)),
+})
+
+
+# --- raw ops ------------------------------------------------------------------------------------
+
+@define_op("global_magnitude_threshold")
+def _global(tensors: list[torch.Tensor], sparsity: float, scales: list[float],
+            interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    k0, k1, gamma = reference.quantile_ranks(sum(t.numel() for t in tensors), sparsity, interpolation)
+    return _k(tensors).select_global(tensors, scales, k0, k1, gamma, interpolation == "linear")
+
+
+@define_op("magnitude_thresholds")
+def _each(tensors: list[torch.Tensor], sparsities: list[float],
+          interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    k0s, k1s, gammas = zip(*(reference.quantile_ranks(t.numel(), s, interpolation)
+                             for t, s in zip(tensors, sparsities)))
+    lerp = interpolation == "linear"
+    return _k(tensors).select_each(tensors, list(k0s), list(k1s), list(gammas), lerp)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _check_tensors(tensors):
+    """A non-empty list of float tensors on one device, detached."""
+    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors must not be empty")
+    for i, t in enumerate(tensors):
+        check_weight(t, f"tensors[{i}]")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
+    return [t.detach() for t in tensors]
+
+
+def _check_per_tensor(values, n, name, lo, hi):
+    """``values``: one number (repeated n times) or n numbers (sequence or 1-D tensor) in [lo, hi]."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() > 1:
+            raise ValueError(f"{name} must be a number or 1-D, got shape {tuple(values.shape)}")
+        values = values.tolist()
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries; expected {n} (one per tensor)")
+    return [check_number(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(values)]
+
+
+def _check_interpolation(interpolation):
+    if interpolation not in reference.INTERPOLATIONS:
+        raise ValueError(
+            f"interpolation must be one of {reference.INTERPOLATIONS}, got {interpolation!r}")
+
+
+def _raise_on_nan(nan_index, check_nan):
+    if check_nan and not is_compiling():
+        i = int(nan_index)
+        if i >= 0:
+            raise FloatingPointError(f"tensors[{i}] contains NaN (|w|·c is NaN): no threshold exists")
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="linear", check_nan=True):
+    """Exact global magnitude threshold (SPEC §2, §3, §9), without concatenating the tensors.
+
+    Equals ``np.quantile(np.concatenate([|w|·c for w, c in zip(tensors, scales)]), sparsity,
+    method=interpolation)`` with |w|·c in fp32: ties, ±0, subnormals and ±inf as numpy does.
+
+    tensors: non-empty list of fp32/fp16/bf16 tensors (any shapes, mixed dtypes) on one device.
+    sparsity: in [0, 1]. scales: None (c = 1) or one finite c ≥ 0 per tensor (ST-3σ: c_l =
+    sqrt(sum of W_l's shape)). interpolation: "linear" (numpy's default), "lower", "higher" or
+    "nearest". Returns a 0-d fp32 tensor on the tensors' device.
+
+    A NaN in any |w|·c raises FloatingPointError naming the tensor index. On CUDA the check reads
+    one int64 back (a host sync); ``check_nan=False`` keeps the call asynchronous and returns NaN
+    instead. Under torch.compile the check is skipped (the value is NaN).
+    """
+    tensors = _check_tensors(tensors)
+    sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
+    if scales is None:
+        scales = [1.0] * len(tensors)
+    else:
+        scales = _check_per_tensor(scales, len(tensors), "scales", 0.0, _FLT_MAX)
+    _check_interpolation(interpolation)
+    if not any(t.numel() for t in tensors):
+        raise ValueError("tensors hold no elements")
+    value, nan_index = _global(tensors, sparsity, scales, interpolation)
+    _raise_on_nan(nan_index, check_nan)
+    return value
+
+
+def magnitude_thresholds(tensors, sparsities, interpolation="linear", check_nan=True):
+    """One exact magnitude quantile per tensor in one call (SPEC §6 per-layer GMP, §9).
+
+    ``out[i] = np.quantile(|tensors[i]|, sparsities[i], method=interpolation)`` in fp32.
+    tensors: non-empty list of non-empty fp32/fp16/bf16 tensors on one device; sparsities: one
+    number for all or one per tensor, in [0, 1]. Returns fp32 ``[len(tensors)]`` on that device.
+    NaN handling as in :func:`global_magnitude_threshold`.
+    """
+    tensors = _check_tensors(tensors)
+    sparsities = _check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
+    _check_interpolation(interpolation)
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            raise ValueError(f"tensors[{i}] is empty: its quantile is undefined")
+    values, nan_index = _each(tensors, sparsities, interpolation)
+    _raise_on_nan(nan_index, check_nan)
+    return values
