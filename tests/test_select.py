@@ -31,6 +31,9 @@ def _backend(name):
             if os.environ.get("SPARSEKERN_NO_EXT") == "1":
                 pytest.skip("SPARSEKERN_NO_EXT=1: C++ kernels deliberately not loaded")
             raise AssertionError(f"C++ kernels failed to load: {_ext.ERROR}")
+        from sparsekern.ops import select
+
+        assert select.HAS_C, "the C++ library has no select kernels: rebuild it"
         return torch.ops.sparsekern_C, "cpu"
     if name == "triton":
         import sparsekern.triton.select as ts

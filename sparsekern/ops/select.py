@@ -17,11 +17,12 @@ namespace (C++ on CPU, Triton on CUDA, the sort-based reference otherwise) with 
 where a, b are the k0-th / k1-th smallest fp32 keys ``|w|·c`` (k1 ∈ {k0, k0 + 1}) and the value
 is ``reference.numpy_lerp(a, b, gamma)`` if ``lerp`` else ``a`` (see ``csrc/cpu/select.cpp``).
 """
+import warnings
 from types import SimpleNamespace
 
 import torch
 
-from .. import reference
+from .. import _ext, reference
 from ._common import check_number, check_weight, define_op, is_compiling, kernels, register_c_fakes
 
 _FLT_MAX = 3.4028234663852886e38
@@ -53,8 +54,17 @@ def _ref_each(tensors, k0s, k1s, gammas, lerp):
 REFERENCE_KERNELS = SimpleNamespace(select_global=_ref_global, select_each=_ref_each)
 
 
+#: The loaded C++ library has the select kernels (a stale build may not: then the reference).
+HAS_C = _ext.LOADED and hasattr(torch.ops.sparsekern_C, "select_global")
+if _ext.LOADED and not HAS_C:
+    warnings.warn("sparsekern: the C++ library has no select kernels (built before csrc/cpu/select.cpp "
+                  "was added?); select ops fall back to the eager reference on CPU. Rebuild with "
+                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+
+
 def _k(tensors):
-    return kernels(tensors[0].device, "select", REFERENCE_KERNELS)
+    k = kernels(tensors[0].device, "select", REFERENCE_KERNELS)
+    return REFERENCE_KERNELS if k is torch.ops.sparsekern_C and not HAS_C else k
 
 
 def _outputs(tensors, shape):
@@ -62,10 +72,11 @@ def _outputs(tensors, shape):
     return t.new_empty(shape, dtype=torch.float32), t.new_empty((), dtype=torch.int64)
 
 
-register_c_fakes({
-    "select_global": lambda tensors, scales, k0, k1, gamma, lerp: _outputs(tensors, ()),
-    "select_each": lambda tensors, k0s, k1s, gammas, lerp: _outputs(tensors, (len(tensors),)),
-})
+if HAS_C:
+    register_c_fakes({
+        "select_global": lambda tensors, scales, k0, k1, gamma, lerp: _outputs(tensors, ()),
+        "select_each": lambda tensors, k0s, k1s, gammas, lerp: _outputs(tensors, (len(tensors),)),
+    })
 
 
 # --- raw ops ------------------------------------------------------------------------------------
