@@ -3,6 +3,7 @@
 Exactness means equality with ``np.quantile(np.concatenate([|w|·c ...]), q, method=m)`` computed
 on fp32 magnitudes (numpy is the oracle, not sparsekern.reference).
 """
+import importlib.util
 import os
 import warnings
 
@@ -378,3 +379,15 @@ def test_compile_fullgraph():
     got = torch.compile(f, fullgraph=True)(ws)
     for a, b in zip(got, f(ws)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_bench_suites_match_paper_parameter_counts():
+    """bench/suites.py: ResNet-50's 54 and MobileNetV1's 28 prunable weights, the papers' totals."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "bench", "suites.py")
+    spec = importlib.util.spec_from_file_location("bench_suites", path)
+    suites = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suites)
+    assert len(suites.resnet50()) == 54 and suites.numel(suites.resnet50()) == 25_502_912
+    assert len(suites.mobilenet_v1()) == 28 and suites.numel(suites.mobilenet_v1()) == 4_209_088
+    assert suites.TOTALS == {"resnet50": 25_502_912, "mobilenet_v1": 4_209_088}
