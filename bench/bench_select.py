@@ -15,8 +15,8 @@ Script (time, peak extra memory, exactness, targets; writes a Markdown table)::
 
     python -m bench.bench_select                 # ResNet-50 and MobileNetV1 shapes, fp32
     python -m bench.bench_select --big           # + a 201 M-element list (96 transformer weights)
-    python -m bench.bench_select --huge          # + 4.3 G bf16 elements (> 2^32), sparsekern only,
-                                                 #   verified by counting; needs ~9 GB free memory
+    python -m bench.bench_select --huge          # + 4.3 G bf16/fp16 elements (> 2^32), sparsekern
+                                                 #   only, verified by counting; needs ~9 GB free
 """
 import argparse
 import math
@@ -35,8 +35,9 @@ PROVIDERS = ("cat+sort", "cat+kthvalue", "torch.quantile", "sparsekern")
 QUANTILE_MAX = 2 ** 24  # torch.quantile refuses larger inputs
 #: 16 transformer blocks of width 1024 (4 attention 1024×1024, 2 MLP 4096×1024): 201,326,592.
 BIG = [(1024, 1024)] * 4 * 16 + [(4096, 1024), (1024, 4096)] * 16
-#: > 2^32 bf16 elements, one tensor alone > 2^31 (int64 indexing and 64-bit counts).
-HUGE = [3_000_000_000, 1_300_000_000]
+#: > 2^32 16-bit elements (8.6 GB), one tensor alone > 2^31: int64 indexing, 64-bit counts, and
+#: mixed dtypes, so both radix passes run.
+HUGE = [(3_000_000_000, torch.bfloat16), (1_300_000_000, torch.float16)]
 TARGETS = {"cat+kthvalue": 10.0, "cat+sort": 20.0}  # required speedups at ResNet-50 size
 MEMORY_TARGET = 0.05  # extra memory / input bytes
 
@@ -127,23 +128,27 @@ def bench_list(label, ws, device, providers=PROVIDERS):
 
 
 def huge_run(device):
-    """sparsekern alone on > 2^32 bf16 elements; exactness checked by counting |w| < v and <= v."""
+    """sparsekern alone on > 2^32 16-bit elements; exactness checked by counting |w| < v, <= v."""
     import sparsekern as sk
 
     gen = torch.Generator().manual_seed(0)
     ws = []
-    for n in HUGE:
-        w = torch.empty(n, dtype=torch.bfloat16, device=device)
+    for n, dtype in HUGE:
+        w = torch.empty(n, dtype=dtype, device=device)
         for c in w.split(1 << 26):
             c.copy_(torch.randn(c.numel(), generator=gen))
         ws.append(w)
-    n = sum(HUGE)
-    print(f"  huge: {n} bf16 elements", flush=True)
-    rows = bench_list(f"{len(HUGE)} bf16 tensors", ws, device, providers=("sparsekern",))
+    n = sum(w.numel() for w in ws)
+    print(f"  huge: {n} elements", flush=True)
+    rows = bench_list("bf16 3.0G + fp16 1.3G", ws, device, providers=("sparsekern",))
     lower = sk.global_magnitude_threshold(ws, SPARSITY, interpolation="lower")
     k0 = math.floor((n - 1) * SPARSITY)
-    less = sum(int((c.abs() < lower).sum()) for w in ws for c in w.split(1 << 28))
-    less_eq = sum(int((c.abs() <= lower).sum()) for w in ws for c in w.split(1 << 28))
+    less = less_eq = 0
+    for w in ws:
+        for c in w.split(1 << 26):
+            a = c.float().abs()  # compare in fp32: a 0-d fp32 tensor would be cast to c's dtype
+            less += int((a < lower).sum())
+            less_eq += int((a <= lower).sum())
     assert less <= k0 < less_eq, (less, k0, less_eq)
     rows[0]["verified"] = f"count(|w| < v) = {less} <= k0 = {k0} < count(|w| <= v) = {less_eq}"
     return rows
@@ -189,7 +194,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.bench_select",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--big", action="store_true", help="also the 201 M-element list")
-    p.add_argument("--huge", action="store_true", help="also > 2^32 bf16 elements (sparsekern only)")
+    p.add_argument("--huge", action="store_true", help="also > 2^32 elements (sparsekern only)")
     p.add_argument("--no-suites", action="store_true", help="skip ResNet-50 / MobileNetV1")
     p.add_argument("--out", help="Markdown output (default: bench/results/select-<device>.md)")
     args = p.parse_args(argv)
