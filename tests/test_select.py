@@ -213,6 +213,17 @@ def test_triton_neighbour_in_next_bucket_and_each():
         assert_same(v, np_quantile([t], 0.6))
 
 
+def test_triton_many_tensors_grouped():
+    """19 tensors of mixed dtypes and scales: several launch groups of up to 8, padded slots."""
+    k, dev = _backend("triton")
+    ts = [t * (i + 1) for i, t in enumerate(make_list(19, [(37 * i) % 200 for i in range(19)]))]
+    scales = [1.0 if i % 3 else 0.5 + i for i in range(19)]
+    _check_global(k, dev, ts, [0.0, 0.35, 1.0], scales, methods=("linear",))
+    ts[17] = torch.tensor([float("nan")])
+    value, nan = k.select_global([t.to(dev) for t in ts], scales, 0, 1, 0.5, True)
+    assert int(nan) == 17 and torch.isnan(value)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 def test_nan_index(backend):
     k, dev = _backend(backend)

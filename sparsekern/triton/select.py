@@ -6,8 +6,9 @@ contiguous or channels-last; results are new device tensors and nothing is read 
 
 Keys are the fp32 bit patterns of |w|·c (bit 31 cleared), whose integer order is the numeric
 order with NaN above inf. Three radix passes over digits of 11, 10 and 10 bits: each pass
-launches one histogram kernel per tensor (keys whose higher bits equal the prefix found so far,
-``tl.histogram`` per block, int64 atomics per program), then one single-program scan kernel
+launches one histogram kernel per group of up to 8 tensors of one dtype (keys whose higher bits
+equal the prefix found so far, ``tl.histogram`` per block, int64 atomics per program; the tensor
+is ``program_id(1)``, so no pointer table and no host sync), then one single-program scan kernel
 advances a device state ``[prefix, r0, r1]`` (r0/r1: ranks of k0/k1 within the prefix; r1 = -1
 once k1 lies above the prefix, whose key is then the smallest key above the 21-bit prefix, taken
 in the last pass). The last scan writes numpy's lerp (``reference.numpy_lerp``) with the product
@@ -22,14 +23,46 @@ _PASSES = ((20, 11), (10, 10), (0, 10))  # (shift, bits) of each digit
 _HIST_OFFSETS = (0, 2048, 3072)  # where each pass's histogram starts in one int64 buffer
 _BLOCK = 4096
 _NUM_WARPS = 8
-_MAX_PROGRAMS = 1024
+_MAX_PROGRAMS = 1024  # per tensor
+_GROUP = 8  # tensors per histogram launch
 
 
 @triton.jit
-def _hist_kernel(x_ptr, n, scale, state_ptr, hist_ptr, minabove_ptr, nan_ptr,
+def _slot(slot, a0, a1, a2, a3, a4, a5, a6, a7):
+    """a<slot> (the argument of the tensor this program works on)."""
+    v = a0
+    if slot == 1:
+        v = a1
+    elif slot == 2:
+        v = a2
+    elif slot == 3:
+        v = a3
+    elif slot == 4:
+        v = a4
+    elif slot == 5:
+        v = a5
+    elif slot == 6:
+        v = a6
+    elif slot == 7:
+        v = a7
+    return v
+
+
+@triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7",
+                               "i0", "i1", "i2", "i3", "i4", "i5", "i6", "i7"])
+def _hist_kernel(x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7,
+                 c0, c1, c2, c3, c4, c5, c6, c7, i0, i1, i2, i3, i4, i5, i6, i7,
+                 state_ptr, hist_ptr, minabove_ptr, nan_ptr,
                  SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
                  SCALED: tl.constexpr, BF16: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram one digit of the keys of x (bf16 arrives as int16 bits) into hist_ptr."""
+    """Histogram one digit of the keys of tensor x<slot> (n<slot> elements, scale c<slot>,
+    index i<slot> in the list; bf16 arrives as int16 bits) into hist_ptr."""
+    slot = tl.program_id(1)
+    x_ptr = _slot(slot, x0, x1, x2, x3, x4, x5, x6, x7)
+    n = _slot(slot, n0.to(tl.int64), n1.to(tl.int64), n2.to(tl.int64), n3.to(tl.int64),
+              n4.to(tl.int64), n5.to(tl.int64), n6.to(tl.int64), n7.to(tl.int64))
+    scale = _slot(slot, c0, c1, c2, c3, c4, c5, c6, c7)
+    index = _slot(slot, i0, i1, i2, i3, i4, i5, i6, i7)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if INT64:
@@ -64,7 +97,7 @@ def _hist_kernel(x_ptr, n, scale, state_ptr, hist_ptr, minabove_ptr, nan_ptr,
     if LAST:
         tl.atomic_min(minabove_ptr, tl.min(above, axis=0))
     if FIRST:
-        tl.atomic_add(nan_ptr, tl.sum(nans, axis=0))
+        tl.atomic_add(nan_ptr + index, tl.sum(nans, axis=0))
 
 
 @triton.jit
@@ -118,10 +151,21 @@ def _dense(t):
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+def _groups(tensors, scales):
+    """Launch groups: up to _GROUP non-empty tensors sharing dtype and whether they are scaled,
+    as lists of (index, tensor, scale)."""
+    by_kind = {}
+    for i, (t, c) in enumerate(zip(tensors, scales)):
+        if t.numel():
+            by_kind.setdefault((t.dtype, c != 1.0), []).append((i, t, c))
+    return [g[j:j + _GROUP] for g in by_kind.values() for j in range(0, len(g), _GROUP)]
+
+
 def _select(tensors, scales, k0, k1, gamma, lerp, out, nan_counts):
     """Write the quantile of the keys of ``tensors`` to ``out`` (a 1-element view); NaN keys of
     tensors[i] are counted into ``nan_counts[i]``."""
     dev = tensors[0].device
+    groups = _groups(tensors, scales)
     state = torch.empty(3, dtype=torch.int64, device=dev)
     hist = torch.zeros(4096, dtype=torch.int64, device=dev)
     minabove = torch.full((1,), 0x7FFFFFFF, dtype=torch.int32, device=dev)
@@ -129,16 +173,18 @@ def _select(tensors, scales, k0, k1, gamma, lerp, out, nan_counts):
     gamma32 = float(torch.tensor(1.0 - gamma if upper else gamma, dtype=torch.float32))
     for p, ((shift, bits), off) in enumerate(zip(_PASSES, _HIST_OFFSETS)):
         first, last = p == 0, p == len(_PASSES) - 1
-        for i, (t, c) in enumerate(zip(tensors, scales)):
-            n = t.numel()
-            if n == 0:
-                continue
-            grid = (min(triton.cdiv(n, _BLOCK), _MAX_PROGRAMS),)
+        for g in groups:
+            idx, ts, cs = map(list, zip(*g))
+            ns = [t.numel() for t in ts]
+            pad = _GROUP - len(g)  # unused slots: no grid column reaches them
+            xs = [_dense(t) for t in ts] + [_dense(ts[0])] * pad
+            grid = (min(triton.cdiv(max(ns), _BLOCK), _MAX_PROGRAMS), len(g))
             torch.library.wrap_triton(_hist_kernel)[grid](
-                _dense(t), n, c, state, hist[off:], minabove, nan_counts[i:],
-                SHIFT=shift, BITS=bits, FIRST=first, LAST=last, SCALED=c != 1.0,
-                BF16=t.dtype == torch.bfloat16,
-                INT64=n + _BLOCK * _MAX_PROGRAMS >= 2 ** 31, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                *xs, *(ns + [0] * pad), *(cs + [1.0] * pad), *(idx + [0] * pad),
+                state, hist[off:], minabove, nan_counts,
+                SHIFT=shift, BITS=bits, FIRST=first, LAST=last, SCALED=cs[0] != 1.0,
+                BF16=ts[0].dtype == torch.bfloat16,
+                INT64=max(ns) + _BLOCK * _MAX_PROGRAMS >= 2 ** 31, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         torch.library.wrap_triton(_scan_kernel)[(1,)](
             hist[off:], state, minabove, out, k0, k1, gamma32,
             SHIFT=shift, BITS=bits, FIRST=first, LAST=last, LERP=lerp, UPPER=upper)
