@@ -1,0 +1,1 @@
+"""Triton kernels (GPU; testable on CPU with TRITON_INTERPRET=1)."""

@@ -1,0 +1,405 @@
+"""Triton kernels for the threshold family (SPEC.md §1–3, §6).
+
+Seven launchers with the same signatures and preconditions as the C++ kernels
+(``torch.ops.sparsekern_C.<name>``): ``w`` / ``grad`` contiguous fp32/fp16/bf16 of any shape,
+viewed as ``[K, inner]`` (K = w.size(0), or 1 for a 0-d w); ``t`` contiguous fp32 with numel 1
+(scalar), K (per output channel) or numel(w) (per element). Math runs in fp32; outputs are new
+contiguous tensors shaped like ``w`` with its dtype. Kernels are launched through
+``torch.library.wrap_triton``: a launcher called inside a ``torch.library.triton_op`` traces.
+
+Reductions (ST-3 row means, STR's grad_t) are deterministic: a 2-D tiled kernel writes fp32 partial
+sums to a ``[rows, n_split]`` buffer and a second kernel adds each row's partials in a fixed order.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+_BLOCK = 2048  # elements per program of the elementwise kernels
+_TILE = 2048  # elements per [BLOCK_R, BLOCK_C] tile of the row kernels
+_NUM_WARPS = 8
+_TARGET_PROGRAMS = 1024  # programs a row-reduction launch aims for (about one wave on an H100)
+_SCALAR, _CHANNEL, _ELEMENT = 0, 1, 2  # threshold modes (T_MODE)
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _flat_offsets(BLOCK: tl.constexpr, INT64: tl.constexpr):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _t_flat(t_ptr, offs, mask, inner, T_MODE: tl.constexpr):
+    """Threshold of flat element ``offs``: t[0], t[offs // inner] or t[offs]."""
+    if T_MODE == 0:
+        t = tl.load(t_ptr)
+    elif T_MODE == 1:
+        t = tl.load(t_ptr + offs // inner, mask=mask, other=0.0)
+    else:
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def _t_tile(t_ptr, rows, row_mask, offs, mask, T_MODE: tl.constexpr):
+    """Threshold of the tile element (rows[:, None], flat index offs) of a [K, inner] view."""
+    if T_MODE == 0:
+        t = tl.load(t_ptr)
+    elif T_MODE == 1:
+        t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """g(x): identity (0), sigmoid (1) or exp (2)."""
+    if ACT == 1:
+        x = tl.sigmoid(x)
+    elif ACT == 2:
+        x = tl.exp(x)
+    return x
+
+
+@triton.jit
+def _sign(w):
+    return tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _shrink(w, thr):
+    """sign(w) * max(|w| - thr, 0); NaN propagates as in torch.clamp."""
+    return _sign(w) * tl.maximum(tl.abs(w) - thr, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _tile_rows(n_split, BLOCK_R: tl.constexpr):
+    """(rows, split) of this program in a grid of row_blocks * n_split programs."""
+    pid = tl.program_id(0)
+    rows = (pid // n_split).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rows, pid % n_split
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _soft_fwd_kernel(w_ptr, t_ptr, out_ptr, n, inner,
+                     T_MODE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                     INT64: tl.constexpr):
+    offs = _flat_offsets(BLOCK, INT64)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    thr = _act(_t_flat(t_ptr, offs, mask, inner, T_MODE), ACT)
+    tl.store(out_ptr + offs, _shrink(w, thr).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_grad_kernel(grad_ptr, w_ptr, t_ptr, gw_ptr, gt_ptr, n, inner, theta,
+                        T_MODE: tl.constexpr, ACT: tl.constexpr, WRITE_GT: tl.constexpr,
+                        BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """gw = grad * (1 if |w| > g(t) else theta); with WRITE_GT (numel(t) == n: one element per
+    t_i) also gt = -g'(t) * grad * sign(w) * 1[|w| > g(t)]."""
+    offs = _flat_offsets(BLOCK, INT64)
+    mask = offs < n
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _t_flat(t_ptr, offs, mask, inner, T_MODE)
+    keep = tl.abs(w) > _act(t, ACT)
+    tl.store(gw_ptr + offs, (g * tl.where(keep, 1.0, theta)).to(gw_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GT:
+        gt = -(g * _sign(w) * keep.to(tl.float32))
+        if ACT == 1:
+            s = tl.sigmoid(t)
+            gt = gt * (s * (1.0 - s))
+        elif ACT == 2:
+            gt = gt * tl.exp(t)
+        tl.store(gt_ptr + offs, gt, mask=mask)
+
+
+@triton.jit
+def _soft_bwd_rows_kernel(grad_ptr, w_ptr, t_ptr, gw_ptr, part_ptr, R, C, n_split, iters,
+                          ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[R, C] view, row r uses t[r]: gw = grad * 1[|w| > g(t)] and
+    part[r, split] = sum over this program's columns of grad * sign(w) * 1[|w| > g(t)]."""
+    rows, split = _tile_rows(n_split, BLOCK_R)
+    row_mask = rows < R
+    thr = _act(tl.load(t_ptr + rows, mask=row_mask, other=0.0), ACT)[:, None]
+    col0 = split.to(tl.int64) * iters * BLOCK_C
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for it in range(iters):
+        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < C)[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        keep = (tl.abs(w) > thr).to(tl.float32)
+        tl.store(gw_ptr + offs, (g * keep).to(gw_ptr.dtype.element_ty), mask=mask)
+        acc += g * _sign(w) * keep
+    tl.store(part_ptr + rows * n_split + split, tl.sum(acc, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _soft_t_grad_kernel(part_ptr, t_ptr, gt_ptr, R, n_split,
+                        ACT: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """gt[r] = -g'(t[r]) * sum_s part[r, s]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    s = tl.arange(0, SPLIT_P2)
+    p = tl.load(part_ptr + rows[:, None] * n_split + s[None, :],
+                mask=row_mask[:, None] & (s < n_split)[None, :], other=0.0)
+    gt = -tl.sum(p, axis=1)
+    t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
+    if ACT == 1:
+        sg = tl.sigmoid(t)
+        gt = gt * (sg * (1.0 - sg))
+    elif ACT == 2:
+        gt = gt * tl.exp(t)
+    tl.store(gt_ptr + rows, gt, mask=row_mask)
+
+
+@triton.jit
+def _st3_sums_kernel(w_ptr, t_ptr, part_ptr, K, inner, n_split, iters,
+                     T_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[0, r, split] = sum |w| * 1[|w| > t], part[1, r, split] = sum |w| over this program's
+    columns of row r of the [K, inner] view."""
+    rows, split = _tile_rows(n_split, BLOCK_R)
+    row_mask = rows < K
+    col0 = split.to(tl.int64) * iters * BLOCK_C
+    kept = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for it in range(iters):
+        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < inner)[None, :]
+        offs = rows[:, None] * inner + cols[None, :]
+        a = tl.abs(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        t = _t_tile(t_ptr, rows, row_mask, offs, mask, T_MODE)
+        kept += tl.where(a > t, a, 0.0)
+        total += a
+    dst = part_ptr + rows * n_split + split
+    tl.store(dst, tl.sum(kept, axis=1), mask=row_mask)
+    tl.store(dst + K * n_split, tl.sum(total, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _st3_apply_kernel(w_ptr, t_ptr, part_ptr, out_ptr, K, inner, n_split, iters,
+                      T_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      SPLIT_P2: tl.constexpr):
+    """out = scale_r * sign(w) * max(|w| - t, 0), scale_r from row r's partial sums (SPEC §2)."""
+    rows, split = _tile_rows(n_split, BLOCK_R)
+    row_mask = rows < K
+    s = tl.arange(0, SPLIT_P2)
+    psrc = part_ptr + rows[:, None] * n_split + s[None, :]
+    pmask = row_mask[:, None] & (s < n_split)[None, :]
+    # IEEE divisions (GPU `/` is approximate): t = 0 keeps every |w| > 0, rho is exactly 1 and
+    # the layer is exactly the identity (SPEC §2).
+    n_inner = tl.cast(inner, tl.float32)  # inner may arrive as constexpr 1
+    sum_kept = tl.sum(tl.load(psrc, mask=pmask, other=0.0), axis=1)
+    sum_all = tl.sum(tl.load(psrc + K * n_split, mask=pmask, other=0.0), axis=1)
+    mean_kept = tl.math.div_rn(sum_kept, n_inner)
+    mean_all = tl.math.div_rn(sum_all, n_inner)
+    rho = tl.math.div_rn(mean_kept + 1e-6, mean_all + 1e-6)
+    scale = tl.math.div_rn(1.01, rho + 0.01)[:, None]
+    col0 = split.to(tl.int64) * iters * BLOCK_C
+    for it in range(iters):
+        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < inner)[None, :]
+        offs = rows[:, None] * inner + cols[None, :]
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t = _t_tile(t_ptr, rows, row_mask, offs, mask, T_MODE)
+        tl.store(out_ptr + offs, (scale * _shrink(w, t)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _power_fwd_kernel(w_ptr, t_ptr, out_ptr, n, inner, p,
+                      T_MODE: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """out = sign(w) * |w| * (1 - (t/|w|)^p)^(1/p) if |w| > t else 0, i.e. (|w|^p - t^p)^(1/p)
+    without overflow of |w|^p; every log2 argument is positive."""
+    offs = _flat_offsets(BLOCK, INT64)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _t_flat(t_ptr, offs, mask, inner, T_MODE)
+    a = tl.abs(w)
+    keep = a > t
+    r = t / tl.where(keep, a, 1.0)
+    rp = tl.where(r > 0, tl.exp2(p * tl.log2(tl.where(r > 0, r, 1.0))), 0.0)
+    q = 1.0 - rp
+    root = tl.where(q > 0, tl.exp2(tl.log2(tl.where(q > 0, q, 1.0)) / p), 0.0)
+    out = tl.where(keep, _sign(w) * a * root, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _hard_fwd_kernel(w_ptr, t_ptr, out_ptr, n, inner,
+                     T_MODE: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    offs = _flat_offsets(BLOCK, INT64)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _t_flat(t_ptr, offs, mask, inner, T_MODE)
+    out = w * (tl.abs(w) > t).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def _layout(w, t):
+    """(numel, inner, T_MODE) of w viewed as [K, inner] with threshold t."""
+    n = w.numel()
+    k = w.shape[0] if w.dim() > 0 else 1
+    inner = n // k if k else 0
+    mode = _SCALAR if t.numel() == 1 else _CHANNEL if t.numel() == k else _ELEMENT
+    return n, inner, mode
+
+
+def _flat_meta(n):
+    """Grid and launch options of an elementwise kernel over n elements."""
+    meta = dict(BLOCK=_BLOCK, INT64=n + _BLOCK >= 2**31, num_warps=_NUM_WARPS)
+    return (triton.cdiv(n, _BLOCK),), meta
+
+
+def _tiling(rows, cols):
+    """Tile a row-major [rows, cols] view: programs own BLOCK_R rows and `iters` consecutive blocks
+    of BLOCK_C columns (their split); returns (BLOCK_R, BLOCK_C, n_split, iters, grid).
+
+    BLOCK_C is the power of two that pads the view least while keeping tiles full (e.g. 32 for the
+    9·2^k columns of 3x3 convs, where the next power of two would leave 44 % of the lanes idle)."""
+    rows_p2 = triton.next_power_of_2(rows)
+    hi = min(triton.next_power_of_2(cols), _TILE)
+    lo = min(hi, max(32, _TILE // rows_p2))
+
+    def padded(bc):
+        br = min(_TILE // bc, rows_p2)
+        return triton.cdiv(rows, br) * br * triton.cdiv(cols, bc) * bc
+
+    candidates = (lo << i for i in range((hi // lo).bit_length()))  # powers of two lo..hi
+    block_c = min(candidates, key=lambda bc: (padded(bc), -bc))
+    block_r = min(_TILE // block_c, rows_p2)
+    row_blocks = triton.cdiv(rows, block_r)
+    col_blocks = triton.cdiv(cols, block_c)
+    iters = triton.cdiv(col_blocks, min(col_blocks, max(1, _TARGET_PROGRAMS // row_blocks)))
+    n_split = triton.cdiv(col_blocks, iters)
+    return block_r, block_c, n_split, iters, (row_blocks * n_split,)
+
+
+def _wrap(kernel):
+    """torch.library.wrap_triton(kernel); interpreted kernels (TRITON_INTERPRET=1) launch as they
+    are, as torch >= 2.13 does itself (older torch rejects them: pytorch#152868)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def soft_fwd(w: torch.Tensor, t: torch.Tensor, act: int) -> torch.Tensor:
+    """STR forward (SPEC §1): sign(w) * max(|w| - g(t), 0); act 0/1/2: g = id/sigmoid/exp."""
+    out = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if n == 0:
+        return out
+    grid, meta = _flat_meta(n)
+    _wrap(_soft_fwd_kernel)[grid](w, t, out, n, inner, T_MODE=mode, ACT=act, **meta)
+    return out
+
+
+def soft_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, act: int, t_grad: bool):
+    """STR backward (SPEC §1) -> (grad_w like w, grad_t fp32 shaped like t; empty if not t_grad).
+
+    grad_w = grad * 1[|w| > g(t)];
+    grad_t[j] = -g'(t_j) * sum of grad_i * sign(w_i) over the kept i that use t_j.
+    """
+    grad_w = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if not t_grad:
+        grad_t = torch.empty(0, dtype=torch.float32, device=w.device)
+    else:  # an empty w contributes nothing to any t_j
+        grad_t = torch.zeros_like(t) if n == 0 else torch.empty_like(t)
+    if n == 0:
+        return grad_w, grad_t
+    if not t_grad or t.numel() == n:
+        grid, meta = _flat_meta(n)
+        _wrap(_masked_grad_kernel)[grid](
+            grad, w, t, grad_w, grad_t, n, inner, 0.0,
+            T_MODE=mode, ACT=act, WRITE_GT=t_grad, **meta)
+        return grad_w, grad_t
+    # t_j is shared by the j-th contiguous run of n / numel(t) elements: reduce rows of that view.
+    rows = t.numel()
+    block_r, block_c, n_split, iters, grid = _tiling(rows, n // rows)
+    part = torch.empty((rows, n_split), dtype=torch.float32, device=w.device)
+    _wrap(_soft_bwd_rows_kernel)[grid](
+        grad, w, t, grad_w, part, rows, n // rows, n_split, iters,
+        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    split_p2 = triton.next_power_of_2(n_split)
+    fin_r = min(max(1, _TILE // split_p2), triton.next_power_of_2(rows))
+    _wrap(_soft_t_grad_kernel)[(triton.cdiv(rows, fin_r),)](
+        part, t, grad_t, rows, n_split, ACT=act, BLOCK_R=fin_r, SPLIT_P2=split_p2, num_warps=4)
+    return grad_w, grad_t
+
+
+def st3_fwd(w: torch.Tensor, t: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """ST-3 forward (SPEC §2): scale_o * sign(w) * max(|w| - t, 0) per output channel o
+    (scale_o = 1.01 / (rho_o + 0.01) if rescale else 1)."""
+    if not rescale:
+        return soft_fwd(w, t, 0)
+    out = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if n == 0:
+        return out
+    k = n // inner
+    block_r, block_c, n_split, iters, grid = _tiling(k, inner)
+    part = torch.empty((2, k, n_split), dtype=torch.float32, device=w.device)
+    meta = dict(T_MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    _wrap(_st3_sums_kernel)[grid](w, t, part, k, inner, n_split, iters, **meta)
+    _wrap(_st3_apply_kernel)[grid](
+        w, t, part, out, k, inner, n_split, iters, SPLIT_P2=triton.next_power_of_2(n_split), **meta)
+    return out
+
+
+def power_fwd(w: torch.Tensor, t: torch.Tensor, p: float) -> torch.Tensor:
+    """Feather forward (SPEC §3): sign(w) * (|w|^p - t^p)^(1/p) if |w| > t else 0."""
+    out = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if n == 0:
+        return out
+    grid, meta = _flat_meta(n)
+    _wrap(_power_fwd_kernel)[grid](w, t, out, n, inner, float(p), T_MODE=mode, **meta)
+    return out
+
+
+def _masked_grad(grad, w, t, theta):
+    """grad * (1 if |w| > t else theta)."""
+    grad_w = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if n == 0:
+        return grad_w
+    grid, meta = _flat_meta(n)
+    _wrap(_masked_grad_kernel)[grid](
+        grad, w, t, grad_w, t, n, inner, float(theta), T_MODE=mode, ACT=0, WRITE_GT=False, **meta)
+    return grad_w
+
+
+def power_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, theta: float) -> torch.Tensor:
+    """Feather backward (SPEC §3): grad * (1 if |w| > t else theta)."""
+    return _masked_grad(grad, w, t, theta)
+
+
+def hard_fwd(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Hard threshold (SPEC §6): w * 1[|w| > t]."""
+    out = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if n == 0:
+        return out
+    grid, meta = _flat_meta(n)
+    _wrap(_hard_fwd_kernel)[grid](w, t, out, n, inner, T_MODE=mode, **meta)
+    return out
+
+
+def hard_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Masked gradient of the hard threshold (SPEC §6, GMP): grad * 1[|w| > t]."""
+    return _masked_grad(grad, w, t, 0.0)
