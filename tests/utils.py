@@ -43,19 +43,23 @@ def make_weight(shape, dtype, device="cpu", seed=0):
     return torch.randn(shape, generator=g).to(dtype).to(device)
 
 
-def make_threshold(w, mode, q=0.5):
+def make_threshold(w, mode, q=0.5, ties=True):
     """A flat fp32 threshold at ≈ the q-quantile of |w|: "scalar", "channel" or "element".
 
-    Scalar and per-channel thresholds are exact |w| values, so ties at t are exercised.
+    With ``ties``, scalar and per-channel thresholds are exact |w| values, so ties at t are
+    exercised; without, they sit midway to the next larger |w| (for thresholds that a kernel
+    recomputes through exp/sigmoid, whose last bit is implementation-defined).
     """
     a = w.detach().float().abs().cpu()
     k = w.shape[0] if w.dim() else 1
-    if mode == "scalar":
-        flat = a.reshape(-1)
-        t = flat.sort().values[int(q * (flat.numel() - 1))].reshape(1) if flat.numel() else torch.ones(1)
-    elif mode == "channel":
-        rows = a.reshape(k, -1) if a.numel() else torch.ones(k, 1)
-        t = rows.sort(1).values[:, int(q * (rows.shape[1] - 1))].contiguous()
-    else:
+    if mode == "element":
         t = torch.rand(a.numel(), generator=torch.Generator().manual_seed(1)) * 2 * q
-    return t.to(w.device)
+        return t.to(w.device)
+    rows = a.reshape(1 if mode == "scalar" else k, -1) if a.numel() else torch.ones(1 if mode == "scalar" else k, 1)
+    rows = rows.sort(1).values
+    i = int(q * (rows.shape[1] - 1))
+    t = rows[:, i]
+    if not ties:
+        above = torch.where(rows > t[:, None], rows, torch.inf).min(1).values
+        t = torch.where(above.isinf(), t + 1, (t + above) / 2)
+    return t.contiguous().to(w.device)
