@@ -1,5 +1,4 @@
 """Training API: ``sparsify()`` swaps layers in place, ``Sparsifier`` drives thresholds per step."""
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
@@ -7,10 +6,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+import sparsekern as sk
+
 from .methods import MagnitudeMethod, Method, method_class
 from .nn import SPARSE_LAYERS, SparseLayer
-
-SCOPES = ("layer",)
 
 
 def _check_sparsity(value, name: str = "sparsity") -> float:
@@ -50,34 +49,15 @@ class CubicSchedule:
                 f"final_sparsity={self.final_sparsity}, initial_sparsity={self.initial_sparsity})")
 
 
-def layer_magnitude_thresholds(weights: list[Tensor], sparsity: float) -> list[Tensor]:
-    """One 0-d fp32 threshold per weight: exactly ``np.quantile(|w|.float(), sparsity)``
-    (method ``linear``: position ``(N−1)·s``, neighbours by ``kthvalue`` — no 2^24 cap — and
-    numpy's fp32 lerp). Keeping |w| > t then prunes ≈ ``sparsity`` of each weight. No host sync."""
-    out = []
-    for w in weights:
-        a = w.detach().abs().flatten().float()
-        pos = (a.numel() - 1) * sparsity
-        lo = math.floor(pos)
-        gamma = pos - lo
-        v_lo = a.kthvalue(lo + 1).values
-        v_hi = a.kthvalue(min(lo + 2, a.numel())).values
-        d = v_hi - v_lo
-        out.append(v_lo + d * gamma if gamma < 0.5 else v_hi - d * (1.0 - gamma))
-    return out
-
-
-def _magnitude_thresholds(weights: list[Tensor], sparsity: float, scope: str) -> list[Tensor]:
-    """Thresholds that prune ``sparsity`` of the weights, ``scope="layer"``: each layer alone.
-    Sparsity 0 gives t = 0 (keeps every nonzero), not the minimum |w|."""
-    if sparsity == 0.0:
-        return [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
-    return layer_magnitude_thresholds(weights, sparsity)
-
-
-def _check_scope(scope: str) -> None:
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+def _check_scope(scope: str | None, method: Method) -> str | None:
+    """The scope a Sparsifier for ``method`` runs with (None: the method's default)."""
+    if not isinstance(method, MagnitudeMethod):
+        return None
+    if scope is None:
+        return method.default_scope
+    if scope not in method.scopes:
+        raise ValueError(f"scope must be one of {method.scopes} for method {method.name!r}, got {scope!r}")
+    return scope
 
 
 def _swap(model: nn.Module, replace: dict[int, nn.Module]) -> None:
@@ -93,13 +73,16 @@ class Sparsifier:
 
     Call ``step()`` after every ``optimizer.step()``. Checkpoint ``state_dict()`` next to the
     model's and the optimizer's (thresholds live in the model's state_dict), and resume is exact.
+    ``scope``: see ``sparsify()``; None for learned-threshold methods (STR). ``scales``: each
+    layer's ``c_l`` in the global quantile (None unless ``scope="global"``).
     """
 
     def __init__(self, model: nn.Module, method: Method, layers: dict[str, nn.Module],
-                 schedule: Callable[[int], float] | None, final_sparsity: float | None, scope: str = "layer"):
-        _check_scope(scope)
+                 schedule: Callable[[int], float] | None, final_sparsity: float | None, scope: str | None = None):
+        self.scope = _check_scope(scope, method)
         self.model, self.method, self.layers = model, method, layers
-        self.schedule, self.final_sparsity, self.scope = schedule, final_sparsity, scope
+        self.schedule, self.final_sparsity = schedule, final_sparsity
+        self.scales = [method.scale(m) for m in layers.values()] if self.scope == "global" else None
         self.step_count = 0
         self._finalized = False
         self._update()
@@ -114,7 +97,10 @@ class Sparsifier:
         return _check_sparsity(self.schedule(step), f"schedule({step})")
 
     def step(self) -> None:
-        """Advance one optimizer step and recompute the thresholds from the updated weights."""
+        """Advance one optimizer step and recompute the thresholds from the updated weights:
+        one selection call over all layers, results copied into the ``threshold`` buffers on
+        the weights' device. No host sync, so on accelerators a NaN weight is not raised here:
+        it makes the thresholds NaN (on CPU: ``FloatingPointError`` naming its index in ``layers``)."""
         if self._finalized:
             raise RuntimeError("Sparsifier.step() after finalize()")
         self.step_count += 1
@@ -125,7 +111,16 @@ class Sparsifier:
         if not isinstance(self.method, MagnitudeMethod):
             return
         layers = list(self.layers.values())
-        thresholds = _magnitude_thresholds([m.weight for m in layers], self.target(), self.scope)
+        weights = [m.weight for m in layers]
+        s = self.target()
+        check_nan = weights[0].device.type == "cpu"  # reading the NaN flag back is free only there
+        if s == 0.0:  # t = 0 keeps every nonzero (the quantile would prune the smallest |w|)
+            thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
+        elif self.scope == "global":
+            T = sk.global_magnitude_threshold(weights, s, scales=self.scales, check_nan=check_nan)
+            thresholds = [T if c == 1.0 else T / c for c in self.scales]
+        else:
+            thresholds = sk.magnitude_thresholds(weights, s, check_nan=check_nan).unbind()
         for layer, t in zip(layers, thresholds):
             self.method.set_threshold(layer, t)
 
@@ -151,12 +146,16 @@ class Sparsifier:
         return self.model
 
     def state_dict(self) -> dict:
-        return {"method": self.method.name, "step": self.step_count}
+        return {"method": self.method.name, "scope": self.scope, "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the step counter (the thresholds come with the model's state_dict)."""
+        """Restore the step counter (the thresholds come with the model's state_dict). Method and
+        scope must match (a checkpoint without ``scope`` predates it: per-layer for magnitude methods)."""
         if state.get("method") != self.method.name:
             raise ValueError(f"state_dict is for method {state.get('method')!r}, this Sparsifier runs {self.method.name!r}")
+        scope = state.get("scope", "layer" if isinstance(self.method, MagnitudeMethod) else None)
+        if scope != self.scope:
+            raise ValueError(f"state_dict is for scope {scope!r}, this Sparsifier runs {self.scope!r}")
         self.step_count = int(state["step"])
 
     def __repr__(self) -> str:
@@ -177,19 +176,25 @@ def _excluded(exclude, model: nn.Module) -> Callable[[str, nn.Module], bool]:
 
 def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
              schedule: Callable[[int], float] | None = None,
-             exclude: Iterable[str] | Callable[[str, nn.Module], bool] = (), scope: str = "layer",
+             exclude: Iterable[str] | Callable[[str, nn.Module], bool] = (), scope: str | None = None,
              **options) -> Sparsifier:
     """Swap every ``nn.Conv2d``/``nn.Linear`` of ``model`` (exact types; subclasses are left
     alone) in place for its sparse layer, and return the ``Sparsifier`` that drives them.
 
-    method: ``"str"``, ``"st3"``, ``"feather"``, ``"gmp"`` (SPEC §1–3, §6); ``options`` go to it
-      (STR: s_init, activation, granularity; ST-3: rescale; Feather: p, theta — None = authors' rule).
+    method: ``"str"``, ``"st3"``, ``"st3_sigma"``, ``"feather"``, ``"gmp"`` (SPEC §1–3, §6);
+      ``options`` go to it (STR: s_init, activation, granularity; ST-3/ST-3σ: rescale; Feather:
+      p, theta — None = authors' rule).
     sparsity: final target in [0, 1] (ignored, with a warning, by the learned method ``str``).
     schedule: callable step → target sparsity, e.g. ``CubicSchedule``; None = ``sparsity`` from
       step 0. Magnitude methods need ``sparsity`` or ``schedule``.
     exclude: module names (a name excludes its whole subtree) or a predicate ``(name, module) →
       bool``, e.g. ``lambda n, m: m.weight.numel() < 1000``.
-    scope: where the magnitude threshold is chosen; ``"layer"``: each layer meets the target.
+    scope: where magnitude methods choose the threshold. ``"global"``: one exact quantile ``T``
+      of ``|w|·c_l`` over all chosen layers, ``t_l = T / c_l`` (``c_l = 1``; ST-3σ: sqrt(sum of
+      W_l's shape)), so layers end with different sparsities and the model meets the target;
+      ``"layer"``: each layer meets the target (not for ``st3_sigma``). None = the paper's
+      choice: ``"global"`` for st3, st3_sigma, feather; ``"layer"`` for gmp (uniform GMP).
+      Ignored, with a warning, by ``str``.
     The weight/bias Parameters are reused, so an existing optimizer still holds them; STR's new
     ``s`` Parameters must be added to the optimizer (with weight decay).
     """
@@ -198,7 +203,6 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
         sparsity = _check_sparsity(sparsity)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be callable step -> sparsity, got {type(schedule).__name__}")
-    _check_scope(scope)
     scheduled_final = getattr(schedule, "final_sparsity", None)
     if None not in (sparsity, scheduled_final) and sparsity != scheduled_final:
         raise ValueError(f"sparsity={sparsity} disagrees with schedule.final_sparsity={scheduled_final}")
@@ -206,10 +210,12 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     magnitude = issubclass(cls, MagnitudeMethod)
     if magnitude and sparsity is None and schedule is None:
         raise ValueError(f"method {method!r} needs a target: pass sparsity= or schedule=")
-    if not magnitude and (sparsity is not None or schedule is not None):
-        warnings.warn(f"method {method!r} learns its sparsity; sparsity/schedule are ignored", UserWarning, stacklevel=2)
-        final, schedule = None, None
+    if not magnitude and (sparsity is not None or schedule is not None or scope is not None):
+        warnings.warn(f"method {method!r} learns its sparsity; sparsity/schedule/scope are ignored",
+                      UserWarning, stacklevel=2)
+        final, schedule, scope = None, None, None
     meth = cls.from_options(final, **options)
+    scope = _check_scope(scope, meth)
 
     if type(model) in SPARSE_LAYERS:
         raise ValueError("model is itself a Conv2d/Linear and cannot be swapped in place; wrap it, "

@@ -1,4 +1,6 @@
 """Sparse layers (``sparsekern.nn``) and their methods: construction, state, repr, gradients, compile."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -8,8 +10,9 @@ import sparsekern as sk
 from sparsekern.methods import METHODS, make_method
 from sparsekern.nn import SparseConv2d, SparseLinear
 
-METHOD_NAMES = ["str", "st3", "feather", "gmp"]
-STATE = {"str": "s", "st3": "threshold", "feather": "threshold", "gmp": "threshold"}
+METHOD_NAMES = ["str", "st3", "st3_sigma", "feather", "gmp"]
+STATE = {"str": "s", "st3": "threshold", "st3_sigma": "threshold", "feather": "threshold", "gmp": "threshold"}
+OPS = ["str", "st3", "feather", "gmp"]  # one per forward op (st3_sigma's forward is st3's)
 
 
 def _prune_half(layer):
@@ -114,6 +117,7 @@ def test_extra_repr():
                  "activation=sigmoid, granularity=channel)")
     assert "method=st3, rescale=False" in repr(SparseLinear(3, 2, method="st3", rescale=False))
     assert repr(SparseLinear(3, 2, method="gmp")).endswith("method=gmp)")
+    assert repr(SparseLinear(3, 2, method="st3_sigma")).endswith("method=st3_sigma, rescale=True)")
 
 
 def test_gradients_follow_the_method():
@@ -140,6 +144,28 @@ def test_gradients_follow_the_method():
     assert (g[pruned] == 0).all() and torch.allclose(g[~pruned], dense[~pruned])
 
 
+def test_magnitude_method_scales_and_scopes():
+    """ST-3σ: c_l = sqrt(sum of the weight's shape) — Conv K_out + C_in/groups + R + S, Linear
+    out + in (SPEC §2); the others weigh every layer by 1."""
+    conv = SparseConv2d(6, 9, (3, 5), groups=3, method="st3_sigma")
+    lin = SparseLinear(10, 7, method="st3_sigma")
+    assert conv.method.scale(conv) == math.sqrt(9 + 2 + 3 + 5) and lin.method.scale(lin) == math.sqrt(17)
+    for method in ("st3", "feather", "gmp"):
+        layer = SparseConv2d(6, 9, (3, 5), groups=3, method=method)
+        assert layer.method.scale(layer) == 1.0 and layer.method.scopes == ("global", "layer")
+    assert METHODS["st3_sigma"].scopes == ("global",)
+    assert {m: METHODS[m].default_scope for m in ("st3", "st3_sigma", "feather", "gmp")} == \
+        {"st3": "global", "st3_sigma": "global", "feather": "global", "gmp": "layer"}
+
+
+def test_st3_sigma_forward_is_st3():
+    st3 = SparseConv2d.from_dense(_dense_conv(), "st3")
+    sigma = SparseConv2d.from_dense(_dense_conv(), "st3_sigma")
+    _prune_half(st3)
+    _prune_half(sigma)
+    assert torch.equal(st3.effective_weight(), sigma.effective_weight())
+
+
 def test_st3_zero_threshold_is_identity():
     layer = SparseConv2d.from_dense(_dense_conv(), "st3")
     assert torch.equal(layer.effective_weight(), layer.weight)
@@ -160,8 +186,17 @@ def _grads(net, x):
     return out.detach(), [p.grad.clone() for p in net.parameters()]
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_compile_fullgraph_forward_backward_exact(method):
+@pytest.fixture
+def fresh_dynamo():
+    """Every method's layers recompile nn.Sequential.forward (a guard on the method's type):
+    start from an empty cache so the recompile limit is never reached across tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", OPS)
+def test_compile_fullgraph_forward_backward_exact(method, fresh_dynamo):
     """Dynamo + AOT autograd (fake tensors through the custom ops), no graph break: bit-equal to eager."""
     net = _net(method)
     for m in net:
@@ -175,8 +210,8 @@ def test_compile_fullgraph_forward_backward_exact(method):
     assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_e))
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_compile_inductor_matches_eager(method):
+@pytest.mark.parametrize("method", OPS)
+def test_compile_inductor_matches_eager(method, fresh_dynamo):
     """Default backend. Inductor generates its own code for pool/mean/relu and may reorder their
     fp32 reductions, so outputs and grads agree to rounding (a few ulps), not bitwise."""
     net = _net(method)
@@ -192,7 +227,7 @@ def test_compile_inductor_matches_eager(method):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown method 'nope'.*feather, gmp, st3, str"):
+    with pytest.raises(ValueError, match="unknown method 'nope'.*feather, gmp, st3, st3_sigma, str"):
         SparseLinear(3, 2, method="nope")
     with pytest.raises(TypeError, match="nn.Linear"):
         SparseLinear.from_dense(nn.Conv2d(1, 1, 1), "st3")

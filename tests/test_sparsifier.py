@@ -1,4 +1,5 @@
 """``sk.sparsify`` / ``Sparsifier`` / ``CubicSchedule``: swapping, thresholds, checkpoints, finalize, training."""
+import copy
 import io
 import math
 import warnings
@@ -11,10 +12,12 @@ from torch.nn import functional as F
 
 import sparsekern as sk
 from sparsekern.nn import SparseConv2d, SparseLinear
-from sparsekern.sparsifier import CubicSchedule, Sparsifier, layer_magnitude_thresholds, sparsify
+from sparsekern.sparsifier import CubicSchedule, Sparsifier, sparsify
 
-METHOD_NAMES = ["str", "st3", "feather", "gmp"]
-MAGNITUDE = ["st3", "feather", "gmp"]
+METHOD_NAMES = ["str", "st3", "st3_sigma", "feather", "gmp"]
+#: (method, scope): every magnitude method at its default scope, plus the non-default ones.
+RUNS = [("str", None), ("st3", None), ("st3_sigma", None), ("feather", None), ("gmp", None),
+        ("gmp", "global"), ("st3", "layer")]
 
 
 @pytest.fixture
@@ -88,28 +91,23 @@ def test_cubic_schedule_bad_arguments(args, match):
 
 # --- thresholds -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 2, 7, 216, 1000])
-@pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.8, 0.999, 1.0])
-def test_layer_threshold_is_numpy_quantile(n, s):
-    w = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    w[: n // 3] = w[n // 3: 2 * (n // 3)]  # ties
-    (t,) = layer_magnitude_thresholds([w.to(torch.bfloat16).float()], s)
-    assert t.dtype == torch.float32 and t.shape == ()
-    assert t.item() == np.quantile(w.to(torch.bfloat16).float().abs().numpy(), s)
+def _jiggle(model):
+    """Move the weights as an optimizer would."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("method", MAGNITUDE)
+@pytest.mark.parametrize("method", ["st3", "feather", "gmp"])
 def test_thresholds_follow_schedule_per_layer(method):
     model = _net()
     sched = CubicSchedule(2, 6, 0.6)
-    sp = sparsify(model, method, schedule=sched)
+    sp = sparsify(model, method, schedule=sched, scope="layer")
     assert sp.target() == 0.0 and sp.sparsity()["overall"] == 0.0
     for layer in sp.layers.values():
         assert layer.threshold.item() == 0.0
     for step in range(1, 8):
-        with torch.no_grad():  # move the weights as an optimizer would
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        _jiggle(model)
         sp.step()
         assert sp.step_count == step and sp.target() == sched(step)
         for layer in sp.layers.values():
@@ -118,6 +116,91 @@ def test_thresholds_follow_schedule_per_layer(method):
             assert layer.threshold.item() == expected
             pruned = (layer.effective_weight() == 0).float().mean().item()
             assert pruned == pytest.approx(sched(step), abs=1.0 / a.size + 1e-9)
+
+
+@pytest.mark.parametrize("method, scope", [("st3", None), ("st3_sigma", None), ("feather", None), ("gmp", "global")])
+def test_thresholds_follow_schedule_global(method, scope):
+    """t_l = T / c_l with T = np.quantile(concat(|w|·c_l)) in fp32 (SPEC §2, §9); t = 0 at target 0."""
+    model = _net()
+    sched = CubicSchedule(2, 6, 0.6)
+    sp = sparsify(model, method, schedule=sched, scope=scope)
+    assert sp.scope == "global" and all(m.threshold.item() == 0.0 for m in sp.layers.values())
+    c = np.array(sp.scales, dtype=np.float32)
+    assert (c == 1).all() == (method != "st3_sigma")
+    for step in range(1, 8):
+        _jiggle(model)
+        sp.step()
+        layers = list(sp.layers.values())
+        keys = np.concatenate([np.abs(m.weight.detach().numpy()).ravel() * c[i] for i, m in enumerate(layers)])
+        T = np.quantile(keys, sched(step)) if sched(step) > 0 else np.float32(0)
+        assert T.dtype == np.float32
+        assert [m.threshold.item() for m in layers] == [T / c_l for c_l in c]
+        kept = sum(int((m.effective_weight() != 0).sum()) for m in layers)
+        assert kept / keys.size == pytest.approx(1 - sched(step), abs=1.5 / keys.size)
+
+
+def test_st3_sigma_scales_are_sqrt_of_shape_sum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 9, (3, 5), groups=3), nn.Conv2d(9, 4, 1), nn.Flatten(), nn.Linear(10, 7))
+    sp = sparsify(model, "st3_sigma", sparsity=0.5)
+    # Conv: K_out + C_in/groups + R + S (not fan-in); Linear: out + in
+    assert sp.scales == [math.sqrt(9 + 2 + 3 + 5), math.sqrt(4 + 9 + 1 + 1), math.sqrt(7 + 10)]
+    assert sparsify(_net(), "st3", sparsity=0.5).scales == [1.0, 1.0, 1.0]
+    assert sparsify(_net(), "gmp", sparsity=0.5).scales is None  # per-layer: no scales
+
+
+def test_global_threshold_is_global():
+    """Layers of very different magnitudes: one threshold prunes the small one most, overall on target."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 40), nn.Linear(40, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(0.2)
+        model[2].weight.mul_(5.0)
+    for method, scope in [("st3", None), ("feather", None), ("gmp", "global")]:
+        rep = sparsify(copy.deepcopy(model), method, sparsity=0.5, scope=scope).sparsity()
+        assert rep["overall"] == pytest.approx(0.5, abs=1 / 3600)
+        assert rep["layers"]["0"] > 0.9 and rep["layers"]["2"] < 0.1, rep
+    rep = sparsify(copy.deepcopy(model), "gmp", sparsity=0.5).sparsity()  # gmp default: per layer
+    assert all(v == pytest.approx(0.5, abs=1 / 400) for v in rep["layers"].values()), rep
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_one_selection_call_per_step(scope, monkeypatch):
+    calls = {"global_magnitude_threshold": [], "magnitude_thresholds": []}
+    for name, calls_of in calls.items():
+        def counted(tensors, *args, _op=getattr(sk, name), _calls=calls_of, **kw):
+            _calls.append(len(tensors))
+            return _op(tensors, *args, **kw)
+        monkeypatch.setattr(sk, name, counted)
+    model = _net()
+    sp = sparsify(model, "gmp", schedule=CubicSchedule(0, 4, 0.7), scope=scope)
+    assert calls == {"global_magnitude_threshold": [], "magnitude_thresholds": []}  # target 0: t = 0
+    for _ in range(6):
+        _jiggle(model)
+        sp.step()
+    used = "global_magnitude_threshold" if scope == "global" else "magnitude_thresholds"
+    assert calls.pop(used) == [3] * 6 and calls.popitem()[1] == []  # one call, all 3 layers
+
+
+def test_defaults_and_repr():
+    assert [sparsify(_net(), m, sparsity=0.5).scope for m in ("st3", "st3_sigma", "feather", "gmp")] == \
+        ["global", "global", "global", "layer"]
+    assert repr(sparsify(_net(), "st3_sigma", sparsity=0.5)) == \
+        "Sparsifier(method=st3_sigma, layers=3, step=0, target=0.5, scope=global)"
+    assert repr(sparsify(_net(), "feather", sparsity=0.5, scope="layer")).endswith("scope=layer)")
+    assert sparsify(_net(), "str").scope is None
+    with pytest.warns(UserWarning, match="scope are ignored"):
+        assert sparsify(_net(), "str", scope="global").scope is None
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_nan_weight_raises_on_cpu(scope):
+    model = _net()
+    sp = sparsify(model, "gmp", sparsity=0.5, scope=scope)
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match=r"tensors\[1\]"):
+        sp.step()
 
 
 def test_sparsity_report_and_zero_target():
@@ -173,12 +256,13 @@ def test_exclude_shared_and_subclassed_modules():
 
 # --- checkpoints ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_resume_mid_training_is_bit_identical(method, one_thread):
+@pytest.mark.parametrize("method, scope", RUNS)
+def test_resume_mid_training_is_bit_identical(method, scope, one_thread):
     x, y = _data(256)
     sched = None if method == "str" else CubicSchedule(0, 10, 0.8)
+    kw = {} if scope is None else {"scope": scope}
     model = _net()
-    sp = _sparsify(model, method, schedule=sched, sparsity=None)
+    sp = _sparsify(model, method, schedule=sched, sparsity=None, **kw)
     opt = _optimizer(model)
     gen = torch.Generator().manual_seed(1)
     _train(model, sp, opt, x, y, 5, gen)
@@ -190,7 +274,7 @@ def test_resume_mid_training_is_bit_identical(method, one_thread):
     buf.seek(0)
     ckpt = torch.load(buf)
     fresh = _net(seed=123)
-    sp2 = _sparsify(fresh, method, schedule=sched, sparsity=None)
+    sp2 = _sparsify(fresh, method, schedule=sched, sparsity=None, **kw)
     opt2 = _optimizer(fresh)
     fresh.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
@@ -205,10 +289,16 @@ def test_resume_mid_training_is_bit_identical(method, one_thread):
     assert sp2.state_dict() == sp.state_dict()
 
 
-def test_load_state_dict_of_another_method():
+def test_load_state_dict_of_another_method_or_scope():
     sp = sparsify(_net(), "st3", sparsity=0.5)
     with pytest.raises(ValueError, match="method 'gmp'"):
         sp.load_state_dict(sparsify(_net(), "gmp", sparsity=0.5).state_dict())
+    with pytest.raises(ValueError, match="scope 'layer'.*runs 'global'"):
+        sp.load_state_dict(sparsify(_net(), "st3", sparsity=0.5, scope="layer").state_dict())
+    with pytest.raises(ValueError, match="scope 'layer'"):  # checkpoints without a scope were per layer
+        sp.load_state_dict({"method": "st3", "step": 3})
+    sp.load_state_dict({"method": "st3", "scope": "global", "step": 3})
+    assert sp.state_dict() == {"method": "st3", "scope": "global", "step": 3}
 
 
 # --- finalize -------------------------------------------------------------------------------------
@@ -236,8 +326,10 @@ def test_finalize_bakes_in_same_outputs(method):
 
 # --- training -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_training_reaches_target(method, one_thread):
+@pytest.mark.parametrize("method, scope", RUNS)
+def test_training_reaches_target(method, scope, one_thread):
+    """End of the schedule: global scope meets the target overall within 0.5 % with unequal
+    layers; per-layer scope meets it in every layer."""
     steps = 160
     x, y = _data()
     model = _net()
@@ -245,13 +337,17 @@ def test_training_reaches_target(method, one_thread):
         sp = sparsify(model, "str", s_init=-5.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
     else:
-        sp = sparsify(model, method, schedule=CubicSchedule(0, steps // 2, 0.8))
+        sp = sparsify(model, method, schedule=CubicSchedule(0, steps // 2, 0.8), scope=scope)
         opt = _optimizer(model)
     losses = torch.stack(_train(model, sp, opt, x, y, steps, torch.Generator().manual_seed(1)))
     assert losses[-10:].mean() < 0.5 * losses[:10].mean()
     rep = sp.sparsity()
     if method == "str":
         assert rep["overall"] > 0.2 and all(m.s.item() > -5.0 for m in sp.layers.values()), rep
+    elif sp.scope == "global":
+        assert abs(rep["overall"] - 0.8) < 0.005, rep
+        layers = rep["layers"].values()
+        assert max(layers) - min(layers) > 0.05, rep
     else:
         assert abs(rep["overall"] - 0.8) < 0.01
         assert all(abs(v - 0.8) < 0.01 for v in rep["layers"].values()), rep
@@ -268,7 +364,7 @@ def test_bad_sparsity_value(bad):
 def test_bad_inputs():
     with pytest.raises(TypeError, match="sparsity"):
         sparsify(_net(), "st3", sparsity="0.5")
-    with pytest.raises(ValueError, match="unknown method 'prune'.*feather, gmp, st3, str"):
+    with pytest.raises(ValueError, match="unknown method 'prune'.*feather, gmp, st3, st3_sigma, str"):
         sparsify(_net(), "prune", sparsity=0.5)
     with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear"):
         sparsify(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), "st3", sparsity=0.5)
@@ -284,8 +380,10 @@ def test_bad_inputs():
         sparsify(_net(), "gmp", schedule=0.5)
     with pytest.raises(ValueError, match="disagrees"):
         sparsify(_net(), "gmp", sparsity=0.5, schedule=CubicSchedule(0, 10, 0.9))
-    with pytest.raises(ValueError, match="scope"):
+    with pytest.raises(ValueError, match=r"scope must be one of \('global', 'layer'\).*'everything'"):
         sparsify(_net(), "gmp", sparsity=0.5, scope="everything")
+    with pytest.raises(ValueError, match=r"one of \('global',\) for method 'st3_sigma', got 'layer'"):
+        sparsify(_net(), "st3_sigma", sparsity=0.5, scope="layer")
     sp = sparsify(_net(), "gmp", schedule=lambda step: 0.5 if step < 1 else 2.0)
     with pytest.raises(ValueError, match=r"schedule\(1\)"):
         sp.step()

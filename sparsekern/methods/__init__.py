@@ -2,10 +2,10 @@
 from .base import MagnitudeMethod, Method
 from .feather import Feather
 from .gmp import GMP
-from .st3 import ST3
+from .st3 import ST3, ST3Sigma
 from .str_ import STR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, Feather, GMP)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, ST3Sigma, Feather, GMP)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -25,4 +25,5 @@ def make_method(method: "str | Method", **options) -> Method:
     return method_class(method)(**options)
 
 
-__all__ = ["METHODS", "Method", "MagnitudeMethod", "STR", "ST3", "Feather", "GMP", "method_class", "make_method"]
+__all__ = ["METHODS", "Method", "MagnitudeMethod", "STR", "ST3", "ST3Sigma", "Feather", "GMP",
+           "method_class", "make_method"]

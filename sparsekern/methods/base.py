@@ -41,7 +41,18 @@ class MagnitudeMethod(Method):
 
     Layer state: ``threshold``, a 0-d fp32 buffer (persistent, so a resumed run is bit-identical).
     ``t = 0`` prunes nothing but exact zeros.
+
+    ``scopes``: where the Sparsifier may pick the threshold — ``"global"``: one quantile ``T`` of
+    ``|w|·c_l`` over all layers, ``t_l = T / c_l`` (SPEC §2, §3, §9); ``"layer"``: each layer's own
+    quantile. ``default_scope`` is what the method's paper does.
     """
+
+    scopes: tuple[str, ...] = ("global", "layer")
+    default_scope = "global"
+
+    def scale(self, layer: nn.Module) -> float:
+        """``c_l``, the multiplier of ``|w|`` in the global quantile (1 unless the method says)."""
+        return 1.0
 
     def init_state(self, layer: nn.Module) -> None:
         layer.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=layer.weight.device))

@@ -7,9 +7,13 @@ from .base import MagnitudeMethod
 
 
 class GMP(MagnitudeMethod):
-    """``sk.hard_threshold(weight, threshold, ste=False)``: ``w·1[|w| > t]`` with masked gradient."""
+    """``sk.hard_threshold(weight, threshold, ste=False)``: ``w·1[|w| > t]`` with masked gradient.
+
+    Uniform per-layer pruning (``scope="layer"``, Zhu & Gupta) is the default; ``"global"`` too.
+    """
 
     name = "gmp"
+    default_scope = "layer"
 
     def sparse_weight(self, layer: nn.Module) -> Tensor:
         return sk.hard_threshold(layer.weight, layer.threshold, ste=False)

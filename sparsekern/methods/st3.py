@@ -1,4 +1,6 @@
-"""ST-3: soft threshold with per-output-channel rescale and straight-through backward (SPEC §2)."""
+"""ST-3 / ST-3σ: soft threshold with per-output-channel rescale and straight-through backward (SPEC §2)."""
+import math
+
 from torch import Tensor, nn
 
 import sparsekern as sk
@@ -21,3 +23,17 @@ class ST3(MagnitudeMethod):
 
     def options(self) -> dict:
         return {"rescale": self.rescale}
+
+
+class ST3Sigma(ST3):
+    """ST-3σ: ST-3's forward; the global quantile weighs each layer by ``c_l = sqrt(sum of
+    W_l's shape)`` (Conv ``K_out + C_in/groups + R + S``, Linear ``out + in``) and ``t_l = T / c_l``.
+
+    Global scope only: a per-layer quantile of ``|w|·c_l`` divided by ``c_l`` is plain ``st3``.
+    """
+
+    name = "st3_sigma"
+    scopes = ("global",)
+
+    def scale(self, layer: nn.Module) -> float:
+        return math.sqrt(sum(layer.weight.shape))

@@ -9,8 +9,9 @@ class SparseLayer:
     """Base of SparseConv2d and SparseLinear (`isinstance(m, SparseLayer)` finds them).
 
     State: ``weight`` (dense, trained), ``bias``, plus the method's own state (STR: ``s``;
-    st3/feather/gmp: ``threshold``). The effective weight is recomputed by one op each forward,
-    so the state_dict holds no mask and the module traces under ``torch.compile(fullgraph=True)``.
+    st3/st3_sigma/feather/gmp: ``threshold``, set by the Sparsifier). The effective weight is
+    recomputed by one op each forward, so the state_dict holds no mask and the module traces
+    under ``torch.compile(fullgraph=True)``.
     """
 
     _dense_cls: type[nn.Module]
