@@ -220,7 +220,9 @@ def main(argv=None):
           f"- command: `{cmd.strip()}`",
           f"- machine: {env['device_name']}, {env['threads']} threads; torch {env['torch']}; "
           f"sparsekern backend: {env['sparsekern_backend']}",
-          f"- git {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}",
+          f"- git {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}; "
+          f"1-min load average at the end {os.getloadavg()[0]:.1f} (this benchmark alone is about "
+          f"{env['threads']}; more means other jobs shared the machine)",
           f"- sparsity {SPARSITY}; weights ~ He-init normal (seeded); memory: {H.MEMORY_METHOD[device]}",
           "- exact: sparsekern returned the same fp32 value as cat+sort in every case both ran", ""]
     md += table(rows) + [""] + targets(rows)
