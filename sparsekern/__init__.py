@@ -7,6 +7,7 @@ from .ops import global_magnitude_threshold, magnitude_thresholds
 from .ops import hard_threshold, power_threshold, soft_threshold, st3_threshold, str_threshold
 from . import nn  # noqa: E402  (layers call the ops above)
 from .flops import FlopReport, count_flops
+from .losses import AdaptiveSparsityLoss
 from .sparsifier import CubicSchedule, Sparsifier, sparsify
 
 __version__ = "0.1.0"
@@ -15,5 +16,5 @@ __all__ = [
     "soft_threshold", "str_threshold", "st3_threshold", "power_threshold", "hard_threshold",
     "global_magnitude_threshold", "magnitude_thresholds",
     "nn", "sparsify", "Sparsifier", "CubicSchedule",
-    "count_flops", "FlopReport",
+    "AdaptiveSparsityLoss", "count_flops", "FlopReport",
 ]

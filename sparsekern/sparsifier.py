@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 import sparsekern as sk
 
-from .methods import MagnitudeMethod, Method, method_class
+from .losses import AdaptiveSparsityLoss, erf_sparsity
+from .methods import ASL, MagnitudeMethod, Method, method_class
 from .nn import SPARSE_LAYERS, SparseLayer
 
 
@@ -73,14 +74,19 @@ class Sparsifier:
 
     Call ``step()`` after every ``optimizer.step()``. Checkpoint ``state_dict()`` next to the
     model's and the optimizer's (thresholds live in the model's state_dict), and resume is exact.
-    ``scope``: see ``sparsify()``; None for learned-threshold methods (STR). ``scales``: each
-    layer's ``c_l`` in the global quantile (None unless ``scope="global"``).
+    ``scope``: see ``sparsify()``; None for learned-threshold methods (STR, ASL). ``scales``: each
+    layer's ``c_l`` in the global quantile (None unless ``scope="global"``). ``sparsity_loss``:
+    ASL's loss over the layers' ``r`` (``loss()``), else None.
     """
 
     def __init__(self, model: nn.Module, method: Method, layers: dict[str, nn.Module],
-                 schedule: Callable[[int], float] | None, final_sparsity: float | None, scope: str | None = None):
+                 schedule: Callable[[int], float] | None, final_sparsity: float | None, scope: str | None = None,
+                 sparsity_loss: AdaptiveSparsityLoss | None = None):
         self.scope = _check_scope(scope, method)
         self.model, self.method, self.layers = model, method, layers
+        self.sparsity_loss = sparsity_loss
+        #: ASL's ``r`` Parameters by layer name (kept after ``finalize()`` for the modelled sparsity)
+        self.r = {name: m.r for name, m in layers.items()} if isinstance(method, ASL) else {}
         self.schedule, self.final_sparsity = schedule, final_sparsity
         self.scales = [method.scale(m) for m in layers.values()] if self.scope == "global" else None
         self.step_count = 0
@@ -88,9 +94,10 @@ class Sparsifier:
         self._update()
 
     def target(self, step: int | None = None) -> float | None:
-        """Target sparsity at ``step`` (default: now); None for learned-threshold methods (STR)."""
+        """Target sparsity at ``step`` (default: now); ASL: the requested sparsity (``sparsify``'s
+        ``sparsity``); None for STR, which learns it."""
         if not isinstance(self.method, MagnitudeMethod):
-            return None
+            return self.final_sparsity
         step = self.step_count if step is None else step
         if self.schedule is None:
             return self.final_sparsity
@@ -124,17 +131,53 @@ class Sparsifier:
         for layer, t in zip(layers, thresholds):
             self.method.set_threshold(layer, t)
 
+    def loss(self) -> Tensor:
+        """The sparsity loss to add to the task loss (0-d): ASL's ``AdaptiveSparsityLoss`` over
+        the layers' ``r`` (SPEC §4); a constant 0 for methods without one."""
+        if self._finalized:
+            raise RuntimeError("Sparsifier.loss() after finalize()")
+        if self.sparsity_loss is None:
+            return torch.zeros((), device=next(iter(self.layers.values())).weight.device)
+        return self.sparsity_loss(list(self.r.values()))
+
+    def param_groups(self, model_or_params: "nn.Module | Iterable[Tensor]", lr: float,
+                     weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer param groups: everything at ``lr`` and ``weight_decay``; ASL's ``r`` (all of
+        them, whether listed or not) in a second group at ``lr/100`` without weight decay, as the
+        authors train it. STR's ``s`` stays in the first group (it needs the decay, SPEC §1).
+        ``torch.optim.SGD(sp.param_groups(model, lr=0.1, weight_decay=5e-4), momentum=0.9)``"""
+        params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+        learned = {id(p): p for p in self.r.values()}
+        seen, rest = set(learned), []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                rest.append(p)
+        groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+        if learned:
+            groups.append({"params": list(learned.values()), "lr": lr / 100.0, "weight_decay": 0.0})
+        return groups
+
     @torch.no_grad()
     def sparsity(self) -> dict:
         """Attained sparsity (fraction of exact zeros in the effective weights):
-        ``{"overall": float, "layers": {name: float}}``. Works after ``finalize()`` too."""
+        ``{"overall": float, "layers": {name: float}}``. ASL adds ``"modelled"``, the same form
+        with ``erf(r/√2)`` per layer (mean over channels) and their weight-count-weighted mean
+        overall: the Gaussian model the loss optimises, which the attained sparsity only
+        approximates (SPEC §4). Works after ``finalize()`` too."""
         zeros, total, per_layer = 0, 0, {}
         for name, m in self.layers.items():
             w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
             z = int((w == 0).sum())
             per_layer[name] = z / max(w.numel(), 1)
             zeros, total = zeros + z, total + w.numel()
-        return {"overall": zeros / max(total, 1), "layers": per_layer}
+        report = {"overall": zeros / max(total, 1), "layers": per_layer}
+        if self.r:
+            modelled = {name: erf_sparsity(r).item() for name, r in self.r.items()}
+            sizes = {name: m.weight.numel() for name, m in self.layers.items()}
+            report["modelled"] = {"overall": sum(modelled[n] * sizes[n] for n in sizes) / max(total, 1),
+                                  "layers": modelled}
+        return report
 
     def finalize(self) -> nn.Module:
         """Replace every sparse layer by plain ``nn.Conv2d``/``nn.Linear`` with the effective
@@ -181,14 +224,19 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     """Swap every ``nn.Conv2d``/``nn.Linear`` of ``model`` (exact types; subclasses are left
     alone) in place for its sparse layer, and return the ``Sparsifier`` that drives them.
 
-    method: ``"str"``, ``"st3"``, ``"st3_sigma"``, ``"feather"``, ``"gmp"`` (SPEC §1–3, §6);
-      ``options`` go to it (STR: s_init, activation, granularity; ST-3/ST-3σ: rescale; Feather:
-      p, theta — None = authors' rule).
+    method: ``"str"``, ``"st3"``, ``"st3_sigma"``, ``"feather"``, ``"gmp"``, ``"asl"`` (SPEC
+      §1–4, §6); ``options`` go to it (STR: s_init, activation, granularity; ST-3/ST-3σ: rescale;
+      Feather: p, theta — None = authors' rule; ASL: r_init, granularity and the loss: loss
+      (``"budget"``, ``"hinge"``, ``"avg"``, ``"wavg"``), contribution, param_budget, flop_budget,
+      lam, lam_params, lam_flops, input_size — see ``methods.ASL``, ``AdaptiveSparsityLoss``).
     sparsity: final target in [0, 1] (ignored, with a warning, by the learned method ``str``).
+      ASL: ``r`` starts at ``√2·erfinv(0.6·sparsity)``, and the budget losses default to the
+      parameter density budget ``1 − sparsity``; the attained sparsity is learned around it.
     schedule: callable step → target sparsity, e.g. ``CubicSchedule``; None = ``sparsity`` from
       step 0. Magnitude methods need ``sparsity`` or ``schedule``.
     exclude: module names (a name excludes its whole subtree) or a predicate ``(name, module) →
-      bool``, e.g. ``lambda n, m: m.weight.numel() < 1000``.
+      bool``, e.g. ``lambda n, m: m.weight.numel() < 1000`` (ASL's authors skip layers with
+      fewer than 1000 weights).
     scope: where magnitude methods choose the threshold. ``"global"``: one exact quantile ``T``
       of ``|w|·c_l`` over all chosen layers, ``t_l = T / c_l`` (``c_l = 1``; ST-3σ: sqrt(sum of
       W_l's shape)), so layers end with different sparsities and the model meets the target;
@@ -196,7 +244,8 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
       choice: ``"global"`` for st3, st3_sigma, feather; ``"layer"`` for gmp (uniform GMP).
       Ignored, with a warning, by ``str``.
     The weight/bias Parameters are reused, so an existing optimizer still holds them; STR's new
-    ``s`` Parameters must be added to the optimizer (with weight decay).
+    ``s`` Parameters must be added to the optimizer (with weight decay), ASL's ``r`` too (at lr/100
+    without weight decay: ``Sparsifier.param_groups``).
     """
     cls = method_class(method)
     if sparsity is not None:
@@ -210,7 +259,12 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     magnitude = issubclass(cls, MagnitudeMethod)
     if magnitude and sparsity is None and schedule is None:
         raise ValueError(f"method {method!r} needs a target: pass sparsity= or schedule=")
-    if not magnitude and (sparsity is not None or schedule is not None or scope is not None):
+    if issubclass(cls, ASL):  # learns per-layer sparsities; the target sets r's init and the default budget
+        if schedule is not None or scope is not None:
+            warnings.warn("method 'asl' learns per-layer sparsities under its loss; schedule/scope are ignored",
+                          UserWarning, stacklevel=2)
+        final, schedule, scope = sparsity, None, None
+    elif not magnitude and (sparsity is not None or schedule is not None or scope is not None):
         warnings.warn(f"method {method!r} learns its sparsity; sparsity/schedule/scope are ignored",
                       UserWarning, stacklevel=2)
         final, schedule, scope = None, None, None
@@ -231,6 +285,8 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     chosen = [(name, mod) for name, mod, excluded in found.values() if not excluded]
     if not chosen:
         raise ValueError("every nn.Conv2d/nn.Linear of the model is excluded")
+    # built before the swap: a bad loss option leaves the model untouched
+    loss = meth.make_loss(model, dict(chosen)) if isinstance(meth, ASL) else None
     layers = {name: SPARSE_LAYERS[type(mod)].from_dense(mod, meth) for name, mod in chosen}
     _swap(model, {id(mod): layers[name] for name, mod in chosen})
-    return Sparsifier(model, meth, layers, schedule, final, scope)
+    return Sparsifier(model, meth, layers, schedule, final, scope, loss)

@@ -1,11 +1,12 @@
 """Sparse-training methods, by name. Each: the state a layer holds, the op its forward calls."""
+from .asl import ASL
 from .base import MagnitudeMethod, Method
 from .feather import Feather
 from .gmp import GMP
 from .st3 import ST3, ST3Sigma
 from .str_ import STR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, ST3Sigma, Feather, GMP)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, ST3Sigma, Feather, GMP, ASL)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -25,5 +26,5 @@ def make_method(method: "str | Method", **options) -> Method:
     return method_class(method)(**options)
 
 
-__all__ = ["METHODS", "Method", "MagnitudeMethod", "STR", "ST3", "ST3Sigma", "Feather", "GMP",
+__all__ = ["METHODS", "Method", "MagnitudeMethod", "STR", "ST3", "ST3Sigma", "Feather", "GMP", "ASL",
            "method_class", "make_method"]
