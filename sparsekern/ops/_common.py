@@ -79,7 +79,8 @@ def as_threshold(t, w, name="t", nonnegative=True):
 
     ``t``: a real number, or a float tensor with 1 element (per layer), ``K = w.shape[0]``
     elements shaped ``[K]`` / ``[K, 1, ..]`` (per output channel), or ``w``'s shape (per weight).
-    Values must not be NaN (nor negative when ``nonnegative``); checked outside torch.compile.
+    Values must not be NaN (nor negative when ``nonnegative``); checked outside torch.compile
+    (and not for meta tensors, which have no values).
     """
     if isinstance(t, (bool, int, float)):
         check_number(t, name, lo=0.0 if nonnegative else -math.inf)
@@ -96,7 +97,7 @@ def as_threshold(t, w, name="t", nonnegative=True):
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}; expected one value, one per output channel "
             f"([{k}] or [{k}, 1, ...]) or one per weight {tuple(w.shape)}")
-    if not is_compiling() and t.numel():
+    if not is_compiling() and t.numel() and t.device.type != "meta":
         if torch.isnan(t).any():
             raise ValueError(f"{name} contains NaN")
         if nonnegative and (t < 0).any():
