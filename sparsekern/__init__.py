@@ -3,6 +3,7 @@
 See README.md for the API; the math of every op is in SPEC.md (section cited per function).
 """
 from . import _ext, reference  # noqa: F401  (_ext loads the C++ kernels or warns)
+from .ops import asl_threshold, gaussian_bound, gaussian_bounds
 from .ops import global_magnitude_threshold, magnitude_thresholds
 from .ops import hard_threshold, power_threshold, soft_threshold, st3_threshold, str_threshold
 from . import nn  # noqa: E402  (layers call the ops above)
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "soft_threshold", "str_threshold", "st3_threshold", "power_threshold", "hard_threshold",
     "global_magnitude_threshold", "magnitude_thresholds",
+    "gaussian_bound", "gaussian_bounds", "asl_threshold",
     "nn", "sparsify", "Sparsifier", "CubicSchedule",
     "AdaptiveSparsityLoss", "count_flops", "FlopReport",
 ]

@@ -244,3 +244,121 @@ def magnitude_thresholds(tensors, sparsities, interpolation="linear"):
     mags = magnitudes(tensors)
     _check_no_nan(mags)
     return torch.stack([_sorted_quantile(a, s, interpolation) for a, s in zip(mags, sparsities)])
+
+
+# --- SPEC §4: Gaussian, exact and trainable (ASL) bounds ---------------------------------------
+
+def gaussian_bound(w, sparsity):
+    """Gaussian bound ``σ·√2·erfinv(s)`` (SPEC §4, ASL paper Eq. 3): 0-d fp32.
+
+    σ = unbiased std of w in fp32 (eager ``std``), the product in float64 rounded once to fp32.
+    ``s = 1`` gives +inf (every weight pruned, also for σ = 0); a NaN or inf weight gives NaN.
+    """
+    sigma = w.detach().float().std()
+    if sparsity == 1:
+        return torch.where(sigma.isnan(), sigma, math.inf)
+    c = math.sqrt(2) * torch.erfinv(torch.tensor(float(sparsity), dtype=torch.float64, device=w.device))
+    return (sigma.double() * c).float()
+
+
+def gaussian_bounds(tensors, sparsities):
+    """One :func:`gaussian_bound` per tensor, per layer in a loop: fp32 ``[len(tensors)]``.
+
+    sparsities: one number for all tensors or one per tensor.
+    """
+    if isinstance(sparsities, (int, float)):
+        sparsities = [sparsities] * len(tensors)
+    return torch.stack([gaussian_bound(w, s) for w, s in zip(tensors, sparsities)])
+
+
+def exact_bound(w, sparsity):
+    """Exact bound of SPEC §4: the smallest ``b ≥ 0`` with ``#{|w| ≤ b}/#W ≥ s`` (sort-based).
+
+    That is the ``ceil(s·n)``-th smallest |w| (0 when ``s·n < 1``); 0-d fp32.
+    """
+    a = w.detach().float().abs().reshape(-1)
+    k = math.ceil(sparsity * a.numel())
+    return a.sort().values[k - 1] if k > 0 else a.new_zeros(())
+
+
+def bisection_bound(w, sparsity, eps=1e-3):
+    """The ASL paper's baseline for the exact bound (SPEC §4, paper Eq. 2): bisection on b.
+
+    Keeps ``frac(lo) < s ≤ frac(hi)`` with ``frac(b) = #{|w| ≤ b}/#W`` (fp32 |w|), starting from
+    ``[0, max|w|]``, and returns ``hi`` once ``frac(hi) − s ≤ eps`` or ``[lo, hi]`` holds no fp32
+    value in between (``hi`` is then :func:`exact_bound`). One counting pass per step; 0-d fp32.
+    """
+    a = w.detach().float().abs().reshape(-1)
+    n = a.numel()
+    lo, hi = a.new_zeros(()), a.max()
+    if (a <= lo).sum().item() >= sparsity * n:
+        return lo
+    while True:
+        if ((a <= hi).sum().item() / n - sparsity <= eps
+                or torch.nextafter(lo, hi).item() >= hi.item()):
+            return hi
+        mid = lo + (hi - lo) / 2
+        if (a <= mid).sum().item() >= sparsity * n:
+            hi = mid
+        else:
+            lo = mid
+
+
+def _group_sigma(w, r):
+    """Unbiased fp32 std of w over the elements sharing each entry of r (whole layer for one r,
+    output channel for one r per channel), shaped to broadcast against w; detached."""
+    wf = w.detach().float()
+    if r.numel() == 1:
+        return wf.std()
+    k = _channels(w)
+    return _rows(wf, k).std(1).reshape(_channel_view(w))
+
+
+def asl_bound(w, r):
+    """The ASL bound ``clamp(r, 0, 5)·σ`` (SPEC §4) in fp32, broadcastable to w; detached."""
+    r = torch.as_tensor(r, device=w.device).detach().float()
+    return broadcast_threshold(r, w).clamp(0, 5) * _group_sigma(w, r)
+
+
+def asl_threshold_forward(w, r):
+    """``w·1[|w| > clamp(r, 0, 5)·σ + 1e-6]`` in w's dtype (SPEC §4), no autograd."""
+    wf = w.detach().float()
+    return (wf * (wf.abs() > asl_bound(w, r) + 1e-6)).to(w.dtype)
+
+
+def asl_threshold_backward(grad, w, r):
+    """``∂L/∂r`` of SPEC §4 (paper Eq. 18): ``Σ g·(ŵ − w)/r`` over the elements sharing each r.
+
+    Only pruned weights contribute; 0 where the clamp is active (``r ≤ 0`` or ``r ≥ 5``).
+    Returns fp32 shaped like r.
+    """
+    r = torch.as_tensor(r, device=w.device).detach().float()
+    wf, gf = w.detach().float(), grad.float()
+    q = wf * (wf.abs() > asl_bound(w, r) + 1e-6)
+    total = reduce_to_threshold(gf * (q - wf), r, w)
+    active = (r > 0) & (r < 5)
+    return torch.where(active, total / torch.where(active, r, 1.0), 0.0)
+
+
+class _ASLThreshold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, r):
+        ctx.save_for_backward(w, r)
+        return asl_threshold_forward(w, r)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, r = ctx.saved_tensors
+        grad_r = asl_threshold_backward(grad, w, r).to(r.dtype) if ctx.needs_input_grad[1] else None
+        return grad, grad_r
+
+
+def asl_threshold(w, r):
+    """ASL trainable bound (SPEC §4): ``ŵ = w·1[|w| > clamp(r, 0, 5)·σ + 1e-6]``, σ detached.
+
+    r: number, one value (per layer) or one per output channel (``[K]`` / ``[K, 1, ..]``); σ is
+    the unbiased std over the elements sharing r. Backward: ``∂L/∂w = g`` (dense
+    straight-through), ``∂L/∂r`` = :func:`asl_threshold_backward`.
+    """
+    return _ASLThreshold.apply(w, torch.as_tensor(r, dtype=torch.float32, device=w.device)
+                               if not isinstance(r, torch.Tensor) else r)

@@ -1,0 +1,519 @@
+// Bound family, CPU kernels (SPEC.md §4): Gaussian bounds and the trainable ASL bound.
+//
+// Contract (shared with sparsekern/triton/bound.py, see sparsekern/ops/bound.py):
+//   gaussian_bounds(tensors, multipliers) -> (bounds fp32 [L], nan_index int64 [])
+//     tensors: non-empty CPU fp32/fp16/bf16, any shape (read in place when dense).
+//     bounds[i] = fp32(double(σ_i)·c_i), σ_i = the unbiased std of tensors[i] rounded to fp32,
+//     c_i = multipliers[i] >= 0 (√2·erfinv(s_i)); c_i = inf gives inf even for σ_i = 0.
+//     nan_index: the first tensor whose σ is NaN (a NaN or inf weight, or one element), else -1.
+//   asl_fwd(w, r) -> w·1[|w| > b] (w's shape and dtype)
+//   asl_bwd(grad, w, r) -> grad_r (fp32, r's shape)
+//     w (and grad): contiguous fp32/fp16/bf16 viewed as [G, n/G] with G = numel(r): 1 (per
+//     layer) or w.size(0) (per output channel); r: contiguous 1-D fp32. Group g has
+//     σ_g = fp32 unbiased std of its elements and b_g = fp32(clamp(r_g, 0, 5)·σ_g) + 1e-6f;
+//     grad_r[g] = -(Σ_{|w| <= b_g} grad·w) / r_g if 0 < r_g < 5, else 0 (ASL paper Eq. 18).
+//
+// Standard deviation in one pass over memory: blocks of 1024 elements (in L1) get their mean
+// from 16 fp32 lanes summed into a double, then Σ(x - m) and Σ(x - m)² in fp32 lanes (a block
+// whose fp32 sums overflow is redone in double); blocks, then fixed tiles of 65536, are merged
+// with Chan's formula in double in a fixed order. The result depends neither on the thread
+// count nor on the ISA, and a tensor gets the same σ alone or in a batch. Groups that fit in
+// cache (per-channel rows) are done whole by one thread: σ, then the mask pass or the gradient
+// sum while the row is still cached. Otherwise tiles are spread over threads by element count.
+//
+// Storage conversions, lane sums and new_output follow csrc/cpu/threshold.cpp (kept local to
+// this namespace: the families share no header yet).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    (__GNUC__ >= 11)
+#define SK_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SK_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define SK_INLINE inline __attribute__((always_inline))
+#define SK_SIMD _Pragma("omp simd")
+#else
+#define SK_INLINE inline
+#define SK_SIMD
+#endif
+
+namespace sparsekern {
+namespace cpu {
+namespace bound {
+
+// ---------------------------------------------------------------------------------------------
+// Storage types: load to fp32, store from fp32 (round to nearest even, like c10::Half/BFloat16).
+
+SK_INLINE float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+SK_INLINE uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+struct F32 {
+  using raw = float;
+  static SK_INLINE float load(float x) { return x; }
+  static SK_INLINE float store(float x) { return x; }
+};
+
+struct BF16 {
+  using raw = uint16_t;
+  static SK_INLINE float load(uint16_t x) { return f32_from_bits(uint32_t(x) << 16); }
+  static SK_INLINE uint16_t store(float f) {
+    const uint32_t u = f32_bits(f);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
+  }
+};
+
+struct F16 {  // branch-free IEEE half <-> float (vectorizes; same results as c10::Half)
+  using raw = uint16_t;
+  static SK_INLINE float load(uint16_t h) {
+    const uint32_t w = uint32_t(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t bits = two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized);
+    return f32_from_bits(sign | bits);
+  }
+  static SK_INLINE uint16_t store(float f) {
+    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic sums: 16 fp32 lanes (two 8-lane vectors: register resident), added up in double
+// in a fixed order.
+
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 1024;      // elements per fp32 lane sum
+constexpr int64_t kTile = 65536;      // elements per parallel reduction tile (fixed: determinism)
+constexpr int64_t kGrain = 32768;     // elements per parallel task, at least
+constexpr int64_t kCachedRow = 32768; // groups up to this size are done whole by one thread
+
+#if defined(__GNUC__)
+typedef float Lanes8 __attribute__((vector_size(32)));
+#else
+struct Lanes8 {
+  float v[8];
+  Lanes8& operator+=(const Lanes8& o) {
+    for (int l = 0; l < 8; ++l) v[l] += o.v[l];
+    return *this;
+  }
+};
+#endif
+
+struct Lanes {
+  Lanes8 lo{}, hi{};
+  SK_INLINE void add(const float* p) {
+    Lanes8 a, b;
+    std::memcpy(&a, p, sizeof a);
+    std::memcpy(&b, p + 8, sizeof b);
+    lo += a;
+    hi += b;
+  }
+  SK_INLINE double sum() const {
+    float f[kLanes];
+    std::memcpy(f, &lo, sizeof lo);
+    std::memcpy(f + 8, &hi, sizeof hi);
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += f[l];
+    return s;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Moments: count, mean, sum of squared deviations; merged with Chan et al.'s formula.
+
+struct Moments {
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+};
+
+SK_INLINE Moments merge(const Moments& a, const Moments& b) {
+  if (a.n == 0.0) return b;
+  if (b.n == 0.0) return a;
+  const double n = a.n + b.n;
+  const double d = b.mean - a.mean;
+  return {n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * b.n / n)};
+}
+
+// Unbiased std rounded to fp32 (NaN for n < 2, as torch.std).
+SK_INLINE float sigma_of(const Moments& m) { return float(std::sqrt(m.m2 / (m.n - 1.0))); }
+
+template <class S>
+Moments block_moments_f64(const typename S::raw* x, int64_t len) {
+  double s = 0.0;
+  for (int64_t j = 0; j < len; ++j) s += S::load(x[j]);
+  const double mean = s / double(len);
+  double q = 0.0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double d = double(S::load(x[j])) - mean;
+    q += d * d;
+  }
+  return {double(len), mean, q};
+}
+
+// Moments of len <= kBlock elements (in cache after the first read).
+template <class S>
+SK_INLINE Moments block_moments(const typename S::raw* x, int64_t len) {
+  Lanes ls;
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    alignas(64) float v[kLanes];
+    SK_SIMD for (int l = 0; l < kLanes; ++l) v[l] = S::load(x[j + l]);
+    ls.add(v);
+  }
+  double sum = ls.sum();
+  for (int64_t i = j; i < len; ++i) sum += S::load(x[i]);
+  const float m = float(sum / double(len));
+  Lanes ld, lq;
+  for (j = 0; j + kLanes <= len; j += kLanes) {
+    alignas(64) float d[kLanes];
+    alignas(64) float q[kLanes];
+    SK_SIMD for (int l = 0; l < kLanes; ++l) {
+      d[l] = S::load(x[j + l]) - m;
+      q[l] = d[l] * d[l];
+    }
+    ld.add(d);
+    lq.add(q);
+  }
+  double sd = ld.sum(), sq = lq.sum();
+  for (int64_t i = j; i < len; ++i) {
+    const float d = S::load(x[i]) - m;
+    sd += d;
+    sq += d * d;
+  }
+  if (!std::isfinite(sum) || !std::isfinite(sq)) return block_moments_f64<S>(x, len);  // overflow or NaN/inf
+  const double m2 = sq - sd * sd / double(len);
+  return {double(len), double(m) + sd / double(len), m2 < 0.0 ? 0.0 : m2};
+}
+
+template <class S>
+SK_CLONES Moments range_moments(const typename S::raw* x, int64_t len) {
+  Moments acc;
+  for (int64_t b = 0; b < len; b += kBlock) acc = merge(acc, block_moments<S>(x + b, std::min(kBlock, len - b)));
+  return acc;
+}
+
+// Σ over [0, len) of grad·w where |w| <= b (pruned), fp32 lanes per block, blocks in double.
+template <class S>
+SK_CLONES double pruned_dot(const typename S::raw* g, const typename S::raw* w, int64_t len, float b) {
+  double acc = 0.0;
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, len - b0);
+    const typename S::raw* gp = g + b0;
+    const typename S::raw* wp = w + b0;
+    Lanes ls;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      alignas(64) float v[kLanes];
+      SK_SIMD for (int l = 0; l < kLanes; ++l) {
+        const float x = S::load(wp[j + l]);
+        v[l] = std::fabs(x) > b ? 0.f : S::load(gp[j + l]) * x;
+      }
+      ls.add(v);
+    }
+    double s = ls.sum();
+    for (; j < n; ++j) {
+      const float x = S::load(wp[j]);
+      s += std::fabs(x) > b ? 0.f : S::load(gp[j]) * x;
+    }
+    acc += s;
+  }
+  return acc;
+}
+
+template <class S>
+SK_CLONES void mask_leaf(const typename S::raw* w, typename S::raw* out, int64_t len, float b) {
+  SK_SIMD for (int64_t j = 0; j < len; ++j) {
+    const float x = S::load(w[j]);
+    out[j] = S::store(x * float(std::fabs(x) > b));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers.
+
+// A fresh output shaped like x; large ones ask for transparent huge pages (as threshold.cpp:
+// first-touch page faults otherwise cost more than the kernel; SPARSEKERN_THP=0 disables).
+at::Tensor new_output(const at::Tensor& x) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("SPARSEKERN_THP");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t nbytes = out.nbytes();
+  if (enabled && nbytes >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (p + nbytes) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
+  }
+#endif
+  return out;
+}
+
+template <class F>
+void dispatch_storage(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: return f(F32{});
+    case at::kHalf: return f(F16{});
+    case at::kBFloat16: return f(BF16{});
+    default: TORCH_CHECK(false, "sparsekern: unsupported dtype ", st);
+  }
+}
+
+template <class S>
+const typename S::raw* cptr(const at::Tensor& x) {
+  return static_cast<const typename S::raw*>(x.const_data_ptr());
+}
+
+bool is_float_storage(const at::Tensor& x) {
+  const auto st = x.scalar_type();
+  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+}
+
+// A reduction tile: elements [off, off + len) of source `src` (tensor or group).
+struct Tile {
+  int64_t src, off, len;
+};
+
+// Tiles of at most kTile elements over sources of the given sizes, in source order.
+std::vector<Tile> make_tiles(const std::vector<int64_t>& sizes) {
+  std::vector<Tile> tiles;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    for (int64_t off = 0; off < sizes[i]; off += kTile) tiles.push_back({int64_t(i), off, std::min(kTile, sizes[i] - off)});
+  }
+  return tiles;
+}
+
+// f(tile_index) for every tile, the tiles split among threads into contiguous runs of about
+// equal element counts (tiles differ in size when sources do).
+template <class F>
+void for_tiles(const std::vector<Tile>& tiles, F&& f) {
+  std::vector<int64_t> start(tiles.size() + 1, 0);
+  for (size_t i = 0; i < tiles.size(); ++i) start[i + 1] = start[i] + tiles[i].len;
+  const int64_t total = start.back();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kGrain));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      // tiles whose first element lies in [total·p/parts, total·(p+1)/parts)
+      const int64_t lo = total * p / parts, hi = total * (p + 1) / parts;
+      auto first = std::lower_bound(start.begin(), start.end() - 1, lo) - start.begin();
+      auto last = std::lower_bound(start.begin(), start.end() - 1, hi) - start.begin();
+      for (auto t = first; t < last; ++t) f(t);
+    }
+  });
+}
+
+// Per-source moments from per-tile moments, merged in tile order.
+std::vector<Moments> merge_tiles(const std::vector<Tile>& tiles, const std::vector<Moments>& part, size_t sources) {
+  std::vector<Moments> out(sources);
+  for (size_t t = 0; t < tiles.size(); ++t) out[tiles[t].src] = merge(out[tiles[t].src], part[t]);
+  return out;
+}
+
+at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> gaussian_bounds(at::TensorList tensors, at::ArrayRef<double> multipliers) {
+  const size_t L = tensors.size();
+  TORCH_CHECK(multipliers.size() == L, "gaussian_bounds: ", multipliers.size(), " multipliers for ", L, " tensors");
+  std::vector<at::Tensor> hold;
+  std::vector<int64_t> sizes;
+  for (size_t i = 0; i < L; ++i) {
+    TORCH_CHECK(tensors[i].device().is_cpu() && is_float_storage(tensors[i]), "gaussian_bounds: tensors[", i,
+                "] must be a CPU float32, float16 or bfloat16 tensor");
+    TORCH_CHECK(tensors[i].numel() > 0, "gaussian_bounds: tensors[", i, "] is empty");
+    TORCH_CHECK(multipliers[i] >= 0.0, "gaussian_bounds: multipliers[", i, "] must be >= 0");
+    hold.push_back(dense(tensors[i]));
+    sizes.push_back(tensors[i].numel());
+  }
+  const std::vector<Tile> tiles = make_tiles(sizes);
+  std::vector<Moments> part(tiles.size());
+  for_tiles(tiles, [&](int64_t t) {
+    const Tile& tl = tiles[t];
+    dispatch_storage(hold[tl.src].scalar_type(), [&](auto s) {
+      using S = decltype(s);
+      part[t] = range_moments<S>(cptr<S>(hold[tl.src]) + tl.off, tl.len);
+    });
+  });
+  const std::vector<Moments> mom = merge_tiles(tiles, part, L);
+  at::Tensor bounds = at::empty({int64_t(L)}, at::kFloat);
+  float* out = bounds.data_ptr<float>();
+  int64_t nan_index = -1;
+  for (size_t i = 0; i < L; ++i) {
+    const float sigma = sigma_of(mom[i]);
+    if (std::isnan(sigma) && nan_index < 0) nan_index = int64_t(i);
+    const double c = multipliers[i];
+    out[i] = std::isinf(c) && !std::isnan(sigma) ? std::numeric_limits<float>::infinity()
+                                                   : float(double(sigma) * c);
+  }
+  return {bounds, at::scalar_tensor(nan_index, at::kLong)};
+}
+
+struct Groups {
+  int64_t n, count, len;  // elements, groups, elements per group
+};
+
+Groups check_asl(const at::Tensor& w, const at::Tensor& r, const char* fn) {
+  TORCH_CHECK(w.device().is_cpu() && r.device().is_cpu(), fn, ": expected CPU tensors");
+  TORCH_CHECK(is_float_storage(w), fn, ": w must be float32, float16 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), fn, ": w must be contiguous");
+  TORCH_CHECK(r.scalar_type() == at::kFloat && r.dim() == 1 && r.is_contiguous(), fn,
+              ": r must be a contiguous 1-D float32 tensor, got ", r.scalar_type(), " of shape ", r.sizes());
+  const int64_t k = w.dim() > 0 ? w.size(0) : 1;
+  TORCH_CHECK(r.numel() == 1 || r.numel() == k, fn, ": r has ", r.numel(), " elements; expected 1 or ", k);
+  const int64_t n = w.numel();
+  const int64_t count = r.numel();
+  return {n, count, count > 0 ? n / count : 0};
+}
+
+// b_g = fp32(clamp(r, 0, 5)·σ) + 1e-6f, as the reference computes it.
+SK_INLINE float bound_of(float r, float sigma) {
+  const float rc = r < 0.f ? 0.f : (r > 5.f ? 5.f : r);
+  return rc * sigma + 1e-6f;
+}
+
+// Whole groups per task when they fit in cache and there are enough of them.
+bool whole_groups(const Groups& g) { return g.count > 1 && g.len <= kCachedRow && g.count >= 4 * at::get_num_threads(); }
+
+// Bounds of every group via parallel tiles (used when groups are not done whole).
+template <class S>
+std::vector<float> group_bounds(const at::Tensor& w, const float* r, const Groups& g, std::vector<Tile>& tiles) {
+  tiles = make_tiles(std::vector<int64_t>(g.count, g.len));
+  std::vector<Moments> part(tiles.size());
+  const auto* wp = cptr<S>(w);
+  for_tiles(tiles, [&](int64_t t) {
+    part[t] = range_moments<S>(wp + tiles[t].src * g.len + tiles[t].off, tiles[t].len);
+  });
+  const std::vector<Moments> mom = merge_tiles(tiles, part, g.count);
+  std::vector<float> b(g.count);
+  for (int64_t i = 0; i < g.count; ++i) b[i] = bound_of(r[i], sigma_of(mom[i]));
+  return b;
+}
+
+at::Tensor asl_fwd(const at::Tensor& w, const at::Tensor& r) {
+  const Groups g = check_asl(w, r, "asl_fwd");
+  at::Tensor out = new_output(w);
+  if (g.n == 0) return out;
+  const float* rp = r.const_data_ptr<float>();
+  dispatch_storage(w.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    const auto* wp = cptr<S>(w);
+    auto* op = static_cast<typename S::raw*>(out.mutable_data_ptr());
+    if (whole_groups(g)) {
+      at::parallel_for(0, g.count, std::max<int64_t>(1, kGrain / g.len), [&](int64_t g0, int64_t g1) {
+        for (int64_t i = g0; i < g1; ++i) {
+          const float b = bound_of(rp[i], sigma_of(range_moments<S>(wp + i * g.len, g.len)));
+          mask_leaf<S>(wp + i * g.len, op + i * g.len, g.len, b);
+        }
+      });
+      return;
+    }
+    std::vector<Tile> tiles;
+    const std::vector<float> b = group_bounds<S>(w, rp, g, tiles);
+    at::parallel_for(0, g.n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end;) {  // runs of one group
+        const int64_t grp = j / g.len;
+        const int64_t stop = std::min(end, (grp + 1) * g.len);
+        mask_leaf<S>(wp + j, op + j, stop - j, b[grp]);
+        j = stop;
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor asl_bwd(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& r) {
+  const Groups g = check_asl(w, r, "asl_bwd");
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == w.scalar_type() && grad.sizes() == w.sizes() &&
+                  grad.is_contiguous(),
+              "asl_bwd: grad must be a contiguous CPU tensor with w's shape and dtype");
+  at::Tensor grad_r = at::zeros({g.count}, at::kFloat);
+  if (g.n == 0) return grad_r;
+  const float* rp = r.const_data_ptr<float>();
+  float* gr = grad_r.data_ptr<float>();
+  // -(Σ_pruned grad·w) / r inside the clamp's open interval, else 0
+  auto finish = [&](int64_t i, double dot) {
+    const float ri = rp[i];
+    gr[i] = ri > 0.f && ri < 5.f ? float(-dot / double(ri)) : 0.f;
+  };
+  dispatch_storage(w.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    const auto* wp = cptr<S>(w);
+    const auto* gp = cptr<S>(grad);
+    if (whole_groups(g)) {
+      at::parallel_for(0, g.count, std::max<int64_t>(1, kGrain / g.len), [&](int64_t g0, int64_t g1) {
+        for (int64_t i = g0; i < g1; ++i) {
+          const float b = bound_of(rp[i], sigma_of(range_moments<S>(wp + i * g.len, g.len)));
+          finish(i, pruned_dot<S>(gp + i * g.len, wp + i * g.len, g.len, b));
+        }
+      });
+      return;
+    }
+    std::vector<Tile> tiles;
+    const std::vector<float> b = group_bounds<S>(w, rp, g, tiles);
+    std::vector<double> part(tiles.size());
+    for_tiles(tiles, [&](int64_t t) {
+      const int64_t off = tiles[t].src * g.len + tiles[t].off;
+      part[t] = pruned_dot<S>(gp + off, wp + off, tiles[t].len, b[tiles[t].src]);
+    });
+    std::vector<double> dot(g.count, 0.0);
+    for (size_t t = 0; t < tiles.size(); ++t) dot[tiles[t].src] += part[t];
+    for (int64_t i = 0; i < g.count; ++i) finish(i, dot[i]);
+  });
+  return grad_r;
+}
+
+}  // namespace bound
+}  // namespace cpu
+}  // namespace sparsekern
+
+TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
+  m.def("gaussian_bounds(Tensor[] tensors, float[] multipliers) -> (Tensor, Tensor)");
+  m.def("asl_fwd(Tensor w, Tensor r) -> Tensor");
+  m.def("asl_bwd(Tensor grad, Tensor w, Tensor r) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
+  m.impl("gaussian_bounds", &sparsekern::cpu::bound::gaussian_bounds);
+  m.impl("asl_fwd", &sparsekern::cpu::bound::asl_fwd);
+  m.impl("asl_bwd", &sparsekern::cpu::bound::asl_bwd);
+}
