@@ -362,3 +362,122 @@ def asl_threshold(w, r):
     """
     return _ASLThreshold.apply(w, torch.as_tensor(r, dtype=torch.float32, device=w.device)
                                if not isinstance(r, torch.Tensor) else r)
+
+
+# --- SPEC §5: structured masks (STARFIRE, N:M) -------------------------------------------------
+
+def spec_round(x):
+    """SPEC §5 ``round``: ``floor(x + 0.5)`` (halves round up)."""
+    return math.floor(x + 0.5)
+
+
+def keep_top(scores, keep):
+    """Bool mask keeping the ``keep`` largest of each row of ``scores`` ``[G, n]``.
+
+    Equal scores: lower index kept first (stable descending sort); NaN counts as the largest.
+    """
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    return kept.scatter_(-1, order[:, :keep], True)
+
+
+def nm_mask(w, n, m):
+    """N:M mask (SPEC §5): keep the ``n`` largest |w| of every ``m`` consecutive weights along
+    dim 1 (``in`` of ``[out, in]``; ``C`` of ``[K, C, R, S]`` at each fixed ``(k, r, s)``)."""
+    a = w.detach().float().abs()
+    k, c = a.shape[0], a.shape[1]
+    g = a.reshape(k, c // m, m, -1).permute(0, 1, 3, 2)  # [K, C/m, inner, m]
+    kept = keep_top(g.reshape(-1, m), n).reshape(g.shape)
+    return kept.permute(0, 1, 3, 2).reshape(w.shape)
+
+
+def window_keep(rs, sparsity, max_nonzero=None):
+    keep = rs - spec_round(rs * sparsity)
+    return keep if max_nonzero is None else min(keep, max_nonzero)
+
+
+def window_mask(w, sparsity, max_nonzero=None):
+    """Window mask (SPEC §5) of ``w`` ``[K, C, R, S]``: in every ``R×S`` kernel keep the
+    ``RS − round(RS·s)`` largest |w| (at most ``max_nonzero``)."""
+    k, c, r, s = w.shape
+    a = w.detach().float().abs().reshape(k * c, r * s)
+    return keep_top(a, window_keep(r * s, sparsity, max_nonzero)).reshape(w.shape)
+
+
+def ck_mask(w, sparsity, group="in"):
+    """CK mask (SPEC §5, paper Alg. 1) of ``w`` ``[K, C, R, S]``: kernel score ``max |w|`` over
+    ``R×S``; per input channel (``"in"``: its ``K`` kernels) or per output filter (``"out"``:
+    its ``C`` kernels) prune the ``round(n·s)`` lowest-scoring kernels whole."""
+    k, c = w.shape[:2]
+    score = w.detach().float().abs().reshape(k, c, -1).amax(-1)  # [K, C]
+    if group == "in":
+        kept = keep_top(score.t(), k - spec_round(k * sparsity)).t()
+    else:
+        kept = keep_top(score, c - spec_round(c * sparsity))
+    return kept[:, :, None, None].expand(w.shape).clone()
+
+
+def intra_ck_sparsity(rs, sparsity, window_fraction):
+    """CK sparsity of :func:`intra_mask`: ``1 − (1 − s)/d_w`` (clamped to [0, 1]) where
+    ``d_w = (RS − round(RS·f·s))/RS`` is the window step's actual density; 0 if ``d_w = 0``."""
+    d_w = window_keep(rs, window_fraction * sparsity) / rs
+    return min(max(1.0 - (1.0 - sparsity) / d_w, 0.0), 1.0) if d_w > 0 else 0.0
+
+
+def intra_mask(w, sparsity, window_fraction=0.5, group="in"):
+    """Intra-epoch mask (SPEC §5): window mask at ``f·s``, then CK on the window-masked weights
+    at :func:`intra_ck_sparsity`, combined with AND (total density ≈ ``1 − s``)."""
+    wm = window_mask(w, window_fraction * sparsity)
+    s_ck = intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
+    return wm & ck_mask(masked_weight(w.detach(), wm), s_ck, group)
+
+
+def block_scores(w, block):
+    """Σ|w| of each ``block×block`` block of ``w`` ``[out, in]``: fp32 ``[⌈out/b⌉, ⌈in/b⌉]``.
+
+    Edge blocks are partial (sums over their elements). Summed in fp32 in row-major order of
+    the block's elements (the kernels' order, so scores agree bit for bit).
+    """
+    o, i = w.shape
+    a = w.detach().float().abs()
+    a = torch.nn.functional.pad(a, (0, -i % block, 0, -o % block))
+    a = a.reshape(a.shape[0] // block, block, a.shape[1] // block, block)
+    total = torch.zeros(a.shape[0], a.shape[2], dtype=torch.float32, device=w.device)
+    for r in range(block):
+        for c in range(block):
+            total = total + a[:, r, :, c]
+    return total
+
+
+def block_mask(w, block, sparsity):
+    """Block FC mask (SPEC §5) of ``w`` ``[out, in]``: prune the ``round(nb·s)`` lowest-Σ|w|
+    blocks of ``nb``; then every block row with no kept block gets its best block back (so
+    every output row keeps at least one weight)."""
+    nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
+    return block_mask_keep(w, block, nb - spec_round(nb * sparsity))
+
+
+def block_mask_keep(w, block, keep):
+    """:func:`block_mask` keeping the ``keep`` best blocks (before the row rule)."""
+    score = block_scores(w, block)
+    kept = keep_top(score.reshape(1, -1), keep).reshape(score.shape)
+    empty = ~kept.any(1)
+    best = score.argmax(1)  # first maximal block of each block row
+    kept[empty, best[empty]] = True
+    full = kept.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return full[: w.shape[0], : w.shape[1]].contiguous()
+
+
+def prune_fc_inputs(conv, fc_weight):
+    """FC input mask (SPEC §5): ``[out, in]`` bool, False on the inputs fed by dead conv output
+    channels (all kernels zero in ``conv``, a ``[K, C, R, S]`` weight or mask). Inputs follow
+    ``flatten`` of ``[N, K, H, W]``: input ``j`` comes from channel ``j // (in / K)``."""
+    k = conv.shape[0]
+    alive = (conv.detach().reshape(k, -1) != 0).any(1)
+    cols = alive.repeat_interleave(fc_weight.shape[1] // k)
+    return cols[None, :].expand(fc_weight.shape).clone()
+
+
+def masked_weight(w, mask):
+    """``w`` where ``mask`` else 0 (SPEC §5); autograd gives ``grad·mask`` (pruned: exactly 0)."""
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))

@@ -1,0 +1,243 @@
+"""Masks family (SPEC §5): N:M, window, CK, intra and FC block masks; the masked weight.
+
+Masks are bool tensors shaped like ``w``, scored by fp32 ``|w|``; equal magnitudes keep the lower
+flat index first (deterministic), NaN ranks above every number. The ops turn sparsities into
+counts with SPEC §5's ``round(x) = floor(x + 0.5)``; the kernels (C++ on CPU, Triton on CUDA,
+the reference as fallback) only select, with one contract:
+
+    nm_mask(w, n, m)                    w [K, C, *]: n best of each m consecutive c at fixed (k, *)
+    kernel_mask(w, window_keep, ck_keep, by_out)
+                                        w [K, C, R, S]: window_keep best per R×S kernel, then the
+                                        ck_keep best kernels (score: max kept |w|) per input
+                                        channel (by_out: per output filter); AND of both
+    block_mask(w, block, keep)          w [O, I]: keep best Σ|w| blocks, + best block of empty rows
+    masked_fwd(w, mask)                 w where mask else 0
+
+All take contiguous ``w``; masks are not differentiable (no autograd); ``masked_weight`` is.
+"""
+import math
+import warnings
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from .. import _ext, reference
+from ._common import check_number, check_weight, define_op, kernels, register_c_fakes
+
+
+def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
+    k, c, r, s = w.shape
+    a = w.float().abs().reshape(k * c, r * s)
+    wm = reference.keep_top(a, window_keep)
+    score = torch.where(wm, a, 0.0).amax(1).reshape(k, c)
+    alive = reference.keep_top(score, ck_keep) if by_out else reference.keep_top(score.t(), ck_keep).t()
+    return (wm.reshape(k, c, r * s) & alive[:, :, None]).reshape(w.shape)
+
+
+#: The kernel contract implemented by ``sparsekern.reference`` (CPU without the C++ library).
+REFERENCE_KERNELS = SimpleNamespace(
+    nm_mask=reference.nm_mask,
+    kernel_mask=_ref_kernel_mask,
+    block_mask=reference.block_mask_keep,
+    masked_fwd=reference.masked_weight,
+)
+
+#: The loaded C++ library has the masks kernels (a stale build may not: then the reference).
+HAS_C = _ext.LOADED and hasattr(torch.ops.sparsekern_C, "kernel_mask")
+if _ext.LOADED and not HAS_C:
+    warnings.warn("sparsekern: the C++ library has no masks kernels (built before csrc/cpu/masks.cpp "
+                  "was added?); mask ops fall back to the eager reference on CPU. Rebuild with "
+                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+
+
+def _k(w):
+    k = kernels(w.device, "masks", REFERENCE_KERNELS)
+    return REFERENCE_KERNELS if k is torch.ops.sparsekern_C and not HAS_C else k
+
+
+def _bool_like(w, *args):
+    return torch.empty(w.shape, dtype=torch.bool, device=w.device)
+
+
+if HAS_C:
+    register_c_fakes({"nm_mask": _bool_like, "kernel_mask": _bool_like, "block_mask": _bool_like,
+                      "masked_fwd": lambda w, mask: torch.empty_like(w, memory_format=torch.contiguous_format)})
+
+
+def _window_keep(w, sparsity, max_nonzero=None):
+    rs = w.shape[2] * w.shape[3]
+    return reference.window_keep(rs, sparsity, max_nonzero)
+
+
+def _ck_keep(w, sparsity, group):
+    g = w.shape[1] if group == "out" else w.shape[0]
+    return g - reference.spec_round(g * sparsity)
+
+
+# --- raw ops ------------------------------------------------------------------------------------
+
+@define_op("nm_mask")
+def _nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    return _k(w).nm_mask(w.contiguous(), n, m)
+
+
+@define_op("window_mask")
+def _window(w: torch.Tensor, sparsity: float, max_nonzero: Optional[int]) -> torch.Tensor:
+    return _k(w).kernel_mask(w.contiguous(), _window_keep(w, sparsity, max_nonzero), w.shape[0], False)
+
+
+@define_op("ck_mask")
+def _ck(w: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
+    rs = w.shape[2] * w.shape[3]
+    return _k(w).kernel_mask(w.contiguous(), rs, _ck_keep(w, sparsity, group), group == "out")
+
+
+@define_op("intra_mask")
+def _intra(w: torch.Tensor, sparsity: float, window_fraction: float, group: str) -> torch.Tensor:
+    s_ck = reference.intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
+    return _k(w).kernel_mask(w.contiguous(), _window_keep(w, window_fraction * sparsity),
+                             _ck_keep(w, s_ck, group), group == "out")
+
+
+@define_op("block_mask")
+def _block(w: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
+    nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
+    return _k(w).block_mask(w.contiguous(), block, nb - reference.spec_round(nb * sparsity))
+
+
+@define_op("prune_fc_inputs")
+def _fc_inputs(conv: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    return reference.prune_fc_inputs(conv, fc_weight)
+
+
+@define_op("masked_weight")
+def _masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _k(w).masked_fwd(w.contiguous(), mask.contiguous())
+
+
+def _masked_backward(ctx, grad):
+    return _masked(grad, ctx.mask), None
+
+
+def _masked_setup(ctx, inputs, output):
+    ctx.mask = inputs[1]
+
+
+_masked.register_autograd(_masked_backward, setup_context=_masked_setup)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _check_int(x, name, lo, hi=math.inf):
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
+    return x
+
+
+def _check_dim(w, dims, what):
+    if w.dim() not in dims:
+        raise ValueError(f"w must be {what}, got shape {tuple(w.shape)}")
+
+
+def _check_conv(w, sparsity):
+    check_weight(w)
+    _check_dim(w, (4,), "a 4-D conv weight [K, C, R, S]")
+    return check_number(sparsity, "sparsity", 0.0, 1.0)
+
+
+def _check_group(group):
+    if group not in ("in", "out"):
+        raise ValueError(f"group must be 'in' or 'out', got {group!r}")
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+def nm_mask(w, n, m):
+    """N:M mask (SPEC §5): keep the ``n`` largest |w| of every ``m`` consecutive weights along
+    the reduction dim 1 — ``in`` of a Linear ``[out, in]``; ``C`` of a conv ``[K, C, R, S]`` at each
+    fixed ``(k, r, s)`` (channels-last groups, as sparse tensor cores need). ``0 ≤ n ≤ m``
+    (``n = m`` keeps everything); ``w.shape[1] % m != 0`` is a ValueError. Bool, w's shape."""
+    check_weight(w)
+    if w.dim() < 2:
+        raise ValueError(f"w must have a reduction dim 1 (Linear [out, in] or conv [K, C, ...]), "
+                         f"got shape {tuple(w.shape)}")
+    m = _check_int(m, "m", 1)
+    n = _check_int(n, "n", 0, m)
+    if w.shape[1] % m:
+        raise ValueError(f"m={m} must divide the reduction size w.shape[1]={w.shape[1]}")
+    return _nm(w, n, m)
+
+
+def window_mask(w, sparsity, max_nonzero=None):
+    """Window mask (SPEC §5) of a conv weight ``[K, C, R, S]``: in every ``R×S`` kernel keep the
+    ``RS − round(RS·s)`` largest |w|, at most ``max_nonzero`` (int ≥ 0) when given."""
+    sparsity = _check_conv(w, sparsity)
+    if max_nonzero is not None:
+        _check_int(max_nonzero, "max_nonzero", 0)
+    return _window(w, sparsity, max_nonzero)
+
+
+def ck_mask(w, sparsity, group="in"):
+    """CK mask (SPEC §5) of ``[K, C, R, S]``: whole kernels, scored by their max |w|. ``"in"``
+    (paper's Algorithm 1): for each input channel prune the ``round(K·s)`` lowest of its ``K``
+    kernels; ``"out"``: for each output filter, of its ``C`` kernels. Never a partial kernel."""
+    sparsity = _check_conv(w, sparsity)
+    _check_group(group)
+    return _ck(w, sparsity, group)
+
+
+def intra_mask(w, sparsity, window_fraction=0.5, group="in"):
+    """Intra-epoch mask (SPEC §5) of ``[K, C, R, S]``: window mask at ``f·s`` AND CK mask of the
+    window-masked weights at ``1 − (1 − s)/d_w`` (``d_w = (RS − round(RS·f·s))/RS``, the window
+    density actually reached; clamped to [0, 1]), so the density is ≈ ``1 − s`` up to the
+    rounding of ``round(K·s_ck)``. The CK scores equal plain CK's (the window keeps each max)."""
+    sparsity = _check_conv(w, sparsity)
+    window_fraction = check_number(window_fraction, "window_fraction", 0.0, 1.0)
+    _check_group(group)
+    return _intra(w, sparsity, window_fraction, group)
+
+
+def block_mask(w, block, sparsity):
+    """Block mask (SPEC §5) of a Linear weight ``[out, in]``: ``block×block`` blocks (``1 ≤ block
+    ≤ 4``; edge blocks are partial, scored over their own elements) by ``Σ|w|`` (fp32, row-major
+    within the block); the ``round(nb·s)`` lowest of the ``nb`` blocks are pruned, equal scores
+    pruning the higher block index first. Then every block row left empty gets its best block
+    back, so every output row keeps at least one weight (the sparsity may end below ``s``)."""
+    check_weight(w)
+    _check_dim(w, (2,), "a 2-D Linear weight [out, in]")
+    block = _check_int(block, "block", 1, 4)
+    sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
+    if w.numel() == 0:
+        return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    return _block(w, block, sparsity)
+
+
+def prune_fc_inputs(conv, fc_weight):
+    """FC input mask (SPEC §5): bool ``[out, in]`` for ``fc_weight``, False on every input fed by a
+    dead output channel of ``conv`` (``[K, C, R, S]`` weight or mask; dead = all its kernels
+    zero). Inputs are ``flatten`` of the conv output ``[N, K, H, W]`` (channel-major): input ``j``
+    comes from channel ``j // (in / K)``; with a global pool in between ``in = K``."""
+    if not isinstance(conv, torch.Tensor) or conv.dim() != 4:
+        raise ValueError("conv must be a 4-D conv weight or mask [K, C, R, S]")
+    check_weight(fc_weight, "fc_weight")
+    if fc_weight.dim() != 2:
+        raise ValueError(f"fc_weight must be 2-D [out, in], got shape {tuple(fc_weight.shape)}")
+    if conv.shape[0] == 0 or fc_weight.shape[1] % conv.shape[0]:
+        raise ValueError(f"fc_weight's in={fc_weight.shape[1]} must be a multiple of the conv's "
+                         f"K={conv.shape[0]} output channels (flatten of [N, K, H, W])")
+    return _fc_inputs(conv, fc_weight)
+
+
+def masked_weight(w, mask):
+    """``w`` where ``mask`` else 0 (SPEC §5), fused; backward ``grad`` where ``mask`` else 0, so a
+    pruned weight gets exactly zero gradient (no straight-through). mask: bool, w's shape."""
+    check_weight(w)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != w.shape or mask.device != w.device:
+        raise ValueError(f"mask {tuple(mask.shape)} on {mask.device} must match w {tuple(w.shape)} "
+                         f"on {w.device}")
+    return _masked(w, mask)
