@@ -9,7 +9,7 @@ from torch import Tensor, nn
 import sparsekern as sk
 
 from .losses import AdaptiveSparsityLoss, erf_sparsity
-from .methods import ASL, MagnitudeMethod, Method, method_class
+from .methods import ASL, MagnitudeMethod, MaskMethod, Method, method_class
 from .nn import SPARSE_LAYERS, SparseLayer
 
 
@@ -48,6 +48,25 @@ class CubicSchedule:
     def __repr__(self) -> str:
         return (f"CubicSchedule(start_step={self.start_step}, end_step={self.end_step}, "
                 f"final_sparsity={self.final_sparsity}, initial_sparsity={self.initial_sparsity})")
+
+
+class LinearSchedule(CubicSchedule):
+    """Linear ramp: ``s(t) = s_i + (s_f − s_i)·(t − t0)/(t1 − t0)`` for ``t0 ≤ t ≤ t1``, ``s_i``
+    before, ``s_f`` after (STARFIRE's ``ramp="linear"``, SPEC §5)."""
+
+    def __call__(self, step: int) -> float:
+        if step <= self.start_step:
+            return self.initial_sparsity
+        if step >= self.end_step:
+            return self.final_sparsity
+        frac = (step - self.start_step) / (self.end_step - self.start_step)
+        return self.initial_sparsity + (self.final_sparsity - self.initial_sparsity) * frac
+
+    def __repr__(self) -> str:
+        return "Linear" + super().__repr__().removeprefix("Cubic")
+
+
+_RAMPS = {"cubic": CubicSchedule, "linear": LinearSchedule}
 
 
 def _check_scope(scope: str | None, method: Method) -> str | None:
@@ -95,8 +114,8 @@ class Sparsifier:
 
     def target(self, step: int | None = None) -> float | None:
         """Target sparsity at ``step`` (default: now); ASL: the requested sparsity (``sparsify``'s
-        ``sparsity``); None for STR, which learns it."""
-        if not isinstance(self.method, MagnitudeMethod):
+        ``sparsity``); None for STR, which learns it. STARFIRE/N:M: the ramp over the pruning era."""
+        if not isinstance(self.method, (MagnitudeMethod, MaskMethod)):
             return self.final_sparsity
         step = self.step_count if step is None else step
         if self.schedule is None:
@@ -107,7 +126,9 @@ class Sparsifier:
         """Advance one optimizer step and recompute the thresholds from the updated weights:
         one selection call over all layers, results copied into the ``threshold`` buffers on
         the weights' device. No host sync, so on accelerators a NaN weight is not raised here:
-        it makes the thresholds NaN (on CPU: ``FloatingPointError`` naming its index in ``layers``)."""
+        it makes the thresholds NaN (on CPU: ``FloatingPointError`` naming its index in ``layers``).
+        STARFIRE/N:M (``MaskMethod.update``): masks rebuilt in the era, frozen after it, pruned
+        weights zeroed in place (so call it after every ``optimizer.step()``)."""
         if self._finalized:
             raise RuntimeError("Sparsifier.step() after finalize()")
         self.step_count += 1
@@ -115,6 +136,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update(self) -> None:
+        if isinstance(self.method, MaskMethod):
+            self.method.update(list(self.layers.values()), self.step_count, self.target())
+            return
         if not isinstance(self.method, MagnitudeMethod):
             return
         layers = list(self.layers.values())
@@ -224,16 +248,21 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     """Swap every ``nn.Conv2d``/``nn.Linear`` of ``model`` (exact types; subclasses are left
     alone) in place for its sparse layer, and return the ``Sparsifier`` that drives them.
 
-    method: ``"str"``, ``"st3"``, ``"st3_sigma"``, ``"feather"``, ``"gmp"``, ``"asl"`` (SPEC
-      §1–4, §6); ``options`` go to it (STR: s_init, activation, granularity; ST-3/ST-3σ: rescale;
-      Feather: p, theta — None = authors' rule; ASL: r_init, granularity and the loss: loss
-      (``"budget"``, ``"hinge"``, ``"avg"``, ``"wavg"``), contribution, param_budget, flop_budget,
-      lam, lam_params, lam_flops, input_size — see ``methods.ASL``, ``AdaptiveSparsityLoss``).
+    method: ``"str"``, ``"st3"``, ``"st3_sigma"``, ``"feather"``, ``"gmp"``, ``"asl"``,
+      ``"starfire"``, ``"nm"`` (SPEC §1–6); ``options`` go to it (STR: s_init, activation,
+      granularity; ST-3/ST-3σ: rescale; Feather: p, theta — None = authors' rule; ASL: r_init,
+      granularity and the loss: loss (``"budget"``, ``"hinge"``, ``"avg"``, ``"wavg"``),
+      contribution, param_budget, flop_budget, lam, lam_params, lam_flops, input_size — see
+      ``methods.ASL``, ``AdaptiveSparsityLoss``; STARFIRE: era=(start_step, end_step) (required),
+      ramp (``"cubic"``, ``"linear"``), conv3x3 (``"intra"``, ``"window"``, ``"ck"``), fc
+      (``"fine"``, ``"block"``), block, window_fraction, max_nonzero, ck_group — see
+      ``methods.Starfire``; N:M: n, m, era, ramp — ``methods.NM``, whose sparsity is ``1 − n/m``).
     sparsity: final target in [0, 1] (ignored, with a warning, by the learned method ``str``).
       ASL: ``r`` starts at ``√2·erfinv(0.6·sparsity)``, and the budget losses default to the
       parameter density budget ``1 − sparsity``; the attained sparsity is learned around it.
     schedule: callable step → target sparsity, e.g. ``CubicSchedule``; None = ``sparsity`` from
-      step 0. Magnitude methods need ``sparsity`` or ``schedule``.
+      step 0. Magnitude methods need ``sparsity`` or ``schedule``. STARFIRE and N:M ramp over their
+      ``era`` instead (no ``schedule``/``scope``).
     exclude: module names (a name excludes its whole subtree) or a predicate ``(name, module) →
       bool``, e.g. ``lambda n, m: m.weight.numel() < 1000`` (ASL's authors skip layers with
       fewer than 1000 weights).
@@ -256,20 +285,26 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     if None not in (sparsity, scheduled_final) and sparsity != scheduled_final:
         raise ValueError(f"sparsity={sparsity} disagrees with schedule.final_sparsity={scheduled_final}")
     final = sparsity if sparsity is not None else scheduled_final
-    magnitude = issubclass(cls, MagnitudeMethod)
+    magnitude, masked = issubclass(cls, MagnitudeMethod), issubclass(cls, MaskMethod)
     if magnitude and sparsity is None and schedule is None:
         raise ValueError(f"method {method!r} needs a target: pass sparsity= or schedule=")
+    if masked and (schedule is not None or scope is not None):
+        raise ValueError(f"method {method!r} ramps over era=(start_step, end_step) with ramp='cubic'|'linear' "
+                         "and masks each layer on its own: schedule=/scope= do not apply")
     if issubclass(cls, ASL):  # learns per-layer sparsities; the target sets r's init and the default budget
         if schedule is not None or scope is not None:
             warnings.warn("method 'asl' learns per-layer sparsities under its loss; schedule/scope are ignored",
                           UserWarning, stacklevel=2)
         final, schedule, scope = sparsity, None, None
-    elif not magnitude and (sparsity is not None or schedule is not None or scope is not None):
+    elif not (magnitude or masked) and (sparsity is not None or schedule is not None or scope is not None):
         warnings.warn(f"method {method!r} learns its sparsity; sparsity/schedule/scope are ignored",
                       UserWarning, stacklevel=2)
         final, schedule, scope = None, None, None
     meth = cls.from_options(final, **options)
     scope = _check_scope(scope, meth)
+    if isinstance(meth, MaskMethod):
+        final = meth.final_sparsity
+        schedule = _RAMPS[meth.ramp](*meth.era, final)
 
     if type(model) in SPARSE_LAYERS:
         raise ValueError("model is itself a Conv2d/Linear and cannot be swapped in place; wrap it, "
@@ -285,6 +320,8 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     chosen = [(name, mod) for name, mod, excluded in found.values() if not excluded]
     if not chosen:
         raise ValueError("every nn.Conv2d/nn.Linear of the model is excluded")
+    if isinstance(meth, MaskMethod):
+        chosen = meth.select(chosen)
     # built before the swap: a bad loss option leaves the model untouched
     loss = meth.make_loss(model, dict(chosen)) if isinstance(meth, ASL) else None
     layers = {name: SPARSE_LAYERS[type(mod)].from_dense(mod, meth) for name, mod in chosen}

@@ -4,9 +4,10 @@ from .base import MagnitudeMethod, Method
 from .feather import Feather
 from .gmp import GMP
 from .st3 import ST3, ST3Sigma
+from .starfire import NM, MaskMethod, Starfire
 from .str_ import STR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, ST3Sigma, Feather, GMP, ASL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, ST3Sigma, Feather, GMP, ASL, Starfire, NM)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -26,5 +27,5 @@ def make_method(method: "str | Method", **options) -> Method:
     return method_class(method)(**options)
 
 
-__all__ = ["METHODS", "Method", "MagnitudeMethod", "STR", "ST3", "ST3Sigma", "Feather", "GMP", "ASL",
-           "method_class", "make_method"]
+__all__ = ["METHODS", "Method", "MagnitudeMethod", "MaskMethod", "STR", "ST3", "ST3Sigma", "Feather", "GMP", "ASL",
+           "Starfire", "NM", "method_class", "make_method"]
