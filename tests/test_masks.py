@@ -1,0 +1,237 @@
+"""Masks family (SPEC §5): kernels (C++, Triton, reference fallback) equal to ``sparsekern.reference``
+bit for bit, the mask properties the SPEC prescribes, the op surface (validation, opcheck,
+autograd, torch.compile). Kernel contract: ``sparsekern/ops/masks.py``."""
+import math
+
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern import reference as R
+from sparsekern.ops import masks as M
+from utils import DTYPES, TRITON_DEVICE, kernel_backend
+
+BACKENDS = ["cpp", "triton", "reference"]
+
+
+def _backend(name):
+    if name == "cpp":
+        kernel_backend("cpp")  # skips / fails exactly as for the other families
+        assert M.HAS_C, "the loaded C++ library has no masks kernels: rebuild"
+        return torch.ops.sparsekern_C, "cpu"
+    if name == "triton":
+        import sparsekern.triton.masks as tm
+
+        return tm, TRITON_DEVICE
+    return M.REFERENCE_KERNELS, "cpu"
+
+
+def _weight(shape, dtype=torch.float32, ties=False, seed=0):
+    """randn; with ``ties`` rounded to a few values (heavy ties: the lower-index rule decides)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return ((w * 1.5).round() / 2 if ties else w).to(dtype)
+
+
+def _eq(a, b):
+    assert a.dtype == torch.bool and a.shape == b.shape
+    assert torch.equal(a.cpu(), b.cpu()), f"{int((a.cpu() ^ b.cpu()).sum())} entries differ"
+
+
+# --- kernels vs reference -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_equal_reference(backend, dtype, ties):
+    if backend == "triton" and not ties and dtype != torch.float32:
+        pytest.skip("interpreter time: 16-bit Triton runs with ties only")
+    k, dev = _backend(backend)
+    big = backend != "triton"  # the interpreter is slow: small shapes there
+    conv = _weight((40, 24, 3, 3) if big else (20, 8, 3, 3), dtype, ties).to(dev)
+    lin = _weight((33, 64) if big else (5, 32), dtype, ties, seed=1).to(dev)
+    nms = [(2, 4), (1, 8), (5, 32), (0, 4), (4, 4)] if big else [(2, 4), (5, 32), (0, 4)]
+    sparsities = (0.0, 0.3, 0.5, 1.0) if big else (0.3, 1.0)
+    for n, m in nms:
+        _eq(k.nm_mask(lin, n, m), R.nm_mask(lin, n, m))
+        if conv.shape[1] % m == 0:
+            _eq(k.nm_mask(conv, n, m), R.nm_mask(conv, n, m))
+    kk, c = conv.shape[:2]
+    for s in sparsities:
+        _eq(k.kernel_mask(conv, 9 - R.spec_round(9 * s), kk, False), R.window_mask(conv, s))
+        _eq(k.kernel_mask(conv, 9, kk - R.spec_round(kk * s), False), R.ck_mask(conv, s))
+        _eq(k.kernel_mask(conv, 9, c - R.spec_round(c * s), True), R.ck_mask(conv, s, "out"))
+    for s, f in [(0.5, 0.5), (0.9, 0.5), (0.8, 1.0), (1.0, 0.5)][: 4 if big else 2]:
+        s_ck = R.intra_ck_sparsity(9, s, f)
+        for group, g in (("in", kk), ("out", c)):
+            got = k.kernel_mask(conv, R.window_keep(9, f * s), g - R.spec_round(g * s_ck), group == "out")
+            _eq(got, R.intra_mask(conv, s, f, group))
+    for block in (1, 2, 3, 4) if big else (1, 3):
+        nb = math.ceil(lin.shape[0] / block) * math.ceil(lin.shape[1] / block)
+        for s in (0.0, 0.5, 0.95, 1.0) if big else (0.5, 1.0):
+            _eq(k.block_mask(lin, block, nb - R.spec_round(nb * s)), R.block_mask(lin, block, s))
+    mask = R.nm_mask(lin, 2, 4)
+    out = k.masked_fwd(lin, mask)
+    assert out.dtype == dtype and torch.equal(out.cpu(), R.masked_weight(lin, mask).cpu())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_kernels_nan_and_empty(backend):
+    k, dev = _backend(backend)
+    w = _weight((4, 8, 3, 3)).to(dev)
+    w[0, 0, 0, 0] = w[1, 2, 1, 1] = math.nan
+    _eq(k.nm_mask(w, 1, 4), R.nm_mask(w, 1, 4))
+    _eq(k.kernel_mask(w, 3, 2, False), M._ref_kernel_mask(w, 3, 2, False))
+    e = torch.empty(0, 8, 3, 3, device=dev)
+    assert k.nm_mask(e, 2, 4).shape == e.shape and k.kernel_mask(e, 2, 0, False).shape == e.shape
+
+
+# --- mask properties (public API, SPEC §5) ----------------------------------------------------------
+
+def test_nm_counts_and_top_magnitudes():
+    for shape in [(64, 128), (16, 32, 3, 3)]:
+        w = _weight(shape, ties=True)
+        mask = sk.nm_mask(w, 2, 4)
+        _eq(mask, R.nm_mask(w, 2, 4))
+        # groups of 4 consecutive c at each fixed (k, r, s): channels-last
+        g = mask.reshape(shape[0], shape[1] // 4, 4, -1)
+        assert (g.sum(2) == 2).all()
+        a = w.abs().reshape(g.shape)
+        kept_min = torch.where(g, a, math.inf).amin(2)
+        pruned_max = torch.where(g, -math.inf, a).amax(2)
+        assert (kept_min >= pruned_max).all()
+
+
+def test_lower_index_wins_ties():
+    w = torch.ones(2, 8)
+    assert sk.nm_mask(w, 2, 4)[0].tolist() == [True, True, False, False] * 2
+    c = torch.ones(4, 2, 3, 3)
+    assert sk.window_mask(c, 0.5).reshape(8, 9)[0].tolist() == [True] * 4 + [False] * 5
+    assert sk.ck_mask(c, 0.5)[:, 0, 0, 0].tolist() == [True, True, False, False]
+    assert sk.ck_mask(c, 0.5, "out")[0, :, 0, 0].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("s", [0.0, 0.2, 0.5, 0.7, 1.0])
+def test_window_and_ck_counts(s):
+    w = _weight((32, 16, 3, 3), ties=True)
+    keep = 9 - R.spec_round(9 * s)
+    assert (sk.window_mask(w, s).reshape(-1, 9).sum(1) == keep).all()
+    assert (sk.window_mask(w, s, max_nonzero=2).reshape(-1, 9).sum(1) == min(keep, 2)).all()
+    for group, dim, g in (("in", 0, 32), ("out", 1, 16)):
+        mask = sk.ck_mask(w, s, group)
+        per_kernel = mask.reshape(32, 16, 9).sum(2)
+        assert ((per_kernel == 0) | (per_kernel == 9)).all(), "CK left a partial kernel"
+        assert ((per_kernel > 0).sum(dim) == g - R.spec_round(g * s)).all()
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.8, 0.9])
+def test_intra_total_sparsity(s):
+    w = _weight((256, 64, 3, 3))
+    mask = sk.intra_mask(w, s)
+    _eq(mask, R.intra_mask(w, s))
+    assert abs((1 - mask.float().mean().item()) - s) < 0.01
+    assert (mask <= sk.window_mask(w, 0.5 * s)).all()
+
+
+def test_block_row_rule_and_counts():
+    w = _weight((10, 13))
+    w[4:6] *= 1e-3  # a weak block row: pruned entirely, then its best block comes back
+    mask = sk.block_mask(w, 2, 0.9)
+    assert mask.any(1).all()
+    nb = 5 * 7
+    blocks = torch.nn.functional.pad(mask, (0, 1)).reshape(5, 2, 7, 2)[:, 0, :, 0]
+    assert blocks.sum() >= nb - R.spec_round(0.9 * nb)
+    assert sk.block_mask(w, 3, 1.0).any(1).all()
+    assert sk.block_mask(w, 4, 0.0).all()
+
+
+def test_prune_fc_inputs():
+    conv = _weight((4, 3, 3, 3))
+    conv[1] = 0
+    fc = _weight((5, 4 * 6))  # conv output [N, 4, 2, 3] flattened
+    mask = sk.prune_fc_inputs(conv, fc)
+    assert mask.shape == fc.shape
+    assert not mask[:, 6:12].any() and mask[:, :6].all() and mask[:, 12:].all()
+    _eq(sk.prune_fc_inputs(conv != 0, fc), mask)
+    with pytest.raises(ValueError, match="multiple"):
+        sk.prune_fc_inputs(conv, _weight((5, 10)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_weight_gradient(dtype):
+    w = _weight((8, 4, 3, 3), dtype).requires_grad_()
+    mask = sk.ck_mask(w.detach(), 0.5)
+    out = sk.masked_weight(w, mask)
+    assert out.dtype == dtype and (out[~mask] == 0).all() and torch.equal(out[mask], w.detach()[mask])
+    g = _weight(w.shape, dtype, seed=5)
+    out.backward(g)
+    assert torch.equal(w.grad, torch.where(mask, g, torch.zeros((), dtype=dtype)))
+    assert (w.grad[~mask] == 0).all()
+
+
+# --- op surface ------------------------------------------------------------------------------------
+
+def _op_cases():
+    c, lin = _weight((8, 8, 3, 3)), _weight((6, 8))
+    mask = R.window_mask(c, 0.5)
+    return [
+        (torch.ops.sparsekern.nm_mask, (lin, 2, 4)),
+        (torch.ops.sparsekern.nm_mask, (c, 1, 4)),
+        (torch.ops.sparsekern.window_mask, (c, 0.5, 3)),
+        (torch.ops.sparsekern.ck_mask, (c, 0.5, "out")),
+        (torch.ops.sparsekern.intra_mask, (c, 0.7, 0.5, "in")),
+        (torch.ops.sparsekern.block_mask, (lin, 3, 0.5)),
+        (torch.ops.sparsekern.prune_fc_inputs, (c, _weight((3, 16)))),
+        (torch.ops.sparsekern.masked_weight, (c.clone().requires_grad_(), mask)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(case):
+    op, args = _op_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def f(conv, lin):
+        m = sk.intra_mask(conv, 0.6) & sk.window_mask(conv, 0.3)
+        return sk.masked_weight(conv, m), sk.nm_mask(lin, 2, 4), sk.block_mask(lin, 2, 0.5)
+
+    conv, lin = _weight((8, 8, 3, 3)), _weight((6, 8))
+    out, nm, blk = f(conv, lin)
+    m = R.intra_mask(conv, 0.6) & R.window_mask(conv, 0.3)
+    assert torch.equal(out, R.masked_weight(conv, m))
+    _eq(nm, R.nm_mask(lin, 2, 4))
+    _eq(blk, R.block_mask(lin, 2, 0.5))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda w, c: sk.nm_mask(w, 2, 3), ValueError, "m=3"),
+    (lambda w, c: sk.nm_mask(w, 5, 4), ValueError, "n"),
+    (lambda w, c: sk.nm_mask(w, 2.0, 4), TypeError, "n"),
+    (lambda w, c: sk.nm_mask(w.int(), 2, 4), TypeError, "w"),
+    (lambda w, c: sk.nm_mask(w[0], 2, 4), ValueError, "reduction"),
+    (lambda w, c: sk.window_mask(c, 1.5), ValueError, "sparsity"),
+    (lambda w, c: sk.window_mask(c, math.nan), ValueError, "sparsity"),
+    (lambda w, c: sk.window_mask(w, 0.5), ValueError, "4-D"),
+    (lambda w, c: sk.window_mask(c, 0.5, max_nonzero=-1), ValueError, "max_nonzero"),
+    (lambda w, c: sk.ck_mask(c, -0.1), ValueError, "sparsity"),
+    (lambda w, c: sk.ck_mask(c, 0.5, group="rows"), ValueError, "group"),
+    (lambda w, c: sk.ck_mask(c.long(), 0.5), TypeError, "w"),
+    (lambda w, c: sk.intra_mask(c, 0.5, window_fraction=2.0), ValueError, "window_fraction"),
+    (lambda w, c: sk.block_mask(c, 2, 0.5), ValueError, "2-D"),
+    (lambda w, c: sk.block_mask(w, 5, 0.5), ValueError, "block"),
+    (lambda w, c: sk.block_mask(w, 2, "0.5"), TypeError, "sparsity"),
+    (lambda w, c: sk.masked_weight(w, w > 0.0001), ValueError, None),
+    (lambda w, c: sk.masked_weight(w, torch.ones_like(w)), TypeError, "mask"),
+    (lambda w, c: sk.masked_weight(w, torch.ones(3, 3, dtype=torch.bool)), ValueError, "mask"),
+])
+def test_bad_inputs(call, exc, match):
+    w, c = _weight((6, 8)), _weight((4, 4, 3, 3))
+    if match is None:  # a valid call: no error
+        call(w, c)
+        return
+    with pytest.raises(exc, match=match):
+        call(w, c)
