@@ -356,7 +356,8 @@ def test_opcheck(case):
 
 def test_compile_fullgraph_matches_eager():
     def f(w, r, g):
-        return (sk.asl_threshold(w, r) * g).sum() + sk.gaussian_bound(w, 0.9) + sk.gaussian_bounds([w, g], 0.5).sum()
+        return ((sk.asl_threshold(w, r) * g).sum() + sk.gaussian_bound(w, 0.9)
+                + sk.gaussian_bounds([w, g], 0.5).sum())
 
     w = make_weight((16, 8, 3, 3), torch.float32).requires_grad_(True)
     r = torch.linspace(0.1, 1.5, 16).requires_grad_(True)

@@ -226,7 +226,9 @@ SK_INLINE Moments block_moments(const typename S::raw* x, int64_t len) {
 template <class S>
 SK_CLONES Moments range_moments(const typename S::raw* x, int64_t len) {
   Moments acc;
-  for (int64_t b = 0; b < len; b += kBlock) acc = merge(acc, block_moments<S>(x + b, std::min(kBlock, len - b)));
+  for (int64_t b = 0; b < len; b += kBlock) {
+    acc = merge(acc, block_moments<S>(x + b, std::min(kBlock, len - b)));
+  }
   return acc;
 }
 
@@ -242,16 +244,18 @@ SK_CLONES double pruned_dot(const typename S::raw* g, const typename S::raw* w, 
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
       alignas(64) float v[kLanes];
-      SK_SIMD for (int l = 0; l < kLanes; ++l) {
+      SK_SIMD for (int l = 0; l < kLanes; ++l) {  // both loads unconditional: a vector select
         const float x = S::load(wp[j + l]);
-        v[l] = std::fabs(x) > b ? 0.f : S::load(gp[j + l]) * x;
+        const float p = S::load(gp[j + l]) * x;
+        v[l] = std::fabs(x) > b ? 0.f : p;
       }
       ls.add(v);
     }
     double s = ls.sum();
     for (; j < n; ++j) {
       const float x = S::load(wp[j]);
-      s += std::fabs(x) > b ? 0.f : S::load(gp[j]) * x;
+      const float p = S::load(gp[j]) * x;
+      s += std::fabs(x) > b ? 0.f : p;
     }
     acc += s;
   }
@@ -319,7 +323,9 @@ struct Tile {
 std::vector<Tile> make_tiles(const std::vector<int64_t>& sizes) {
   std::vector<Tile> tiles;
   for (size_t i = 0; i < sizes.size(); ++i) {
-    for (int64_t off = 0; off < sizes[i]; off += kTile) tiles.push_back({int64_t(i), off, std::min(kTile, sizes[i] - off)});
+    for (int64_t off = 0; off < sizes[i]; off += kTile) {
+      tiles.push_back({int64_t(i), off, std::min(kTile, sizes[i] - off)});
+    }
   }
   return tiles;
 }
@@ -344,7 +350,8 @@ void for_tiles(const std::vector<Tile>& tiles, F&& f) {
 }
 
 // Per-source moments from per-tile moments, merged in tile order.
-std::vector<Moments> merge_tiles(const std::vector<Tile>& tiles, const std::vector<Moments>& part, size_t sources) {
+std::vector<Moments> merge_tiles(const std::vector<Tile>& tiles, const std::vector<Moments>& part,
+                                 size_t sources) {
   std::vector<Moments> out(sources);
   for (size_t t = 0; t < tiles.size(); ++t) out[tiles[t].src] = merge(out[tiles[t].src], part[t]);
   return out;
@@ -354,7 +361,8 @@ at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() 
 
 std::tuple<at::Tensor, at::Tensor> gaussian_bounds(at::TensorList tensors, at::ArrayRef<double> multipliers) {
   const size_t L = tensors.size();
-  TORCH_CHECK(multipliers.size() == L, "gaussian_bounds: ", multipliers.size(), " multipliers for ", L, " tensors");
+  TORCH_CHECK(multipliers.size() == L, "gaussian_bounds: ", multipliers.size(), " multipliers for ", L,
+              " tensors");
   std::vector<at::Tensor> hold;
   std::vector<int64_t> sizes;
   for (size_t i = 0; i < L; ++i) {
@@ -412,11 +420,14 @@ SK_INLINE float bound_of(float r, float sigma) {
 }
 
 // Whole groups per task when they fit in cache and there are enough of them.
-bool whole_groups(const Groups& g) { return g.count > 1 && g.len <= kCachedRow && g.count >= 4 * at::get_num_threads(); }
+bool whole_groups(const Groups& g) {
+  return g.count > 1 && g.len <= kCachedRow && g.count >= 4 * at::get_num_threads();
+}
 
 // Bounds of every group via parallel tiles (used when groups are not done whole).
 template <class S>
-std::vector<float> group_bounds(const at::Tensor& w, const float* r, const Groups& g, std::vector<Tile>& tiles) {
+std::vector<float> group_bounds(const at::Tensor& w, const float* r, const Groups& g,
+                                std::vector<Tile>& tiles) {
   tiles = make_tiles(std::vector<int64_t>(g.count, g.len));
   std::vector<Moments> part(tiles.size());
   const auto* wp = cptr<S>(w);

@@ -30,7 +30,8 @@ from types import SimpleNamespace
 import torch
 
 from .. import _ext, reference
-from ._common import as_threshold, check_number, check_weight, define_op, is_compiling, kernels, register_c_fakes
+from ._common import (as_threshold, check_number, check_weight, define_op, is_compiling, kernels,
+                      register_c_fakes)
 from .select import _check_per_tensor, _check_tensors
 
 
@@ -46,7 +47,8 @@ def sqrt2_erfinv(s):
     if s <= 0.0:
         return 0.0
     tail = s > 0.5
-    x = -statistics.NormalDist().inv_cdf((1.0 - s) / 2) if tail else statistics.NormalDist().inv_cdf((1.0 + s) / 2)
+    normal = statistics.NormalDist()
+    x = -normal.inv_cdf((1.0 - s) / 2) if tail else normal.inv_cdf((1.0 + s) / 2)
     for _ in range(2):
         f = (1.0 - s) - math.erfc(x / math.sqrt(2)) if tail else math.erf(x / math.sqrt(2)) - s
         x -= f / (math.sqrt(2 / math.pi) * math.exp(-x * x / 2))
@@ -100,7 +102,8 @@ if HAS_C:
 # --- raw ops ------------------------------------------------------------------------------------
 
 @define_op("gaussian_bounds")
-def _gaussian_bounds(tensors: list[torch.Tensor], sparsities: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _gaussian_bounds(tensors: list[torch.Tensor],
+                     sparsities: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     return _k(tensors[0]).gaussian_bounds(tensors, [sqrt2_erfinv(s) for s in sparsities])
 
 
@@ -144,11 +147,12 @@ def _raise_on_nan(nan_index, names, check_nan):
 def gaussian_bound(w, sparsity, check_nan=True):
     """Gaussian bound ``σ·√2·erfinv(s)`` of one layer (SPEC §4, ASL paper Eq. 3), one fused pass.
 
-    w: fp32/fp16/bf16, any shape, ≥ 2 elements; σ = its unbiased std (double accumulation,
-    rounded to fp32). sparsity: in [0, 1] (1 gives inf). Returns a 0-d fp32 tensor on w's device.
-    A NaN or inf weight raises FloatingPointError (on CUDA a host sync; ``check_nan=False`` skips
-    it and returns NaN; skipped under torch.compile). No autograd (σ is treated as a constant).
-    For the exact bound see :func:`sparsekern.magnitude_thresholds`.
+    w: fp32/fp16/bf16, any shape, ≥ 2 elements; σ = its unbiased std rounded to fp32 (C++:
+    double accumulation; Triton: fp32 partial moments). sparsity: in [0, 1] (1 gives inf).
+    Returns a 0-d fp32 tensor on w's device. A NaN or inf weight raises FloatingPointError (on
+    CUDA a host sync; ``check_nan=False`` skips it and returns NaN; skipped under torch.compile).
+    No autograd (σ is treated as a constant). For the exact bound see
+    :func:`sparsekern.magnitude_thresholds`.
     """
     check_weight(w)
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
@@ -186,7 +190,8 @@ def asl_threshold(w, r):
     """
     check_weight(w)
     if not isinstance(r, torch.Tensor):
-        raise TypeError(f"r must be a float tensor (one value or one per output channel), got {type(r).__name__}")
+        raise TypeError("r must be a float tensor (one value or one per output channel), "
+                        f"got {type(r).__name__}")
     k = w.shape[0] if w.dim() else 1
     if not (r.numel() == 1 or (r.dim() >= 1 and r.shape[0] == k and r.numel() == k)):
         raise ValueError(f"r has shape {tuple(r.shape)}; expected one value or one per output channel "
