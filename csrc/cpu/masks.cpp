@@ -16,6 +16,11 @@
 // key first, equal keys by lower index first (= lower flat index) — deterministic, and equal to
 // sparsekern.reference. A key is the bit pattern of the non-negative float, so unsigned integer
 // order is numeric order; (key << 32 | ~index) is one totally ordered 64-bit key.
+//
+// Performance: rank counting for small groups (R×S windows, N:M groups) runs across 16 groups
+// at once (lanes: vectorizes); CK groups and blocks use a 16-bit radix select (two histogram
+// passes) or nth_element on 64-bit order keys; tasks get at least kGrain elements, so small
+// layers run on one thread without waking the pool.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,7 +45,8 @@ namespace masks {
 
 constexpr uint32_t kInf = 0x7F800000u;
 constexpr uint32_t kNaN = 0x7FC00000u;  // every NaN key
-constexpr int kRankMax = 16;            // groups up to this size: rank counting, else nth_element
+constexpr int kRankMax = 16;            // groups up to this size: rank counting, else selection
+constexpr int64_t kGrain = int64_t(1) << 17;  // elements per parallel task, at least
 
 SK_INLINE uint32_t key_of(float x) {
   uint32_t u;
@@ -58,8 +64,53 @@ SK_INLINE uint64_t order_key(uint32_t key, uint32_t index) {
   return (uint64_t(key) << 32) | uint64_t(0xFFFFFFFFu - index);
 }
 
+// keep[i] = 1 iff keys[i] ranks < keep (larger key first, ties: lower i first); N fixed.
+template <int N>
+SK_INLINE void rank_fixed(const uint32_t* keys, int64_t keep, uint8_t* out) {
+  for (int i = 0; i < N; ++i) {
+    int rank = 0;
+    for (int j = 0; j < N; ++j) rank += (keys[j] > keys[i]) | ((keys[j] == keys[i]) & (j < i));
+    out[i] = rank < keep;
+  }
+}
+
+// The keep-th largest of keys[0..n) (0 < keep <= n) and how many keys equal to it are kept
+// (the first `need` in index order): 16-bit radix select, two histogram passes.
+struct Cut {
+  uint32_t t;
+  int64_t need;
+};
+Cut cut_of(const uint32_t* keys, int64_t n, int64_t keep) {
+  std::vector<int64_t> h(65536, 0);
+  for (int64_t i = 0; i < n; ++i) ++h[keys[i] >> 16];
+  int64_t above = 0;
+  uint32_t hi = 65535;
+  for (;; --hi) {
+    if (above + h[hi] >= keep) break;
+    above += h[hi];
+  }
+  std::fill(h.begin(), h.end(), 0);
+  for (int64_t i = 0; i < n; ++i) h[keys[i] & 0xFFFFu] += (keys[i] >> 16) == hi;
+  uint32_t lo = 65535;
+  for (;; --lo) {
+    if (above + h[lo] >= keep) break;
+    above += h[lo];
+  }
+  return {(hi << 16) | lo, keep - above};
+}
+
+// out[i] = 1 for the `keep` best of keys[0..n) given their cut.
+SK_INLINE void apply_cut(const uint32_t* keys, int64_t n, Cut c, uint8_t* out) {
+  int64_t ties = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool tie = keys[i] == c.t;
+    out[i] = (keys[i] > c.t) | (tie & (ties < c.need));
+    ties += tie;
+  }
+}
+
 // keep[i] = 1 for the `keep` best of keys[0..n) (larger key first, ties: lower i first).
-// `scratch` holds n uint64 (used when n > kRankMax).
+// `scratch` holds n uint64 (used for mid-sized n).
 SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* out,
                       std::vector<uint64_t>& scratch) {
   if (keep >= n) {
@@ -69,6 +120,13 @@ SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* ou
   if (keep <= 0) {
     std::fill(out, out + n, uint8_t(0));
     return;
+  }
+  switch (n) {
+    case 4: return rank_fixed<4>(keys, keep, out);
+    case 8: return rank_fixed<8>(keys, keep, out);
+    case 9: return rank_fixed<9>(keys, keep, out);
+    case 16: return rank_fixed<16>(keys, keep, out);
+    default: break;
   }
   if (n <= kRankMax) {
     for (int64_t i = 0; i < n; ++i) {
@@ -81,11 +139,60 @@ SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* ou
     }
     return;
   }
+  if (n > 4096) return apply_cut(keys, n, cut_of(keys, n, keep), out);
   scratch.resize(n);
   for (int64_t i = 0; i < n; ++i) scratch[i] = order_key(keys[i], uint32_t(i));
   std::nth_element(scratch.begin(), scratch.begin() + (keep - 1), scratch.end(), std::greater<uint64_t>());
   const uint64_t cut = scratch[keep - 1];
   for (int64_t i = 0; i < n; ++i) out[i] = order_key(keys[i], uint32_t(i)) >= cut;
+}
+
+// Rank counting across kLanes independent groups at once (vectorizes over the lanes): element j
+// of lane l is x[l*ls + j*es]; its mask goes to o at the same offset. Lanes >= nl are padding.
+// With score, score[l] = the largest kept key of lane l (0 if none).
+constexpr int kLanes = 16;
+template <int N, typename T>
+SK_INLINE void lanes_top(const T* x, int64_t ls, int64_t es, int nl, int64_t keep, uint8_t* o,
+                         uint32_t* score) {
+  int32_t k[N][kLanes];  // keys < 2^31: signed compares are the unsigned order
+  for (int j = 0; j < N; ++j) {
+    for (int l = 0; l < kLanes; ++l) k[j][l] = l < nl ? int32_t(key_at(x + l * ls + j * es)) : 0;
+  }
+  int32_t kept[N][kLanes];
+  for (int i = 0; i < N; ++i) {
+    int32_t r[kLanes] = {0};
+    for (int j = 0; j < N; ++j) {
+      if (j < i) {
+        for (int l = 0; l < kLanes; ++l) r[l] += k[j][l] >= k[i][l];
+      } else if (j > i) {
+        for (int l = 0; l < kLanes; ++l) r[l] += k[j][l] > k[i][l];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) kept[i][l] = r[l] < keep;
+  }
+  for (int j = 0; j < N; ++j) {
+    for (int l = 0; l < nl; ++l) o[l * ls + j * es] = uint8_t(kept[j][l]);
+  }
+  if (score) {
+    for (int l = 0; l < nl; ++l) {
+      int32_t b = 0;
+      for (int j = 0; j < N; ++j) b = std::max(b, kept[j][l] ? k[j][l] : 0);
+      score[l] = uint32_t(b);
+    }
+  }
+}
+
+// lanes_top for the group sizes with a fixed-size instantiation; false if n has none.
+template <typename T>
+SK_INLINE bool lanes_top_n(int64_t n, const T* x, int64_t ls, int64_t es, int nl, int64_t keep,
+                           uint8_t* o, uint32_t* score) {
+  switch (n) {
+    case 4: lanes_top<4>(x, ls, es, nl, keep, o, score); return true;
+    case 8: lanes_top<8>(x, ls, es, nl, keep, o, score); return true;
+    case 9: lanes_top<9>(x, ls, es, nl, keep, o, score); return true;
+    case 16: lanes_top<16>(x, ls, es, nl, keep, o, score); return true;
+    default: return false;
+  }
 }
 
 template <typename Fn>
@@ -116,30 +223,31 @@ at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
   const int64_t blocks = K * (C / m), bsize = m * inner;  // one block: m×inner contiguous values
   dispatch(w, [&](auto* x) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / bsize);
+    const int64_t grain = std::max<int64_t>(1, kGrain / bsize);
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       std::vector<uint32_t> keys(m);
       std::vector<uint8_t> keep(m);
       std::vector<uint64_t> scratch;
+      if (inner == 1 && m == 4) {  // 2:4 and friends, Linear: unrolled rank counting
+        for (int64_t b = b0; b < b1; ++b) {
+          uint32_t k[4];
+          for (int j = 0; j < 4; ++j) k[j] = key_at(x + b * 4 + j);
+          for (int i = 0; i < 4; ++i) {
+            int rank = 0;
+            for (int j = 0; j < 4; ++j) rank += (k[j] > k[i]) | ((k[j] == k[i]) & (j < i));
+            o[b * 4 + i] = rank < n;
+          }
+        }
+        return;
+      }
       for (int64_t b = b0; b < b1; ++b) {
         const auto* xb = x + b * bsize;
         uint8_t* ob = o + b * bsize;
-        if (inner == 1) {
-          if (m == 4) {  // 2:4 and friends, Linear: rank counting unrolled
-            uint32_t k[4];
-            for (int j = 0; j < 4; ++j) k[j] = key_at(xb + j);
-            for (int i = 0; i < 4; ++i) {
-              int rank = 0;
-              for (int j = 0; j < 4; ++j) rank += (k[j] > k[i]) | ((k[j] == k[i]) & (j < i));
-              ob[i] = rank < n;
-            }
-          } else {
-            for (int64_t j = 0; j < m; ++j) keys[j] = key_at(xb + j);
-            top_of(keys.data(), m, n, ob, scratch);
-          }
-          continue;
+        int64_t p = 0;
+        for (; p + kLanes <= inner; p += kLanes) {  // lanes = inner positions
+          if (!lanes_top_n(m, xb + p, 1, inner, kLanes, n, ob + p, nullptr)) break;
         }
-        for (int64_t p = 0; p < inner; ++p) {
+        for (; p < inner; ++p) {
           for (int64_t j = 0; j < m; ++j) keys[j] = key_at(xb + j * inner + p);
           top_of(keys.data(), m, n, keep.data(), scratch);
           for (int64_t j = 0; j < m; ++j) ob[j * inner + p] = keep[j];
@@ -164,10 +272,24 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
   std::vector<uint32_t> score(ck ? nk : 0);
   // pass 1: window mask of every kernel (and its score: max key of the kept entries)
   dispatch(w, [&](auto* x) {
-    at::parallel_for(0, nk, std::max<int64_t>(1, 4096 / RS), [&](int64_t k0, int64_t k1) {
+    at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t k0, int64_t k1) {
       std::vector<uint32_t> keys(RS);
       std::vector<uint64_t> scratch;
-      for (int64_t q = k0; q < k1; ++q) {
+      int64_t q = k0;
+      if (window_keep >= RS) {  // CK alone: score = max key
+        std::memset(o + k0 * RS, 1, (k1 - k0) * RS);
+        for (; ck && q < k1; ++q) {
+          uint32_t best = 0;
+          for (int64_t j = 0; j < RS; ++j) best = std::max(best, key_at(x + q * RS + j));
+          score[q] = best;
+        }
+        q = k1;
+      }
+      for (; q + kLanes <= k1; q += kLanes) {  // lanes = kernels
+        if (!lanes_top_n(RS, x + q * RS, RS, 1, kLanes, window_keep, o + q * RS,
+                         ck ? score.data() + q : nullptr)) break;
+      }
+      for (; q < k1; ++q) {
         for (int64_t j = 0; j < RS; ++j) keys[j] = key_at(x + q * RS + j);
         uint8_t* oq = o + q * RS;
         top_of(keys.data(), RS, window_keep, oq, scratch);
@@ -183,7 +305,7 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
   // pass 2: CK selection per group; pass 3: clear the pruned kernels
   std::vector<uint8_t> alive(nk);
   const int64_t groups = by_out ? K : C, stride = by_out ? 1 : C, step = by_out ? C : 1;
-  at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / G), [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (G * RS)), [&](int64_t g0, int64_t g1) {
     std::vector<uint32_t> keys(G);
     std::vector<uint8_t> keep(G);
     std::vector<uint64_t> scratch;
@@ -193,7 +315,7 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
       for (int64_t i = 0; i < G; ++i) alive[g * step + i * stride] = keep[i];
     }
   });
-  at::parallel_for(0, nk, std::max<int64_t>(1, 16384 / RS), [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t k0, int64_t k1) {
     for (int64_t q = k0; q < k1; ++q) {
       if (!alive[q]) std::memset(o + q * RS, 0, RS);
     }
@@ -214,7 +336,7 @@ at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
   // block scores: rows in order, each row's |w| added to its blocks' sums (row-major per block)
   std::vector<float> sums(nb);
   dispatch(w, [&](auto* x) {
-    at::parallel_for(0, BR, std::max<int64_t>(1, 65536 / (block * I)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, BR, std::max<int64_t>(1, kGrain / (block * I)), [&](int64_t r0, int64_t r1) {
       for (int64_t br = r0; br < r1; ++br) {
         float* s = sums.data() + br * BC;
         std::fill(s, s + BC, 0.f);
@@ -231,36 +353,31 @@ at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
       }
     });
   });
-  // selection: the keep-th best 64-bit order key is the cut
-  std::vector<uint64_t> ok(nb);
-  at::parallel_for(0, nb, 65536, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) ok[i] = order_key(key_of(sums[i]), uint32_t(i));
-  });
-  uint64_t cut = ~uint64_t(0);  // keep == 0: nothing passes (no order key is all ones)
-  if (keep >= nb) {
-    cut = 0;
-  } else if (keep > 0) {
-    std::vector<uint64_t> tmp(ok);
-    std::nth_element(tmp.begin(), tmp.begin() + (keep - 1), tmp.end(), std::greater<uint64_t>());
-    cut = tmp[keep - 1];
-  }
+  // selection: radix cut of the score keys; ties at the cut kept in block index order
+  std::vector<uint32_t> keys(nb);
+  for (int64_t i = 0; i < nb; ++i) keys[i] = key_of(sums[i]);
   std::vector<uint8_t> kept(nb);
-  at::parallel_for(0, BR, std::max<int64_t>(1, 65536 / BC), [&](int64_t r0, int64_t r1) {
+  if (keep >= nb || keep <= 0) {
+    std::fill(kept.begin(), kept.end(), uint8_t(keep > 0));
+  } else {
+    apply_cut(keys.data(), nb, cut_of(keys.data(), nb, keep), kept.data());
+  }
+  // every output row keeps at least one block: the best block of an empty block row
+  at::parallel_for(0, BR, std::max<int64_t>(1, kGrain / BC), [&](int64_t r0, int64_t r1) {
     for (int64_t br = r0; br < r1; ++br) {
-      const uint64_t* k = ok.data() + br * BC;
+      const uint32_t* k = keys.data() + br * BC;
       uint8_t* kb = kept.data() + br * BC;
       bool any = false;
       int64_t best = 0;
       for (int64_t bc = 0; bc < BC; ++bc) {
-        kb[bc] = k[bc] >= cut;
         any |= kb[bc];
-        if (k[bc] > k[best]) best = bc;  // order key: equal scores prefer the lower index
+        if (k[bc] > k[best]) best = bc;  // the first maximal score
       }
-      if (!any) kb[best] = 1;  // every output row keeps at least one block
+      if (!any) kb[best] = 1;
     }
   });
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
-  at::parallel_for(0, O, std::max<int64_t>(1, 65536 / I), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, O, std::max<int64_t>(1, kGrain / I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* kb = kept.data() + (r / block) * BC;
       uint8_t* orow = o + r * I;
@@ -276,7 +393,7 @@ at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
 
 template <typename U>
 void select_bits(const U* x, const uint8_t* m, U* y, int64_t n) {
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) y[i] = m[i] ? x[i] : U(0);  // +0 in every float format
   });
 }
