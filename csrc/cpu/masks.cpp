@@ -33,6 +33,15 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    (__GNUC__ >= 11)
+// AVX-512 (v4), AVX2 (v3) and baseline clones of the lane-parallel leaves, picked at load time.
+#define SK_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SK_CLONES
+#endif
+
 #if defined(__GNUC__)
 #define SK_INLINE inline __attribute__((always_inline))
 #else
@@ -213,6 +222,66 @@ void check_w(const at::Tensor& w, int64_t dim_min, int64_t dim_max) {
 
 // ---------------------------------------------------------------------------------------------
 
+// nm_mask over blocks [b0, b1) (block b: the m×inner values of groups (k, c-group)).
+template <typename T>
+SK_INLINE void nm_range_impl(const T* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
+                             uint8_t* o) {
+  const int64_t bsize = m * inner;
+  std::vector<uint32_t> keys(m);
+  std::vector<uint8_t> keep(m);
+  std::vector<uint64_t> scratch;
+  if (inner == 1 && m == 4) {  // 2:4 and friends, Linear: unrolled rank counting
+    for (int64_t b = b0; b < b1; ++b) {
+      uint32_t k[4];
+      for (int j = 0; j < 4; ++j) k[j] = key_at(x + b * 4 + j);
+      for (int i = 0; i < 4; ++i) {
+        int rank = 0;
+        for (int j = 0; j < 4; ++j) rank += (k[j] > k[i]) | ((k[j] == k[i]) & (j < i));
+        o[b * 4 + i] = rank < n;
+      }
+    }
+    return;
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    const auto* xb = x + b * bsize;
+    uint8_t* ob = o + b * bsize;
+    int64_t p = 0;
+    for (; p < inner; p += kLanes) {  // lanes = inner positions (R·S = 9: 9 of 16 lanes)
+      const int nl = int(std::min<int64_t>(kLanes, inner - p));
+      if (!lanes_top_n(m, xb + p, 1, inner, nl, n, ob + p, nullptr)) break;
+    }
+    for (; p < inner; ++p) {
+      for (int64_t j = 0; j < m; ++j) keys[j] = key_at(xb + j * inner + p);
+      top_of(keys.data(), m, n, keep.data(), scratch);
+      for (int64_t j = 0; j < m; ++j) ob[j * inner + p] = keep[j];
+    }
+  }
+}
+SK_CLONES void nm_range_f32(const float* x, int64_t b0, int64_t b1, int64_t m, int64_t n,
+                          int64_t inner, uint8_t* o) {
+  nm_range_impl(x, b0, b1, m, n, inner, o);
+}
+inline void nm_range(const float* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
+                     uint8_t* o) {
+  nm_range_f32(x, b0, b1, m, n, inner, o);
+}
+SK_CLONES void nm_range_f16(const c10::Half* x, int64_t b0, int64_t b1, int64_t m, int64_t n,
+                          int64_t inner, uint8_t* o) {
+  nm_range_impl(x, b0, b1, m, n, inner, o);
+}
+inline void nm_range(const c10::Half* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
+                     uint8_t* o) {
+  nm_range_f16(x, b0, b1, m, n, inner, o);
+}
+SK_CLONES void nm_range_bf16(const c10::BFloat16* x, int64_t b0, int64_t b1, int64_t m, int64_t n,
+                          int64_t inner, uint8_t* o) {
+  nm_range_impl(x, b0, b1, m, n, inner, o);
+}
+inline void nm_range(const c10::BFloat16* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
+                     uint8_t* o) {
+  nm_range_bf16(x, b0, b1, m, n, inner, o);
+}
+
 at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
   check_w(w, 2, 64);
   const int64_t K = w.size(0), C = w.size(1), inner = K * C ? w.numel() / (K * C) : 0;
@@ -225,40 +294,77 @@ at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
   dispatch(w, [&](auto* x) {
     const int64_t grain = std::max<int64_t>(1, kGrain / bsize);
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      std::vector<uint32_t> keys(m);
-      std::vector<uint8_t> keep(m);
-      std::vector<uint64_t> scratch;
-      if (inner == 1 && m == 4) {  // 2:4 and friends, Linear: unrolled rank counting
-        for (int64_t b = b0; b < b1; ++b) {
-          uint32_t k[4];
-          for (int j = 0; j < 4; ++j) k[j] = key_at(x + b * 4 + j);
-          for (int i = 0; i < 4; ++i) {
-            int rank = 0;
-            for (int j = 0; j < 4; ++j) rank += (k[j] > k[i]) | ((k[j] == k[i]) & (j < i));
-            o[b * 4 + i] = rank < n;
-          }
-        }
-        return;
-      }
-      for (int64_t b = b0; b < b1; ++b) {
-        const auto* xb = x + b * bsize;
-        uint8_t* ob = o + b * bsize;
-        int64_t p = 0;
-        for (; p + kLanes <= inner; p += kLanes) {  // lanes = inner positions
-          if (!lanes_top_n(m, xb + p, 1, inner, kLanes, n, ob + p, nullptr)) break;
-        }
-        for (; p < inner; ++p) {
-          for (int64_t j = 0; j < m; ++j) keys[j] = key_at(xb + j * inner + p);
-          top_of(keys.data(), m, n, keep.data(), scratch);
-          for (int64_t j = 0; j < m; ++j) ob[j * inner + p] = keep[j];
-        }
-      }
+      nm_range(x, b0, b1, m, n, inner, o);
     });
   });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
+
+// Window pass of kernel_mask over kernels [q0, q1): window mask, and with score the max key of
+// each kernel's kept entries. Compiled per ISA (SK_CLONES wrappers below).
+template <typename T>
+SK_INLINE void window_range_impl(const T* x, int64_t k0, int64_t k1, int64_t RS, int64_t window_keep,
+                                 uint8_t* o, uint32_t* score) {
+  std::vector<uint32_t> keys(RS);
+  std::vector<uint64_t> scratch;
+  int64_t q = k0;
+  if (window_keep >= RS) {  // CK alone: score = max key
+    std::memset(o + k0 * RS, 1, (k1 - k0) * RS);
+    for (; score && q + kLanes <= k1; q += kLanes) {  // lanes = kernels
+      int32_t b[kLanes] = {0};
+      for (int64_t j = 0; j < RS; ++j) {
+        for (int l = 0; l < kLanes; ++l) b[l] = std::max(b[l], int32_t(key_at(x + (q + l) * RS + j)));
+      }
+      for (int l = 0; l < kLanes; ++l) score[q + l] = uint32_t(b[l]);
+    }
+    for (; score && q < k1; ++q) {
+      uint32_t best = 0;
+      for (int64_t j = 0; j < RS; ++j) best = std::max(best, key_at(x + q * RS + j));
+      score[q] = best;
+    }
+    q = k1;
+  }
+  for (; q + kLanes <= k1; q += kLanes) {  // lanes = kernels
+    if (!lanes_top_n(RS, x + q * RS, RS, 1, kLanes, window_keep, o + q * RS,
+                     score ? score + q : nullptr)) break;
+  }
+  for (; q < k1; ++q) {
+    for (int64_t j = 0; j < RS; ++j) keys[j] = key_at(x + q * RS + j);
+    uint8_t* oq = o + q * RS;
+    top_of(keys.data(), RS, window_keep, oq, scratch);
+    if (score) {
+      uint32_t best = 0;
+      for (int64_t j = 0; j < RS; ++j) best = std::max(best, oq[j] ? keys[j] : 0u);
+      score[q] = best;
+    }
+  }
+}
+SK_CLONES void window_range_f32(const float* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
+                                uint8_t* o, uint32_t* score) {
+  window_range_impl(x, k0, k1, RS, keep, o, score);
+}
+SK_CLONES void window_range_f16(const c10::Half* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
+                                uint8_t* o, uint32_t* score) {
+  window_range_impl(x, k0, k1, RS, keep, o, score);
+}
+SK_CLONES void window_range_bf16(const c10::BFloat16* x, int64_t k0, int64_t k1, int64_t RS,
+                                 int64_t keep, uint8_t* o, uint32_t* score) {
+  window_range_impl(x, k0, k1, RS, keep, o, score);
+}
+inline void window_range(const float* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep, uint8_t* o,
+                         uint32_t* score) {
+  window_range_f32(x, k0, k1, RS, keep, o, score);
+}
+inline void window_range(const c10::Half* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
+                         uint8_t* o, uint32_t* score) {
+  window_range_f16(x, k0, k1, RS, keep, o, score);
+}
+inline void window_range(const c10::BFloat16* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
+                         uint8_t* o, uint32_t* score) {
+  window_range_bf16(x, k0, k1, RS, keep, o, score);
+}
 
 at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep, bool by_out) {
   check_w(w, 4, 4);
@@ -273,32 +379,7 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
   // pass 1: window mask of every kernel (and its score: max key of the kept entries)
   dispatch(w, [&](auto* x) {
     at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t k0, int64_t k1) {
-      std::vector<uint32_t> keys(RS);
-      std::vector<uint64_t> scratch;
-      int64_t q = k0;
-      if (window_keep >= RS) {  // CK alone: score = max key
-        std::memset(o + k0 * RS, 1, (k1 - k0) * RS);
-        for (; ck && q < k1; ++q) {
-          uint32_t best = 0;
-          for (int64_t j = 0; j < RS; ++j) best = std::max(best, key_at(x + q * RS + j));
-          score[q] = best;
-        }
-        q = k1;
-      }
-      for (; q + kLanes <= k1; q += kLanes) {  // lanes = kernels
-        if (!lanes_top_n(RS, x + q * RS, RS, 1, kLanes, window_keep, o + q * RS,
-                         ck ? score.data() + q : nullptr)) break;
-      }
-      for (; q < k1; ++q) {
-        for (int64_t j = 0; j < RS; ++j) keys[j] = key_at(x + q * RS + j);
-        uint8_t* oq = o + q * RS;
-        top_of(keys.data(), RS, window_keep, oq, scratch);
-        if (ck) {
-          uint32_t best = 0;
-          for (int64_t j = 0; j < RS; ++j) best = std::max(best, oq[j] ? keys[j] : 0u);
-          score[q] = best;
-        }
-      }
+      window_range(x, k0, k1, RS, window_keep, o, ck ? score.data() : nullptr);
     });
   });
   if (!ck) return out;
