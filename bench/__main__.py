@@ -53,28 +53,22 @@ def _case_key(case):
     return (case["op"], case["size"], case["dtype"], case["mode"])
 
 
-def _setup(case, provider, device):
-    inputs = H.make_inputs(case["op"], H.SIZES[case["size"]], H.DTYPES[case["dtype"]], device,
-                           grad=case["mode"] == "fwd+bwd")
-    return H.make_step(H.provider_fn(case["op"], provider), inputs, case["mode"])
-
-
 def run_timings(cases, device, quick):
+    """Time the providers of each case side by side on shared inputs."""
     budget = 0.1 if quick else 0.4
     results = {}
-    n = len(cases) * len(H.PROVIDERS)
-    for i, (case, provider) in enumerate(itertools.product(cases, H.PROVIDERS), 1):
-        label = f"[{i}/{n}] {' '.join(_case_key(case))} {provider}"
-        try:
-            step, _ = _setup(case, provider, device)
-            # Fewer repeats at 16M so the full suite stays within minutes on 2 cores.
-            reps = (3, 10) if case["size"] == "16M" else (5, 200)
-            res = H.time_step(step, device, budget_s=budget, min_reps=reps[0], max_reps=reps[1])
-            print(f"{label}: {res['median_s'] * 1e3:.3g} ms", file=sys.stderr, flush=True)
-        except Exception as e:  # a failing provider is reported, not fatal
-            res = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{label}: ERROR {res['error']}", file=sys.stderr, flush=True)
-        results[_case_key(case) + (provider,)] = res
+    for i, case in enumerate(cases, 1):
+        inputs = H.make_inputs(case["op"], H.SIZES[case["size"]], H.DTYPES[case["dtype"]], device,
+                               grad=case["mode"] == "fwd+bwd")
+        steps = {p: H.make_step(H.provider_fn(case["op"], p), inputs, case["mode"])[0]
+                 for p in H.PROVIDERS}
+        # Fewer repeats at 16M so the full suite stays within minutes on 2 cores.
+        reps = (5, 10) if case["size"] == "16M" else (5, 200)
+        stats = H.time_steps(steps, device, budget_s=budget, min_reps=reps[0], max_reps=reps[1])
+        print(f"[{i}/{len(cases)}] {' '.join(_case_key(case))}: " + ", ".join(
+            f"{p} {r['median_s'] * 1e3:.3g} ms" if "median_s" in r else f"{p} ERROR {r['error']}"
+            for p, r in stats.items()), file=sys.stderr, flush=True)
+        results.update({_case_key(case) + (p,): r for p, r in stats.items()})
     return results
 
 
@@ -87,15 +81,18 @@ def memory_worker(cases_path, result_path):
     for case, provider in itertools.product(spec["cases"], H.PROVIDERS):
         entry = {**case, "provider": provider}
         try:
-            step, clear = _setup(case, provider, device)
+            inputs = H.make_inputs(case["op"], H.SIZES[case["size"]], H.DTYPES[case["dtype"]],
+                                   device, grad=True)
+            step, clear = H.make_step(H.provider_fn(case["op"], provider), inputs, case["mode"])
             for _ in range(2):  # warmup, compilation included
                 step()
             entry["peak_extra_bytes"] = H.peak_extra_bytes(step, clear, device)
         except Exception as e:
             entry["error"] = f"{type(e).__name__}: {e}"
         out["peaks"].append(entry)
-        print(f"memory {' '.join(_case_key(case))} {provider}: "
-              f"{entry.get('peak_extra_bytes', 0) / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        got = (f"{entry['peak_extra_bytes'] / 2**20:.1f} MiB" if "error" not in entry
+               else f"ERROR {entry['error']}")
+        print(f"memory {' '.join(_case_key(case))} {provider}: {got}", file=sys.stderr, flush=True)
     with open(result_path, "w") as f:
         json.dump(out, f)
 
@@ -123,7 +120,8 @@ def run_memory(cases, device):
 # --- reporting ----------------------------------------------------------------------------------
 
 def _ms(x):
-    return f"{x * 1e3:.3g}"
+    x *= 1e3
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _speedup(rows, key, base):
@@ -190,6 +188,8 @@ def default_out(env, quick):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m bench", *argv])
     args = parse_args(argv)
     if args.memory_worker:
         return memory_worker(*args.memory_worker)
@@ -203,7 +203,9 @@ def main(argv=None):
               "other processes will distort the timings", file=sys.stderr, flush=True)
     cases = [{"op": o, "size": s, "dtype": d, "mode": m}
              for o, s, d, m in itertools.product(args.ops, args.sizes, args.dtypes, H.MODES)]
+    snap = H.cpu_snapshot()
     timings = run_timings(cases, device, args.quick)
+    env["other_processes_cpus"] = round(H.other_load(snap, H.cpu_snapshot()), 2)
     validation, peaks = run_memory([c for c in cases if c["mode"] == "fwd+bwd"], device)
     env["load_avg_1m_end"] = os.getloadavg()[0]
 
@@ -222,11 +224,12 @@ def main(argv=None):
     text = "\n".join([
         f"# sparsekern threshold benchmark: {env['device_name']} ({device})",
         "",
-        f"- command: `python -m bench {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
+        f"- command: `{command}`",
         f"- {env['date']}, git {env['git_sha']}{' (dirty)' if env['git_dirty'] else ''}, "
-        f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, load average "
-        f"{env['load_avg_1m_start']:.2f} at start / {env['load_avg_1m_end']:.2f} at end "
-        f"({env['cpu_count']} CPUs)",
+        f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads",
+        f"- background load: other processes kept {env['other_processes_cpus']:.2f} of "
+        f"{env['cpu_count']} CPUs busy during the timings (load average "
+        f"{env['load_avg_1m_start']:.2f} at start, {env['load_avg_1m_end']:.2f} at end)",
         f"- sparsekern backend: {env['sparsekern_backend']}",
         f"- threshold: per-layer scalar at the {H.SPARSITY} quantile of |w|; weights "
         + ", ".join(f"{k} = {list(v)}" for k, v in H.SIZES.items() if k in args.sizes),
@@ -244,7 +247,7 @@ def main(argv=None):
     out = args.out or default_out(env, args.quick)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"meta": {**env, "command": sys.argv, "memory_method": H.MEMORY_METHOD[device],
+        json.dump({"meta": {**env, "command": command, "memory_method": H.MEMORY_METHOD[device],
                             "memory_validation": validation, "sparsity": H.SPARSITY},
                    "targets": tgt, "rows": list(rows.values())}, f, indent=1)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:

@@ -149,34 +149,57 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(step, device, budget_s=0.4, min_reps=5, max_reps=200, warmup=3):
-    """Time ``step``: ``warmup`` untimed calls (compilation happens here), then
-    ``reps = clamp(budget_s / fastest warmup call after the first, min_reps, max_reps)`` timed
-    calls. CPU: perf_counter around each call; CUDA: a CUDA event pair around each call.
-    Returns seconds: median, quartiles, min, max, and the first (compiling) call."""
-    warm = []
-    for _ in range(max(warmup, 2)):
-        t0 = time.perf_counter()
+def _time_once(step, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         step()
-        _sync(device)
-        warm.append(time.perf_counter() - t0)
-    reps = int(min(max_reps, max(min_reps, budget_s / max(min(warm[1:]), 1e-9))))
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(times), "max_s": max(times),
-            "reps": reps, "first_call_s": warm[0]}
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def time_steps(steps, device, budget_s=0.4, min_reps=5, max_reps=200, warmup=3):
+    """Time several steps side by side: each gets ``warmup`` untimed calls (compilation
+    happens here; a step that raises is reported as ``{"error": ...}``), then timed calls
+    interleaved round-robin so that background load hits all of them alike, each step
+    ``clamp(budget_s / its fastest warmup call after the first, min_reps, max_reps)`` times.
+    CPU: perf_counter around each call; CUDA: a CUDA event pair around each call.
+    Returns ``{name: stats}``, seconds: median, quartiles, min, max, first (compiling) call."""
+    out, reps, times = {}, {}, {}
+    for name, step in steps.items():
+        try:
+            warm = []
+            for _ in range(max(warmup, 2)):
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                warm.append(time.perf_counter() - t0)
+        except Exception as e:  # a failing provider is reported, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        out[name] = {"first_call_s": warm[0]}
+        reps[name] = int(min(max_reps, max(min_reps, budget_s / max(min(warm[1:]), 1e-9))))
+        times[name] = []
+    while any(len(times[n]) < reps[n] for n in times):
+        for name in times:
+            if len(times[name]) < reps[name]:
+                times[name].append(_time_once(steps[name], device))
+    for name, ts in times.items():
+        q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+        out[name].update(median_s=med, q1_s=q1, q3_s=q3, min_s=min(ts), max_s=max(ts), reps=len(ts))
+    return out
+
+
+def time_step(step, device, **kwargs):
+    """:func:`time_steps` for one step (same keyword arguments); raises if the step does."""
+    res = time_steps({"step": step}, device, **kwargs)["step"]
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    return res
 
 
 # --- peak memory --------------------------------------------------------------------------------
@@ -233,6 +256,20 @@ def validate_memory(device):
 
 
 # --- metadata -----------------------------------------------------------------------------------
+
+def cpu_snapshot():
+    """``(wall s, machine busy CPU-s from /proc/stat, this process + waited children CPU-s)``."""
+    with open("/proc/stat") as f:
+        j = [int(x) for x in f.readline().split()[1:]]
+    t = os.times()
+    busy = (sum(j[:8]) - j[3] - j[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def other_load(start, end):
+    """Average number of CPUs that other processes kept busy between two snapshots."""
+    return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+
 
 def device_name(device):
     if device == "cuda":
