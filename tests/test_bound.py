@@ -111,12 +111,13 @@ def test_gaussian_bounds_special(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_gaussian_bounds_extreme_values(backend):
-    """σ without overflow or cancellation: |w| ~ 1e30 and a large mean (fp32 squares would overflow)."""
+    """σ without overflow, underflow or cancellation: |w| ~ 1e30 and ~ 1e-30 (fp32 squares would
+    overflow / underflow), a large mean, and all-zero blocks before the data."""
     k, dev = _backend(backend)
-    big = make_weight((70_001,), torch.float32, dev) * 1e30
-    shifted = make_weight((70_001,), torch.float32, dev) + 1000.0
-    bounds, _ = k.gaussian_bounds([big, shifted], [1.0, 1.0])
-    exp = torch.stack([big.double().std(), shifted.double().std()]).float()
+    x = make_weight((70_001,), torch.float32, dev)
+    ws = [x * 1e30, x * 1e-30, x + 1000.0, torch.cat([torch.zeros(5000, device=dev), x])]
+    bounds, _ = k.gaussian_bounds(ws, [1.0] * len(ws))
+    exp = torch.stack([w.double().std() for w in ws]).float()
     torch.testing.assert_close(bounds, exp, atol=0, rtol=2e-7)
 
 

@@ -13,13 +13,16 @@
 //     σ_g = fp32 unbiased std of its elements and b_g = fp32(clamp(r_g, 0, 5)·σ_g) + 1e-6f;
 //     grad_r[g] = -(Σ_{|w| <= b_g} grad·w) / r_g if 0 < r_g < 5, else 0 (ASL paper Eq. 18).
 //
-// Standard deviation in one pass over memory: blocks of 1024 elements (in L1) get their mean
-// from 16 fp32 lanes summed into a double, then Σ(x - m) and Σ(x - m)² in fp32 lanes (a block
-// whose fp32 sums overflow is redone in double); blocks, then fixed tiles of 65536, are merged
-// with Chan's formula in double in a fixed order. The result depends neither on the thread
-// count nor on the ISA, and a tensor gets the same σ alone or in a batch. Groups that fit in
-// cache (per-channel rows) are done whole by one thread: σ, then the mask pass or the gradient
-// sum while the row is still cached. Otherwise tiles are spread over threads by element count.
+// Standard deviation in one pass over memory: blocks of 1024 elements get Σ(x - k) and
+// Σ(x - k)² in 16 fp32 lanes, added up in double, with k the mean of the blocks before (the
+// first block of a range is read twice, for its own mean); a block whose fp32 Σ(x - k)² would
+// overflow or underflow is redone in double lanes. Blocks, then fixed tiles of 65536, are
+// merged with Chan's formula in double in a fixed order: σ depends neither on the thread count
+// nor on the ISA, a tensor gets the same σ alone or in a batch, and it is torch.std's fp32
+// value up to the fp32 lane sums (64 terms each: ~1e-7 relative typically, 4e-6 at worst).
+// Groups that fit in cache (per-channel rows) are done whole by one thread: σ, then the mask
+// pass or the gradient sum while the row is still cached. Otherwise tiles are spread over
+// threads by element count.
 //
 // Storage conversions, lane sums and new_output follow csrc/cpu/threshold.cpp (kept local to
 // this namespace: the families share no header yet).
@@ -175,22 +178,42 @@ SK_INLINE Moments merge(const Moments& a, const Moments& b) {
 // Unbiased std rounded to fp32 (NaN for n < 2, as torch.std).
 SK_INLINE float sigma_of(const Moments& m) { return float(std::sqrt(m.m2 / (m.n - 1.0))); }
 
-template <class S>
-Moments block_moments_f64(const typename S::raw* x, int64_t len) {
-  double s = 0.0;
-  for (int64_t j = 0; j < len; ++j) s += S::load(x[j]);
-  const double mean = s / double(len);
-  double q = 0.0;
-  for (int64_t j = 0; j < len; ++j) {
-    const double d = double(S::load(x[j])) - mean;
-    q += d * d;
+// 8 double lanes (two 4-lane vectors), added up in a fixed order.
+#if defined(__GNUC__)
+typedef double Lanes4d __attribute__((vector_size(32)));
+#else
+struct Lanes4d {
+  double v[4];
+  Lanes4d& operator+=(const Lanes4d& o) {
+    for (int l = 0; l < 4; ++l) v[l] += o.v[l];
+    return *this;
   }
-  return {double(len), mean, q};
-}
+};
+#endif
+constexpr int kLanes64 = 8;
 
-// Moments of len <= kBlock elements (in cache after the first read).
+struct Lanes64 {
+  Lanes4d lo{}, hi{};
+  SK_INLINE void add(const double* p) {
+    Lanes4d a, b;
+    std::memcpy(&a, p, sizeof a);
+    std::memcpy(&b, p + 4, sizeof b);
+    lo += a;
+    hi += b;
+  }
+  SK_INLINE double sum() const {
+    double f[kLanes64];
+    std::memcpy(f, &lo, sizeof lo);
+    std::memcpy(f + 4, &hi, sizeof hi);
+    double s = 0.0;
+    for (int l = 0; l < kLanes64; ++l) s += f[l];
+    return s;
+  }
+};
+
+// Mean of len <= kBlock elements (fp32 lanes added up in double), rounded to fp32.
 template <class S>
-SK_INLINE Moments block_moments(const typename S::raw* x, int64_t len) {
+SK_INLINE float block_mean(const typename S::raw* x, int64_t len) {
   Lanes ls;
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
@@ -199,35 +222,74 @@ SK_INLINE Moments block_moments(const typename S::raw* x, int64_t len) {
     ls.add(v);
   }
   double sum = ls.sum();
-  for (int64_t i = j; i < len; ++i) sum += S::load(x[i]);
-  const float m = float(sum / double(len));
-  Lanes ld, lq;
-  for (j = 0; j + kLanes <= len; j += kLanes) {
-    alignas(64) float d[kLanes];
-    alignas(64) float q[kLanes];
-    SK_SIMD for (int l = 0; l < kLanes; ++l) {
-      d[l] = S::load(x[j + l]) - m;
+  for (; j < len; ++j) sum += S::load(x[j]);
+  return float(sum / double(len));
+}
+
+SK_INLINE Moments moments_of(int64_t len, double k, double sd, double sq) {
+  const double m2 = sq - sd * sd / double(len);
+  return {double(len), k + sd / double(len), m2 < 0.0 ? 0.0 : m2};
+}
+
+// Moments of len <= kBlock elements from double lane sums of d = x - k and d² (the fallback).
+template <class S>
+Moments block_moments_f64(const typename S::raw* x, int64_t len, double k) {
+  Lanes64 ld, lq;
+  int64_t j = 0;
+  for (; j + kLanes64 <= len; j += kLanes64) {
+    alignas(64) double d[kLanes64];
+    alignas(64) double q[kLanes64];
+    SK_SIMD for (int l = 0; l < kLanes64; ++l) {
+      d[l] = double(S::load(x[j + l])) - k;
       q[l] = d[l] * d[l];
     }
     ld.add(d);
     lq.add(q);
   }
   double sd = ld.sum(), sq = lq.sum();
-  for (int64_t i = j; i < len; ++i) {
-    const float d = S::load(x[i]) - m;
+  for (; j < len; ++j) {
+    const double d = double(S::load(x[j])) - k;
     sd += d;
     sq += d * d;
   }
-  if (!std::isfinite(sum) || !std::isfinite(sq)) return block_moments_f64<S>(x, len);  // overflow or NaN/inf
-  const double m2 = sq - sd * sd / double(len);
-  return {double(len), double(m) + sd / double(len), m2 < 0.0 ? 0.0 : m2};
+  return moments_of(len, k, sd, sq);
 }
 
+// Moments of len <= kBlock elements from fp32 lane sums of d = x - k and d², k an estimate of the
+// mean (so that nothing is lost to cancellation). A block whose fp32 Σd² overflows (|w| ≳ 1e19),
+// comes near the fp32 underflow (|w - k| ≲ 1e-17) or meets a NaN/inf is redone in double.
+template <class S>
+SK_INLINE Moments block_moments(const typename S::raw* x, int64_t len, float k) {
+  Lanes ld, lq;
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    alignas(64) float d[kLanes];
+    alignas(64) float q[kLanes];
+    SK_SIMD for (int l = 0; l < kLanes; ++l) {
+      d[l] = S::load(x[j + l]) - k;
+      q[l] = d[l] * d[l];
+    }
+    ld.add(d);
+    lq.add(q);
+  }
+  double sd = ld.sum(), sq = lq.sum();
+  for (; j < len; ++j) {
+    const float d = S::load(x[j]) - k;
+    sd += d;
+    sq += d * d;
+  }
+  if (!(sq >= 1e-30 && sq <= 1e37)) return block_moments_f64<S>(x, len, k);  // also NaN
+  return moments_of(len, k, sd, sq);
+}
+
+// Blocks in order, each shifted by the mean so far (the first by its own mean): one sweep over
+// memory and one over L1 per block (two for the first).
 template <class S>
 SK_CLONES Moments range_moments(const typename S::raw* x, int64_t len) {
   Moments acc;
   for (int64_t b = 0; b < len; b += kBlock) {
-    acc = merge(acc, block_moments<S>(x + b, std::min(kBlock, len - b)));
+    const int64_t n = std::min(kBlock, len - b);
+    acc = merge(acc, block_moments<S>(x + b, n, b == 0 ? block_mean<S>(x, n) : float(acc.mean)));
   }
   return acc;
 }

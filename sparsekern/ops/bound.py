@@ -22,6 +22,7 @@ statistic: :func:`sparsekern.magnitude_thresholds` computes per-layer magnitude 
 exactly by selection (numpy's ``linear`` quantile by default; the same rank as the exact bound
 up to one element); ``reference.bisection_bound`` is the paper's bisection baseline.
 """
+import functools
 import math
 import statistics
 import warnings
@@ -35,6 +36,7 @@ from ._common import (as_threshold, check_number, check_weight, define_op, is_co
 from .select import _check_per_tensor, _check_tensors
 
 
+@functools.lru_cache(maxsize=1024)
 def sqrt2_erfinv(s):
     """``√2·erfinv(s)`` in double precision for ``s ∈ [0, 1]`` (the Gaussian bound multiplier).
 
