@@ -12,7 +12,8 @@ Gaussian bounds): programs own BLOCK_R rows and a split of the columns (the thre
 ``_tiling``); per tile, the row mean, then the squared deviations from it, merged over the
 program's tiles with Chan's formula in fp32 into a partial ``(count, mean, M2)`` per
 ``(row, split)``. Consumers merge a row's partials in one fixed-order reduction, so results are
-deterministic. Nothing is read back to the host.
+deterministic. Nothing is read back to the host. Unlike the C++ kernels (double fallback), fp32
+squares limit σ to weights with |w − mean| between ~1e-17 and ~1e18.
 """
 import torch
 import triton
