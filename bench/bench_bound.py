@@ -20,9 +20,7 @@ Script (table, targets; writes bench/results/bound-<device>.md)::
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -166,29 +164,6 @@ def test_asl_threshold(benchmark, provider, mode):
 
 # --- script ---------------------------------------------------------------------------------------
 
-def time_side_by_side(steps, device, reps, warmup=2):
-    """Seconds per call of each step (median, quartiles, min): ``warmup`` untimed calls each
-    (compilation happens there), then ``reps`` rounds of one timed call per step, so that the
-    background load of the shared machine hits every provider alike."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    sync()
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive")
-        out[name] = {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(ts), "reps": reps}
-    return out
-
-
 def _ms(s):
     return f"{s * 1e3:.1f}" if s >= 0.01 else f"{s * 1e3:.2f}"
 
@@ -203,7 +178,8 @@ def run_gaussian(device):
     fns = {p: gaussian_fn(p) for p in PROVIDERS}
     for p in ("compile", "sparsekern"):
         torch.testing.assert_close(fns[p](ws).cpu(), fns["eager"](ws).cpu(), atol=0, rtol=1e-6)
-    return time_side_by_side({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}, device, reps=40)
+    return H.time_steps({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}, device, budget_s=0.5,
+                        min_reps=20, max_reps=60)
 
 
 def run_bounds(device):
@@ -211,7 +187,8 @@ def run_bounds(device):
     lap = laplace_like(ws)
     print("  per-layer bounds ...", flush=True)
     fns = {m: bound_fn(m) for m in BOUND_METHODS}
-    stats = time_side_by_side({m: (lambda fn=fn: fn(ws)) for m, fn in fns.items()}, device, reps=7, warmup=1)
+    stats = H.time_steps({m: (lambda fn=fn: fn(ws)) for m, fn in fns.items()}, device, budget_s=0.0,
+                         min_reps=7, max_reps=7, warmup=1)
     out = []
     for m, fn in fns.items():
         errs = [(attained(x, fn(x).cpu()) - SPARSITY).abs() for x in (ws, lap)]
@@ -225,7 +202,8 @@ def run_asl(device):
         print(f"  asl_threshold {label} {mode} ...", flush=True)
         w, r, g = asl_inputs(dtype, gran, mode == "fwd+bwd", device)
         steps = {p: asl_step(asl_fn(p), w, r, g, mode) for p in PROVIDERS}
-        out.append({"case": f"{label} {mode}", **time_side_by_side(steps, device, reps=15)})
+        out.append({"case": f"{label} {mode}", **H.time_steps(steps, device, budget_s=1.0, min_reps=10,
+                                                               max_reps=30)})
     return out
 
 
