@@ -8,6 +8,7 @@ from .ops import block_mask, ck_mask, intra_mask, masked_weight, nm_mask, prune_
 from .ops import global_magnitude_threshold, magnitude_thresholds
 from .ops import hard_threshold, power_threshold, soft_threshold, st3_threshold, str_threshold
 from . import nn  # noqa: E402  (layers call the ops above)
+from . import inference  # noqa: E402
 from .flops import FlopReport, count_flops
 from .losses import AdaptiveSparsityLoss
 from .sparsifier import CubicSchedule, Sparsifier, sparsify

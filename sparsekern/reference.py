@@ -481,3 +481,24 @@ def prune_fc_inputs(conv, fc_weight):
 def masked_weight(w, mask):
     """``w`` where ``mask`` else 0 (SPEC §5); autograd gives ``grad·mask`` (pruned: exactly 0)."""
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+# --- spmm family (sparse inference) -------------------------------------------------------------
+
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+    """``W·x + bias[:, None]`` for W in CSR (``rowptr [out+1]``, ``col [nnz]``, ``val [nnz]``)
+    and ``x [in, n]``; bias ``[out]`` or empty. Returns ``[out, n]``, or its transpose
+    ``[n, out]`` (contiguous) when ``transpose_out``."""
+    w = csr_to_dense(rowptr, col, val, (out_features, x.shape[0]))
+    y = w @ x
+    if bias.numel():
+        y = y + bias[:, None]
+    return y.t().contiguous() if transpose_out else y
+
+
+def csr_to_dense(rowptr, col, val, shape):
+    """Dense ``shape`` = ``[out, in]`` matrix of a CSR weight (``rowptr``, ``col``, ``val``)."""
+    rows = torch.repeat_interleave(torch.arange(shape[0], device=val.device), rowptr.diff())
+    w = val.new_zeros(shape)
+    w[rows, col.long()] = val
+    return w
