@@ -9,9 +9,10 @@ class SparseLayer:
     """Base of SparseConv2d and SparseLinear (`isinstance(m, SparseLayer)` finds them).
 
     State: ``weight`` (dense, trained), ``bias``, plus the method's own state (STR: ``s``;
-    st3/st3_sigma/feather/gmp: ``threshold``, set by the Sparsifier). The effective weight is
-    recomputed by one op each forward, so the state_dict holds no mask and the module traces
-    under ``torch.compile(fullgraph=True)``.
+    st3/st3_sigma/feather/gmp: ``threshold``, set by the Sparsifier; ASL: ``r``; starfire/nm:
+    a bool ``mask``, the only methods whose structure is not a function of the weights). The
+    effective weight is recomputed by one op each forward (no ``weight_orig``/``weight_mask``),
+    and the module traces under ``torch.compile(fullgraph=True)``.
     """
 
     _dense_cls: type[nn.Module]
