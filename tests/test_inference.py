@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sparsekern as sk
-from sparsekern.inference import CSRConv1x1, CSRLinear
+from sparsekern.inference import CSRConv1x1, CSRConv2d, CSRLinear
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -69,9 +69,9 @@ def test_convert_small_cnn_equals_dense():
     conv, report = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1)
     assert isinstance(conv.pw, CSRConv1x1) and isinstance(conv.down, CSRConv1x1)
     assert isinstance(conv.fc1, CSRLinear) and isinstance(conv.fc2, CSRLinear)
-    assert isinstance(conv.stem, nn.Conv2d)  # 3×3: not covered, stays dense
+    assert isinstance(conv.stem, CSRConv2d)
     rows = {r.name: r for r in report}
-    assert rows["stem"].format == "dense" and rows["fc1"].format == "csr"
+    assert rows["stem"].format == "csr" and rows["fc1"].format == "csr"
     assert rows["fc1"].input_shape == (2, 512) and rows["pw"].input_shape == (2, 16, 8, 8)
     assert 0.0 < rows["fc1"].density < 0.2 and rows["fc1"].speedup > 0
     assert "fc1" in str(report)
@@ -143,3 +143,14 @@ def test_errors():
         c(torch.randn(6, 2))
     with pytest.raises(TypeError, match="nn.Module"):
         sk.inference.convert(torch.randn(3))
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_csr_conv2d_module(stride, padding, dilation):
+    conv = prune_(nn.Conv2d(6, 10, 3, stride, padding, dilation), 0.8).eval()
+    m = CSRConv2d.from_dense(conv).eval()
+    for shape in [(1, 6, 9, 9), (2, 6, 12, 7), (1, 6, 9, 9)]:  # repeated size: cached offsets
+        x = torch.randn(shape)
+        torch.testing.assert_close(m(x), conv(x).detach(), **TOL)
+    with pytest.raises(ValueError, match="groups 1"):
+        CSRConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))

@@ -103,3 +103,37 @@ def test_bad_inputs():
         csr_from_dense(torch.ones(2, 2, dtype=torch.float16))
     with pytest.raises(ValueError, match="2-D"):
         csr_from_dense(torch.ones(2))
+
+
+@pytest.mark.parametrize("cfg", [
+    # (out, in, kernel, stride, padding, dilation, H, W)
+    (8, 3, (3, 3), (1, 1), (1, 1), (1, 1), 7, 9),
+    (5, 4, (3, 3), (2, 2), (1, 1), (1, 1), 11, 6),
+    (6, 2, (5, 3), (1, 2), (2, 0), (1, 1), 9, 10),
+    (4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 8, 8),
+    (70, 5, (1, 1), (1, 1), (1, 1), (1, 1), 5, 5),
+    (3, 2, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),
+])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_csr_conv2d(kern, cfg, density, has_bias, monkeypatch):
+    from sparsekern.ops import spmm
+
+    out, inp, k, stride, padding, dilation, h, w = cfg
+    wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
+    bias = torch.randn(out) if has_bias else None
+    x = torch.randn(2, inp, h, w)
+    monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
+    torch.testing.assert_close(y, F.conv2d(x, wt, bias, stride, padding, dilation), **TOL)
+
+
+def test_csr_conv_opcheck_and_bounds():
+    rowptr, col, val = csr_from_dense(sparse_weight(6, 4, 0.5))
+    off = (col * 3).int()
+    x = torch.randn(4 * 3 + 5)
+    torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 5, 6))
+    torch.testing.assert_close(torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6),
+                               reference.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6), **TOL)
+    with pytest.raises(RuntimeError, match="reads past"):
+        torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, x.numel() - int(off.max()) + 1, 6)

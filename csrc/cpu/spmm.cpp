@@ -15,6 +15,14 @@
 // small buffer that is written out in either layout with contiguous stores. n = 1 (batch 1) is
 // a CSR mat-vec with one dot product per row. Each leaf is compiled for x86-64-v4 (AVX-512),
 // x86-64-v3 (AVX2) and the baseline (target_clones), with FMA contraction enabled here.
+//
+//   csr_conv(rowptr, off, val, bias, x, n, out_features) -> y [out_features, n]
+//     The same kernel with a per-nonzero element offset instead of a column index:
+//     y[o, j] = bias[o] + Σ_i val[i]·x[off[i] + j] over row o's nonzeros, x flat fp32, off int32.
+//     A stride-1 KxK convolution of one zero-padded image [C, Hp, Wp] is this with
+//     off = c·Hp·Wp + r·dil·Wp + s·dil for weight (c, r, s) and n = H_out·Wp: the output
+//     in "wide" rows of Wp pixels, whose last Wp − W_out columns the caller drops
+//     (direct sparse convolution, no im2col).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -98,19 +106,20 @@ SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float*
   }
 }
 
+// Rows b0..b1 of y = W·X, X[k, j] = x[col·ldx + j] for j < n.
 SK_CLONES void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                       const float* bias, const float* x, int64_t n, float* y, int64_t out,
-                       bool transpose_out, int64_t b0, int64_t b1) {
+                       const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
+                       int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
   alignas(64) float buf[kRowBlock * kTile];
   for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
     const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
     for (int64_t n0 = 0; n0 < n;) {
       const int64_t left = n - n0;
       const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
-      if (w == 64) rows_tile<4>(rowptr, col, val, bias, x, n, r0, r1, n0, buf);
-      else if (w == 32) rows_tile<2>(rowptr, col, val, bias, x, n, r0, r1, n0, buf);
-      else if (w == 16) rows_tile<1>(rowptr, col, val, bias, x, n, r0, r1, n0, buf);
-      else rows_tail(rowptr, col, val, bias, x, n, r0, r1, n0, w, buf);
+      if (w == 64) rows_tile<4>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
+      else if (w == 32) rows_tile<2>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
+      else if (w == 16) rows_tile<1>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
+      else rows_tail(rowptr, col, val, bias, x, ldx, r0, r1, n0, w, buf);
       if (transpose_out) {
         for (int64_t j = 0; j < w; ++j) {
           float* dst = y + (n0 + j) * out + r0;
@@ -175,9 +184,47 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
     });
   } else {
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mm_leaf(rp, cp, vp, bp, xp, n, yp, out_features, transpose_out, b, e);
+      mm_leaf(rp, cp, vp, bp, xp, n, n, yp, out_features, transpose_out, b, e);
     });
   }
+  return y;
+}
+
+at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::Tensor& val,
+                    const at::Tensor& bias, const at::Tensor& x, int64_t n, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
+                  x.is_contiguous(),
+              "csr_conv: x must be a contiguous 1-D float32 CPU tensor, got ", x.scalar_type(),
+              " ", x.sizes());
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
+                  rowptr.numel() == out_features + 1,
+              "csr_conv: rowptr must be contiguous int64 [out_features + 1]");
+  TORCH_CHECK(off.scalar_type() == at::kInt && off.is_contiguous() && val.is_contiguous() &&
+                  val.scalar_type() == at::kFloat && off.numel() == val.numel(),
+              "csr_conv: off must be int32 and val float32, contiguous, of equal length");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                                    bias.numel() == out_features),
+              "csr_conv: bias must be empty or contiguous float32 [out_features]");
+  TORCH_CHECK(n >= 0, "csr_conv: n must be non-negative");
+  const int32_t* op = off.const_data_ptr<int32_t>();
+  const int64_t nnz = val.numel();
+  if (n > 0) {
+    for (int64_t i = 0; i < nnz; ++i)
+      TORCH_CHECK(op[i] >= 0 && op[i] + n <= x.numel(), "csr_conv: offset ", op[i], " + n = ",
+                  n, " reads past x (", x.numel(), " elements)");
+  }
+  at::Tensor y = at::empty({out_features, n}, x.options());
+  if (n == 0 || out_features == 0) return y;
+  const int64_t* rp = rowptr.const_data_ptr<int64_t>();
+  const float* vp = val.const_data_ptr<float>();
+  const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t per_row = std::max<int64_t>(1, nnz / out_features * n);
+  const int64_t grain = std::max<int64_t>(kRowBlock, (32768 / per_row) / kRowBlock * kRowBlock);
+  at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
+    mm_leaf(rp, op, vp, bp, xp, 1, n, yp, out_features, false, b, e);
+  });
   return y;
 }
 
@@ -187,6 +234,11 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
 TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
   m.def("csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, int out_features, "
         "bool transpose_out) -> Tensor");
+  m.def("csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, int n, "
+        "int out_features) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) { m.impl("csr_mm", &sparsekern::cpu::csr_mm); }
+TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
+  m.impl("csr_mm", &sparsekern::cpu::csr_mm);
+  m.impl("csr_conv", &sparsekern::cpu::csr_conv);
+}

@@ -1,4 +1,4 @@
-"""``convert``: swap each Linear / 1×1 Conv2d for its sparse inference module where that is faster.
+"""``convert``: swap each Linear / Conv2d for its sparse inference module where that is faster.
 
 The choice is measured, not modelled: for every candidate layer the dense module and the
 sparse module run on a random input of the layer's real input shape (captured by running
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ..ops._common import check_number
-from .modules import CSRConv1x1, CSRLinear, supports_conv
+from .modules import CSRConv1x1, CSRConv2d, CSRLinear, supports_conv, supports_conv1x1
 
 #: Input shapes used when ``example_input`` is None: Linear ``[1, in]`` (batch 1),
-#: 1×1 Conv2d ``[1, C, 14, 14]``.
+#: Conv2d ``[1, C, 14, 14]``.
 DEFAULT_CONV_HW = 14
 
 
@@ -91,13 +91,13 @@ def _set_module(model, name, new):
 
 
 def convert(model, min_speedup=1.0, example_input=None, reps=5):
-    """Replace each ``nn.Linear`` and 1×1 ``nn.Conv2d`` of ``model`` (in place) by a
-    :class:`CSRLinear` / :class:`CSRConv1x1` where that measures at least ``min_speedup``×
+    """Replace each ``nn.Linear`` and ``nn.Conv2d`` (groups 1) of ``model`` (in place) by a
+    :class:`CSRLinear` / :class:`CSRConv1x1` (1×1, padding 0) / :class:`CSRConv2d` where that measures at least ``min_speedup``×
     faster than the dense layer on this device.
 
     example_input: a tensor (or tuple of positional arguments) run once through ``model`` to
     capture each layer's input shape; the measurement uses random inputs of those shapes.
-    Without it, Linear layers are measured at ``[1, in]`` and 1×1 convs at ``[1, C, 14, 14]``.
+    Without it, Linear layers are measured at ``[1, in]`` and convs at ``[1, C, 14, 14]``.
     Only fp32 layers are candidates; layers not run by ``example_input`` stay dense.
     Returns ``(model, report)``: ``report`` is a :class:`ConversionReport` (format, density,
     measured times and speedup per layer). Converted modules are eval-only.
@@ -117,7 +117,7 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5):
         row = LayerReport(name, kind, (), density, "dense")
         report.append(row)
         if kind == "Conv2d" and not supports_conv(m):
-            row.note = "conv not 1x1/padding 0/groups 1"
+            row.note = "conv with groups > 1 or non-zero/string padding"
             continue
         if w.dtype != torch.float32:
             row.note = f"dtype {w.dtype} (sparse formats are fp32)"
@@ -130,7 +130,8 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5):
         else:
             row.input_shape = (1, m.in_features) if kind == "Linear" else \
                 (1, m.in_channels, DEFAULT_CONV_HW, DEFAULT_CONV_HW)
-        sparse = (CSRLinear if kind == "Linear" else CSRConv1x1).from_dense(m).eval()
+        cls = CSRLinear if kind == "Linear" else CSRConv1x1 if supports_conv1x1(m) else CSRConv2d
+        sparse = cls.from_dense(m).eval()
         x = torch.randn(row.input_shape, device=w.device)
         with torch.no_grad():
             td, ts = _time_pair(m, sparse, x, reps)

@@ -1,7 +1,8 @@
 """Eval-only inference modules holding a sparse weight (CSR over output rows, fp32).
 
-``CSRLinear`` replaces ``nn.Linear`` and ``CSRConv1x1`` a 1×1 ``nn.Conv2d`` (padding 0, groups
-1, any stride). Buffers ``rowptr``/``col``/``val`` (and ``bias``) are plain tensors: the module
+``CSRLinear`` replaces ``nn.Linear``, ``CSRConv1x1`` a 1×1 ``nn.Conv2d`` (padding 0, groups
+1, any stride) and ``CSRConv2d`` any other ``nn.Conv2d`` with groups 1 and zero padding (direct
+sparse convolution). Buffers ``rowptr``/``col``/``val`` (and ``bias``) are plain tensors: the module
 pickles, and its ``state_dict`` loads into any module of the same layer shape (the buffers are
 resized to the stored number of nonzeros).
 """
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..ops.spmm import csr_conv1x1, csr_from_dense, csr_linear
+from ..ops.spmm import conv_offsets, csr_conv1x1, csr_conv2d, csr_from_dense, csr_linear
 
 
 class _CSRBase(nn.Module):
@@ -89,7 +90,7 @@ class CSRConv1x1(_CSRBase):
 
     @classmethod
     def from_dense(cls, conv):
-        if not supports_conv(conv):
+        if not supports_conv1x1(conv):
             raise ValueError(f"CSRConv1x1 needs a 1×1 Conv2d with padding 0, groups 1 and equal "
                              f"strides; got {conv}")
         return cls(conv.weight, conv.bias, conv.stride[0])
@@ -103,8 +104,51 @@ class CSRConv1x1(_CSRBase):
                 f"bias={self.bias is not None}, density={self.density:.3f}")
 
 
+class CSRConv2d(_CSRBase):
+    """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR.
+    x: ``[N, C, H, W]`` fp32 → ``[N, out, H', W']`` as ``F.conv2d``."""
+
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
+        """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation:
+        int or pair of ints."""
+        super().__init__(weight.reshape(weight.shape[0], -1), bias)
+        pair = (lambda v: (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v))
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
+        self._offsets = {}  # (Hp, Wp) -> int32 offsets of the nonzeros in a padded image
+
+    @classmethod
+    def from_dense(cls, conv):
+        if not supports_conv(conv):
+            raise ValueError(f"CSRConv2d needs a Conv2d with groups 1 and numeric zero padding; got {conv}")
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+    def forward(self, x):
+        self._check(x, 1, ndim=4)
+        key = (x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
+        if key not in self._offsets:
+            self._offsets[key] = conv_offsets(self.col, self.kernel_size, self.dilation, *key)
+        return csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
+                          self.kernel_size, self.stride, self.padding, self.dilation, self._offsets[key])
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._offsets = {}
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}")
+
+
 def supports_conv(conv):
+    """Whether a ``nn.Conv2d`` can become a :class:`CSRConv2d` (groups 1, numeric zero padding)."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def supports_conv1x1(conv):
     """Whether a ``nn.Conv2d`` can become a :class:`CSRConv1x1`."""
-    return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
-            and tuple(conv.padding) == (0, 0) and conv.padding_mode == "zeros"
-            and conv.stride[0] == conv.stride[1])
+    return (supports_conv(conv) and tuple(conv.kernel_size) == (1, 1)
+            and tuple(conv.padding) == (0, 0) and conv.stride[0] == conv.stride[1])

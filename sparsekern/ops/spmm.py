@@ -5,7 +5,9 @@ The weight format is CSR over output rows, built once (:func:`csr_from_dense`):
 One raw op, ``torch.ops.sparsekern.csr_mm(rowptr, col, val, bias, x, out_features,
 transpose_out)``, computes ``W·x + bias`` for ``x [in, n]``: the ``n`` columns (batch or
 pixels) are the kernel's vector dimension. ``transpose_out`` returns ``[n, out]`` (Linear
-layout) instead of ``[out, n]`` (1×1 conv layout). Kernels: C++ on CPU
+layout) instead of ``[out, n]`` (1×1 conv layout). ``torch.ops.sparsekern.csr_conv(rowptr, off,
+val, bias, x, n, out_features)`` reads each nonzero's run ``x[off : off + n]`` of a flat input
+instead (direct KxK convolution, :func:`csr_conv2d`). Kernels: C++ on CPU
 (``csrc/cpu/spmm.cpp``), else the reference (``sparsekern.reference.csr_mm``).
 No autograd: these are inference ops.
 """
@@ -17,7 +19,7 @@ from .. import _ext, reference
 from ._common import define_op, register_c_fakes
 
 #: The kernel contract implemented by ``sparsekern.reference`` (no C++ library, or not CPU).
-REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm)
+REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv)
 
 
 def _k(x):
@@ -29,13 +31,20 @@ def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     return x.new_empty((n, out_features) if transpose_out else (out_features, n))
 
 
-register_c_fakes({"csr_mm": _fake_csr_mm})
+register_c_fakes({"csr_mm": _fake_csr_mm,
+                  "csr_conv": lambda rowptr, off, val, bias, x, n, out_features: x.new_empty((out_features, n))})
 
 
 @define_op("csr_mm")
 def _csr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
             x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
     return _k(x).csr_mm(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+
+
+@define_op("csr_conv")
+def _csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
+              x: torch.Tensor, n: int, out_features: int) -> torch.Tensor:
+    return _k(x).csr_conv(rowptr, off, val, bias, x.contiguous(), n, out_features)
 
 
 def csr_from_dense(w):
@@ -77,3 +86,40 @@ def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
     if not ys:
         return x.new_empty((0, out_features, h, w))
     return torch.stack(ys).reshape(n, out_features, h, w)
+
+
+def conv_offsets(col, kernel_size, dilation, hp, wp):
+    """Flat input offsets (int32 ``[nnz]``) of the nonzeros of a CSR conv weight ``[out, C·R·S]``
+    in a zero-padded image ``[C, hp, wp]``: ``c·hp·wp + r·dil_h·wp + s·dil_w``."""
+    r_, s_ = kernel_size
+    col = col.long()
+    c, r, s = col // (r_ * s_), (col // s_) % r_, col % s_
+    off = c * (hp * wp) + r * (dilation[0] * wp) + s * dilation[1]
+    if off.numel() and int(off.max()) + hp * wp >= 2 ** 31:
+        raise ValueError(f"csr_conv2d: input of {hp}×{wp} pixels per channel is too large for int32 offsets")
+    return off.to(torch.int32)
+
+
+def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, offsets=None):
+    """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
+    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Each image is zero-padded
+    once into a flat buffer and convolved directly at stride 1 in wide rows (see ``csr_conv``);
+    stride > 1 subsamples that result. ``offsets``: :func:`conv_offsets` for this input size
+    (computed when None)."""
+    (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n_img, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    h1, w1 = hp - dh * (r_ - 1), wp - dw * (s_ - 1)  # stride-1 output size
+    if h1 <= 0 or w1 <= 0:
+        raise ValueError(f"csr_conv2d: input {tuple(x.shape)} is smaller than the dilated kernel")
+    if offsets is None:
+        offsets = conv_offsets(col, kernel_size, dilation, hp, wp)
+    plane = c * hp * wp
+    buf = x.new_zeros(n_img, plane + dw * (s_ - 1))  # slack: the last wide row reads past the image
+    buf[:, :plane].view(n_img, c, hp, wp)[:, :, ph:ph + h, pw:pw + w] = x
+    b = bias if bias is not None else val.new_empty(0)
+    out = x.new_empty(n_img, out_features, (h1 - 1) // sh + 1, (w1 - 1) // sw + 1)
+    for i in range(n_img):
+        y = _csr_conv(rowptr, offsets, val, b, buf[i], h1 * wp, out_features)
+        out[i] = y.view(out_features, h1, wp)[:, ::sh, :w1:sw]
+    return out
