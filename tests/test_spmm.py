@@ -124,16 +124,24 @@ def test_csr_conv2d(kern, cfg, density, has_bias, monkeypatch):
     bias = torch.randn(out) if has_bias else None
     x = torch.randn(2, inp, h, w)
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
-    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
-    torch.testing.assert_close(y, F.conv2d(x, wt, bias, stride, padding, dilation), **TOL)
+    args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
+    y, scratch = spmm.csr_conv2d(x, *args)
+    expect = F.conv2d(x, wt, bias, stride, padding, dilation)
+    torch.testing.assert_close(y, expect, **TOL)
+    y, _ = spmm.csr_conv2d(x.flip(0), *args, scratch=scratch)  # reused buffer
+    torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
 def test_csr_conv_opcheck_and_bounds():
     rowptr, col, val = csr_from_dense(sparse_weight(6, 4, 0.5))
     off = (col * 3).int()
-    x = torch.randn(4 * 3 + 5)
-    torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 5, 6))
-    torch.testing.assert_close(torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6),
-                               reference.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6), **TOL)
+    x = torch.randn(4 * 3 + 6)
+    torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 6, 6, 7, 3, 2))
+    for slab, wp, wv in ((4, 3, 2), (100, 6, 6), (1, 2, 0)):
+        torch.testing.assert_close(
+            torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 6, 6, slab, wp, wv),
+            reference.csr_conv(rowptr, off, val, torch.empty(0), x, 6, 6, slab, wp, wv), **TOL)
     with pytest.raises(RuntimeError, match="reads past"):
-        torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, x.numel() - int(off.max()) + 1, 6)
+        torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, x.numel() - int(off.max()) + 1, 6, 9, 1, 1)
+    with pytest.raises(RuntimeError, match="dividing n"):
+        torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6, 9, 3, 2)

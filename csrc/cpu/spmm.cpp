@@ -16,13 +16,15 @@
 // a CSR mat-vec with one dot product per row. Each leaf is compiled for x86-64-v4 (AVX-512),
 // x86-64-v3 (AVX2) and the baseline (target_clones), with FMA contraction enabled here.
 //
-//   csr_conv(rowptr, off, val, bias, x, n, out_features) -> y [out_features, n]
+//   csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv) -> y [out, n / wp, wv]
 //     The same kernel with a per-nonzero element offset instead of a column index:
-//     y[o, j] = bias[o] + Σ_i val[i]·x[off[i] + j] over row o's nonzeros, x flat fp32, off int32.
+//     z[o, j] = bias[o] + Σ_i val[i]·x[off[i] + j] over row o's nonzeros (j < n, x flat fp32,
+//     off int32), stored as rows of wp of which the first wv are kept: y[o, h, c] = z[o, h·wp + c].
 //     A stride-1 KxK convolution of one zero-padded image [C, Hp, Wp] is this with
 //     off = c·Hp·Wp + r·dil·Wp + s·dil for weight (c, r, s) and n = H_out·Wp: the output
-//     in "wide" rows of Wp pixels, whose last Wp − W_out columns the caller drops
-//     (direct sparse convolution, no im2col).
+//     in "wide" rows of Wp pixels, whose last Wp − W_out columns are dropped (wv = W_out)
+//     (direct sparse convolution, no im2col). off must ascend within a row; slab (elements,
+//     e.g. 16 channels' planes) blocks the reduction so the input it touches stays in cache.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,6 +58,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 constexpr int64_t kRowBlock = 16;  // rows per output buffer (one 64-byte store per column)
 constexpr int64_t kTile = 64;      // widest column tile
+constexpr int64_t kConvRows = 64;  // rows sharing one channel slab (csr_conv)
 
 SK_INLINE v16 splat(float a) { return v16{} + a; }
 
@@ -134,6 +137,86 @@ SK_CLONES void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* v
   }
 }
 
+// One row's nonzeros i.. with off < limit (a channel slab) added into acc[0:16·NV] for
+// columns n0..; advances i.
+template <int NV>
+SK_INLINE void slab_tile(const int32_t* off, const float* val, int64_t& i, int64_t e,
+                         int64_t limit, const float* x, float* acc) {
+  v16 a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const v16*>(acc + 16 * j); b[j] = v16{}; }
+  for (; i + 1 < e && off[i + 1] < limit; i += 2) {
+    const float* p = x + off[i];
+    const float* q = x + off[i + 1];
+    const v16 u = splat(val[i]), w = splat(val[i + 1]);
+    for (int j = 0; j < NV; ++j) {
+      a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+      b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+    }
+  }
+  if (i < e && off[i] < limit) {
+    const float* p = x + off[i];
+    const v16 u = splat(val[i]);
+    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+    ++i;
+  }
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<v16*>(acc + 16 * j) = a[j] + b[j];
+}
+
+SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64_t e,
+                         int64_t limit, const float* x, int64_t w, float* acc) {
+  for (; i < e && off[i] < limit; ++i) {
+    const float* p = x + off[i];
+    const float v = val[i];
+    for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
+  }
+}
+
+// Rows b0..b1 of y[o, j] = bias[o] + Σ val·x[off + j] (csr_conv), channel-slab blocked: for
+// each column tile the nonzeros are consumed slab by slab (offsets below k·slab) across a block
+// of kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses
+// it; the rows' partial sums live in a small buffer.
+SK_CLONES void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
+                         const float* bias, const float* x, int64_t n, int64_t slab,
+                         int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1) {
+  alignas(64) float acc[kConvRows * kTile];
+  int64_t cur[kConvRows];
+  for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
+    const int64_t r1 = std::min(b1, r0 + kConvRows), rows = r1 - r0;
+    for (int64_t n0 = 0; n0 < n;) {
+      const int64_t left = n - n0;
+      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+      for (int64_t r = 0; r < rows; ++r) {
+        cur[r] = rowptr[r0 + r];
+        std::fill(acc + r * kTile, acc + r * kTile + w, bias ? bias[r0 + r] : 0.f);
+      }
+      for (int64_t limit = slab; limit - slab < span; limit += slab) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t e = rowptr[r0 + r + 1];
+          float* a = acc + r * kTile;
+          if (w == 64) slab_tile<4>(off, val, cur[r], e, limit, x + n0, a);
+          else if (w == 32) slab_tile<2>(off, val, cur[r], e, limit, x + n0, a);
+          else if (w == 16) slab_tile<1>(off, val, cur[r], e, limit, x + n0, a);
+          else slab_tail(off, val, cur[r], e, limit, x + n0, w, a);
+        }
+      }
+      // wide column j = h·wp + c goes to y[row, h, c] if c < wv
+      const int64_t rows_out = n / wp;
+      for (int64_t j = n0; j < n0 + w;) {
+        const int64_t h = j / wp, c = j % wp;
+        const int64_t len = std::min(n0 + w, h * wp + wp) - j;
+        const int64_t keep = std::min(len, std::max<int64_t>(0, wv - c));
+        if (keep > 0) {
+          for (int64_t r = 0; r < rows; ++r)
+            std::memcpy(y + ((r0 + r) * rows_out + h) * wv + c, acc + r * kTile + (j - n0),
+                        keep * sizeof(float));
+        }
+        j += len;
+      }
+      n0 += w;
+    }
+  }
+}
+
 // n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]].
 SK_CLONES void mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
                        const float* bias, const float* x, float* y, int64_t b0, int64_t b1) {
@@ -191,7 +274,8 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
 }
 
 at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::Tensor& val,
-                    const at::Tensor& bias, const at::Tensor& x, int64_t n, int64_t out_features) {
+                    const at::Tensor& bias, const at::Tensor& x, int64_t n, int64_t out_features,
+                    int64_t slab, int64_t wp, int64_t wv) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
                   x.is_contiguous(),
               "csr_conv: x must be a contiguous 1-D float32 CPU tensor, got ", x.scalar_type(),
@@ -205,7 +289,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
                                     bias.numel() == out_features),
               "csr_conv: bias must be empty or contiguous float32 [out_features]");
-  TORCH_CHECK(n >= 0, "csr_conv: n must be non-negative");
+  TORCH_CHECK(n >= 0 && slab > 0 && wp > 0 && n % wp == 0 && wv >= 0 && wv <= wp,
+              "csr_conv: need n >= 0, slab > 0, wp > 0 dividing n, 0 <= wv <= wp; got n=", n,
+              " slab=", slab, " wp=", wp, " wv=", wv);
   const int32_t* op = off.const_data_ptr<int32_t>();
   const int64_t nnz = val.numel();
   if (n > 0) {
@@ -213,8 +299,8 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
       TORCH_CHECK(op[i] >= 0 && op[i] + n <= x.numel(), "csr_conv: offset ", op[i], " + n = ",
                   n, " reads past x (", x.numel(), " elements)");
   }
-  at::Tensor y = at::empty({out_features, n}, x.options());
-  if (n == 0 || out_features == 0) return y;
+  at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
+  if (y.numel() == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const float* vp = val.const_data_ptr<float>();
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
@@ -222,8 +308,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   float* yp = y.mutable_data_ptr<float>();
   const int64_t per_row = std::max<int64_t>(1, nnz / out_features * n);
   const int64_t grain = std::max<int64_t>(kRowBlock, (32768 / per_row) / kRowBlock * kRowBlock);
+  const int64_t span = x.numel();  // every offset is below it
   at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-    mm_leaf(rp, op, vp, bp, xp, 1, n, yp, out_features, false, b, e);
+    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e);
   });
   return y;
 }
@@ -235,7 +322,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
   m.def("csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, int out_features, "
         "bool transpose_out) -> Tensor");
   m.def("csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, int n, "
-        "int out_features) -> Tensor");
+        "int out_features, int slab, int wp, int wv) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {

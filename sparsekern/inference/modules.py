@@ -6,6 +6,8 @@ sparse convolution). Buffers ``rowptr``/``col``/``val`` (and ``bias``) are plain
 pickles, and its ``state_dict`` loads into any module of the same layer shape (the buffers are
 resized to the stored number of nonzeros).
 """
+import threading
+
 import torch
 from torch import nn
 
@@ -117,6 +119,7 @@ class CSRConv2d(_CSRBase):
         self.kernel_size = tuple(weight.shape[2:])
         self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
         self._offsets = {}  # (Hp, Wp) -> int32 offsets of the nonzeros in a padded image
+        self._scratch = {}  # (thread, C, H, W) -> zero-padded input buffer, reused
 
     @classmethod
     def from_dense(cls, conv):
@@ -129,12 +132,23 @@ class CSRConv2d(_CSRBase):
         key = (x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
         if key not in self._offsets:
             self._offsets[key] = conv_offsets(self.col, self.kernel_size, self.dilation, *key)
-        return csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
-                          self.kernel_size, self.stride, self.padding, self.dilation, self._offsets[key])
+        skey = (threading.get_ident(),) + tuple(x.shape[1:])
+        y, self._scratch[skey] = csr_conv2d(
+            x, self.rowptr, self.col, self.val, self.bias, self.out_features, self.kernel_size,
+            self.stride, self.padding, self.dilation, self._offsets[key], self._scratch.get(skey))
+        return y
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
+        self._offsets, self._scratch = {}, {}
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._offsets = {}
+        self._offsets, self._scratch = {}, {}
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_offsets": {}, "_scratch": {}}
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "

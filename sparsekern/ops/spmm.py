@@ -6,8 +6,9 @@ One raw op, ``torch.ops.sparsekern.csr_mm(rowptr, col, val, bias, x, out_feature
 transpose_out)``, computes ``W·x + bias`` for ``x [in, n]``: the ``n`` columns (batch or
 pixels) are the kernel's vector dimension. ``transpose_out`` returns ``[n, out]`` (Linear
 layout) instead of ``[out, n]`` (1×1 conv layout). ``torch.ops.sparsekern.csr_conv(rowptr, off,
-val, bias, x, n, out_features)`` reads each nonzero's run ``x[off : off + n]`` of a flat input
-instead (direct KxK convolution, :func:`csr_conv2d`). Kernels: C++ on CPU
+val, bias, x, n, out_features, slab, wp, wv)`` reads each nonzero's run ``x[off : off + n]`` of a
+flat input instead and keeps the first ``wv`` of every ``wp`` outputs: ``[out, n / wp, wv]``
+(direct KxK convolution, :func:`csr_conv2d`). Kernels: C++ on CPU
 (``csrc/cpu/spmm.cpp``), else the reference (``sparsekern.reference.csr_mm``).
 No autograd: these are inference ops.
 """
@@ -32,7 +33,8 @@ def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
 
 
 register_c_fakes({"csr_mm": _fake_csr_mm,
-                  "csr_conv": lambda rowptr, off, val, bias, x, n, out_features: x.new_empty((out_features, n))})
+                  "csr_conv": lambda rowptr, off, val, bias, x, n, out_features, slab, wp, wv:
+                      x.new_empty((out_features, n // wp, wv))})
 
 
 @define_op("csr_mm")
@@ -43,8 +45,8 @@ def _csr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: to
 
 @define_op("csr_conv")
 def _csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
-              x: torch.Tensor, n: int, out_features: int) -> torch.Tensor:
-    return _k(x).csr_conv(rowptr, off, val, bias, x.contiguous(), n, out_features)
+              x: torch.Tensor, n: int, out_features: int, slab: int, wp: int, wv: int) -> torch.Tensor:
+    return _k(x).csr_conv(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
 
 
 def csr_from_dense(w):
@@ -88,6 +90,10 @@ def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
     return torch.stack(ys).reshape(n, out_features, h, w)
 
 
+#: Input channels per reduction slab of ``csr_conv`` (their rows of a column tile stay in L1).
+SLAB_CHANNELS = 32
+
+
 def conv_offsets(col, kernel_size, dilation, hp, wp):
     """Flat input offsets (int32 ``[nnz]``) of the nonzeros of a CSR conv weight ``[out, C·R·S]``
     in a zero-padded image ``[C, hp, wp]``: ``c·hp·wp + r·dil_h·wp + s·dil_w``."""
@@ -100,12 +106,14 @@ def conv_offsets(col, kernel_size, dilation, hp, wp):
     return off.to(torch.int32)
 
 
-def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, offsets=None):
+def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation,
+               offsets=None, scratch=None):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
-    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Each image is zero-padded
-    once into a flat buffer and convolved directly at stride 1 in wide rows (see ``csr_conv``);
+    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Each image is copied into a
+    zero-padded flat buffer and convolved directly at stride 1 in wide rows (see ``csr_conv``);
     stride > 1 subsamples that result. ``offsets``: :func:`conv_offsets` for this input size
-    (computed when None)."""
+    (computed when None); ``scratch``: a reusable buffer from an earlier call with this input
+    size (its padding is still zero), else a new one is made. Returns ``(y, scratch)``."""
     (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     n_img, c, h, w = x.shape
     hp, wp = h + 2 * ph, w + 2 * pw
@@ -115,11 +123,14 @@ def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, pad
     if offsets is None:
         offsets = conv_offsets(col, kernel_size, dilation, hp, wp)
     plane = c * hp * wp
-    buf = x.new_zeros(n_img, plane + dw * (s_ - 1))  # slack: the last wide row reads past the image
-    buf[:, :plane].view(n_img, c, hp, wp)[:, :, ph:ph + h, pw:pw + w] = x
+    if scratch is None:  # slack: the last wide row reads past the image
+        scratch = x.new_zeros(plane + dw * (s_ - 1))
+    inner = scratch[:plane].view(c, hp, wp)[:, ph:ph + h, pw:pw + w]
     b = bias if bias is not None else val.new_empty(0)
-    out = x.new_empty(n_img, out_features, (h1 - 1) // sh + 1, (w1 - 1) // sw + 1)
+    ys = []
     for i in range(n_img):
-        y = _csr_conv(rowptr, offsets, val, b, buf[i], h1 * wp, out_features)
-        out[i] = y.view(out_features, h1, wp)[:, ::sh, :w1:sw]
-    return out
+        inner.copy_(x[i])
+        y = _csr_conv(rowptr, offsets, val, b, scratch, h1 * wp, out_features, SLAB_CHANNELS * hp * wp, wp, w1)
+        ys.append(y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw])
+    out = torch.stack(ys) if ys else x.new_empty(0, out_features, (h1 - 1) // sh + 1, (w1 - 1) // sw + 1)
+    return out, scratch
