@@ -1,6 +1,7 @@
-"""Sparse Linear (spmm family): crossover of sparsekern's CSR kernel vs dense ``F.linear`` (MKL)
-and torch CSR (``w.to_sparse_csr()`` matmul) over sparsity 50–99 %, Linear 4096×4096 at batch 1
-and 64, fp32, CPU. Outputs are checked equal to dense.
+"""Sparse Linear and conv (spmm family): crossover of sparsekern's CSR kernels vs dense
+``F.linear`` (MKL) and torch CSR (``w.to_sparse_csr()`` matmul) over sparsity 50–99 %, Linear
+4096×4096 at batch 1 and 64; and the direct sparse 3×3 conv 256→256 at 56×56, batch 1, vs
+``F.conv2d`` (oneDNN). fp32, CPU. Outputs are checked equal to dense.
 
 pytest-benchmark (timing only)::
 
@@ -25,6 +26,8 @@ BATCHES = (1, 64)
 FEATURES = 4096
 #: (batch, sparsity, baseline) -> minimum speedup of sparsekern (issue 6)
 TARGETS = {(64, 0.9, "dense"): 4.0, (64, 0.95, "dense"): 7.0, (64, 0.9, "torch_csr"): 1.5}
+CONV_SPARSITIES = (0.7, 0.8, 0.9, 0.95)
+CONV_TARGET = (0.9, 2.5)  # 3×3 256→256 56×56 batch 1: ≥ 2.5× dense at 90 %
 
 
 def make_case(batch, sparsity, seed=0):
@@ -79,6 +82,38 @@ def bench_case(batch, sparsity):
     return {"batch": batch, "sparsity": sparsity, "load": load, **stats}
 
 
+def bench_conv(sparsity, seed=0):
+    """3×3 conv 256→256, padding 1, input [1, 256, 56, 56]: F.conv2d vs CSRConv2d."""
+    from sparsekern.inference import CSRConv2d
+
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).eval()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape, generator=g) >= sparsity)
+    sparse = CSRConv2d.from_dense(conv).eval()
+    x = torch.randn(1, 256, 56, 56, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), conv(x), atol=1e-3, rtol=1e-3)
+        snap = H.cpu_snapshot()
+        stats = H.time_steps({"dense": lambda: conv(x), "sparsekern": lambda: sparse(x)}, "cpu",
+                             budget_s=0.5, min_reps=7, max_reps=100)
+        load = H.other_load(snap, H.cpu_snapshot())
+    return {"sparsity": sparsity, "load": load, **stats}
+
+
+def conv_table(rows):
+    lines = ["| sparsity | dense ms | sparsekern ms | vs dense | other load (CPUs) |", "|---|---|---|---|---|"]
+    for r in rows:
+        d, s = r["dense"]["median_s"], r["sparsekern"]["median_s"]
+        lines.append(f"| {r['sparsity']:.0%} | {d * 1e3:.3f} | {s * 1e3:.3f} | {d / s:.1f}× | {r['load']:.1f} |")
+    r = next((r for r in rows if r["sparsity"] == CONV_TARGET[0]), None)
+    if r is None:
+        return lines
+    x = r["dense"]["median_s"] / r["sparsekern"]["median_s"]
+    return lines + ["", f"- 3×3 conv, {CONV_TARGET[0]:.0%}: ≥ {CONV_TARGET[1]}× dense — measured {x:.1f}× "
+                        f"({'PASS' if x >= CONV_TARGET[1] else 'FAIL'})"]
+
+
 def table(rows):
     lines = ["| batch | sparsity | dense ms | torch CSR ms | sparsekern ms | vs dense | vs torch CSR "
              "| other load (CPUs) |", "|---|---|---|---|---|---|---|---|"]
@@ -125,7 +160,14 @@ def main(argv=None):
             for s in SPARSITIES:
                 rows.append(bench_case(batch, s))
                 print("\n".join(table(rows[-1:])[2:]), flush=True)
-        md += [f"## {threads} thread{'s' if threads > 1 else ''}", ""] + table(rows) + [""] + targets(rows) + [""]
+        md += [f"## {threads} thread{'s' if threads > 1 else ''}", "", "### Linear 4096×4096", ""]
+        md += table(rows) + [""] + targets(rows) + [""]
+        crows = []
+        for s in CONV_SPARSITIES:
+            crows.append(bench_conv(s))
+            print("\n".join(conv_table(crows[-1:])[2:3]), flush=True)
+        md += ["### 3×3 conv 256→256, 56×56, batch 1 (`CSRConv2d`, direct sparse conv)", ""]
+        md += conv_table(crows) + [""]
     md.append(f"1-min load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     text = "\n".join(md) + "\n"
     print(text)
