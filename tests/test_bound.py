@@ -9,37 +9,21 @@ a weight within an ulp of the bound: masks are compared exactly outside that ban
 checked against Eq. 18 evaluated with the kernel's own forward mask.
 """
 import math
-import os
 
 import pytest
 import torch
 
 import sparsekern as sk
 from sparsekern import reference
-from sparsekern.ops.bound import REFERENCE_KERNELS, sqrt2_erfinv
-from utils import DTYPES, TOL, TRITON_DEVICE, make_weight
+from sparsekern.ops.bound import sqrt2_erfinv
+from utils import DTYPES, kernel_backend, make_weight
 
 BACKENDS = ["cpp", "triton", "reference"]
 SHAPES = [(2,), (7,), (769,), (64, 32, 3, 3), (5, 123, 123)]
 
 
 def _backend(name):
-    """Kernel namespace ("cpp", "triton", "reference") of the bound contract and its device."""
-    if name == "cpp":
-        from sparsekern import _ext
-        from sparsekern.ops import bound
-
-        if not _ext.LOADED:
-            if os.environ.get("SPARSEKERN_NO_EXT") == "1":
-                pytest.skip("SPARSEKERN_NO_EXT=1: C++ kernels deliberately not loaded")
-            raise AssertionError(f"C++ kernels failed to load: {_ext.ERROR}")
-        assert bound.HAS_C, "the C++ library has no bound kernels: rebuild it"
-        return torch.ops.sparsekern_C, "cpu"
-    if name == "triton":
-        import sparsekern.triton.bound as tb
-
-        return tb, TRITON_DEVICE
-    return REFERENCE_KERNELS, "cpu"
+    return kernel_backend(name, "bound")
 
 
 def _r_values(k, mode):
@@ -121,13 +105,15 @@ def test_gaussian_bounds_extreme_values(backend):
     torch.testing.assert_close(bounds, exp, atol=0, rtol=2e-7)
 
 
+# per-channel r needs ≥ 2 weights per channel (σ); 1-D weights have one (the public op refuses it)
+ASL_CASES = [(shape, mode) for shape in SHAPES[1:] for mode in ("layer", "channel")
+             if not (mode == "channel" and len(shape) == 1)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["layer", "channel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("shape, mode", ASL_CASES)
 def test_asl_kernels(backend, shape, dtype, mode):
-    if mode == "channel" and len(shape) == 1:
-        pytest.skip("one weight per channel: σ undefined (the public op refuses it)")
     k, dev = _backend(backend)
     w = make_weight(shape, dtype, dev)
     r = _r_values(shape[0], mode).to(dev)

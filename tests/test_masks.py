@@ -9,21 +9,13 @@ import torch
 import sparsekern as sk
 from sparsekern import reference as R
 from sparsekern.ops import masks as M
-from utils import DTYPES, TRITON_DEVICE, kernel_backend
+from utils import DTYPES, kernel_backend
 
 BACKENDS = ["cpp", "triton", "reference"]
 
 
 def _backend(name):
-    if name == "cpp":
-        kernel_backend("cpp")  # skips / fails exactly as for the other families
-        assert M.HAS_C, "the loaded C++ library has no masks kernels: rebuild"
-        return torch.ops.sparsekern_C, "cpu"
-    if name == "triton":
-        import sparsekern.triton.masks as tm
-
-        return tm, TRITON_DEVICE
-    return M.REFERENCE_KERNELS, "cpu"
+    return kernel_backend(name, "masks")
 
 
 def _weight(shape, dtype=torch.float32, ties=False, seed=0):
@@ -39,12 +31,13 @@ def _eq(a, b):
 
 # --- kernels vs reference -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+# the Triton interpreter is slow: its 16-bit runs use the heavy-ties weights only
+KERNEL_CASES = [(b, d, t) for b in BACKENDS for d in DTYPES for t in (False, True)
+                if not (b == "triton" and not t and d != torch.float32)]
+
+
+@pytest.mark.parametrize("backend, dtype, ties", KERNEL_CASES)
 def test_kernels_equal_reference(backend, dtype, ties):
-    if backend == "triton" and not ties and dtype != torch.float32:
-        pytest.skip("interpreter time: 16-bit Triton runs with ties only")
     k, dev = _backend(backend)
     big = backend != "triton"  # the interpreter is slow: small shapes there
     conv = _weight((40, 24, 3, 3) if big else (20, 8, 3, 3), dtype, ties).to(dev)

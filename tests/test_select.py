@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 import sparsekern as sk
 from sparsekern import reference
-from sparsekern.ops.select import REFERENCE_KERNELS
-from utils import TRITON_DEVICE
+from utils import kernel_backend
 
 METHODS = reference.INTERPOLATIONS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,23 +23,7 @@ QS = [0.0, 0.1, 0.5, 0.9, 0.999, 1.0]
 
 
 def _backend(name):
-    """Kernel namespace ("cpp", "triton", "reference") of the select contract and its device."""
-    if name == "cpp":
-        from sparsekern import _ext
-
-        if not _ext.LOADED:
-            if os.environ.get("SPARSEKERN_NO_EXT") == "1":
-                pytest.skip("SPARSEKERN_NO_EXT=1: C++ kernels deliberately not loaded")
-            raise AssertionError(f"C++ kernels failed to load: {_ext.ERROR}")
-        from sparsekern.ops import select
-
-        assert select.HAS_C, "the C++ library has no select kernels: rebuild it"
-        return torch.ops.sparsekern_C, "cpu"
-    if name == "triton":
-        import sparsekern.triton.select as ts
-
-        return ts, TRITON_DEVICE
-    return REFERENCE_KERNELS, "cpu"
+    return kernel_backend(name, "select")
 
 
 def np_quantile(tensors, q, scales=None, method="linear"):

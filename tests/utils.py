@@ -1,4 +1,5 @@
 """Shared test helpers: weights, thresholds, tolerances, kernel backends."""
+import importlib
 import os
 
 import pytest
@@ -19,8 +20,9 @@ TOL = {
 }
 
 
-def kernel_backend(name):
-    """The kernel namespace ``name`` ("cpp", "triton", "reference") and its tensor device."""
+def kernel_backend(name, family="threshold"):
+    """A family's kernel namespace ``name`` ("cpp", "triton", "reference") and its tensor device."""
+    kernels = importlib.import_module(f"sparsekern.ops.{family}").KERNELS
     if name == "cpp":
         from sparsekern import _ext
 
@@ -28,14 +30,11 @@ def kernel_backend(name):
             if os.environ.get("SPARSEKERN_NO_EXT") == "1":
                 pytest.skip("SPARSEKERN_NO_EXT=1: C++ kernels deliberately not loaded")
             raise AssertionError(f"C++ kernels failed to load: {_ext.ERROR}")
+        assert kernels.has_c, f"the C++ library has no {family} kernels: rebuild it"
         return torch.ops.sparsekern_C, "cpu"
     if name == "triton":
-        import sparsekern.triton.threshold as tk
-
-        return tk, TRITON_DEVICE
-    from sparsekern.ops.threshold import REFERENCE_KERNELS
-
-    return REFERENCE_KERNELS, "cpu"
+        return importlib.import_module(f"sparsekern.triton.{family}"), TRITON_DEVICE
+    return kernels.reference, "cpu"
 
 
 def make_weight(shape, dtype, device="cpu", seed=0):

@@ -1,5 +1,8 @@
 """Shared plumbing of the op layer: op definition, device dispatch, input validation."""
+import importlib
 import math
+import warnings
+
 import torch
 
 from .. import _ext
@@ -31,26 +34,33 @@ def define_op(name):
     return deco
 
 
-def kernels(device, family, fallback):
-    """Kernel namespace for a device: Triton on CUDA, C++ on CPU, else ``fallback``.
+class KernelFamily:
+    """The kernel namespaces of one op family, all implementing the family's contract.
 
-    All namespaces implement the same functions (see the family's op module).
+    ``family(device)`` gives Triton (``sparsekern.triton.<name>``) on CUDA, the C++ library
+    (``torch.ops.sparsekern_C``) on CPU, else ``reference``. ``c_fakes`` maps the family's C++
+    ops to fake kernels (needed when a CPU op body is traced). A library built before the family
+    existed lacks those ops: the CPU path then falls back to ``reference``, with a warning.
     """
-    if device.type == "cuda" and HAS_TRITON:
-        import importlib
 
-        return importlib.import_module(f"sparsekern.triton.{family}")
-    if device.type == "cpu" and _ext.LOADED:
-        return torch.ops.sparsekern_C
-    return fallback
+    def __init__(self, name, reference, c_fakes, has_triton=True):
+        self.name, self.reference, self.triton = name, reference, has_triton and HAS_TRITON
+        self.has_c = _ext.LOADED and all(hasattr(torch.ops.sparsekern_C, op) for op in c_fakes)
+        if _ext.LOADED and not self.has_c:
+            warnings.warn(
+                f"sparsekern: the C++ library has no {name} kernels (built before csrc/cpu/{name}.cpp "
+                f"was added?); {name} ops fall back to the eager reference on CPU. Rebuild with "
+                "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+        if self.has_c:
+            for op, fn in c_fakes.items():
+                torch.library.register_fake(f"sparsekern_C::{op}")(fn)
 
-
-def register_c_fakes(fakes):
-    """Fake kernels of the private C++ ops (needed when a CPU op body is traced)."""
-    if not _ext.LOADED:
-        return
-    for name, fn in fakes.items():
-        torch.library.register_fake(f"sparsekern_C::{name}")(fn)
+    def __call__(self, device):
+        if device.type == "cuda" and self.triton:
+            return importlib.import_module(f"sparsekern.triton.{self.name}")
+        if device.type == "cpu" and self.has_c:
+            return torch.ops.sparsekern_C
+        return self.reference
 
 
 def is_compiling():
@@ -103,3 +113,31 @@ def as_threshold(t, w, name="t", nonnegative=True):
         if nonnegative and (t < 0).any():
             raise ValueError(f"{name} must be non-negative, got min {t.min().item()}")
     return t.float().reshape(-1)
+
+
+def check_tensors(tensors):
+    """A non-empty list of float tensors on one device, detached."""
+    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors must not be empty")
+    for i, t in enumerate(tensors):
+        check_weight(t, f"tensors[{i}]")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
+    return [t.detach() for t in tensors]
+
+
+def check_per_tensor(values, n, name, lo, hi):
+    """``values``: one number (repeated n times) or n numbers (sequence or 1-D tensor) in [lo, hi]."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() > 1:
+            raise ValueError(f"{name} must be a number or 1-D, got shape {tuple(values.shape)}")
+        values = values.tolist()
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries; expected {n} (one per tensor)")
+    return [check_number(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(values)]

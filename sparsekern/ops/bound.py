@@ -25,15 +25,13 @@ up to one element); ``reference.bisection_bound`` is the paper's bisection basel
 import functools
 import math
 import statistics
-import warnings
 from types import SimpleNamespace
 
 import torch
 
-from .. import _ext, reference
-from ._common import (as_threshold, check_number, check_weight, define_op, is_compiling, kernels,
-                      register_c_fakes)
-from .select import _check_per_tensor, _check_tensors
+from .. import reference
+from ._common import (KernelFamily, as_threshold, check_number, check_per_tensor, check_tensors, check_weight,
+                      define_op, is_compiling)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -78,27 +76,17 @@ REFERENCE_KERNELS = SimpleNamespace(
     asl_bwd=lambda grad, w, r: reference.asl_threshold_backward(grad, w, r),
 )
 
-#: The loaded C++ library has the bound kernels (a stale build may not: then the reference).
-HAS_C = _ext.LOADED and hasattr(torch.ops.sparsekern_C, "asl_fwd")
-if _ext.LOADED and not HAS_C:
-    warnings.warn("sparsekern: the C++ library has no bound kernels (built before csrc/cpu/bound.cpp "
-                  "was added?); bound ops fall back to the eager reference on CPU. Rebuild with "
-                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+KERNELS = KernelFamily("bound", REFERENCE_KERNELS, {
+    "gaussian_bounds": lambda tensors, multipliers: (
+        tensors[0].new_empty((len(tensors),), dtype=torch.float32),
+        tensors[0].new_empty((), dtype=torch.int64)),
+    "asl_fwd": lambda w, r: torch.empty_like(w),
+    "asl_bwd": lambda grad, w, r: torch.empty_like(r),
+})
 
 
 def _k(x):
-    k = kernels(x.device, "bound", REFERENCE_KERNELS)
-    return REFERENCE_KERNELS if k is torch.ops.sparsekern_C and not HAS_C else k
-
-
-if HAS_C:
-    register_c_fakes({
-        "gaussian_bounds": lambda tensors, multipliers: (
-            tensors[0].new_empty((len(tensors),), dtype=torch.float32),
-            tensors[0].new_empty((), dtype=torch.int64)),
-        "asl_fwd": lambda w, r: torch.empty_like(w),
-        "asl_bwd": lambda grad, w, r: torch.empty_like(r),
-    })
+    return KERNELS(x.device)
 
 
 # --- raw ops ------------------------------------------------------------------------------------
@@ -171,8 +159,8 @@ def gaussian_bounds(tensors, sparsities, check_nan=True):
     sparsities: one number for all or one per tensor, in [0, 1]. Each bound equals the single
     call's bit for bit. NaN handling as :func:`gaussian_bound`, naming ``tensors[i]``.
     """
-    tensors = _check_tensors(tensors)
-    sparsities = _check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
+    tensors = check_tensors(tensors)
+    sparsities = check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
     for i, t in enumerate(tensors):
         _check_std_size(t, f"tensors[{i}]")
     bounds, nan_index = _gaussian_bounds(tensors, sparsities)

@@ -16,14 +16,13 @@ the reference as fallback) only select, with one contract:
 All take contiguous ``w``; masks are not differentiable (no autograd); ``masked_weight`` is.
 """
 import math
-import warnings
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from .. import _ext, reference
-from ._common import check_number, check_weight, define_op, kernels, register_c_fakes
+from .. import reference
+from ._common import KernelFamily, check_number, check_weight, define_op
 
 
 def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
@@ -43,26 +42,17 @@ REFERENCE_KERNELS = SimpleNamespace(
     masked_fwd=reference.masked_weight,
 )
 
-#: The loaded C++ library has the masks kernels (a stale build may not: then the reference).
-HAS_C = _ext.LOADED and hasattr(torch.ops.sparsekern_C, "kernel_mask")
-if _ext.LOADED and not HAS_C:
-    warnings.warn("sparsekern: the C++ library has no masks kernels (built before csrc/cpu/masks.cpp "
-                  "was added?); mask ops fall back to the eager reference on CPU. Rebuild with "
-                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
-
-
-def _k(w):
-    k = kernels(w.device, "masks", REFERENCE_KERNELS)
-    return REFERENCE_KERNELS if k is torch.ops.sparsekern_C and not HAS_C else k
-
-
 def _bool_like(w, *args):
     return torch.empty(w.shape, dtype=torch.bool, device=w.device)
 
 
-if HAS_C:
-    register_c_fakes({"nm_mask": _bool_like, "kernel_mask": _bool_like, "block_mask": _bool_like,
-                      "masked_fwd": lambda w, mask: torch.empty_like(w, memory_format=torch.contiguous_format)})
+KERNELS = KernelFamily("masks", REFERENCE_KERNELS, {
+    "nm_mask": _bool_like, "kernel_mask": _bool_like, "block_mask": _bool_like,
+    "masked_fwd": lambda w, mask: torch.empty_like(w, memory_format=torch.contiguous_format)})
+
+
+def _k(w):
+    return KERNELS(w.device)
 
 
 def _window_keep(w, sparsity, max_nonzero=None):

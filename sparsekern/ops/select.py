@@ -17,13 +17,12 @@ namespace (C++ on CPU, Triton on CUDA, the sort-based reference otherwise) with 
 where a, b are the k0-th / k1-th smallest fp32 keys ``|w|·c`` (k1 ∈ {k0, k0 + 1}) and the value
 is ``reference.numpy_lerp(a, b, gamma)`` if ``lerp`` else ``a`` (see ``csrc/cpu/select.cpp``).
 """
-import warnings
 from types import SimpleNamespace
 
 import torch
 
-from .. import _ext, reference
-from ._common import check_number, check_weight, define_op, is_compiling, kernels, register_c_fakes
+from .. import reference
+from ._common import KernelFamily, check_number, check_per_tensor, check_tensors, define_op, is_compiling
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -54,29 +53,19 @@ def _ref_each(tensors, k0s, k1s, gammas, lerp):
 REFERENCE_KERNELS = SimpleNamespace(select_global=_ref_global, select_each=_ref_each)
 
 
-#: The loaded C++ library has the select kernels (a stale build may not: then the reference).
-HAS_C = _ext.LOADED and hasattr(torch.ops.sparsekern_C, "select_global")
-if _ext.LOADED and not HAS_C:
-    warnings.warn("sparsekern: the C++ library has no select kernels (built before csrc/cpu/select.cpp "
-                  "was added?); select ops fall back to the eager reference on CPU. Rebuild with "
-                  "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
-
-
-def _k(tensors):
-    k = kernels(tensors[0].device, "select", REFERENCE_KERNELS)
-    return REFERENCE_KERNELS if k is torch.ops.sparsekern_C and not HAS_C else k
-
-
 def _outputs(tensors, shape):
     t = tensors[0]
     return t.new_empty(shape, dtype=torch.float32), t.new_empty((), dtype=torch.int64)
 
 
-if HAS_C:
-    register_c_fakes({
-        "select_global": lambda tensors, scales, k0, k1, gamma, lerp: _outputs(tensors, ()),
-        "select_each": lambda tensors, k0s, k1s, gammas, lerp: _outputs(tensors, (len(tensors),)),
-    })
+KERNELS = KernelFamily("select", REFERENCE_KERNELS, {
+    "select_global": lambda tensors, scales, k0, k1, gamma, lerp: _outputs(tensors, ()),
+    "select_each": lambda tensors, k0s, k1s, gammas, lerp: _outputs(tensors, (len(tensors),)),
+})
+
+
+def _k(tensors):
+    return KERNELS(tensors[0].device)
 
 
 # --- raw ops ------------------------------------------------------------------------------------
@@ -98,34 +87,6 @@ def _each(tensors: list[torch.Tensor], sparsities: list[float],
 
 
 # --- validation ---------------------------------------------------------------------------------
-
-def _check_tensors(tensors):
-    """A non-empty list of float tensors on one device, detached."""
-    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
-        raise TypeError(f"tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("tensors must not be empty")
-    for i, t in enumerate(tensors):
-        check_weight(t, f"tensors[{i}]")
-        if t.device != tensors[0].device:
-            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
-    return [t.detach() for t in tensors]
-
-
-def _check_per_tensor(values, n, name, lo, hi):
-    """``values``: one number (repeated n times) or n numbers (sequence or 1-D tensor) in [lo, hi]."""
-    if isinstance(values, torch.Tensor):
-        if values.dim() > 1:
-            raise ValueError(f"{name} must be a number or 1-D, got shape {tuple(values.shape)}")
-        values = values.tolist()
-    if isinstance(values, (int, float)) and not isinstance(values, bool):
-        values = [values] * n
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries; expected {n} (one per tensor)")
-    return [check_number(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(values)]
-
 
 def _check_interpolation(interpolation):
     if interpolation not in reference.INTERPOLATIONS:
@@ -157,12 +118,12 @@ def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="li
     one int64 back (a host sync); ``check_nan=False`` keeps the call asynchronous and returns NaN
     instead. Under torch.compile the check is skipped (the value is NaN).
     """
-    tensors = _check_tensors(tensors)
+    tensors = check_tensors(tensors)
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     if scales is None:
         scales = [1.0] * len(tensors)
     else:
-        scales = _check_per_tensor(scales, len(tensors), "scales", 0.0, _FLT_MAX)
+        scales = check_per_tensor(scales, len(tensors), "scales", 0.0, _FLT_MAX)
     _check_interpolation(interpolation)
     if not any(t.numel() for t in tensors):
         raise ValueError("tensors hold no elements")
@@ -179,8 +140,8 @@ def magnitude_thresholds(tensors, sparsities, interpolation="linear", check_nan=
     number for all or one per tensor, in [0, 1]. Returns fp32 ``[len(tensors)]`` on that device.
     NaN handling as in :func:`global_magnitude_threshold`.
     """
-    tensors = _check_tensors(tensors)
-    sparsities = _check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
+    tensors = check_tensors(tensors)
+    sparsities = check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
     _check_interpolation(interpolation)
     for i, t in enumerate(tensors):
         if t.numel() == 0:

@@ -16,15 +16,11 @@ from types import SimpleNamespace
 
 import torch
 
-from .. import _ext, reference
-from ._common import define_op, register_c_fakes
+from .. import reference
+from ._common import KernelFamily, define_op
 
 #: The kernel contract implemented by ``sparsekern.reference`` (no C++ library, or not CPU).
 REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv)
-
-
-def _k(x):
-    return torch.ops.sparsekern_C if x.device.type == "cpu" and _ext.LOADED else REFERENCE_KERNELS
 
 
 def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
@@ -32,9 +28,14 @@ def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     return x.new_empty((n, out_features) if transpose_out else (out_features, n))
 
 
-register_c_fakes({"csr_mm": _fake_csr_mm,
-                  "csr_conv": lambda rowptr, off, val, bias, x, n, out_features, slab, wp, wv:
-                      x.new_empty((out_features, n // wp, wv))})
+KERNELS = KernelFamily("spmm", REFERENCE_KERNELS, {
+    "csr_mm": _fake_csr_mm,
+    "csr_conv": lambda rowptr, off, val, bias, x, n, out_features, slab, wp, wv: x.new_empty((out_features, n // wp, wv)),
+}, has_triton=False)
+
+
+def _k(x):
+    return KERNELS(x.device)
 
 
 @define_op("csr_mm")

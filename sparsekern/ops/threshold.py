@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import reference
-from ._common import as_threshold, check_number, check_weight, define_op, kernels, register_c_fakes
+from ._common import KernelFamily, as_threshold, check_number, check_weight, define_op
 
 
 def _ref_soft_bwd(grad, w, t, act, t_grad):
@@ -38,11 +38,7 @@ REFERENCE_KERNELS = SimpleNamespace(
 )
 
 
-def _k(w):
-    return kernels(w.device, "threshold", REFERENCE_KERNELS)
-
-
-register_c_fakes({
+KERNELS = KernelFamily("threshold", REFERENCE_KERNELS, {
     "soft_fwd": lambda w, t, act: torch.empty_like(w),
     "soft_bwd": lambda grad, w, t, act, t_grad: (torch.empty_like(w), t.new_empty(t.shape if t_grad else (0,))),
     "st3_fwd": lambda w, t, rescale: torch.empty_like(w),
@@ -51,6 +47,10 @@ register_c_fakes({
     "hard_fwd": lambda w, t: torch.empty_like(w),
     "hard_bwd": lambda grad, w, t: torch.empty_like(w),
 })
+
+
+def _k(w):
+    return KERNELS(w.device)
 
 
 # --- raw ops ------------------------------------------------------------------------------------
