@@ -99,6 +99,10 @@ def test_bad_inputs():
         ops.csr_mm(rowptr, col, val, torch.empty(0), torch.randn(3, 2), 5, True)
     with pytest.raises(RuntimeError, match="bias"):
         ops.csr_mm(rowptr, col, val, torch.randn(3), torch.randn(3, 2), 4, True)
+    with pytest.raises(RuntimeError, match="column index"):
+        ops.csr_mm(rowptr, col + 3, val, torch.empty(0), torch.randn(3, 2), 4, True)
+    with pytest.raises(RuntimeError, match="rowptr must run"):
+        ops.csr_mm(rowptr + 1, col, val, torch.empty(0), torch.randn(3, 2), 4, True)
     with pytest.raises(ValueError, match="float32"):
         csr_from_dense(torch.ones(2, 2, dtype=torch.float16))
     with pytest.raises(ValueError, match="2-D"):

@@ -247,7 +247,14 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
                                     bias.numel() == out_features),
               "csr_mm: bias must be empty or contiguous float32 [out_features]");
-  const int64_t n = x.size(1);
+  const int64_t n = x.size(1), in = x.size(0), nnz_ = val.numel();
+  const int64_t* rp0 = rowptr.const_data_ptr<int64_t>();
+  TORCH_CHECK(rp0[0] == 0 && rp0[out_features] == nnz_, "csr_mm: rowptr must run from 0 to nnz");
+  for (int64_t r = 0; r < out_features; ++r)
+    TORCH_CHECK(rp0[r] <= rp0[r + 1], "csr_mm: rowptr must be non-decreasing");
+  const int32_t* cp0 = col.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < nnz_; ++i)
+    TORCH_CHECK(cp0[i] >= 0 && cp0[i] < in, "csr_mm: column index ", cp0[i], " outside [0, ", in, ")");
   at::Tensor y = transpose_out ? at::empty({n, out_features}, x.options())
                                : at::empty({out_features, n}, x.options());
   if (n == 0 || out_features == 0) return y;
