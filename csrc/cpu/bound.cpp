@@ -24,7 +24,7 @@
 // pass or the gradient sum while the row is still cached. Otherwise tiles are spread over
 // threads by element count.
 //
-// Storage conversions, lane sums and new_output follow csrc/cpu/threshold.cpp (kept local to
+// Storage conversions and lane sums follow csrc/cpu/threshold.cpp (kept local to
 // this namespace: the families share no header yet).
 
 #include <ATen/ATen.h>
@@ -32,7 +32,6 @@
 #include <torch/library.h>
 
 #if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 #include <algorithm>
@@ -334,28 +333,6 @@ SK_CLONES void mask_leaf(const typename S::raw* w, typename S::raw* out, int64_t
 
 // ---------------------------------------------------------------------------------------------
 // Drivers.
-
-// A fresh output shaped like x; large ones ask for transparent huge pages (as threshold.cpp:
-// first-touch page faults otherwise cost more than the kernel; SPARSEKERN_THP=0 disables).
-at::Tensor new_output(const at::Tensor& x) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* env = std::getenv("SPARSEKERN_THP");
-    return !(env && std::strcmp(env, "0") == 0);
-  }();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t nbytes = out.nbytes();
-  if (enabled && nbytes >= 4 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (p + nbytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
-  }
-#endif
-  return out;
-}
-
 template <class F>
 void dispatch_storage(at::ScalarType st, F&& f) {
   switch (st) {
@@ -504,7 +481,7 @@ std::vector<float> group_bounds(const at::Tensor& w, const float* r, const Group
 
 at::Tensor asl_fwd(const at::Tensor& w, const at::Tensor& r) {
   const Groups g = check_asl(w, r, "asl_fwd");
-  at::Tensor out = new_output(w);
+  at::Tensor out = at::empty(w.sizes(), w.options());
   if (g.n == 0) return out;
   const float* rp = r.const_data_ptr<float>();
   dispatch_storage(w.scalar_type(), [&](auto s) {

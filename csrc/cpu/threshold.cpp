@@ -27,7 +27,6 @@
 #include <torch/library.h>
 
 #if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 #include <algorithm>
@@ -514,30 +513,6 @@ SK_CLONES void st3_apply_leaf(const typename S::raw* w, const float* t, const fl
 constexpr int64_t kGrain = 32768;     // elements per parallel task, at least
 constexpr int64_t kTile = 65536;      // elements per reduction tile (fixed: determinism)
 constexpr int64_t kCachedRow = 32768; // st3: rows up to this many elements are done in one pass
-
-// A fresh output shaped like w. Large outputs are fresh mmap'ed memory, and on Linux first-touch
-// page faults (4 KiB each) then cost more than the kernel itself; asking for transparent huge
-// pages on the (2 MiB-aligned interior of the) untouched buffer removes most of that cost (the
-// same as torch's THP_MEM_ALLOC_ENABLE=1, here only for our outputs). SPARSEKERN_THP=0 disables.
-at::Tensor new_output(const at::Tensor& w) {
-  at::Tensor out = at::empty(w.sizes(), w.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* env = std::getenv("SPARSEKERN_THP");
-    return !(env && std::strcmp(env, "0") == 0);
-  }();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t nbytes = out.nbytes();
-  if (enabled && nbytes >= 4 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (p + nbytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
-  }
-#endif
-  return out;
-}
-
 struct View {
   int64_t n, k, inner;
   Mode mode;
@@ -635,7 +610,7 @@ at::Tensor activation_grad(const at::Tensor& t, int64_t act) {
 at::Tensor soft_fwd(const at::Tensor& w, const at::Tensor& t, int64_t act) {
   const View v = check_and_view(w, t, "soft_fwd");
   const at::Tensor thr = activate(t, act).contiguous();
-  at::Tensor out = new_output(w);
+  at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = thr.const_data_ptr<float>();
   dispatch_storage(w.scalar_type(), [&](auto s) {
@@ -654,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor> soft_bwd(const at::Tensor& grad, const at::Te
   const View v = check_and_view(w, t, "soft_bwd");
   check_grad(grad, w, "soft_bwd");
   const at::Tensor thr = activate(t, act).contiguous();
-  at::Tensor gw = new_output(w);
+  at::Tensor gw = at::empty(w.sizes(), w.options());
   if (!t_grad || v.n == 0) {
     at::Tensor gt = t_grad ? at::zeros(t.sizes(), t.options()) : at::empty({0}, t.options());
     if (v.n == 0) return {gw, gt};
@@ -713,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor> soft_bwd(const at::Tensor& grad, const at::Te
 
 at::Tensor st3_fwd(const at::Tensor& w, const at::Tensor& t, bool rescale) {
   const View v = check_and_view(w, t, "st3_fwd");
-  at::Tensor out = new_output(w);
+  at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
   const int64_t threads = at::get_num_threads();
@@ -773,7 +748,7 @@ at::Tensor st3_fwd(const at::Tensor& w, const at::Tensor& t, bool rescale) {
 at::Tensor power_fwd(const at::Tensor& w, const at::Tensor& t, double p) {
   const View v = check_and_view(w, t, "power_fwd");
   TORCH_CHECK(p > 0 && std::isfinite(p), "power_fwd: p must be positive and finite, got ", p);
-  at::Tensor out = new_output(w);
+  at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
   // at::pow takes fp32 exponents for fp32 tensors
@@ -803,7 +778,7 @@ at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& w, const at::Te
                        float theta, const char* fn) {
   const View v = check_and_view(w, t, fn);
   check_grad(grad, w, fn);
-  at::Tensor out = new_output(w);
+  at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
   dispatch_storage(w.scalar_type(), [&](auto s) {
@@ -825,7 +800,7 @@ at::Tensor power_bwd(const at::Tensor& grad, const at::Tensor& w, const at::Tens
 
 at::Tensor hard_fwd(const at::Tensor& w, const at::Tensor& t) {
   const View v = check_and_view(w, t, "hard_fwd");
-  at::Tensor out = new_output(w);
+  at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
   dispatch_storage(w.scalar_type(), [&](auto s) {
