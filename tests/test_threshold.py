@@ -270,3 +270,44 @@ def test_bad_str_and_power_args():
     for theta in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="theta must be"):
             sk.power_threshold(W, 0.1, theta=theta)
+
+
+# --- the compiled library ------------------------------------------------------------------------
+
+_FAILED_LOAD = """
+import warnings, torch
+def broken(path):
+    raise OSError("undefined symbol: _ZN3c10 (simulated ABI mismatch)")
+torch.ops.load_library = broken
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import sparsekern as sk
+msg = " ".join(str(w.message) for w in caught)
+assert not sk._ext.LOADED
+assert "built with torch" in msg and f"running torch {torch.__version__}" in msg, msg
+assert "simulated ABI mismatch" in msg, msg
+w = torch.randn(8, 4, requires_grad=True)
+out = sk.st3_threshold(w, 0.5)
+torch.testing.assert_close(out, sk.reference.st3_threshold(w, 0.5))
+out.sum().backward()
+print("ok")
+"""
+
+
+def test_import_survives_a_library_that_fails_to_load():
+    """A broken _C (e.g. built for another torch): import warns with both torch versions and the
+    ops fall back to the reference."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _FAILED_LOAD], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_extension_is_loaded():
+    """The build this suite runs against must have its C++ kernels (unless disabled on purpose)."""
+    import os
+
+    from sparsekern import _ext
+
+    assert _ext.LOADED or os.environ.get("SPARSEKERN_NO_EXT") == "1", _ext.ERROR
