@@ -24,8 +24,7 @@
 // pass or the gradient sum while the row is still cached. Otherwise tiles are spread over
 // threads by element count.
 //
-// Storage conversions and lane sums follow csrc/cpu/threshold.cpp (kept local to
-// this namespace: the families share no header yet).
+// Storage types, their dtype dispatch and the 8-lane vector come from csrc/cpu/common.h.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,80 +42,11 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    (__GNUC__ >= 11)
-#define SK_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SK_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define SK_INLINE inline __attribute__((always_inline))
-#define SK_SIMD _Pragma("omp simd")
-#else
-#define SK_INLINE inline
-#define SK_SIMD
-#endif
+#include "common.h"
 
 namespace sparsekern {
 namespace cpu {
 namespace bound {
-
-// ---------------------------------------------------------------------------------------------
-// Storage types: load to fp32, store from fp32 (round to nearest even, like c10::Half/BFloat16).
-
-SK_INLINE float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-SK_INLINE uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-struct F32 {
-  using raw = float;
-  static SK_INLINE float load(float x) { return x; }
-  static SK_INLINE float store(float x) { return x; }
-};
-
-struct BF16 {
-  using raw = uint16_t;
-  static SK_INLINE float load(uint16_t x) { return f32_from_bits(uint32_t(x) << 16); }
-  static SK_INLINE uint16_t store(float f) {
-    const uint32_t u = f32_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
-  }
-};
-
-struct F16 {  // branch-free IEEE half <-> float (vectorizes; same results as c10::Half)
-  using raw = uint16_t;
-  static SK_INLINE float load(uint16_t h) {
-    const uint32_t w = uint32_t(h) << 16;
-    const uint32_t sign = w & 0x80000000u;
-    const uint32_t two_w = w + w;
-    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t bits = two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized);
-    return f32_from_bits(sign | bits);
-  }
-  static SK_INLINE uint16_t store(float f) {
-    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = f32_bits(f);
-    const uint32_t shl1_w = w + w;
-    const uint32_t sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    bias = bias < 0x71000000u ? 0x71000000u : bias;
-    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = f32_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic sums: 16 fp32 lanes (two 8-lane vectors: register resident), added up in double
@@ -127,18 +57,6 @@ constexpr int64_t kBlock = 1024;      // elements per fp32 lane sum
 constexpr int64_t kTile = 65536;      // elements per parallel reduction tile (fixed: determinism)
 constexpr int64_t kGrain = 32768;     // elements per parallel task, at least
 constexpr int64_t kCachedRow = 32768; // groups up to this size are done whole by one thread
-
-#if defined(__GNUC__)
-typedef float Lanes8 __attribute__((vector_size(32)));
-#else
-struct Lanes8 {
-  float v[8];
-  Lanes8& operator+=(const Lanes8& o) {
-    for (int l = 0; l < 8; ++l) v[l] += o.v[l];
-    return *this;
-  }
-};
-#endif
 
 struct Lanes {
   Lanes8 lo{}, hi{};
@@ -333,21 +251,6 @@ SK_CLONES void mask_leaf(const typename S::raw* w, typename S::raw* out, int64_t
 
 // ---------------------------------------------------------------------------------------------
 // Drivers.
-template <class F>
-void dispatch_storage(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(F32{});
-    case at::kHalf: return f(F16{});
-    case at::kBFloat16: return f(BF16{});
-    default: TORCH_CHECK(false, "sparsekern: unsupported dtype ", st);
-  }
-}
-
-template <class S>
-const typename S::raw* cptr(const at::Tensor& x) {
-  return static_cast<const typename S::raw*>(x.const_data_ptr());
-}
-
 bool is_float_storage(const at::Tensor& x) {
   const auto st = x.scalar_type();
   return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;

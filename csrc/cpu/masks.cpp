@@ -33,20 +33,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    (__GNUC__ >= 11)
-// AVX-512 (v4), AVX2 (v3) and baseline clones of the lane-parallel leaves, picked at load time.
-#define SK_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SK_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define SK_INLINE inline __attribute__((always_inline))
-#else
-#define SK_INLINE inline
-#endif
+#include "common.h"
 
 namespace sparsekern {
 namespace cpu {

@@ -34,11 +34,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__GNUC__)
-#define SK_INLINE inline __attribute__((always_inline))
-#else
-#define SK_INLINE inline
-#endif
+#include "common.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -52,23 +48,12 @@ constexpr int64_t kFlush = int64_t(1) << 31;  // uint32 local counts are flushed
 constexpr int64_t kSmall = int64_t(1) << 14;  // at most this many keys: nth_element on a copy
 constexpr int64_t kBlock = 64;                // pass-2 filter block
 
-SK_INLINE uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-SK_INLINE float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // fp32 bit pattern of |h| for every fp16 magnitude (exact, subnormals included).
 const uint32_t* half_table() {
   static const std::vector<uint32_t> table = [] {
     std::vector<uint32_t> t(1 << 15);
     for (uint32_t h = 0; h < t.size(); ++h) {
-      t[h] = bits_of(static_cast<float>(c10::Half(static_cast<uint16_t>(h), c10::Half::from_bits())));
+      t[h] = f32_bits(static_cast<float>(c10::Half(static_cast<uint16_t>(h), c10::Half::from_bits())));
     }
     return t;
   }();
@@ -84,7 +69,7 @@ struct F32Unit {
 struct F32Scaled {
   const float* p;
   float c;
-  SK_INLINE uint32_t operator()(int64_t i) const { return bits_of(p[i] * c) & kAbs; }
+  SK_INLINE uint32_t operator()(int64_t i) const { return f32_bits(p[i] * c) & kAbs; }
 };
 struct F16Unit {
   const uint16_t* p;
@@ -95,7 +80,7 @@ struct F16Scaled {
   const uint16_t* p;
   const uint32_t* lut;
   float c;
-  SK_INLINE uint32_t operator()(int64_t i) const { return bits_of(float_of(lut[p[i] & 0x7FFFu]) * c); }
+  SK_INLINE uint32_t operator()(int64_t i) const { return f32_bits(f32_from_bits(lut[p[i] & 0x7FFFu]) * c); }
 };
 struct BF16Unit {
   const uint16_t* p;
@@ -105,7 +90,7 @@ struct BF16Scaled {
   const uint16_t* p;
   float c;
   SK_INLINE uint32_t operator()(int64_t i) const {
-    return bits_of(float_of(uint32_t(p[i]) << 16) * c) & kAbs;
+    return f32_bits(f32_from_bits(uint32_t(p[i]) << 16) * c) & kAbs;
   }
 };
 
@@ -332,7 +317,7 @@ float numpy_lerp(float a, float b, double gamma) {
 
 float value_of(const Picked& p, double gamma, bool lerp) {
   if (p.nan_index >= 0) return std::numeric_limits<float>::quiet_NaN();
-  return lerp ? numpy_lerp(float_of(p.a), float_of(p.b), gamma) : float_of(p.a);
+  return lerp ? numpy_lerp(f32_from_bits(p.a), f32_from_bits(p.b), gamma) : f32_from_bits(p.a);
 }
 
 void check_tensor(const at::Tensor& t, size_t i) {

@@ -34,19 +34,13 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    (__GNUC__ >= 11)
-#define SK_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), \
-                 optimize("fp-contract=fast")))
-#else
-#define SK_CLONES
-#endif
+#include "common.h"
 
-#if defined(__GNUC__)
-#define SK_INLINE inline __attribute__((always_inline))
+// The common clones, with FMA contraction enabled for the axpy leaves.
+#if defined(SK_CLONE_TARGETS)
+#define SK_CLONES_FMA __attribute__((SK_CLONE_TARGETS, optimize("fp-contract=fast")))
 #else
-#define SK_INLINE inline
+#define SK_CLONES_FMA
 #endif
 
 namespace sparsekern {
@@ -110,7 +104,7 @@ SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float*
 }
 
 // Rows b0..b1 of y = W·X, X[k, j] = x[col·ldx + j] for j < n.
-SK_CLONES void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
                        const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
                        int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
   alignas(64) float buf[kRowBlock * kTile];
@@ -175,7 +169,7 @@ SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64
 // each column tile the nonzeros are consumed slab by slab (offsets below k·slab) across a block
 // of kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses
 // it; the rows' partial sums live in a small buffer.
-SK_CLONES void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
+SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, const float* x, int64_t n, int64_t slab,
                          int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1) {
   alignas(64) float acc[kConvRows * kTile];
@@ -218,7 +212,7 @@ SK_CLONES void conv_leaf(const int64_t* rowptr, const int32_t* off, const float*
 }
 
 // n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]].
-SK_CLONES void mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+SK_CLONES_FMA void mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
                        const float* bias, const float* x, float* y, int64_t b0, int64_t b1) {
   for (int64_t r = b0; r < b1; ++r) {
     float s = 0.f;

@@ -38,95 +38,16 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    (__GNUC__ >= 11)
-// AVX-512 (v4), AVX2/FMA/F16C (v3) and baseline clones of every leaf, picked at load time.
-// Measured on AMD EPYC (Zen 5): v4 over v3 is ~2x for power_fwd (double-precision exp/log) and
-// 5-25% for the memory-bound leaves.
-#define SK_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SK_CLONES
-#endif
+#include "common.h"
 
 #if defined(__GNUC__)
-#define SK_INLINE inline __attribute__((always_inline))
 #define SK_LAMBDA_INLINE __attribute__((always_inline))
-#define SK_SIMD _Pragma("omp simd")
 #else
-#define SK_INLINE inline
 #define SK_LAMBDA_INLINE
-#define SK_SIMD
 #endif
 
 namespace sparsekern {
 namespace cpu {
-
-// ---------------------------------------------------------------------------------------------
-// Storage types: load to fp32, store from fp32 (round to nearest even, like c10::Half/BFloat16).
-
-SK_INLINE float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-SK_INLINE uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-SK_INLINE double f64_from_bits(uint64_t u) {
-  double d;
-  std::memcpy(&d, &u, sizeof d);
-  return d;
-}
-SK_INLINE uint64_t f64_bits(double d) {
-  uint64_t u;
-  std::memcpy(&u, &d, sizeof u);
-  return u;
-}
-
-struct F32 {
-  using raw = float;
-  static SK_INLINE float load(float x) { return x; }
-  static SK_INLINE float store(float x) { return x; }
-};
-
-struct BF16 {
-  using raw = uint16_t;
-  static SK_INLINE float load(uint16_t x) { return f32_from_bits(uint32_t(x) << 16); }
-  static SK_INLINE uint16_t store(float f) {
-    const uint32_t u = f32_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
-  }
-};
-
-// IEEE half <-> float without F16C (branch-free, vectorizes; same results as c10::Half).
-struct F16 {
-  using raw = uint16_t;
-  static SK_INLINE float load(uint16_t h) {
-    const uint32_t w = uint32_t(h) << 16;
-    const uint32_t sign = w & 0x80000000u;
-    const uint32_t two_w = w + w;
-    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t bits = two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized);
-    return f32_from_bits(sign | bits);
-  }
-  static SK_INLINE uint16_t store(float f) {
-    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = f32_bits(f);
-    const uint32_t shl1_w = w + w;
-    const uint32_t sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    bias = bias < 0x71000000u ? 0x71000000u : bias;
-    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = f32_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-  }
-};
 
 // torch.sign semantics: +1, -1, or 0 for +-0 and NaN.
 SK_INLINE float sign_of(float x) { return float(x > 0.f) - float(x < 0.f); }
@@ -172,18 +93,6 @@ SK_INLINE void for_each_run(const float* t, int64_t begin, int64_t n, int64_t in
 // f(j, a, b) fills two buffers (a plain loop the compiler vectorizes), the buffers are added
 // into 16 fp32 lanes by index offset, and the lanes are flushed to double in a fixed order.
 // The result depends neither on the ISA nor on the alignment of the data.
-// 8 fp32 lanes: one AVX register, two SSE registers.
-#if defined(__GNUC__)
-typedef float Lanes8 __attribute__((vector_size(32)));
-#else
-struct Lanes8 {
-  float v[8];
-  Lanes8& operator+=(const Lanes8& o) {
-    for (int l = 0; l < 8; ++l) v[l] += o.v[l];
-    return *this;
-  }
-};
-#endif
 SK_INLINE void lanes_add(Lanes8& acc, const float* p) {
   Lanes8 v;
   std::memcpy(&v, p, sizeof v);
@@ -552,16 +461,6 @@ void check_grad(const at::Tensor& grad, const at::Tensor& w, const char* fn) {
 }
 
 template <class F>
-void dispatch_storage(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(F32{});
-    case at::kHalf: return f(F16{});
-    case at::kBFloat16: return f(BF16{});
-    default: TORCH_CHECK(false, "sparsekern: unsupported dtype ", st);
-  }
-}
-
-template <class F>
 void dispatch_mode(Mode m, F&& f) {
   switch (m) {
     case kScalar: return f(std::integral_constant<int, kScalar>{});
@@ -570,10 +469,6 @@ void dispatch_mode(Mode m, F&& f) {
   }
 }
 
-template <class S>
-const typename S::raw* cptr(const at::Tensor& x) {
-  return static_cast<const typename S::raw*>(x.const_data_ptr());
-}
 template <class S>
 typename S::raw* mptr(at::Tensor& x) {
   return static_cast<typename S::raw*>(x.mutable_data_ptr());
