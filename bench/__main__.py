@@ -235,6 +235,9 @@ def main(argv=None):
         + ", ".join(f"{k} = {list(v)}" for k, v in H.SIZES.items() if k in args.sizes),
         "- times: median (IQR) in ms of repeated calls after warmup (compilation excluded); "
         "×eager / ×compile: speedup of sparsekern",
+        *(["- CPU: every call allocates its outputs; glibc serves blocks > 32 MiB (fp32 16M) with "
+           "fresh pages, so those times include first-touch page faults; smaller blocks may reuse "
+           "freed heap memory, depending on what ran before"] if device == "cpu" else []),
         f"- peak MiB (fwd+bwd): {H.MEMORY_METHOD[device]}; check: "
         + ", ".join(f"{v['tensor_bytes'] / 2**20:g} MiB {'written' if v['written'] else 'unwritten'}"
                     f" -> {v['measured_bytes'] / 2**20:.2f} MiB" for v in validation),
