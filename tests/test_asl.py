@@ -15,15 +15,7 @@ from sparsekern.losses import AdaptiveSparsityLoss, erf_sparsity
 from sparsekern.methods import ASL
 from sparsekern.methods.asl import initial_r
 from sparsekern.nn import SparseConv2d, SparseLinear
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny nets run fastest on one thread (and do not fight other jobs for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from utils import synthetic_images
 
 
 def _gauss(x: float) -> float:
@@ -50,11 +42,7 @@ SIZES = [432, 4608, 9216, 128]
 
 
 def _data(n=512, seed=0):
-    """4 classes of 3×8×8 images: a fixed random template per class plus unit noise."""
-    g = torch.Generator().manual_seed(seed)
-    templates = torch.randn(4, 3, 8, 8, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    return templates[y] + torch.randn(n, 3, 8, 8, generator=g), y
+    return synthetic_images(n, seed)
 
 
 def _train(model, sp, opt, x, y, steps, gen):

@@ -13,20 +13,12 @@ from torch.nn import functional as F
 import sparsekern as sk
 from sparsekern.nn import SparseConv2d, SparseLinear
 from sparsekern.sparsifier import CubicSchedule, Sparsifier, sparsify
+from utils import synthetic_images
 
 METHOD_NAMES = ["str", "st3", "st3_sigma", "feather", "gmp"]
 #: (method, scope): every magnitude method at its default scope, plus the non-default ones.
 RUNS = [("str", None), ("st3", None), ("st3_sigma", None), ("feather", None), ("gmp", None),
         ("gmp", "global"), ("st3", "layer")]
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny nets run fastest on one thread (and do not fight other jobs for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _net(seed=0):
@@ -38,11 +30,7 @@ def _net(seed=0):
 
 
 def _data(n=512, seed=0):
-    """4 classes of 3×8×8 images: a fixed random template per class plus unit noise."""
-    g = torch.Generator().manual_seed(seed)
-    templates = torch.randn(4, 3, 8, 8, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    return templates[y] + torch.randn(n, 3, 8, 8, generator=g), y
+    return synthetic_images(n, seed)
 
 
 def _sparsify(model, method, **kw):

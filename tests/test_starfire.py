@@ -15,17 +15,9 @@ import sparsekern as sk
 from sparsekern import reference as ref
 from sparsekern.methods import NM, Starfire
 from sparsekern.sparsifier import CubicSchedule, LinearSchedule, sparsify
+from utils import synthetic_images
 
 SPATIAL, POINTWISE = ("0", "2"), ("4", "8")  # 3×3 convs; 1×1 conv and Linear
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny nets run fastest on one thread (and do not fight other jobs for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _net(seed=0):
@@ -38,11 +30,7 @@ def _net(seed=0):
 
 
 def _data(n=256, seed=0):
-    """4 classes of 3×8×8 images: a fixed random template per class plus unit noise."""
-    g = torch.Generator().manual_seed(seed)
-    templates = torch.randn(4, 3, 8, 8, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    return templates[y] + torch.randn(n, 3, 8, 8, generator=g), y
+    return synthetic_images(n, seed)
 
 
 def _optimizer(model):

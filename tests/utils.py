@@ -62,3 +62,11 @@ def make_threshold(w, mode, q=0.5, ties=True):
         above = torch.where(rows > t[:, None], rows, torch.inf).min(1).values
         t = torch.where(above.isinf(), t + 1, (t + above) / 2)
     return t.contiguous().to(w.device)
+
+
+def synthetic_images(n, seed=0):
+    """4 classes of 3×8×8 images: a fixed random template per class plus unit noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(4, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return templates[y] + torch.randn(n, 3, 8, 8, generator=g), y
