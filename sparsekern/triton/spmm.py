@@ -1,0 +1,232 @@
+"""Triton kernels for the spmm family: sparse weight × dense activations (inference).
+
+Four launchers with the names, signatures and preconditions of the C++ kernels (contract in
+``csrc/cpu/spmm.cpp`` and ``sparsekern/ops/spmm.py``); ``x`` is ``[in, n]`` contiguous (``csr_conv``:
+flat), the ``n`` columns (batch or pixels) are the vector dimension, ``bias`` is ``[out]`` or empty.
+Values and ``x`` are fp32 (the contract; fp16/bf16 also work when both have that dtype), every
+product is accumulated in fp32 and ``y`` has ``x``'s dtype. ``transpose_out`` returns ``[n, out]``
+(Linear layout) instead of ``[out, n]``; a non-contiguous ``x`` is copied. Empty problems (n = 0, out = 0, no nonzeros) launch
+nothing.
+
+* ``csr_mm`` / ``csr_conv`` / ``nm_mm``: one gather kernel. A program owns ``ROWS`` output rows
+  and ``BLOCK_N`` outputs of each; per row it walks the nonzeros ``BLOCK_K`` at a time and adds
+  ``Σ val[k] · x[col[k], cols]`` (a ``[BLOCK_K, BLOCK_N]`` gather of ``x``). CSR takes the row's
+  range from ``rowptr``; N:M rows all hold ``in·n/m`` values and ``col = (k // n)·m + idx[k]``;
+  the conv reads ``x[off[k] + h·wp + c]`` for output ``(h, c)``, ``c < wv``.
+* ``bsr_mm``: a program owns one block row and ``BLOCK_N`` columns and adds ``val[b] @ x[tile]``
+  over the row's blocks: ``tl.dot`` (tensor cores; fp32 inputs as tf32 only when
+  ``torch.backends.cuda.matmul.allow_tf32``) when both block sides are ≥ 16, else a broadcast
+  product (the small CPU block sizes).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .threshold import _wrap
+
+_TILE = 4096  # elements of a [BLOCK_K, BLOCK_N] gather / broadcast-product tile
+_MAX_BLOCK_N = 64
+_ROWS = 8  # output rows per program of the gather kernel (Linear layout: 32-byte stores)
+_MM, _NM, _CONV = 0, 1, 2  # gather-kernel formats (FMT)
+
+
+@triton.jit
+def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
+                   n_rows, n_in, n_out, ldx, row_len, nm_n, nm_m, wp, wv, stride_yo, stride_yq,
+                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[o, q] = bias[o] + Σ_k val[k]·x[addr(k, q)] over row o's nonzeros, q < n_out.
+
+    FMT 0 (CSR): k in rowptr[o]..rowptr[o+1], addr = col[k]·ldx + q.
+    FMT 1 (N:M): k in o·row_len..(o+1)·row_len, addr = ((k - o·row_len) // nm_n·nm_m + idx[k])·ldx + q
+    (col_ptr holds idx; inputs ≥ n_in read as 0).
+    FMT 2 (conv): CSR rows, addr = off[k] + (q // wv)·wp + q % wv (col_ptr holds off).
+    """
+    row0 = tl.program_id(0).to(tl.int64) * ROWS
+    q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q_ok = q < n_out
+    if FMT == 2:
+        xq = ((q // wv) * wp + q % wv).to(tl.int64)
+    else:
+        xq = q.to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    r_idx = tl.arange(0, ROWS)
+    out = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for r in range(ROWS):
+        row = row0 + r
+        if FMT == 1:
+            start = tl.where(row < n_rows, row * row_len, 0)
+            end = tl.where(row < n_rows, start + row_len, 0)
+        else:
+            start = tl.load(rowptr_ptr + row, mask=row < n_rows, other=0)
+            end = tl.load(rowptr_ptr + row + 1, mask=row < n_rows, other=0)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < end
+            v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            c = tl.load(col_ptr + k, mask=k_ok, other=0).to(tl.int64)
+            if FMT == 0:
+                base = c * ldx
+            elif FMT == 1:
+                c = ((k - start) // nm_n) * nm_m + c
+                k_ok = k_ok & (c < n_in)
+                base = c * ldx
+            else:
+                base = c
+            xt = tl.load(x_ptr + base[:, None] + xq[None, :], mask=k_ok[:, None] & q_ok[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(v[:, None] * xt, axis=0)
+        out = tl.where(r_idx[:, None] == r, acc[None, :], out)
+    rows = row0 + r_idx
+    r_ok = rows < n_rows
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows[:, None] * stride_yo + q[None, :] * stride_yq,
+             out.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & q_ok[None, :])
+
+
+@triton.jit
+def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n, bo, bi,
+                stride_yo, stride_yn,
+                HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                BO: tl.constexpr, BI: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[br·bo + i, cols] = bias + Σ_b val[b, i, :] @ x[col[b]·bi : col[b]·bi + bi, cols]."""
+    br = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < n
+    oi = tl.arange(0, BO)
+    ii = tl.arange(0, BI)
+    w_ok = (oi < bo)[:, None] & (ii < bi)[None, :]
+    start = tl.load(rowptr_ptr + br)
+    end = tl.load(rowptr_ptr + br + 1)
+    acc = tl.zeros([BO, BLOCK_N], dtype=tl.float32)
+    for b in range(start, end):
+        w = tl.load(val_ptr + b * bo * bi + oi[:, None] * bi + ii[None, :], mask=w_ok, other=0.0)
+        xin = tl.load(col_ptr + b).to(tl.int64) * bi + ii
+        xt = tl.load(x_ptr + xin[:, None] * n + cols[None, :],
+                     mask=((ii < bi) & (xin < n_in))[:, None] & c_ok[None, :], other=0.0)
+        if USE_DOT:
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        else:
+            acc += tl.sum(w.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
+    rows = br.to(tl.int64) * bo + oi
+    r_ok = (oi < bo) & (rows < n_rows)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows[:, None] * stride_yo + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def _output(x, out_features, n, transpose_out):
+    """(y, stride over rows, stride over columns) of a [out, n] or [n, out] result."""
+    if transpose_out:
+        y = x.new_empty((n, out_features))
+        return y, 1, out_features
+    y = x.new_empty((out_features, n))
+    return y, n, 1
+
+
+def _fill_bias(y, bias, transpose_out):
+    """The result of a weight without nonzeros: bias (or 0) broadcast, no kernel launch."""
+    if bias.numel():
+        y.copy_((bias[None, :] if transpose_out else bias[:, None]).expand_as(y))
+    else:
+        y.zero_()
+    return y
+
+
+def _gather_blocks(n_out):
+    """(BLOCK_K, BLOCK_N) of the gather kernel for n_out outputs per row."""
+    block_n = min(triton.next_power_of_2(n_out), _MAX_BLOCK_N)
+    return max(16, min(_TILE // block_n, 256)), block_n
+
+
+def _gather(fmt, rowptr, col, val, bias, x, y, n_rows, n_out, strides, ldx=0, row_len=0,
+            nm=(1, 1), conv=(1, 1)):
+    block_k, block_n = _gather_blocks(n_out)
+    grid = (triton.cdiv(n_rows, _ROWS), triton.cdiv(n_out, block_n))
+    _wrap(_gather_kernel)[grid](
+        rowptr, col, val, bias, x, y, n_rows, x.shape[0], n_out, ldx, row_len, nm[0], nm[1],
+        conv[0], conv[1], strides[0], strides[1],
+        FMT=fmt, HAS_BIAS=bias.numel() > 0, ROWS=_ROWS, BLOCK_K=block_k, BLOCK_N=block_n)
+    return y
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def csr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
+           x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
+    """W·x + bias[:, None] for W in CSR (rowptr int64 [out+1], col int32 [nnz], val [nnz]),
+    x [in, n] -> [out, n], or [n, out] when transpose_out."""
+    x = x.contiguous()
+    n = x.shape[1]
+    y, *strides = _output(x, out_features, n, transpose_out)
+    if y.numel() == 0:
+        return y
+    if val.numel() == 0:
+        return _fill_bias(y, bias, transpose_out)
+    return _gather(_MM, rowptr, col, val, bias, x, y, out_features, n, strides, ldx=n)
+
+
+def csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
+             x: torch.Tensor, n: int, out_features: int, slab: int, wp: int, wv: int) -> torch.Tensor:
+    """z[o, j] = bias[o] + Σ val[k]·x[off[k] + j] over row o (j < n, x flat, off int32), returned
+    as y[o, h, c] = z[o, h·wp + c], c < wv: [out, n // wp, wv]. slab (a CPU cache hint) is unused."""
+    y = x.new_empty((out_features, n // wp, wv))
+    if y.numel() == 0:
+        return y
+    if val.numel() == 0:
+        return _fill_bias(y.view(out_features, -1), bias, False).view_as(y)
+    q = y.numel() // out_features
+    return _gather(_CONV, rowptr, off, val, bias, x, y, out_features, q, (q, 1), conv=(wp, wv))
+
+
+def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
+           x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
+    """W·x + bias[:, None] for W in block-sparse rows: rowptr int64 [ceil(out/bo)+1], col int32
+    [nnzb] (block column), val [nnzb, bo, bi] (edge blocks zero-padded); x [in, n] -> [out, n]
+    or [n, out]."""
+    x = x.contiguous()
+    n = x.shape[1]
+    y, *strides = _output(x, out_features, n, transpose_out)
+    if y.numel() == 0:
+        return y
+    if val.numel() == 0:
+        return _fill_bias(y, bias, transpose_out)
+    bo, bi = val.shape[1], val.shape[2]
+    bo_p, bi_p = max(triton.next_power_of_2(bo), 16), max(triton.next_power_of_2(bi), 16)
+    use_dot = bo >= 16 and bi >= 16
+    if use_dot:
+        block_n = min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
+    else:  # broadcast product [BO, BI, BLOCK_N]: keep it near _TILE elements
+        bo_p, bi_p = triton.next_power_of_2(bo), triton.next_power_of_2(bi)
+        block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
+    grid = (rowptr.numel() - 1, triton.cdiv(n, block_n))
+    precision = None  # 16-bit inputs: tensor cores, fp32 accumulation
+    if val.dtype == torch.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    _wrap(_bsr_kernel)[grid](
+        rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, strides[0], strides[1],
+        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=precision, BO=bo_p, BI=bi_p, BLOCK_N=block_n)
+    return y
+
+
+def nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, n: int, m: int,
+          out_features: int, transpose_out: bool) -> torch.Tensor:
+    """W·x + bias[:, None] for W in N:M compressed form: val [out, in·n/m], idx uint8 [out, in·n/m]
+    (position 0..m-1 in its group; the j-th value of a row is in group j // n); x [in, n_cols]
+    -> [out, n_cols] or [n_cols, out]."""
+    x = x.contiguous()
+    cols = x.shape[1]
+    y, *strides = _output(x, out_features, cols, transpose_out)
+    if y.numel() == 0:
+        return y
+    if val.numel() == 0:
+        return _fill_bias(y, bias, transpose_out)
+    return _gather(_NM, val, idx, val, bias, x, y, out_features, cols, strides, ldx=cols,
+                   row_len=val.shape[1], nm=(n, m))
