@@ -141,11 +141,11 @@ def test_csr_conv_matches_reference_and_conv2d(stride, padding, dilation, densit
 
 
 # (bo, bi): tensor-core blocks (tl.dot) and the small CPU blocks (broadcast product)
-BLOCKS = [(16, 16), (32, 16), (16, 64), (1, 4), (4, 4), (8, 1), (4, 16), (16, 8)]
+BLOCKS = [(16, 16), (32, 16), (16, 64), (1, 4), (4, 4), (8, 1), (16, 8)]
 
 
 @pytest.mark.parametrize("bo,bi", BLOCKS)
-@pytest.mark.parametrize("out,inp,n", [(1, 1, 1), (37, 45, 1), (40, 33, 20), (21, 70, 70)])
+@pytest.mark.parametrize("out,inp,n", [(1, 1, 1), (37, 45, 1), (40, 33, 20), (21, 38, 70)])
 @pytest.mark.parametrize("transpose_out,has_bias", [(False, True), (True, False)])
 def test_bsr_mm_matches_dense(bo, bi, out, inp, n, transpose_out, has_bias):
     g = torch.Generator().manual_seed(bo * 100 + bi)
@@ -176,7 +176,7 @@ def test_bsr_mm_all_zero_and_dense(bo, bi, density):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 2), (3, 5)])
-@pytest.mark.parametrize("out,inp,cols", [(1, 40, 1), (7, 40, 1), (19, 40, 70), (33, 120, 16)])
+@pytest.mark.parametrize("out,inp,cols", [(1, 40, 1), (7, 40, 1), (19, 40, 70), (33, 80, 16)])
 @pytest.mark.parametrize("transpose_out,has_bias", [(False, True), (True, False)])
 def test_nm_mm_matches_dense(n, m, out, inp, cols, transpose_out, has_bias):
     w = nm_weight(out, inp, n, m, density=0.8)
