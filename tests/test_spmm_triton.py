@@ -189,6 +189,19 @@ def test_nm_mm_matches_dense(n, m, out, inp, cols, transpose_out, has_bias):
     torch.testing.assert_close(y.cpu(), expected(w, x, bias, transpose_out), **TOL)
 
 
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 5), (1, 16)])
+@pytest.mark.parametrize("out,inp,cols", [(7, 80, 16), (40, 80, 70)])
+def test_nm_mm_dot_path(monkeypatch, n, m, out, inp, cols):
+    """16-bit inputs with >= 16 columns expand the weight in registers and use tl.dot."""
+    monkeypatch.setattr(T, "_gather", lambda *a, **k: pytest.fail("gather kernel used"))
+    w = nm_weight(out, inp, n, m, density=0.8).half()
+    val, idx = nm_from_dense(w.float(), n, m)
+    x, b = torch.randn(inp, cols).half(), torch.randn(out)
+    y = T.nm_mm(*dev(val.half(), idx, b, x), n, m, out, True).cpu()
+    ref = (w.float() @ x.float() + b[:, None]).t().half()
+    torch.testing.assert_close(y.float(), ref.float(), **TOL16[torch.float16])
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_nm_mm_all_zero_and_full_groups(density):
     w = nm_weight(21, 48, 2, 4) * density
@@ -231,7 +244,7 @@ def formats(w):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_inputs(fmt, dtype):
     """16-bit values and x (fp32 accumulation) round to the fp32 product of the same values."""
-    if fmt == "bsr16" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if fmt in ("bsr16", "nm") and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter's tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584)")
     w = nm_weight(40, 48, 2, 4).to(dtype)
     x, b = torch.randn(48, 20).to(dtype), torch.randn(40)

@@ -5,18 +5,22 @@ Four launchers with the names, signatures and preconditions of the C++ kernels (
 flat), the ``n`` columns (batch or pixels) are the vector dimension, ``bias`` is ``[out]`` or empty.
 Values and ``x`` are fp32 (the contract; fp16/bf16 also work when both have that dtype), every
 product is accumulated in fp32 and ``y`` has ``x``'s dtype. ``transpose_out`` returns ``[n, out]``
-(Linear layout) instead of ``[out, n]``; a non-contiguous ``x`` is copied. Empty problems (n = 0, out = 0, no nonzeros) launch
-nothing.
+(Linear layout) instead of ``[out, n]``; a non-contiguous ``x`` is copied. Empty problems (n = 0,
+out = 0, no stored values) launch nothing. ``tl.dot`` runs fp32 inputs in full fp32 unless
+``torch.backends.cuda.matmul.allow_tf32`` (as torch's matmul), 16-bit ones on tensor cores.
 
-* ``csr_mm`` / ``csr_conv`` / ``nm_mm``: one gather kernel. A program owns ``ROWS`` output rows
-  and ``BLOCK_N`` outputs of each; per row it walks the nonzeros ``BLOCK_K`` at a time and adds
-  ``Σ val[k] · x[col[k], cols]`` (a ``[BLOCK_K, BLOCK_N]`` gather of ``x``). CSR takes the row's
-  range from ``rowptr``; N:M rows all hold ``in·n/m`` values and ``col = (k // n)·m + idx[k]``;
-  the conv reads ``x[off[k] + h·wp + c]`` for output ``(h, c)``, ``c < wv``.
+* ``csr_mm`` / ``csr_conv`` / ``nm_mm`` (n < 16, or fp32 without tf32): one gather kernel. A
+  program owns ``ROWS`` output rows and ``BLOCK_N`` outputs of each; per row it walks the
+  nonzeros ``BLOCK_K`` at a time and adds ``Σ val[k] · x[col[k], cols]`` (a ``[BLOCK_K, BLOCK_N]``
+  gather of ``x``). CSR takes the row's range from ``rowptr``; N:M rows all hold ``in·n/m``
+  values and ``col = (k // n)·m + idx[k]``; the conv reads ``x[off[k] + h·wp + c]`` for output
+  ``(h, c)``, ``c < wv``.
+* ``nm_mm`` with n ≥ 16 columns and tensor-core inputs (m ≤ 128): the compressed weight tile is
+  expanded to dense in registers (reading 1 value + 1 index byte per kept weight) and multiplied
+  with ``tl.dot``.
 * ``bsr_mm``: a program owns one block row and ``BLOCK_N`` columns and adds ``val[b] @ x[tile]``
-  over the row's blocks: ``tl.dot`` (tensor cores; fp32 inputs as tf32 only when
-  ``torch.backends.cuda.matmul.allow_tf32``) when both block sides are ≥ 16, else a broadcast
-  product (the small CPU block sizes).
+  over the row's blocks: ``tl.dot`` when both block sides are ≥ 16, else a broadcast product (the
+  small CPU block sizes).
 """
 import torch
 import triton
@@ -28,6 +32,7 @@ _TILE = 4096  # elements of a [BLOCK_K, BLOCK_N] gather / broadcast-product tile
 _MAX_BLOCK_N = 64
 _ROWS = 8  # output rows per program of the gather kernel (Linear layout: 32-byte stores)
 _MM, _NM, _CONV = 0, 1, 2  # gather-kernel formats (FMT)
+_NM_DOT_ROWS, _NM_DOT_K, _NM_DOT_MAX_M = 32, 64, 128  # N:M tl.dot tile: rows, inputs; largest m
 
 
 @triton.jit
@@ -118,6 +123,40 @@ def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_
              acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _nm_dot_kernel(val_ptr, idx_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n_cols, row_len, n_groups,
+                   nm_m, stride_yo, stride_yn,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, NM_N: tl.constexpr,
+                   MP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """N:M with tl.dot: expand a [BO, BK] tile of the weight (BK / MP groups, MP ≥ m positions
+    each) from its NM_N stored values per group in registers, then dot it with x[inputs, cols]."""
+    rows = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
+    r_ok = rows < n_rows
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < n_cols
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BO, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_groups * MP, BK):
+        g = (k0 + kk) // MP
+        p = (k0 + kk) % MP
+        xin = g.to(tl.int64) * nm_m + p
+        w = tl.zeros([BO, BK], dtype=val_ptr.dtype.element_ty)
+        for s in tl.static_range(NM_N):  # slot s of each group: add its value at its position
+            off = rows[:, None] * row_len + (g * NM_N + s)[None, :]
+            ok = r_ok[:, None] & (g < n_groups)[None, :]
+            v = tl.load(val_ptr + off, mask=ok, other=0.0)
+            ix = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
+            w += tl.where(ix == p[None, :], v, 0.0)
+        x_ok = (g < n_groups) & (p < nm_m) & (xin < n_in)
+        xt = tl.load(x_ptr + xin[:, None] * n_cols + cols[None, :], mask=x_ok[:, None] & c_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows[:, None] * stride_yo + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
 # ----------------------------------------------------------------------------- host helpers
 
 
@@ -137,6 +176,14 @@ def _fill_bias(y, bias, transpose_out):
     else:
         y.zero_()
     return y
+
+
+def _dot_precision(dtype):
+    """input_precision of tl.dot: fp32 as torch's matmul would run it (tf32 only when
+    torch.backends.cuda.matmul.allow_tf32); None (tensor cores) for 16-bit inputs."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _gather_blocks(n_out):
@@ -207,9 +254,7 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
         bo_p, bi_p = triton.next_power_of_2(bo), triton.next_power_of_2(bi)
         block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
     grid = (rowptr.numel() - 1, triton.cdiv(n, block_n))
-    precision = None  # 16-bit inputs: tensor cores, fp32 accumulation
-    if val.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    precision = _dot_precision(val.dtype)
     _wrap(_bsr_kernel)[grid](
         rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, strides[0], strides[1],
         HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=precision, BO=bo_p, BI=bi_p, BLOCK_N=block_n)
@@ -228,5 +273,15 @@ def nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Ten
         return y
     if val.numel() == 0:
         return _fill_bias(y, bias, transpose_out)
+    row_len = val.shape[1]
+    mp = triton.next_power_of_2(m)
+    if cols >= 16 and mp <= _NM_DOT_MAX_M and (val.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32):
+        block_n = min(triton.next_power_of_2(cols), _MAX_BLOCK_N)
+        grid = (triton.cdiv(out_features, _NM_DOT_ROWS), triton.cdiv(cols, block_n))
+        _wrap(_nm_dot_kernel)[grid](
+            val, idx, bias, x, y, out_features, x.shape[0], cols, row_len, row_len // n, m, *strides,
+            HAS_BIAS=bias.numel() > 0, PRECISION=_dot_precision(val.dtype), NM_N=n, MP=mp,
+            BO=_NM_DOT_ROWS, BK=max(mp, _NM_DOT_K), BLOCK_N=block_n)
+        return y
     return _gather(_NM, val, idx, val, bias, x, y, out_features, cols, strides, ldx=cols,
-                   row_len=val.shape[1], nm=(n, m))
+                   row_len=row_len, nm=(n, m))
