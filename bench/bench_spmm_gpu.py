@@ -135,7 +135,8 @@ def bench_case(shape, dtype_name, sparsity, batches, budget, gen, device="cuda")
                 try:
                     y = fn(x)
                     tol = CHECK_TOL[dtype_name]
-                    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float(), bias), atol=tol, rtol=tol)
+                    ref = F.linear(x.float(), w.float(), bias)
+                    torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
                 except Exception as e:  # a failing or wrong provider is reported, not timed
                     row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     continue

@@ -10,14 +10,18 @@ import torch.nn.functional as F
 from sparsekern import reference
 from sparsekern.ops.spmm import conv_offsets, csr_from_dense
 from sparsekern.triton import spmm as T
-from utils import TRITON_DEVICE
+from utils import TOL as DTYPE_TOL, TRITON_DEVICE
 
 TOL = dict(atol=1e-4, rtol=1e-4)
-# 16-bit x / values, fp32 accumulation: the result rounds to within an ulp of the fp32 product
-TOL16 = {torch.float16: dict(atol=1e-3, rtol=2 ** -10), torch.bfloat16: dict(atol=1e-2, rtol=2 ** -7)}
 NO_BIAS = torch.empty(0)
 # (out, in, n): odd shapes, batch 1, n crossing the 64-column tile, out crossing the 8-row programs
 SHAPES = [(1, 1, 1), (7, 5, 1), (9, 17, 3), (33, 20, 16), (19, 70, 65)]
+
+
+def tol16(dtype):
+    """16-bit results accumulated in fp32: within an ulp of the rounded fp32 product (utils.TOL)."""
+    atol, rtol = DTYPE_TOL[dtype]
+    return dict(atol=atol, rtol=rtol)
 
 
 def dev(*tensors):
@@ -133,8 +137,8 @@ def test_csr_conv_matches_reference_and_conv2d(stride, padding, dilation, densit
     torch.testing.assert_close(y, reference.csr_conv(*args), **TOL)
     conv = F.conv2d(img, w, b, stride=1, padding=padding, dilation=dilation)[0]
     torch.testing.assert_close(y, conv, **TOL)
-    torch.testing.assert_close(y[:, ::stride, ::stride],
-                               F.conv2d(img, w, b, stride=stride, padding=padding, dilation=dilation)[0], **TOL)
+    strided = F.conv2d(img, w, b, stride=stride, padding=padding, dilation=dilation)[0]
+    torch.testing.assert_close(y[:, ::stride, ::stride], strided, **TOL)
 
 
 # ----------------------------------------------------------------------------- BSR
@@ -153,7 +157,8 @@ def test_bsr_mm_matches_dense(bo, bi, out, inp, n, transpose_out, has_bias):
     keep = torch.rand(br, bc, generator=g) < 0.5
     keep[::3] = False  # empty block rows
     keep[-1, -1] = True  # an edge block
-    w = torch.randn(out, inp, generator=g) * keep.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
+    mask = keep.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
+    w = torch.randn(out, inp, generator=g) * mask
     rowptr, col, val = bsr_from_dense(w, bo, bi)
     torch.testing.assert_close(bsr_to_dense(rowptr, col, val, w.shape), w, rtol=0, atol=0)
     x, bias = torch.randn(inp, n), torch.randn(out) if has_bias else NO_BIAS
@@ -199,7 +204,7 @@ def test_nm_mm_dot_path(monkeypatch, n, m, out, inp, cols):
     x, b = torch.randn(inp, cols).half(), torch.randn(out)
     y = T.nm_mm(*dev(val.half(), idx, b, x), n, m, out, True).cpu()
     ref = (w.float() @ x.float() + b[:, None]).t().half()
-    torch.testing.assert_close(y.float(), ref.float(), **TOL16[torch.float16])
+    torch.testing.assert_close(y.float(), ref.float(), **tol16(torch.float16))
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
@@ -250,14 +255,16 @@ def test_16bit_inputs(fmt, dtype):
     x, b = torch.randn(48, 20).to(dtype), torch.randn(40)
     y = formats(w)[fmt](x, b, False).cpu()
     assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), (w.float() @ x.float() + b[:, None]).to(dtype).float(), **TOL16[dtype])
+    ref = (w.float() @ x.float() + b[:, None]).to(dtype)
+    torch.testing.assert_close(y.float(), ref.float(), **tol16(dtype))
 
 
 def test_noncontiguous_x():
     w = nm_weight(9, 16, 2, 4)
     x = torch.randn(5, 16).t()  # [16, 5], not contiguous
     for name, call in formats(w).items():
-        torch.testing.assert_close(call(x, NO_BIAS, True).cpu(), expected(w, x, NO_BIAS, True), **TOL, msg=name)
+        y = call(x, NO_BIAS, True).cpu()
+        torch.testing.assert_close(y, expected(w, x, NO_BIAS, True), **TOL, msg=name)
 
 
 def test_empty_shapes_launch_nothing(monkeypatch):

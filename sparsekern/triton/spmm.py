@@ -246,18 +246,17 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
     if val.numel() == 0:
         return _fill_bias(y, bias, transpose_out)
     bo, bi = val.shape[1], val.shape[2]
-    bo_p, bi_p = max(triton.next_power_of_2(bo), 16), max(triton.next_power_of_2(bi), 16)
-    use_dot = bo >= 16 and bi >= 16
+    bo_p, bi_p = triton.next_power_of_2(bo), triton.next_power_of_2(bi)
+    use_dot = bo >= 16 and bi >= 16  # tl.dot needs every side >= 16 (batch 1: 15 idle columns)
     if use_dot:
         block_n = min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
     else:  # broadcast product [BO, BI, BLOCK_N]: keep it near _TILE elements
-        bo_p, bi_p = triton.next_power_of_2(bo), triton.next_power_of_2(bi)
         block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
     grid = (rowptr.numel() - 1, triton.cdiv(n, block_n))
-    precision = _dot_precision(val.dtype)
     _wrap(_bsr_kernel)[grid](
-        rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, strides[0], strides[1],
-        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=precision, BO=bo_p, BI=bi_p, BLOCK_N=block_n)
+        rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, *strides,
+        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=_dot_precision(val.dtype),
+        BO=bo_p, BI=bi_p, BLOCK_N=block_n)
     return y
 
 
@@ -275,7 +274,8 @@ def nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Ten
         return _fill_bias(y, bias, transpose_out)
     row_len = val.shape[1]
     mp = triton.next_power_of_2(m)
-    if cols >= 16 and mp <= _NM_DOT_MAX_M and (val.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32):
+    tensor_cores = val.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    if cols >= 16 and mp <= _NM_DOT_MAX_M and tensor_cores:
         block_n = min(triton.next_power_of_2(cols), _MAX_BLOCK_N)
         grid = (triton.cdiv(out_features, _NM_DOT_ROWS), triton.cdiv(cols, block_n))
         _wrap(_nm_dot_kernel)[grid](
