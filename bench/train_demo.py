@@ -339,21 +339,24 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
     p.add_argument("--infer-batches", type=_batches, default=d.infer_batches,
                    help=f"comma-separated batches of the inference timing (default {','.join(map(str, d.infer_batches))})")
+    p.add_argument("--infer-budget", type=float, default=d.infer_budget_s,
+                   help=f"seconds of timed calls per model and batch in the inference comparison (default {d.infer_budget_s})")
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    if args.epochs < 1 or args.threads < 1:
-        p.error("--epochs and --threads must be >= 1")
+    if args.epochs < 1 or args.threads < 1 or not args.infer_budget > 0:
+        p.error("--epochs and --threads must be >= 1, --infer-budget > 0")
     return args
 
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    cfg = Config(epochs=args.epochs, threads=args.threads, infer_batches=args.infer_batches, seed=args.seed)
+    cfg = Config(epochs=args.epochs, threads=args.threads, infer_batches=args.infer_batches,
+                 infer_budget_s=args.infer_budget, seed=args.seed)
     result = run_demo(args.methods, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     out = args.out or os.path.join(H.REPO, "bench", "results", f"train-demo-{H.slug(result['env']['device_name'])}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
