@@ -42,6 +42,8 @@ STR_WEIGHT_DECAY = 1.5e-2
 
 @dataclasses.dataclass
 class Config:
+    """Everything shared by the runs (the CLI sets epochs, threads, inference batches/budget, seed)."""
+
     epochs: int = 20
     batch: int = 64
     lr: float = 0.05
@@ -79,6 +81,8 @@ def make_model(size: int, seed: int) -> nn.Module:
 
 @dataclasses.dataclass
 class Run:
+    """One method's training state; ``options`` as shown in the report, ``notes``: its warnings."""
+
     method: str
     model: nn.Module
     sparsifier: "sk.Sparsifier | None"
@@ -338,9 +342,10 @@ def parse_args(argv):
                                  "next to it (.json)")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
     p.add_argument("--infer-batches", type=_batches, default=d.infer_batches,
-                   help=f"comma-separated batches of the inference timing (default {','.join(map(str, d.infer_batches))})")
+                   help="comma-separated batches of the inference timing "
+                        f"(default {','.join(map(str, d.infer_batches))})")
     p.add_argument("--infer-budget", type=float, default=d.infer_budget_s,
-                   help=f"seconds of timed calls per model and batch in the inference comparison (default {d.infer_budget_s})")
+                   help=f"seconds of timed calls per model and batch (default {d.infer_budget_s})")
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
