@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -337,82 +338,108 @@ SK_CLONES_FMA void bsr_leaf(const int64_t* rowptr, const int32_t* col, const flo
   }
 }
 
-// n = 1: y[r] = bias[r] + Σ_blocks val[b, r, :]·x[c·bi : c·bi + bi].
-SK_CLONES_FMA void bsr_mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                               const float* bias, const float* x, int64_t in, int64_t bo,
-                               int64_t bi, int64_t out, float* y, int64_t b0, int64_t b1) {
+// n = 1: y[r] = bias[r] + Σ_blocks val[b, r, :]·x[c·bi : c·bi + bi]; BI = bi (0: runtime),
+// BI lanes of partial sums per row, reduced once per row.
+template <int BI>
+SK_INLINE void bsr_mv_t(const int64_t* rowptr, const int32_t* col, const float* val,
+                        const float* bias, const float* x, int64_t in, int64_t bo, int64_t bi_,
+                        int64_t out, float* y, int64_t b0, int64_t b1) {
+  const int64_t bi = BI ? BI : bi_;
   for (int64_t br = b0; br < b1; ++br) {
     const int64_t r0 = br * bo, rows = std::min(bo, out - r0);
     for (int64_t r = 0; r < rows; ++r) {
+      float acc[BI ? BI : 1] = {};
       float s = 0.f;
       for (int64_t b = rowptr[br]; b < rowptr[br + 1]; ++b) {
-        const int64_t c0 = int64_t(col[b]) * bi, kb = std::min(bi, in - c0);
+        const int64_t c0 = int64_t(col[b]) * bi;
         const float* v = val + (b * bo + r) * bi;
         const float* p = x + c0;
+        if (BI && c0 + bi <= in) {
+          for (int k = 0; k < BI; ++k) acc[k] += v[k] * p[k];
+        } else {
+          const int64_t kb = std::min(bi, in - c0);
 #pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < kb; ++k) s += v[k] * p[k];
+          for (int64_t k = 0; k < kb; ++k) s += v[k] * p[k];
+        }
       }
+      for (int k = 0; k < (BI ? BI : 1); ++k) s += acc[k];
       y[r0 + r] = s + (bias ? bias[r0 + r] : 0.f);
     }
   }
 }
 
+SK_CLONES_FMA void bsr_mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                               const float* bias, const float* x, int64_t in, int64_t bo,
+                               int64_t bi, int64_t out, float* y, int64_t b0, int64_t b1) {
+  switch (bi) {
+    case 1: return bsr_mv_t<1>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 2: return bsr_mv_t<2>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 4: return bsr_mv_t<4>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 8: return bsr_mv_t<8>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 16: return bsr_mv_t<16>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    default: return bsr_mv_t<0>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+  }
+}
+
 // ---- nm_mm ------------------------------------------------------------------------------------
 
-// Rows r0..r1 over columns n0..n0 + 16·NV: stored value j of row r sits at column
-// (j / nn)·m + idx[r, j]; two accumulator sets (even/odd groups).
-template <int NV>
+// Column of stored value j of a row: (j / nn)·m + idx[j]; NN = nn known at compile time
+// (0: runtime nn).
+template <int NN>
+SK_INLINE int64_t nm_col(int64_t j, int64_t nn, int64_t m, const uint8_t* ix) {
+  return (j / (NN ? NN : nn)) * m + ix[j];
+}
+
+// Rows r0..r1 over columns n0..n0 + 16·NV; two accumulator sets (even/odd stored values).
+template <int NV, int NN>
 SK_INLINE void nm_tile(const float* val, const uint8_t* idx, int64_t len, int64_t nn, int64_t m,
                        const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
                        int64_t n0, float* buf) {
-  const int64_t groups = len / nn;
   for (int64_t r = r0; r < r1; ++r) {
     v16 a[NV], b[NV];
     const float b0 = bias ? bias[r] : 0.f;
     for (int j = 0; j < NV; ++j) { a[j] = splat(b0); b[j] = v16{}; }
     const float* v = val + r * len;
     const uint8_t* ix = idx + r * len;
-    for (int64_t g = 0; g < groups; ++g, v += nn, ix += nn) {
-      const float* xg = x + g * m * ldx + n0;
-      int64_t t = 0;
-      for (; t + 1 < nn; t += 2) {
-        const float* p = xg + int64_t(ix[t]) * ldx;
-        const float* q = xg + int64_t(ix[t + 1]) * ldx;
-        const v16 u = splat(v[t]), w = splat(v[t + 1]);
-        for (int j = 0; j < NV; ++j) {
-          a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
-          b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
-        }
+    int64_t i = 0;
+    for (; i + 1 < len; i += 2) {
+      const float* p = x + nm_col<NN>(i, nn, m, ix) * ldx + n0;
+      const float* q = x + nm_col<NN>(i + 1, nn, m, ix) * ldx + n0;
+      const v16 u = splat(v[i]), w = splat(v[i + 1]);
+      for (int j = 0; j < NV; ++j) {
+        a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+        b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
       }
-      if (t < nn) {
-        const float* p = xg + int64_t(ix[t]) * ldx;
-        const v16 u = splat(v[t]);
-        for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
-      }
+    }
+    if (i < len) {
+      const float* p = x + nm_col<NN>(i, nn, m, ix) * ldx + n0;
+      const v16 u = splat(v[i]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
     }
     for (int j = 0; j < NV; ++j)
       *reinterpret_cast<v16*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
   }
 }
 
-SK_CLONES_FMA void nm_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
-                           int64_t m, const float* bias, const float* x, int64_t n, float* y,
-                           int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+template <int NN>
+SK_INLINE void nm_leaf_t(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
+                         int64_t m, const float* bias, const float* x, int64_t n, float* y,
+                         int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
   alignas(64) float buf[kRowBlock * kTile];
   for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
     const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
     for (int64_t n0 = 0; n0 < n;) {
       const int64_t left = n - n0;
       const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
-      if (w == 64) nm_tile<4>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
-      else if (w == 32) nm_tile<2>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
-      else if (w == 16) nm_tile<1>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      if (w == 64) nm_tile<4, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else if (w == 32) nm_tile<2, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else if (w == 16) nm_tile<1, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
       else {
         for (int64_t r = r0; r < r1; ++r) {
           float* acc = buf + (r - r0) * kTile;
           std::fill(acc, acc + w, bias ? bias[r] : 0.f);
           for (int64_t i = 0; i < len; ++i) {
-            const float* p = x + ((i / nn) * m + idx[r * len + i]) * n + n0;
+            const float* p = x + nm_col<NN>(i, nn, m, idx + r * len) * n + n0;
             const float v = val[r * len + i];
             for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
           }
@@ -424,19 +451,40 @@ SK_CLONES_FMA void nm_leaf(const float* val, const uint8_t* idx, int64_t len, in
   }
 }
 
-SK_CLONES_FMA void nm_mv_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
-                              int64_t m, const float* bias, const float* x, float* y, int64_t b0,
-                              int64_t b1) {
+// n = 1: y[r] = bias[r] + Σ_j val[r, j]·x[col(j)] (a gather dot product).
+template <int NN>
+SK_INLINE void nm_mv_t(const float* val, const uint8_t* idx, int64_t len, int64_t nn, int64_t m,
+                       const float* bias, const float* x, float* y, int64_t b0, int64_t b1) {
   for (int64_t r = b0; r < b1; ++r) {
     const float* v = val + r * len;
     const uint8_t* ix = idx + r * len;
     float s = 0.f;
-    for (int64_t g = 0; g < len / nn; ++g) {
-      const float* xg = x + g * m;
-      for (int64_t t = 0; t < nn; ++t) s += v[g * nn + t] * xg[ix[g * nn + t]];
-    }
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) s += v[i] * x[nm_col<NN>(i, nn, m, ix)];
     y[r] = s + (bias ? bias[r] : 0.f);
   }
+}
+
+// Calls F<NN>(args...) with NN = nn for the common group counts, else NN = 0 (runtime nn).
+#define SK_NM_DISPATCH(fn, nn, ...)                  \
+  switch (nn) {                                      \
+    case 1: fn<1>(__VA_ARGS__); break;               \
+    case 2: fn<2>(__VA_ARGS__); break;               \
+    case 4: fn<4>(__VA_ARGS__); break;               \
+    case 8: fn<8>(__VA_ARGS__); break;               \
+    default: fn<0>(__VA_ARGS__); break;              \
+  }
+
+SK_CLONES_FMA void nm_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
+                           int64_t m, const float* bias, const float* x, int64_t n, float* y,
+                           int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+  SK_NM_DISPATCH(nm_leaf_t, nn, val, idx, len, nn, m, bias, x, n, y, out, transpose_out, b0, b1)
+}
+
+SK_CLONES_FMA void nm_mv_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
+                              int64_t m, const float* bias, const float* x, float* y, int64_t b0,
+                              int64_t b1) {
+  SK_NM_DISPATCH(nm_mv_t, nn, val, idx, len, nn, m, bias, x, y, b0, b1)
 }
 
 // ---- ck_conv ----------------------------------------------------------------------------------
@@ -517,6 +565,31 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
 
 namespace {
 
+// Index validation by a vectorized min/max scan (the kernels read x at these indices): the
+// position of the first value outside [lo, hi), or -1 when all are inside.
+SK_CLONES int64_t first_outside_i32(const int32_t* p, int64_t count, int64_t lo, int64_t hi) {
+  int32_t mn = INT32_MAX, mx = INT32_MIN;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < count; ++i) {
+    mn = std::min(mn, p[i]);
+    mx = std::max(mx, p[i]);
+  }
+  if (count == 0 || (mn >= lo && mx < hi)) return -1;
+  for (int64_t i = 0; i < count; ++i)
+    if (p[i] < lo || p[i] >= hi) return i;
+  return -1;
+}
+
+SK_CLONES int64_t first_outside_u8(const uint8_t* p, int64_t count, int64_t hi) {
+  uint8_t mx = 0;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < count; ++i) mx = std::max(mx, p[i]);
+  if (count == 0 || mx < hi) return -1;
+  for (int64_t i = 0; i < count; ++i)
+    if (p[i] >= hi) return i;
+  return -1;
+}
+
 // The x / bias / output checks shared by csr_mm, bsr_mm and nm_mm; returns the empty output.
 at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x,
                      int64_t out_features, bool transpose_out) {
@@ -557,8 +630,8 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   const int64_t n = x.size(1), in = x.size(0), nnz_ = val.numel();
   check_rowptr("csr_mm", rowptr, out_features, nnz_);
   const int32_t* cp0 = col.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < nnz_; ++i)
-    TORCH_CHECK(cp0[i] >= 0 && cp0[i] < in, "csr_mm: column index ", cp0[i], " outside [0, ", in, ")");
+  const int64_t bad = first_outside_i32(cp0, nnz_, 0, in);
+  TORCH_CHECK(bad < 0, "csr_mm: column index ", bad < 0 ? 0 : cp0[bad], " outside [0, ", in, ")");
   if (n == 0 || out_features == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const int32_t* cp = col.const_data_ptr<int32_t>();
@@ -601,9 +674,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const int32_t* op = off.const_data_ptr<int32_t>();
   const int64_t nnz = val.numel();
   if (n > 0) {
-    for (int64_t i = 0; i < nnz; ++i)
-      TORCH_CHECK(op[i] >= 0 && op[i] + n <= x.numel(), "csr_conv: offset ", op[i], " + n = ",
-                  n, " reads past x (", x.numel(), " elements)");
+    const int64_t bad = first_outside_i32(op, nnz, 0, x.numel() - n + 1);
+    TORCH_CHECK(bad < 0, "csr_conv: offset ", bad < 0 ? 0 : op[bad], " + n = ", n,
+                " reads past x (", x.numel(), " elements)");
   }
   at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
   if (y.numel() == 0) return y;
@@ -635,9 +708,8 @@ at::Tensor bsr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   check_rowptr("bsr_mm", rowptr, brows, nnzb);
   const int32_t* cp = col.const_data_ptr<int32_t>();
   const int64_t bcols = (in + bi - 1) / bi;
-  for (int64_t i = 0; i < nnzb; ++i)
-    TORCH_CHECK(cp[i] >= 0 && cp[i] < bcols, "bsr_mm: block column ", cp[i], " outside [0, ",
-                bcols, ")");
+  const int64_t bad = first_outside_i32(cp, nnzb, 0, bcols);
+  TORCH_CHECK(bad < 0, "bsr_mm: block column ", bad < 0 ? 0 : cp[bad], " outside [0, ", bcols, ")");
   if (n == 0 || out_features == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const float* vp = val.const_data_ptr<float>();
@@ -676,8 +748,9 @@ at::Tensor nm_mm(const at::Tensor& val, const at::Tensor& idx, const at::Tensor&
               "nm_mm: idx must be contiguous uint8 of val's shape, got ", idx.scalar_type(), " ",
               idx.sizes());
   const uint8_t* ip = idx.const_data_ptr<uint8_t>();
-  for (int64_t i = 0; i < idx.numel(); ++i)
-    TORCH_CHECK(ip[i] < m, "nm_mm: idx value ", int(ip[i]), " is not a position in [0, ", m, ")");
+  const int64_t bad = first_outside_u8(ip, idx.numel(), m);
+  TORCH_CHECK(bad < 0, "nm_mm: idx value ", bad < 0 ? 0 : int(ip[bad]), " is not a position in [0, ",
+              m, ")");
   if (cols == 0 || out_features == 0) return y;
   const float* vp = val.const_data_ptr<float>();
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
