@@ -489,11 +489,13 @@ SK_CLONES_FMA void nm_mv_leaf(const float* val, const uint8_t* idx, int64_t len,
 
 // ---- ck_conv ----------------------------------------------------------------------------------
 
-// One row's kernels i.. with chan < limit added into acc[0:16·NV]; advances i.
-template <int NV>
-SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* taps, int64_t nt,
+// One row's kernels i.. with chan < limit added into acc[0:16·NV]; advances i. NT = the
+// number of taps when known at compile time (0: runtime nt); the tap offsets stay in registers.
+template <int NV, int NT>
+SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* taps, int64_t nt_,
                        int64_t plane, int64_t& i, int64_t e, int64_t limit, const float* x,
                        float* acc) {
+  const int64_t nt = NT ? NT : nt_;
   v16 a[NV], b[NV];
   for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const v16*>(acc + 16 * j); b[j] = v16{}; }
   for (; i < e && chan[i] < limit; ++i) {
@@ -530,7 +532,8 @@ SK_INLINE void ck_tail(const int32_t* chan, const float* val, const int32_t* tap
 }
 
 // conv_leaf with kernels instead of nonzeros; slab and channels in input-channel units.
-SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
+template <int NT>
+SK_INLINE void ck_leaf_t(const int64_t* rowptr, const int32_t* chan, const float* val,
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
                            int64_t wv, float* y, int64_t b0, int64_t b1) {
@@ -549,9 +552,9 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t e = rowptr[r0 + r + 1];
           float* a = acc + r * kTile;
-          if (w == 64) ck_tile<4>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
-          else if (w == 32) ck_tile<2>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
-          else if (w == 16) ck_tile<1>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
+          if (w == 64) ck_tile<4, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
+          else if (w == 32) ck_tile<2, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
+          else if (w == 16) ck_tile<1, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
           else ck_tail(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, w, a);
         }
       }
@@ -559,6 +562,16 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
       n0 += w;
     }
   }
+}
+
+SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
+                           const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
+                           const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
+                           int64_t wv, float* y, int64_t b0, int64_t b1) {
+  if (nt == 9)  // 3×3
+    ck_leaf_t<9>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1);
+  else
+    ck_leaf_t<0>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1);
 }
 
 }  // namespace
