@@ -262,6 +262,10 @@ def test_new_ops_opcheck():
     for x, tr in ((torch.randn(12, 5), True), (torch.randn(12, 1), False), (torch.randn(12, 33), False)):
         torch.library.opcheck(torch.ops.sparsekern.bsr_mm, (*bsr_from_dense(w, (4, 4)), torch.randn(9), x, 9, tr))
         torch.library.opcheck(torch.ops.sparsekern.nm_mm, (val, idx, torch.empty(0), x, 2, 4, 9, tr))
+    x = torch.randn(33, 12).t()  # non-contiguous [in, n]
+    torch.testing.assert_close(torch.ops.sparsekern.bsr_mm(*bsr_from_dense(w, (2, 3)), torch.empty(0), x, 9, True),
+                               F.linear(x.t(), w), **TOL)
+    torch.testing.assert_close(torch.ops.sparsekern.nm_mm(val, idx, torch.empty(0), x, 2, 4, 9, False), wn @ x, **TOL)
     wt = torch.randn(6, 4, 3, 3)
     rowptr, chan, val = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
     taps = spmm.conv_taps((3, 3), (1, 1), 5)

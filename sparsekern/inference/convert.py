@@ -294,7 +294,7 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
             row.note = "conv with groups > 1 or non-zero/string padding"
             continue
         if not _device_formats(w):
-            row.note = f"no sparse kernels for {w.dtype} on {w.device.type}"
+            row.note = f"dtype {w.dtype}: no sparse kernels on {w.device.type}"
             continue
         if shapes is not None:
             if name not in shapes:

@@ -9,7 +9,8 @@ sparse convolution)::
     CSRLinear  BSRLinear  NMLinear      CSRConv1x1  BSRConv1x1  NMConv1x1      CSRConv2d  CKConv2d
 
 The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
-of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks).
+of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
+the block shape and ``n:m`` come with them).
 On CUDA, :class:`SemiStructuredLinear` holds a 2:4 fp16/bf16 weight in torch's semi-structured
 format.
 """
@@ -126,7 +127,7 @@ class _NM:
 
     def _encode(self, w):
         val, idx = spmm.nm_from_dense(w, self.n, self.m)
-        return {"val": val, "idx": idx}
+        return {"val": val, "idx": idx, "nm": torch.tensor([self.n, self.m])}
 
     def _mm(self, x, transpose_out):
         return spmm._nm_mm(self.val, self.idx, self._b(), x, self.n, self.m, self.out_features, transpose_out)
@@ -134,6 +135,10 @@ class _NM:
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
         return reference.nm_to_dense(self.val, self.idx, self.n, self.m, self.in_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.n, self.m = (int(v) for v in self.nm)
 
 
 # --- layer kinds -----------------------------------------------------------------------------------
