@@ -460,7 +460,8 @@ SK_INLINE void nm_mv_t(const float* val, const uint8_t* idx, int64_t len, int64_
     const uint8_t* ix = idx + r * len;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < len; ++i) s += v[i] * x[nm_col<NN>(i, nn, m, ix)];
+    for (int64_t i = 0; i < len; ++i)  // 32-bit indices: dword gathers (in < 2^31)
+      s += v[i] * x[int32_t(i / (NN ? NN : nn)) * int32_t(m) + int32_t(ix[i])];
     y[r] = s + (bias ? bias[r] : 0.f);
   }
 }
