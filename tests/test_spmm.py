@@ -102,8 +102,11 @@ def test_bad_inputs():
         ops.csr_mm(rowptr, col, val, torch.empty(0), torch.randn(3, 2), 5, True)
     with pytest.raises(RuntimeError, match="bias"):
         ops.csr_mm(rowptr, col, val, torch.randn(3), torch.randn(3, 2), 4, True)
-    with pytest.raises(RuntimeError, match="column index"):
-        ops.csr_mm(rowptr, col + 3, val, torch.empty(0), torch.randn(3, 2), 4, True)
+    for n in (1, 2):  # batch 1 checks inside the mat-vec
+        with pytest.raises(RuntimeError, match=r"column index \d+ outside \[0, 3\)"):
+            ops.csr_mm(rowptr, col + 3, val, torch.empty(0), torch.randn(3, n), 4, True)
+        with pytest.raises(RuntimeError, match=r"column index -\d+ outside \[0, 3\)"):
+            ops.csr_mm(rowptr, col - col.max() - 1, val, torch.empty(0), torch.randn(3, n), 4, True)
     with pytest.raises(RuntimeError, match="rowptr must run"):
         ops.csr_mm(rowptr + 1, col, val, torch.empty(0), torch.randn(3, 2), 4, True)
     with pytest.raises(ValueError, match="float32"):

@@ -45,6 +45,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <climits>
 #include <cstring>
@@ -245,16 +246,27 @@ SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const fl
   }
 }
 
-// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]].
-SK_CLONES_FMA void mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                       const float* bias, const float* x, float* y, int64_t b0, int64_t b1) {
+// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]]. Checks the column indices as it reads them
+// (no separate pass over col: batch 1 is memory bound): an index outside [0, in) reads x[0]
+// instead and makes the result true (the caller then raises).
+SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                           const float* bias, const float* x, int64_t in, float* y, int64_t b0,
+                           int64_t b1) {
+  const uint32_t limit = uint32_t(std::min<int64_t>(in, UINT32_MAX));
+  uint32_t bad = 0;
   for (int64_t r = b0; r < b1; ++r) {
     float s = 0.f;
     const int64_t e = rowptr[r + 1];
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = rowptr[r]; i < e; ++i) s += val[i] * x[col[i]];
+#pragma omp simd reduction(+ : s) reduction(| : bad)
+    for (int64_t i = rowptr[r]; i < e; ++i) {
+      const uint32_t c = uint32_t(col[i]);  // negative -> huge
+      const bool ok = c < limit;
+      bad |= !ok;
+      s += val[i] * x[ok ? c : 0];
+    }
     y[r] = s + (bias ? bias[r] : 0.f);
   }
+  return bad != 0;
 }
 
 
@@ -644,8 +656,12 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   const int64_t n = x.size(1), in = x.size(0), nnz_ = val.numel();
   check_rowptr("csr_mm", rowptr, out_features, nnz_);
   const int32_t* cp0 = col.const_data_ptr<int32_t>();
-  const int64_t bad = first_outside_i32(cp0, nnz_, 0, in);
-  TORCH_CHECK(bad < 0, "csr_mm: column index ", bad < 0 ? 0 : cp0[bad], " outside [0, ", in, ")");
+  auto check_columns = [&] {
+    const int64_t bad = first_outside_i32(cp0, nnz_, 0, in);
+    TORCH_CHECK(bad < 0, "csr_mm: column index ", bad < 0 ? 0 : cp0[bad], " outside [0, ", in, ")");
+  };
+  const bool fused_check = n == 1 && in > 0;  // the mat-vec checks its indices as it reads them
+  if (!fused_check) check_columns();
   if (n == 0 || out_features == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const int32_t* cp = col.const_data_ptr<int32_t>();
@@ -655,9 +671,11 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   float* yp = y.mutable_data_ptr<float>();
   const int64_t grain = grain_rows(val.numel(), out_features, n, kRowBlock);
   if (n == 1) {
+    std::atomic<bool> bad{false};
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mv_leaf(rp, cp, vp, bp, xp, yp, b, e);
+      if (mv_leaf(rp, cp, vp, bp, xp, in, yp, b, e)) bad = true;
     });
+    if (bad) check_columns();  // raises
   } else {
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
       mm_leaf(rp, cp, vp, bp, xp, n, n, yp, out_features, transpose_out, b, e);
