@@ -257,6 +257,21 @@ def test_ck_conv2d(kern, cfg, sparsity, has_bias, monkeypatch):
 
 # --- every new op: opcheck, compile, bad input -----------------------------------------------------
 
+def test_new_ops_large_multithreaded():  # many parallel_for chunks
+    w = sparse_weight(1000, 512, 0.1)
+    wn = w * sk.nm_mask(w, 1, 4)
+    ops = kernel_backend("cpp", "spmm")[0]
+    for n in (1, 64, 70):
+        x, b = torch.randn(512, n), torch.randn(1000)
+        torch.testing.assert_close(ops.bsr_mm(*bsr_from_dense(w, (4, 4)), b, x, 1000, True), (w @ x + b[:, None]).t(), **TOL)
+        torch.testing.assert_close(ops.nm_mm(*nm_from_dense(wn, 1, 4), b, x, 1, 4, 1000, False), wn @ x + b[:, None], **TOL)
+    wt = torch.randn(300, 64, 3, 3)
+    wt = wt * sk.ck_mask(wt, 0.8)
+    x = torch.randn(1, 64, 20, 20)
+    y, _ = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
+
+
 def test_new_ops_opcheck():
     w = sparse_weight(9, 12, 0.4)
     wn = w * sk.nm_mask(w, 2, 4)
