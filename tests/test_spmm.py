@@ -123,6 +123,10 @@ def test_bad_inputs():
     (4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 8, 8),
     (70, 5, (1, 1), (1, 1), (1, 1), (1, 1), 5, 5),
     (3, 2, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),
+    (4, 3, (3, 3), (2, 2), (2, 2), (2, 2), 11, 10),  # strided phases with dilation
+    (5, 2, (3, 3), (3, 3), (1, 1), (1, 1), 10, 11),
+    (3, 2, (3, 3), (2, 2), (3, 3), (1, 1), 5, 6),  # padding wider than the kernel
+    (4, 3, (7, 7), (2, 2), (3, 3), (1, 1), 13, 12),  # ResNet stem-like
 ])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
@@ -230,6 +234,9 @@ CONV_CFGS = [
     (4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 8, 8),
     (70, 40, (3, 3), (1, 1), (1, 1), (1, 1), 6, 5),
     (3, 2, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),
+    (4, 3, (3, 3), (2, 2), (2, 2), (2, 2), 11, 10),
+    (5, 2, (3, 3), (3, 3), (1, 1), (1, 1), 10, 11),
+    (3, 2, (3, 3), (2, 2), (3, 3), (1, 1), 5, 6),
 ]
 
 
@@ -285,7 +292,7 @@ def test_new_ops_opcheck():
     torch.testing.assert_close(torch.ops.sparsekern.nm_mm(val, idx, torch.empty(0), x, 2, 4, 9, False), wn @ x, **TOL)
     wt = torch.randn(6, 4, 3, 3)
     rowptr, chan, val = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
-    taps = spmm.conv_taps((3, 3), (1, 1), 5)
+    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 5, 5)
     torch.library.opcheck(torch.ops.sparsekern.ck_conv,
                           (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))
 
@@ -325,7 +332,7 @@ def test_new_ops_bad_inputs():
         ops.nm_mm(val, idx.int(), e, torch.randn(8, 3), 2, 4, 4, False)
     wt = torch.randn(3, 2, 3, 3)
     rowptr, chan, val = ck_from_dense(wt)
-    taps = spmm.conv_taps((3, 3), (1, 1), 4)
+    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 4, 4)
     x = torch.randn(2 * 16 + 2)
     torch.testing.assert_close(ops.ck_conv(rowptr, chan, val, taps, e, x, 8, 3, 16, 1, 4, 2),
                                reference.ck_conv(rowptr, chan, val, taps, e, x, 8, 3, 16, 1, 4, 2), **TOL)

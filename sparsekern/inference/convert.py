@@ -7,7 +7,7 @@ Per layer (input shape captured by running ``example_input`` through the model):
    stored values are ``numel`` (dense), ``nnz`` (csr), ``nnz blocks × bo·bi`` (block, per block
    shape: the block fill decides), ``out·in·n/m`` (nm, only for a weight that is N:M along
    ``in``) or ``alive kernels × R·S`` (ck), and the columns are the batch (Linear), the pixels
-   (1×1 conv) or the stride-1 wide pixels (direct KxK conv). The costs per multiply-add
+   (1×1 conv) or the output pixels in wide rows (direct KxK conv). The costs per multiply-add
    (:data:`COST_NS`) are rough single-thread measurements on AMD EPYC; they only rank.
 2. **Measurement**: the best :data:`TOP_K` sparse candidates run against the dense layer on a
    random input of the layer's shape (interleaved, ``reps`` samples each, minimum times); the
@@ -146,12 +146,10 @@ def rank_formats(module, input_shape, formats=None):
         dense_cols, regime = cols, "mv" if cols == 1 else "mm"
     else:
         images = shape[0]
-        (r, s), (sh, sw), (ph, pw), (dh, dw) = (module.kernel_size, module.stride, module.padding,
-                                                module.dilation)
-        hp, wp = shape[2] + 2 * ph, shape[3] + 2 * pw
-        h1, w1 = hp - dh * (r - 1), wp - dw * (s - 1)
-        dense_cols = images * ((h1 - 1) // sh + 1) * ((w1 - 1) // sw + 1)
-        cols = dense_cols if kind == "Conv1x1" else images * h1 * wp  # direct conv: wide rows, stride 1
+        hq, wq, h_out, w_out = spmm.conv_geometry(shape[2], shape[3], module.kernel_size, module.stride,
+                                                  module.padding, module.dilation)
+        dense_cols = images * h_out * w_out
+        cols = dense_cols if kind == "Conv1x1" else images * h_out * wq  # direct conv: wide rows
         regime = "mm" if kind == "Conv1x1" else "conv"
     costs = COST_NS[regime]
 

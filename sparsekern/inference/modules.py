@@ -214,15 +214,16 @@ class _ConvKxK(_Sparse):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
-        key = (x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
+        key = tuple(x.shape[2:])
         if key not in self._index:
-            self._index[key] = self._conv_index(*key)
+            hq, wq = spmm.conv_geometry(*key, self.kernel_size, self.stride, self.padding, self.dilation)[:2]
+            self._index[key] = self._conv_index(hq, wq)
         skey = (threading.get_ident(),) + tuple(x.shape[1:])
         y, self._scratch[skey] = self._conv(x, self._index[key], self._scratch.get(skey))
         return y
 
     def _clear_caches(self):
-        self._index = {}  # (Hp, Wp) -> offsets (csr) / taps (ck) for a padded image
+        self._index = {}  # (H, W) -> offsets (csr) / taps (ck) for this input size
         self._scratch = {}  # (thread, C, H, W) -> zero-padded input buffer, reused
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
@@ -282,8 +283,8 @@ class CSRConv2d(_CSR, _ConvKxK):
     """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR: direct sparse
     convolution over a zero-padded image (``csr_conv``)."""
 
-    def _conv_index(self, hp, wp):
-        return spmm.conv_offsets(self.col, self.kernel_size, self.dilation, hp, wp)
+    def _conv_index(self, hq, wq):
+        return spmm.conv_offsets(self.col, self.kernel_size, self.stride, self.dilation, self.in_features, hq, wq)
 
     def _conv(self, x, offsets, scratch):
         return spmm.csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
@@ -308,8 +309,8 @@ class CKConv2d(_ConvKxK):
         w[rows, self.chan.long()] = self.val.reshape(-1, *self.kernel_size)
         return w
 
-    def _conv_index(self, hp, wp):
-        return spmm.conv_taps(self.kernel_size, self.dilation, wp)
+    def _conv_index(self, hq, wq):
+        return spmm.conv_taps(self.kernel_size, self.stride, self.dilation, hq, wq)
 
     def _conv(self, x, taps, scratch):
         return spmm.ck_conv2d(x, self.rowptr, self.chan, self.val, self.bias, self.out_features,

@@ -235,44 +235,84 @@ def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
 SLAB_CHANNELS = 32
 
 
-def conv_offsets(col, kernel_size, dilation, hp, wp):
+def conv_geometry(h, w, kernel_size, stride, padding, dilation):
+    """The direct convolution's layout for an ``h×w`` input: ``(hq, wq, h_out, w_out)``. The
+    zero-padded image ``[C, Hp, Wp]`` is stored as stride phases ``[C, sh, sw, hq, wq]``
+    (phase ``(a, b)`` holds padded pixels ``(a + sh·i, b + sw·j)``; ``hq = ⌈Hp/sh⌉``), so a
+    strided convolution is a stride-1 one over the phases; outputs are wide rows of ``wq``."""
+    (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    h_out, w_out = (hp - dh * (r_ - 1) - 1) // sh + 1, (wp - dw * (s_ - 1) - 1) // sw + 1
+    if hp - dh * (r_ - 1) <= 0 or wp - dw * (s_ - 1) <= 0:
+        raise ValueError(f"conv2d: input {h}×{w} (padded {hp}×{wp}) is smaller than the dilated kernel")
+    return -(-hp // sh), -(-wp // sw), h_out, w_out
+
+
+def conv_taps(kernel_size, stride, dilation, hq, wq):
+    """Offsets (int32 ``[R·S]``) of a kernel's taps within one channel's phases
+    ``[sh, sw, hq, wq]`` (:func:`conv_geometry`): tap ``(r, s)`` reads phase
+    ``(r·dil_h mod sh, s·dil_w mod sw)`` shifted by ``(r·dil_h div sh, s·dil_w div sw)`` (the CK
+    format's ``taps``; stride 1: ``r·dil_h·wq + s·dil_w``)."""
+    (sh, sw), (dh, dw) = stride, dilation
+    r = torch.arange(kernel_size[0])[:, None] * dh
+    s = torch.arange(kernel_size[1])[None, :] * dw
+    off = ((r % sh) * sw + s % sw) * (hq * wq) + (r // sh) * wq + s // sw
+    return off.reshape(-1).to(torch.int32)
+
+
+def conv_offsets(col, kernel_size, stride, dilation, channels, hq, wq):
     """Flat input offsets (int32 ``[nnz]``) of the nonzeros of a CSR conv weight ``[out, C·R·S]``
-    in a zero-padded image ``[C, hp, wp]``: ``c·hp·wp + r·dil_h·wp + s·dil_w``."""
-    r_, s_ = kernel_size
+    in the phase layout ``[C, sh, sw, hq, wq]`` of :func:`conv_geometry`: ``c·plane + taps[r·S + s]``."""
+    plane = stride[0] * stride[1] * hq * wq
+    if channels * plane >= 2 ** 31:
+        raise ValueError(f"conv2d: an input of {channels} channels of {hq}×{wq} pixels per phase is "
+                         "too large for int32 offsets")
     col = col.long()
-    c, r, s = col // (r_ * s_), (col // s_) % r_, col % s_
-    off = c * (hp * wp) + r * (dilation[0] * wp) + s * dilation[1]
-    if off.numel() and int(off.max()) + hp * wp >= 2 ** 31:
-        raise ValueError(f"csr_conv2d: input of {hp}×{wp} pixels per channel is too large for int32 offsets")
-    return off.to(torch.int32)
+    rs = kernel_size[0] * kernel_size[1]
+    taps = conv_taps(kernel_size, stride, dilation, hq, wq).long()
+    return ((col // rs) * plane + taps[col % rs]).to(torch.int32)
 
 
-def conv_taps(kernel_size, dilation, wp):
-    """Tap offsets (int32 ``[R·S]``) of an ``R×S`` kernel in a padded plane of width ``wp``:
-    ``r·dil_h·wp + s·dil_w`` (the CK format's ``taps``)."""
-    r = torch.arange(kernel_size[0])[:, None] * (dilation[0] * wp)
-    return (r + torch.arange(kernel_size[1])[None, :] * dilation[1]).reshape(-1).to(torch.int32)
+def _phase_copies(x, scratch, geometry, stride, padding):
+    """``(destination, source)`` view pairs that copy one image ``x [C, H, W]`` into the
+    phases of ``scratch`` (:func:`conv_geometry`); the rest of ``scratch`` stays zero."""
+    hq, wq = geometry[:2]
+    (sh, sw), (ph, pw) = stride, padding
+    c, h, w = x.shape
+    ph5 = scratch[:c * sh * sw * hq * wq].view(c, sh, sw, hq, wq)
+
+    def span(a, step, pad, size):  # first phase index, count, first source index
+        i0 = max(0, -(-(pad - a) // step))
+        i1 = (pad + size - 1 - a) // step
+        return i0, i1 - i0 + 1, a + step * i0 - pad
+
+    pairs = []
+    for a in range(sh):
+        i0, ni, r0 = span(a, sh, ph, h)
+        for b in range(sw):
+            j0, nj, c0 = span(b, sw, pw, w)
+            if ni > 0 and nj > 0:
+                pairs.append((ph5[:, a, b, i0:i0 + ni, j0:j0 + nj],
+                              (slice(r0, r0 + sh * (ni - 1) + 1, sh), slice(c0, c0 + sw * (nj - 1) + 1, sw))))
+    return pairs
 
 
 def _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch):
-    """The image loop of :func:`csr_conv2d` / :func:`ck_conv2d`: each image copied into a
-    zero-padded flat buffer, ``run(buf, n, hp, wp, w1) -> [out, h1, w1]`` (stride 1), subsampled."""
-    (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    """The image loop of :func:`csr_conv2d` / :func:`ck_conv2d`: each image copied into the
+    zero-padded phase buffer (:func:`conv_geometry`), ``run(buf, geometry) -> [out, h_out, w_out]``."""
     n_img, c, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
-    h1, w1 = hp - dh * (r_ - 1), wp - dw * (s_ - 1)  # stride-1 output size
-    if h1 <= 0 or w1 <= 0:
-        raise ValueError(f"conv2d: input {tuple(x.shape)} is smaller than the dilated kernel")
-    plane = c * hp * wp
+    geometry = conv_geometry(h, w, kernel_size, stride, padding, dilation)
+    hq, wq, h_out, w_out = geometry
+    size = c * stride[0] * stride[1] * hq * wq
     if scratch is None:  # slack: the last wide row reads past the image
-        scratch = x.new_zeros(plane + dw * (s_ - 1))
-    inner = scratch[:plane].view(c, hp, wp)[:, ph:ph + h, pw:pw + w]
+        scratch = x.new_zeros(size + (dilation[1] * (kernel_size[1] - 1)) // stride[1])
+    copies = _phase_copies(x[0] if n_img else x.new_empty(c, h, w), scratch, geometry, stride, padding)
     ys = []
     for i in range(n_img):
-        inner.copy_(x[i])
-        y = run(scratch, h1 * wp, hp, wp, w1)
-        ys.append(y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw])
-    out = torch.stack(ys) if ys else x.new_empty(0, out_features, (h1 - 1) // sh + 1, (w1 - 1) // sw + 1)
+        for dst, (rows, cols) in copies:
+            dst.copy_(x[i][:, rows, cols])
+        ys.append(run(scratch, geometry))
+    out = torch.stack(ys) if ys else x.new_empty(0, out_features, h_out, w_out)
     return out, scratch
 
 
@@ -280,17 +320,20 @@ def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, pad
                offsets=None, scratch=None):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
     ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Each image is copied into a
-    zero-padded flat buffer and convolved directly at stride 1 in wide rows (see ``csr_conv``);
-    stride > 1 subsamples that result. ``offsets``: :func:`conv_offsets` for this input size
-    (computed when None); ``scratch``: a reusable buffer from an earlier call with this input
-    size (its padding is still zero), else a new one is made. Returns ``(y, scratch)``."""
+    zero-padded buffer of stride phases (:func:`conv_geometry`) and convolved directly, at
+    stride 1 over the phases, in wide rows (see ``csr_conv``): only the strided outputs are
+    computed. ``offsets``: :func:`conv_offsets` for this input size (computed when None);
+    ``scratch``: a reusable buffer from an earlier call with this input size (its padding is
+    still zero), else a new one is made. Returns ``(y, scratch)``."""
     b = _bias(bias, val)
 
-    def run(buf, n, hp, wp, w1):
+    def run(buf, geometry):
         nonlocal offsets
+        hq, wq, h_out, w_out = geometry
         if offsets is None:
-            offsets = conv_offsets(col, kernel_size, dilation, hp, wp)
-        return _csr_conv(rowptr, offsets, val, b, buf, n, out_features, SLAB_CHANNELS * hp * wp, wp, w1)
+            offsets = conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+        slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
+        return _csr_conv(rowptr, offsets, val, b, buf, h_out * wq, out_features, slab, wq, w_out)
 
     return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
 
@@ -298,17 +341,18 @@ def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, pad
 def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation,
               taps=None, scratch=None):
     """:func:`csr_conv2d` with a CK weight (:func:`ck_from_dense`): ``x [N, C, H, W]`` →
-    ``[N, out, H', W']``. ``taps``: :func:`conv_taps` for this input width (computed when None).
+    ``[N, out, H', W']``. ``taps``: :func:`conv_taps` for this input size (computed when None).
     Returns ``(y, scratch)``."""
     b = _bias(bias, val)
-    c = x.shape[1]
-    if c * (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1]) >= 2 ** 31:
-        raise ValueError(f"ck_conv2d: input {tuple(x.shape)} is too large for int32 offsets")
 
-    def run(buf, n, hp, wp, w1):
+    def run(buf, geometry):
         nonlocal taps
+        hq, wq, h_out, w_out = geometry
+        plane = stride[0] * stride[1] * hq * wq
+        if x.shape[1] * plane >= 2 ** 31:
+            raise ValueError(f"ck_conv2d: input {tuple(x.shape)} is too large for int32 offsets")
         if taps is None:
-            taps = conv_taps(kernel_size, dilation, wp)
-        return _ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, hp * wp, SLAB_CHANNELS, wp, w1)
+            taps = conv_taps(kernel_size, stride, dilation, hq, wq)
+        return _ck_conv(rowptr, chan, val, taps, b, buf, h_out * wq, out_features, plane, SLAB_CHANNELS, wq, w_out)
 
     return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
