@@ -12,8 +12,9 @@ Per layer (input shape captured by running ``example_input`` through the model):
 2. **Measurement**: the best :data:`TOP_K` sparse candidates run against the dense layer on a
    random input of the layer's shape (interleaved, ``reps`` samples each, minimum times); the
    fastest one is measured again against dense, and it replaces the layer only if both
-   measurements give at least ``min_speedup``. The reported speedup uses the minimum times
-   over both rounds. So no converted layer measured slower than dense ×``min_speedup``.
+   measurements give at least ``min_speedup``; the report gives the lower of the two speedups
+   (times: the minimum over both rounds). So no converted layer measured slower than dense
+   ×``min_speedup``.
 
 What each layer kind can become (CPU, fp32): Linear and 1×1 conv: csr, block, nm; KxK conv
 (groups 1, zero padding): csr (direct sparse conv) and ck (kernel skipping). Grouped / depthwise
@@ -245,7 +246,7 @@ def _choose(m, row, cands, x, min_speedup, reps):
             td2, ts2 = _time_pair(m, sparse, x, reps)
             speedup = min(speedup, td2 / ts2)
             td, ts = min(td, td2), min(ts, ts2)
-    row.dense_ms, row.sparse_ms, row.speedup = td * 1e3, ts * 1e3, td / ts
+    row.dense_ms, row.sparse_ms, row.speedup = td * 1e3, ts * 1e3, speedup
     tried = ", ".join(f"{t[3].describe()} {t[0]:.2f}x" for t in trials)
     if speedup >= min_speedup:
         row.format, row.predicted = c.format, dense_pred / c.predicted_ms
