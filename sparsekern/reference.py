@@ -513,3 +513,46 @@ def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
     y = x.new_zeros(out_features, n).index_add_(0, rows, val[:, None] * cols)
     y = y + bias[:, None] if bias.numel() else y
     return y.view(out_features, n // wp, wp)[:, :, :wv].contiguous()
+
+
+def bsr_to_dense(rowptr, col, val, shape):
+    """Dense ``shape`` = ``[out, in]`` matrix of a block-CSR weight: ``val [nnzb, bo, bi]``,
+    ``col [nnzb]`` block columns, ``rowptr [⌈out/bo⌉+1]``; the zero padding of edge blocks is cropped."""
+    nb, bo, bi = val.shape
+    brows = -(-shape[0] // bo)
+    bcols = -(-shape[1] // bi)
+    rows = torch.repeat_interleave(torch.arange(brows, device=val.device), rowptr.diff())
+    w = val.new_zeros(brows, bcols, bo, bi)
+    w[rows, col.long()] = val
+    return w.permute(0, 2, 1, 3).reshape(brows * bo, bcols * bi)[: shape[0], : shape[1]]
+
+
+def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+    """:func:`csr_mm` for a block-CSR weight (:func:`bsr_to_dense`); same ``x`` / bias / output."""
+    y = bsr_to_dense(rowptr, col, val, (out_features, x.shape[0])) @ x
+    if bias.numel():
+        y = y + bias[:, None]
+    return y.t().contiguous() if transpose_out else y
+
+
+def nm_to_dense(val, idx, n, m, in_features):
+    """Dense ``[out, in]`` of an N:M-compressed weight: stored value ``j`` of row ``r``
+    (``val [out, in·n/m]``) is ``W[r, (j // n)·m + idx[r, j]]``."""
+    cols = torch.arange(val.shape[1], device=val.device) // n * m + idx.long()
+    w = val.new_zeros(val.shape[0], in_features)
+    return w.scatter_add_(1, cols, val)
+
+
+def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
+    """:func:`csr_mm` for an N:M-compressed weight (:func:`nm_to_dense`); same ``x`` / output."""
+    y = nm_to_dense(val, idx, n, m, x.shape[0]) @ x
+    if bias.numel():
+        y = y + bias[:, None]
+    return y.t().contiguous() if transpose_out else y
+
+
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
+    """:func:`csr_conv` of a kernel-skipping weight: row ``o``'s kernel ``i`` (input channel
+    ``chan[i]``, taps ``val[i, t]``) reads ``x[chan[i]·plane + taps[t] + j]``."""
+    off = (chan.long()[:, None] * plane + taps.long()[None, :]).reshape(-1)
+    return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv)

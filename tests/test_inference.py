@@ -1,5 +1,5 @@
-"""sparsekern.inference: CSR modules vs dense layers, convert() end to end, pickling,
-state_dict round trips, clear errors."""
+"""sparsekern.inference: the sparse modules (csr, block, nm, ck) vs dense layers, the cost
+model's format choice, convert() end to end, pickling, state_dict round trips, clear errors."""
 import io
 import math
 import pickle
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import sparsekern as sk
-from sparsekern.inference import CSRConv1x1, CSRConv2d, CSRLinear
+from sparsekern.inference import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear,
+                                  NMConv1x1, NMLinear, rank_formats)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -66,7 +67,8 @@ def test_convert_small_cnn_equals_dense():
     model = prune_(SmallCNN(), 0.9).eval()
     x = torch.randn(2, 3, 8, 8)
     expect = model(x).detach()
-    conv, report = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1)
+    conv, report = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1, formats="csr",
+                                        return_report=True)
     assert isinstance(conv.pw, CSRConv1x1) and isinstance(conv.down, CSRConv1x1)
     assert isinstance(conv.fc1, CSRLinear) and isinstance(conv.fc2, CSRLinear)
     assert isinstance(conv.stem, CSRConv2d)
@@ -83,40 +85,43 @@ def test_convert_mlp_without_example_and_min_speedup():
     model = prune_(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), 0.5).eval()
     x = torch.randn(4, 20)
     expect = model(x).detach()
-    conv, report = sk.inference.convert(model, min_speedup=math.inf, reps=1)
+    conv, report = sk.inference.convert(model, min_speedup=math.inf, reps=1, return_report=True)
     assert all(r.format == "dense" for r in report) and all(isinstance(m, nn.Linear) for m in conv[::2])
-    assert report[0].input_shape == (1, 20)
-    conv, report = sk.inference.convert(model, min_speedup=0.0, reps=1)
-    assert all(r.format == "csr" for r in report)
+    assert report[0].input_shape == (1, 20) and "below min_speedup" in report[0].note
+    conv = sk.inference.convert(model, min_speedup=0.0, reps=1)  # the DESIGN contract: the model
+    assert all(isinstance(m, (CSRLinear, BSRLinear, NMLinear)) for m in conv[::2])
     with torch.no_grad():
         torch.testing.assert_close(conv(x), expect, **TOL)
 
 
 def test_convert_root_linear_and_skips():
     lin = prune_(nn.Linear(8, 4), 0.5).eval()
-    conv, report = sk.inference.convert(lin, min_speedup=0.0, reps=1)
+    conv = sk.inference.convert(lin, min_speedup=0.0, reps=1, formats=["csr"])
     assert isinstance(conv, CSRLinear)
     half = nn.ModuleDict({"used": nn.Linear(8, 4).half(), "unused": nn.Linear(4, 4)})
     half.forward = lambda x: half["used"](x)
-    _, report = sk.inference.convert(half, min_speedup=0.0, example_input=torch.randn(2, 8).half(), reps=1)
+    _, report = sk.inference.convert(half, min_speedup=0.0, example_input=torch.randn(2, 8).half(), reps=1,
+                                     return_report=True)
     assert report[0].format == "dense" and "dtype" in report[0].note
     assert report[1].format == "dense" and "not run" in report[1].note
     with pytest.raises(ValueError, match="min_speedup"):
         sk.inference.convert(lin, min_speedup=-1.0)
+    with pytest.raises(ValueError, match="unknown formats"):
+        sk.inference.convert(lin, formats=("coo",))
 
 
 def test_pickle_and_state_dict_roundtrip():
     model = prune_(SmallCNN(), 0.9).eval()
     x = torch.randn(1, 3, 8, 8)
-    conv, _ = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1)
+    conv = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1, formats="csr")
     with torch.no_grad():
         expect = conv(x)
         torch.testing.assert_close(pickle.loads(pickle.dumps(conv))(x), expect)
         buf = io.BytesIO()
         torch.save(conv.state_dict(), buf)
         # a converted model of another pruning (other nnz) takes the saved weights
-        other, _ = sk.inference.convert(prune_(SmallCNN(), 0.5, seed=3).eval(), min_speedup=0.0,
-                                        example_input=x, reps=1)
+        other = sk.inference.convert(prune_(SmallCNN(), 0.5, seed=3).eval(), min_speedup=0.0,
+                                     example_input=x, reps=1, formats="csr")
         buf.seek(0)
         other.load_state_dict(torch.load(buf))
         torch.testing.assert_close(other(x), expect)
@@ -154,3 +159,196 @@ def test_csr_conv2d_module(stride, padding, dilation):
         torch.testing.assert_close(m(x), conv(x).detach(), **TOL)
     with pytest.raises(ValueError, match="groups 1"):
         CSRConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+
+
+# --- block, N:M and CK modules ----------------------------------------------------------------------
+
+def nm_weight(out, inp, n, m, seed=0):
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+    return w * sk.nm_mask(w, n, m)
+
+
+LINEAR_CASES = [  # (class, options, weight maker)
+    (CSRLinear, {}, lambda o, i: prune_(nn.Linear(i, o), 0.9).weight),
+    (BSRLinear, {"block": (4, 4)}, lambda o, i: prune_(nn.Linear(i, o), 0.9).weight),
+    (BSRLinear, {"block": (3, 5)}, lambda o, i: nn.Linear(i, o).weight),  # fully dense
+    (BSRLinear, {"block": (2, 2)}, lambda o, i: torch.zeros(o, i)),  # all zero
+    (NMLinear, {"n": 2, "m": 4}, lambda o, i: nm_weight(o, i, 2, 4)),
+    (NMLinear, {"n": 1, "m": 8}, lambda o, i: nm_weight(o, i, 1, 8)),
+]
+
+
+@pytest.mark.parametrize("cls,opts,make", LINEAR_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_modules(cls, opts, make, bias):
+    lin = nn.Linear(40, 21, bias=bias).eval()
+    with torch.no_grad():
+        lin.weight.copy_(make(21, 40))
+    m = cls.from_dense(lin, **opts).eval()
+    with torch.no_grad():
+        for shape in [(40,), (1, 40), (5, 40), (2, 3, 40), (0, 40)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(m(x), lin(x), **TOL)
+        torch.testing.assert_close(m.weight_dense(), lin.weight)
+        assert math.isclose(m.density, int((lin.weight != 0).sum()) / lin.weight.numel())
+        assert "density" in repr(m)
+        y = pickle.loads(pickle.dumps(m))(torch.randn(3, 40))  # pickles
+        assert y.shape == (3, 21)
+
+
+@pytest.mark.parametrize("cls,opts", [(CSRConv1x1, {}), (BSRConv1x1, {"block": (4, 2)}), (NMConv1x1, {"n": 2, "m": 4})])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv1x1_modules(cls, opts, stride):
+    conv = nn.Conv2d(16, 12, 1, stride=stride).eval()
+    with torch.no_grad():
+        conv.weight.copy_(nm_weight(12, 16, 2, 4).reshape(12, 16, 1, 1))
+    m = cls.from_dense(conv, **opts).eval()
+    with torch.no_grad():
+        for n in (1, 2):
+            x = torch.randn(n, 16, 7, 9)
+            torch.testing.assert_close(m(x), conv(x), **TOL)
+    with pytest.raises(ValueError, match="1×1"):
+        cls.from_dense(nn.Conv2d(16, 12, 3), **opts)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 0, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ck_conv2d_module(stride, padding, dilation, bias):
+    conv = nn.Conv2d(8, 10, 3, stride, padding, dilation, bias=bias).eval()
+    with torch.no_grad():
+        conv.weight.mul_(sk.ck_mask(conv.weight, 0.7))
+    m = CKConv2d.from_dense(conv).eval()
+    with torch.no_grad():
+        for shape in [(1, 8, 9, 9), (2, 8, 12, 7), (1, 8, 9, 9)]:  # repeated size: cached taps
+            x = torch.randn(shape)
+            torch.testing.assert_close(m(x), conv(x), **TOL)
+        torch.testing.assert_close(m.weight_dense(), conv.weight)
+        assert math.isclose(m.density, int((conv.weight != 0).sum()) / conv.weight.numel())
+        x = torch.randn(1, 8, 9, 9)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(m))(x), conv(x), **TOL)
+    with pytest.raises(ValueError, match="groups 1"):
+        CKConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_new_modules_state_dict_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    lin_a, lin_b = prune_(nn.Linear(16, 8), 0.7), prune_(nn.Linear(16, 8), 0.3, seed=1)
+    conv_a, conv_b = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv_a.weight.mul_(sk.ck_mask(conv_a.weight, 0.75))
+        conv_b.weight.mul_(sk.ck_mask(conv_b.weight, 0.25))
+    pairs = [(BSRLinear.from_dense(lin_a, block=(2, 4)), BSRLinear.from_dense(lin_b, block=(4, 4)), torch.randn(3, 16, generator=g)),
+             (NMLinear(nm_weight(8, 16, 2, 4), torch.randn(8)), NMLinear(nm_weight(8, 16, 1, 8, seed=2), torch.randn(8), n=1, m=8),
+              torch.randn(3, 16, generator=g)),
+             (CKConv2d.from_dense(conv_a), CKConv2d.from_dense(conv_b), torch.randn(1, 4, 5, 5, generator=g))]
+    for a, b, x in pairs:
+        a.eval(), b.eval()
+        with torch.no_grad():
+            expect = a(x)
+            buf = io.BytesIO()
+            torch.save(a.state_dict(), buf)
+            buf.seek(0)
+            b.load_state_dict(torch.load(buf))
+            torch.testing.assert_close(b(x), expect)
+
+
+def test_new_modules_errors():
+    with pytest.raises(ValueError, match="not 2:4"):
+        NMLinear(torch.randn(4, 8), n=2, m=4)
+    with pytest.raises(ValueError, match="float32"):
+        BSRLinear(torch.randn(4, 8).half())
+    m = BSRLinear(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        m.train()(torch.randn(2, 8))
+    m.eval()
+    with pytest.raises(ValueError, match="float32"):
+        m(torch.randn(2, 8).double())
+    with pytest.raises(ValueError, match="8 input features"):
+        m(torch.randn(2, 7))
+    c = CKConv2d(torch.randn(3, 2, 3, 3)).eval()
+    with pytest.raises(ValueError, match="4-D"):
+        c(torch.randn(2, 5, 5))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        c(torch.randn(1, 2, 2, 2))
+
+
+# --- the cost model's choice (no timing) and convert end to end -----------------------------------------
+
+def sparse_candidates(module, shape):
+    return [c for c in rank_formats(module, shape) if c.format != "dense"]
+
+
+def test_cost_model_choices():
+    lin = nn.Linear(256, 128)
+    with torch.no_grad():
+        lin.weight.copy_(nm_weight(128, 256, 1, 8))
+    cands = sparse_candidates(lin, (64, 256))
+    assert cands[0].format == "nm" and cands[0].params == {"n": 1, "m": 8}  # N:M: fewest index bytes
+    with torch.no_grad():
+        lin.weight.mul_(0).add_(torch.randn(128, 256))  # dense: not N:M, no nm candidate
+    cands = rank_formats(lin, (64, 256))
+    assert "nm" not in {c.format for c in cands} and cands[0].format == "dense"
+    with torch.no_grad():
+        lin.weight.mul_(sk.block_mask(lin.weight, 4, 0.9))
+    for batch in (1, 64):
+        top = sparse_candidates(lin, (batch, 256))[0]
+        assert top.format == "block" and top.params["block"] in ((4, 4), (1, 8), (4, 1)), top
+        assert top.predicted_ms < rank_formats(lin, (batch, 256))[-1].predicted_ms
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(sk.ck_mask(conv.weight, 0.9))
+    cands = sparse_candidates(conv, (1, 64, 14, 14))
+    assert [c.format for c in cands] == ["ck", "csr"]  # KxK: csr and ck only; whole kernels: ck
+    assert isinstance(cands[0].build(), CKConv2d)
+    assert [c.format for c in rank_formats(nn.Conv2d(4, 4, 3, groups=2), (1, 4, 8, 8))] == ["dense"]
+    assert [c.format for c in rank_formats(nn.Linear(8, 8).half(), (1, 8))] == ["dense"]
+    assert {c.format for c in rank_formats(lin, (64, 256), formats=("csr",))} == {"dense", "csr"}
+
+
+class NMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.pw(torch.relu(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("formats,types", [
+    ("nm", {"pw": NMConv1x1, "fc": NMLinear, "conv": nn.Conv2d}),
+    ("ck", {"pw": nn.Conv2d, "fc": nn.Linear, "conv": CKConv2d}),
+    ("block", {"pw": BSRConv1x1, "fc": BSRLinear, "conv": nn.Conv2d}),
+    (None, {}),
+])
+def test_convert_each_format_equals_dense(formats, types):
+    model = NMNet().eval()
+    with torch.no_grad():
+        model.conv.weight.mul_(sk.ck_mask(model.conv.weight, 0.75))
+        model.pw.weight.mul_(sk.nm_mask(model.pw.weight, 2, 4))
+        model.fc.weight.mul_(sk.nm_mask(model.fc.weight, 1, 4))
+    x = torch.randn(2, 4, 6, 6)
+    expect = model(x).detach()
+    conv, report = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1, formats=formats,
+                                        return_report=True)
+    for name, t in types.items():
+        assert type(getattr(conv, name)) is t, (name, report)
+    for r in report:
+        assert r.format == "dense" or formats is None or r.format == formats
+        assert r.format == "dense" or (r.speedup > 0 and r.predicted > 0 and r.sparse_ms > 0)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expect, **TOL)
+    assert "predicted" in str(report)
+
+
+def test_convert_guard_never_keeps_a_slower_layer():
+    model = prune_(SmallCNN(), 0.9).eval()
+    x = torch.randn(1, 3, 8, 8)
+    expect = model(x).detach()
+    conv, report = sk.inference.convert(model, min_speedup=1.0, example_input=x, reps=2, return_report=True)
+    for r in report:  # accepted only when both measurements reach min_speedup
+        assert r.format == "dense" or r.speedup >= 1.0, r
+        assert r.dense_ms is not None
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expect, **TOL)

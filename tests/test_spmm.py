@@ -1,12 +1,15 @@
-"""spmm family: the CSR kernels (C++ and reference) against dense F.linear / F.conv2d, opcheck,
-torch.compile, bad inputs."""
+"""spmm family: the CSR, block (BSR), N:M and CK kernels (C++ and reference) against dense
+F.linear / F.conv2d, the format builders, opcheck, torch.compile, bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sparsekern  # noqa: F401  (registers torch.ops.sparsekern.*)
 from sparsekern import reference
-from sparsekern.ops.spmm import REFERENCE_KERNELS, csr_conv1x1, csr_from_dense, csr_linear
+import sparsekern as sk
+from sparsekern.ops import spmm
+from sparsekern.ops.spmm import (REFERENCE_KERNELS, bsr_from_dense, ck_from_dense, csr_conv1x1, csr_from_dense,
+                                 csr_linear, nm_from_dense, nm_pattern)
 from utils import kernel_backend
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -99,8 +102,11 @@ def test_bad_inputs():
         ops.csr_mm(rowptr, col, val, torch.empty(0), torch.randn(3, 2), 5, True)
     with pytest.raises(RuntimeError, match="bias"):
         ops.csr_mm(rowptr, col, val, torch.randn(3), torch.randn(3, 2), 4, True)
-    with pytest.raises(RuntimeError, match="column index"):
-        ops.csr_mm(rowptr, col + 3, val, torch.empty(0), torch.randn(3, 2), 4, True)
+    for n in (1, 2):  # batch 1 checks inside the mat-vec
+        with pytest.raises(RuntimeError, match=r"column index \d+ outside \[0, 3\)"):
+            ops.csr_mm(rowptr, col + 3, val, torch.empty(0), torch.randn(3, n), 4, True)
+        with pytest.raises(RuntimeError, match=r"column index -\d+ outside \[0, 3\)"):
+            ops.csr_mm(rowptr, col - col.max() - 1, val, torch.empty(0), torch.randn(3, n), 4, True)
     with pytest.raises(RuntimeError, match="rowptr must run"):
         ops.csr_mm(rowptr + 1, col, val, torch.empty(0), torch.randn(3, 2), 4, True)
     with pytest.raises(ValueError, match="float32"):
@@ -117,6 +123,10 @@ def test_bad_inputs():
     (4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 8, 8),
     (70, 5, (1, 1), (1, 1), (1, 1), (1, 1), 5, 5),
     (3, 2, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),
+    (4, 3, (3, 3), (2, 2), (2, 2), (2, 2), 11, 10),  # strided phases with dilation
+    (5, 2, (3, 3), (3, 3), (1, 1), (1, 1), 10, 11),
+    (3, 2, (3, 3), (2, 2), (3, 3), (1, 1), 5, 6),  # padding wider than the kernel
+    (4, 3, (7, 7), (2, 2), (3, 3), (1, 1), 13, 12),  # ResNet stem-like
 ])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
@@ -149,3 +159,190 @@ def test_csr_conv_opcheck_and_bounds():
         torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, x.numel() - int(off.max()) + 1, 6, 9, 1, 1)
     with pytest.raises(RuntimeError, match="dividing n"):
         torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6, 9, 3, 2)
+
+
+# --- block CSR ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out,inp,n", SHAPES)
+@pytest.mark.parametrize("block", [(1, 1), (4, 4), (3, 5), (8, 1), (1, 8), (16, 16)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+def test_bsr_mm_matches_dense(kern, out, inp, n, block, density):
+    w = sparse_weight(out, inp, density)
+    w[::3] = 0  # empty rows (and block rows)
+    x = torch.randn(inp, n)
+    rowptr, col, val = bsr_from_dense(w, block)
+    for bias, transpose_out in ((torch.randn(out), False), (torch.empty(0), True)):
+        y = kern.bsr_mm(rowptr, col, val, bias, x, out, transpose_out)
+        expect = w @ x + (bias[:, None] if bias.numel() else 0)
+        torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
+
+
+def test_bsr_from_dense_layout():
+    w = sparse_weight(10, 7, 0.2)
+    w[4:8] = 0
+    rowptr, col, val = bsr_from_dense(w, (4, 3))
+    assert rowptr.dtype == torch.int64 and col.dtype == torch.int32 and val.shape[1:] == (4, 3)
+    assert rowptr.numel() == 3 + 1 and rowptr[1] == rowptr[2]  # block row 1 is empty
+    assert rowptr[-1] == val.shape[0] == col.numel()
+    assert (val != 0).sum() == (w != 0).sum()
+    torch.testing.assert_close(reference.bsr_to_dense(rowptr, col, val, w.shape), w, rtol=0, atol=0)
+    # a block-pruned weight fills its blocks
+    bw = torch.randn(32, 32) * sk.block_mask(torch.randn(32, 32), 4, 0.75)
+    assert spmm.block_fill(bw, (4, 4)) == 1.0 and spmm.block_fill(bw, (2, 2)) == 1.0
+    assert spmm.block_fill(bw, (8, 8)) < 1.0
+
+
+# --- N:M ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out,inp,n", [(1, 8, 1), (7, 8, 1), (7, 8, 3), (33, 16, 16), (65, 128, 100), (19, 296, 47)])
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8), (3, 8), (1, 1)])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_nm_mm_matches_dense(kern, out, inp, n, nm, transpose_out):
+    k, m = nm  # every inp is a multiple of every m
+    w0 = sparse_weight(out, inp, 0.9)
+    w = w0 * sk.nm_mask(w0, k, m)
+    w[::4] = 0  # groups with fewer than n nonzeros, empty rows
+    x = torch.randn(inp, n)
+    val, idx = nm_from_dense(w, k, m)
+    assert val.shape == idx.shape == (out, inp // m * k) and idx.dtype == torch.uint8
+    torch.testing.assert_close(reference.nm_to_dense(val, idx, k, m, inp), w, rtol=0, atol=0)
+    for bias in (torch.randn(out), torch.empty(0)):
+        y = kern.nm_mm(val, idx, bias, x, k, m, out, transpose_out)
+        expect = w @ x + (bias[:, None] if bias.numel() else 0)
+        torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
+
+
+def test_nm_pattern_and_not_nm():
+    w0 = torch.randn(16, 32)
+    assert nm_pattern(w0 * sk.nm_mask(w0, 2, 4)) == (2, 4)
+    assert nm_pattern(w0 * sk.nm_mask(w0, 1, 8)) == (1, 8)
+    assert nm_pattern(w0) is None  # dense: not N:M
+    assert nm_pattern(torch.randn(4, 6)) is None  # in not a multiple of any m
+    with pytest.raises(ValueError, match="not 2:4"):
+        nm_from_dense(w0, 2, 4)
+    with pytest.raises(ValueError, match="multiple of m"):
+        nm_from_dense(torch.zeros(3, 6), 2, 4)
+
+
+# --- CK -------------------------------------------------------------------------------------------
+
+CONV_CFGS = [
+    # (out, in, kernel, stride, padding, dilation, H, W)
+    (8, 3, (3, 3), (1, 1), (1, 1), (1, 1), 7, 9),
+    (5, 4, (3, 3), (2, 2), (1, 1), (1, 1), 11, 6),
+    (6, 2, (5, 3), (1, 2), (2, 0), (1, 1), 9, 10),
+    (4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 8, 8),
+    (70, 40, (3, 3), (1, 1), (1, 1), (1, 1), 6, 5),
+    (3, 2, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),
+    (4, 3, (3, 3), (2, 2), (2, 2), (2, 2), 11, 10),
+    (5, 2, (3, 3), (3, 3), (1, 1), (1, 1), 10, 11),
+    (3, 2, (3, 3), (2, 2), (3, 3), (1, 1), 5, 6),
+]
+
+
+@pytest.mark.parametrize("cfg", CONV_CFGS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_ck_conv2d(kern, cfg, sparsity, has_bias, monkeypatch):
+    out, inp, k, stride, padding, dilation, h, w = cfg
+    wt = torch.randn(out, inp, *k)
+    wt = wt * sk.ck_mask(wt, sparsity)
+    wt[:, :, 0, 0] = 0  # partly zero kernels are stored whole
+    wt[1] = 0  # an output channel with no kernel
+    bias = torch.randn(out) if has_bias else None
+    x = torch.randn(2, inp, h, w)
+    monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    rowptr, chan, val = ck_from_dense(wt)
+    assert val.shape[1] == k[0] * k[1] and rowptr[2] == rowptr[1]
+    args = (rowptr, chan, val, bias, out, k, stride, padding, dilation)
+    y, scratch = spmm.ck_conv2d(x, *args)
+    expect = F.conv2d(x, wt, bias, stride, padding, dilation)
+    torch.testing.assert_close(y, expect, **TOL)
+    y, _ = spmm.ck_conv2d(x.flip(0), *args, scratch=scratch)
+    torch.testing.assert_close(y, expect.flip(0), **TOL)
+
+
+# --- every new op: opcheck, compile, bad input -----------------------------------------------------
+
+def test_new_ops_large_multithreaded():  # many parallel_for chunks
+    w = sparse_weight(1000, 512, 0.1)
+    wn = w * sk.nm_mask(w, 1, 4)
+    ops = kernel_backend("cpp", "spmm")[0]
+    for n in (1, 64, 70):
+        x, b = torch.randn(512, n), torch.randn(1000)
+        torch.testing.assert_close(ops.bsr_mm(*bsr_from_dense(w, (4, 4)), b, x, 1000, True), (w @ x + b[:, None]).t(), **TOL)
+        torch.testing.assert_close(ops.nm_mm(*nm_from_dense(wn, 1, 4), b, x, 1, 4, 1000, False), wn @ x + b[:, None], **TOL)
+    wt = torch.randn(300, 64, 3, 3)
+    wt = wt * sk.ck_mask(wt, 0.8)
+    x = torch.randn(1, 64, 20, 20)
+    y, _ = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
+
+
+def test_new_ops_opcheck():
+    w = sparse_weight(9, 12, 0.4)
+    wn = w * sk.nm_mask(w, 2, 4)
+    val, idx = nm_from_dense(wn, 2, 4)
+    for x, tr in ((torch.randn(12, 5), True), (torch.randn(12, 1), False), (torch.randn(12, 33), False)):
+        torch.library.opcheck(torch.ops.sparsekern.bsr_mm, (*bsr_from_dense(w, (4, 4)), torch.randn(9), x, 9, tr))
+        torch.library.opcheck(torch.ops.sparsekern.nm_mm, (val, idx, torch.empty(0), x, 2, 4, 9, tr))
+    x = torch.randn(33, 12).t()  # non-contiguous [in, n]
+    torch.testing.assert_close(torch.ops.sparsekern.bsr_mm(*bsr_from_dense(w, (2, 3)), torch.empty(0), x, 9, True),
+                               F.linear(x.t(), w), **TOL)
+    torch.testing.assert_close(torch.ops.sparsekern.nm_mm(val, idx, torch.empty(0), x, 2, 4, 9, False), wn @ x, **TOL)
+    wt = torch.randn(6, 4, 3, 3)
+    rowptr, chan, val = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
+    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 5, 5)
+    torch.library.opcheck(torch.ops.sparsekern.ck_conv,
+                          (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))
+
+
+def test_new_ops_compile_fullgraph():
+    w = sparse_weight(16, 8, 0.3)
+    rowptr, col, val = bsr_from_dense(w, (4, 2))
+    f = torch.compile(lambda x: spmm.sparse_linear(
+        x, lambda xt, tr: spmm._bsr_mm(rowptr, col, val, torch.empty(0), xt, 16, tr), 16), fullgraph=True, backend="eager")
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(f(x), F.linear(x, w), **TOL)
+
+
+def test_new_ops_bad_inputs():
+    ops = kernel_backend("cpp", "spmm")[0]
+    rowptr, col, val = bsr_from_dense(sparse_weight(8, 6, 0.5), (4, 2))
+    e = torch.empty(0)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.bsr_mm(rowptr, col, val, e, torch.randn(6, 2, dtype=torch.float64), 8, True)
+    with pytest.raises(RuntimeError, match="rowptr"):
+        ops.bsr_mm(rowptr, col, val, e, torch.randn(6, 2), 9, True)
+    with pytest.raises(RuntimeError, match="block column"):
+        ops.bsr_mm(rowptr, col + 3, val, e, torch.randn(6, 2), 8, True)
+    with pytest.raises(RuntimeError, match="val"):
+        ops.bsr_mm(rowptr, col, val.reshape(-1, 2), e, torch.randn(6, 2), 8, True)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.bsr_mm(rowptr, col, val, torch.randn(3), torch.randn(6, 2), 8, True)
+    w = sparse_weight(4, 8, 1.0)
+    val, idx = nm_from_dense(w * sk.nm_mask(w, 2, 4), 2, 4)
+    with pytest.raises(RuntimeError, match="idx value"):
+        ops.nm_mm(val, idx + 4, e, torch.randn(8, 3), 2, 4, 4, False)
+    with pytest.raises(RuntimeError, match="multiple of m"):
+        ops.nm_mm(val, idx, e, torch.randn(6, 3), 2, 4, 4, False)
+    with pytest.raises(RuntimeError, match="val must be"):
+        ops.nm_mm(val, idx, e, torch.randn(8, 3), 1, 4, 4, False)
+    with pytest.raises(RuntimeError, match="idx must be"):
+        ops.nm_mm(val, idx.int(), e, torch.randn(8, 3), 2, 4, 4, False)
+    wt = torch.randn(3, 2, 3, 3)
+    rowptr, chan, val = ck_from_dense(wt)
+    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 4, 4)
+    x = torch.randn(2 * 16 + 2)
+    torch.testing.assert_close(ops.ck_conv(rowptr, chan, val, taps, e, x, 8, 3, 16, 1, 4, 2),
+                               reference.ck_conv(rowptr, chan, val, taps, e, x, 8, 3, 16, 1, 4, 2), **TOL)
+    with pytest.raises(RuntimeError, match="reads past"):
+        ops.ck_conv(rowptr, chan, val, taps, e, x, 12, 3, 16, 1, 4, 2)
+    with pytest.raises(RuntimeError, match="ascending"):
+        ops.ck_conv(rowptr, chan.flip(0), val, taps, e, x, 8, 3, 16, 1, 4, 2)
+    with pytest.raises(RuntimeError, match="taps"):
+        ops.ck_conv(rowptr, chan, val, taps[:4], e, x, 8, 3, 16, 1, 4, 2)
+    with pytest.raises(ValueError, match="float32"):
+        ck_from_dense(wt.double())
+    with pytest.raises(ValueError, match="block"):
+        bsr_from_dense(w, (0, 2))

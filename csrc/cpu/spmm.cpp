@@ -25,14 +25,31 @@
 //     in "wide" rows of Wp pixels, whose last Wp − W_out columns are dropped (wv = W_out)
 //     (direct sparse convolution, no im2col). off must ascend within a row; slab (elements,
 //     e.g. 16 channels' planes) blocks the reduction so the input it touches stays in cache.
+//
+//   bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out) -> y   (same x / y as csr_mm)
+//     Block CSR: val fp32 [nnzb, bo, bi] (edge blocks zero-padded), col int32 [nnzb] (block
+//     column), rowptr int64 [ceil(out/bo) + 1]. Each x row tile loaded serves the up to 4 rows
+//     of a block held in registers; n = 1 is a dense dot of each block row with x's segment.
+//   nm_mm(val, idx, bias, x, n, m, out_features, transpose_out) -> y   (same x / y as csr_mm)
+//     N:M compressed: val fp32 [out, in·n/m], idx uint8 [out, in·n/m] (position 0..m-1 in its
+//     group); stored value j of a row is W[row, (j / n)·m + idx]. CSR with 1-byte implicit
+//     columns (the groups give the column base).
+//   ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)
+//     -> y [out, n / wp, wv]: kernel-skipping (CK) direct convolution. Row o holds its alive
+//     kernels: chan int32 [nk] (input channel, ascending), val fp32 [nk, T] (the kernel's T = R·S
+//     dense taps); taps int32 [T] = r·dil·Wp + s·dil; the nonzero offsets of csr_conv are
+//     chan·plane + taps[t]. slab is in channels.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <climits>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 
@@ -55,6 +72,26 @@ constexpr int64_t kTile = 64;      // widest column tile
 constexpr int64_t kConvRows = 64;  // rows sharing one channel slab (csr_conv)
 
 SK_INLINE v16 splat(float a) { return v16{} + a; }
+
+// One work grain: ~32K multiply-adds per task so small layers stay on one thread.
+SK_INLINE int64_t grain_rows(int64_t stored, int64_t rows, int64_t n, int64_t align) {
+  const int64_t per_row = std::max<int64_t>(1, stored / std::max<int64_t>(1, rows) * n);
+  return std::max<int64_t>(align, (32768 / per_row) / align * align);
+}
+
+// Writes rows r0..r0+rows of a column tile n0..n0+w from buf (row stride kTile) into y.
+SK_INLINE void store_tile(const float* buf, float* y, int64_t out, int64_t n, bool transpose_out,
+                          int64_t r0, int64_t rows, int64_t n0, int64_t w) {
+  if (transpose_out) {
+    for (int64_t j = 0; j < w; ++j) {
+      float* dst = y + (n0 + j) * out + r0;
+      for (int64_t r = 0; r < rows; ++r) dst[r] = buf[r * kTile + j];
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(y + (r0 + r) * n + n0, buf + r * kTile, w * sizeof(float));
+  }
+}
 
 // acc[r][0:16·NV] = bias + Σ_i val[i]·x[col[i], n0 : n0 + 16·NV] for rows r0..r1 into buf[r].
 template <int NV>
@@ -117,17 +154,27 @@ SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const floa
       else if (w == 32) rows_tile<2>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
       else if (w == 16) rows_tile<1>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
       else rows_tail(rowptr, col, val, bias, x, ldx, r0, r1, n0, w, buf);
-      if (transpose_out) {
-        for (int64_t j = 0; j < w; ++j) {
-          float* dst = y + (n0 + j) * out + r0;
-          for (int64_t r = 0; r < rows; ++r) dst[r] = buf[r * kTile + j];
-        }
-      } else {
-        for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(y + (r0 + r) * n + n0, buf + r * kTile, w * sizeof(float));
-      }
+      store_tile(buf, y, out, n, transpose_out, r0, rows, n0, w);
       n0 += w;
     }
+  }
+}
+
+// Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
+// column j = h·wp + c goes to y[row, h, c] if c < wv.
+SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, int64_t n0,
+                          int64_t w, int64_t n, int64_t wp, int64_t wv) {
+  const int64_t rows_out = n / wp;
+  for (int64_t j = n0; j < n0 + w;) {
+    const int64_t h = j / wp, c = j % wp;
+    const int64_t len = std::min(n0 + w, h * wp + wp) - j;
+    const int64_t keep = std::min(len, std::max<int64_t>(0, wv - c));
+    if (keep > 0) {
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(y + ((r0 + r) * rows_out + h) * wv + c, acc + r * kTile + (j - n0),
+                    keep * sizeof(float));
+    }
+    j += len;
   }
 }
 
@@ -193,34 +240,408 @@ SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const fl
           else slab_tail(off, val, cur[r], e, limit, x + n0, w, a);
         }
       }
-      // wide column j = h·wp + c goes to y[row, h, c] if c < wv
-      const int64_t rows_out = n / wp;
-      for (int64_t j = n0; j < n0 + w;) {
-        const int64_t h = j / wp, c = j % wp;
-        const int64_t len = std::min(n0 + w, h * wp + wp) - j;
-        const int64_t keep = std::min(len, std::max<int64_t>(0, wv - c));
-        if (keep > 0) {
-          for (int64_t r = 0; r < rows; ++r)
-            std::memcpy(y + ((r0 + r) * rows_out + h) * wv + c, acc + r * kTile + (j - n0),
-                        keep * sizeof(float));
-        }
-        j += len;
-      }
+      store_wide(acc, y, r0, rows, n0, w, n, wp, wv);
       n0 += w;
     }
   }
 }
 
-// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]].
-SK_CLONES_FMA void mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                       const float* bias, const float* x, float* y, int64_t b0, int64_t b1) {
+// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]]. Checks the column indices as it reads them
+// (no separate pass over col: batch 1 is memory bound): an index outside [0, in) reads x[0]
+// instead and makes the result true (the caller then raises).
+SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                           const float* bias, const float* x, int64_t in, float* y, int64_t b0,
+                           int64_t b1) {
+  const uint32_t limit = uint32_t(std::min<int64_t>(in, UINT32_MAX));
+  uint32_t bad = 0;
   for (int64_t r = b0; r < b1; ++r) {
     float s = 0.f;
     const int64_t e = rowptr[r + 1];
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = rowptr[r]; i < e; ++i) s += val[i] * x[col[i]];
+#pragma omp simd reduction(+ : s) reduction(| : bad)
+    for (int64_t i = rowptr[r]; i < e; ++i) {
+      const uint32_t c = uint32_t(col[i]);  // negative -> huge
+      const bool ok = c < limit;
+      bad |= !ok;
+      s += val[i] * x[ok ? c : 0];
+    }
     y[r] = s + (bias ? bias[r] : 0.f);
   }
+  return bad != 0;
+}
+
+
+// ---- bsr_mm -----------------------------------------------------------------------------------
+
+// RB rows (rr..rr+RB of each block, row stride bi in val) of block row [beg, end) over columns
+// n0..n0 + 16·NV: acc += Σ_blocks Σ_k val[b, r, k]·x[c·bi + k, n0:]; results into buf rows.
+template <int NV, int RB>
+SK_INLINE void bsr_tile(const int32_t* col, const float* val, int64_t beg, int64_t end,
+                        int64_t bo, int64_t bi, int64_t in, int64_t rr, const float* x,
+                        int64_t ldx, int64_t n0, float* buf) {
+  v16 a[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) a[r][j] = v16{};
+  for (int64_t b = beg; b < end; ++b) {
+    const int64_t c0 = int64_t(col[b]) * bi;
+    const int64_t kb = std::min(bi, in - c0);
+    const float* v = val + (b * bo + rr) * bi;
+    const float* p = x + c0 * ldx + n0;
+    for (int64_t k = 0; k < kb; ++k, p += ldx) {
+      v16 xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = *reinterpret_cast<const v16*>(p + 16 * j);
+      for (int r = 0; r < RB; ++r) {
+        const v16 u = splat(v[r * bi + k]);
+        for (int j = 0; j < NV; ++j) a[r][j] += u * xv[j];
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) {
+      float* dst = buf + (rr + r) * kTile + 16 * j;
+      *reinterpret_cast<v16*>(dst) = *reinterpret_cast<v16*>(dst) + a[r][j];
+    }
+}
+
+template <int NV>
+SK_INLINE void bsr_rows(const int32_t* col, const float* val, int64_t beg, int64_t end,
+                        int64_t bo, int64_t bi, int64_t in, int64_t rows, const float* x,
+                        int64_t ldx, int64_t n0, float* buf) {
+  int64_t rr = 0;
+  for (; rr + 4 <= rows; rr += 4) bsr_tile<NV, 4>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf);
+  switch (rows - rr) {
+    case 3: bsr_tile<NV, 3>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
+    case 2: bsr_tile<NV, 2>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
+    case 1: bsr_tile<NV, 1>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
+    default: break;
+  }
+}
+
+// Block rows b0..b1 (n > 1); buf holds bo rows × kTile columns.
+SK_CLONES_FMA void bsr_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                            const float* bias, const float* x, int64_t in, int64_t n, int64_t bo,
+                            int64_t bi, float* y, int64_t out, bool transpose_out, int64_t b0,
+                            int64_t b1, float* buf) {
+  for (int64_t br = b0; br < b1; ++br) {
+    const int64_t r0 = br * bo, rows = std::min(bo, out - r0);
+    const int64_t beg = rowptr[br], end = rowptr[br + 1];
+    for (int64_t n0 = 0; n0 < n;) {
+      const int64_t left = n - n0;
+      const int64_t w = left >= 32 ? 32 : left >= 16 ? 16 : left;
+      for (int64_t r = 0; r < rows; ++r)
+        std::fill(buf + r * kTile, buf + r * kTile + kTile, bias ? bias[r0 + r] : 0.f);
+      if (w == 32) bsr_rows<2>(col, val, beg, end, bo, bi, in, rows, x, n, n0, buf);
+      else if (w == 16) bsr_rows<1>(col, val, beg, end, bo, bi, in, rows, x, n, n0, buf);
+      else {
+        for (int64_t b = beg; b < end; ++b) {
+          const int64_t c0 = int64_t(col[b]) * bi, kb = std::min(bi, in - c0);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* v = val + (b * bo + r) * bi;
+            float* acc = buf + r * kTile;
+            for (int64_t k = 0; k < kb; ++k) {
+              const float* p = x + (c0 + k) * n + n0;
+              for (int64_t j = 0; j < w; ++j) acc[j] += v[k] * p[j];
+            }
+          }
+        }
+      }
+      store_tile(buf, y, out, n, transpose_out, r0, rows, n0, w);
+      n0 += w;
+    }
+  }
+}
+
+// n = 1: y[r] = bias[r] + Σ_blocks val[b, r, :]·x[c·bi : c·bi + bi]; BI = bi (0: runtime),
+// BI lanes of partial sums per row, reduced once per row.
+template <int BI>
+SK_INLINE void bsr_mv_t(const int64_t* rowptr, const int32_t* col, const float* val,
+                        const float* bias, const float* x, int64_t in, int64_t bo, int64_t bi_,
+                        int64_t out, float* y, int64_t b0, int64_t b1) {
+  const int64_t bi = BI ? BI : bi_;
+  for (int64_t br = b0; br < b1; ++br) {
+    const int64_t r0 = br * bo, rows = std::min(bo, out - r0);
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc[BI ? BI : 1] = {};
+      float s = 0.f;
+      for (int64_t b = rowptr[br]; b < rowptr[br + 1]; ++b) {
+        const int64_t c0 = int64_t(col[b]) * bi;
+        const float* v = val + (b * bo + r) * bi;
+        const float* p = x + c0;
+        if (BI && c0 + bi <= in) {
+          for (int k = 0; k < BI; ++k) acc[k] += v[k] * p[k];
+        } else {
+          const int64_t kb = std::min(bi, in - c0);
+#pragma omp simd reduction(+ : s)
+          for (int64_t k = 0; k < kb; ++k) s += v[k] * p[k];
+        }
+      }
+      for (int k = 0; k < (BI ? BI : 1); ++k) s += acc[k];
+      y[r0 + r] = s + (bias ? bias[r0 + r] : 0.f);
+    }
+  }
+}
+
+SK_CLONES_FMA void bsr_mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                               const float* bias, const float* x, int64_t in, int64_t bo,
+                               int64_t bi, int64_t out, float* y, int64_t b0, int64_t b1) {
+  switch (bi) {
+    case 1: return bsr_mv_t<1>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 2: return bsr_mv_t<2>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 4: return bsr_mv_t<4>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 8: return bsr_mv_t<8>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    case 16: return bsr_mv_t<16>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+    default: return bsr_mv_t<0>(rowptr, col, val, bias, x, in, bo, bi, out, y, b0, b1);
+  }
+}
+
+// ---- nm_mm ------------------------------------------------------------------------------------
+
+// Column of stored value j of a row: (j / nn)·m + idx[j]; NN = nn known at compile time
+// (0: runtime nn).
+template <int NN>
+SK_INLINE int64_t nm_col(int64_t j, int64_t nn, int64_t m, const uint8_t* ix) {
+  return (j / (NN ? NN : nn)) * m + ix[j];
+}
+
+// Rows r0..r1 over columns n0..n0 + 16·NV; two accumulator sets (even/odd stored values).
+template <int NV, int NN>
+SK_INLINE void nm_tile(const float* val, const uint8_t* idx, int64_t len, int64_t nn, int64_t m,
+                       const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
+                       int64_t n0, float* buf) {
+  for (int64_t r = r0; r < r1; ++r) {
+    v16 a[NV], b[NV];
+    const float b0 = bias ? bias[r] : 0.f;
+    for (int j = 0; j < NV; ++j) { a[j] = splat(b0); b[j] = v16{}; }
+    const float* v = val + r * len;
+    const uint8_t* ix = idx + r * len;
+    int64_t i = 0;
+    for (; i + 1 < len; i += 2) {
+      const float* p = x + nm_col<NN>(i, nn, m, ix) * ldx + n0;
+      const float* q = x + nm_col<NN>(i + 1, nn, m, ix) * ldx + n0;
+      const v16 u = splat(v[i]), w = splat(v[i + 1]);
+      for (int j = 0; j < NV; ++j) {
+        a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+        b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+      }
+    }
+    if (i < len) {
+      const float* p = x + nm_col<NN>(i, nn, m, ix) * ldx + n0;
+      const v16 u = splat(v[i]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+    }
+    for (int j = 0; j < NV; ++j)
+      *reinterpret_cast<v16*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
+  }
+}
+
+template <int NN>
+SK_INLINE void nm_leaf_t(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
+                         int64_t m, const float* bias, const float* x, int64_t n, float* y,
+                         int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+  alignas(64) float buf[kRowBlock * kTile];
+  for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
+    const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
+    for (int64_t n0 = 0; n0 < n;) {
+      const int64_t left = n - n0;
+      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+      if (w == 64) nm_tile<4, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else if (w == 32) nm_tile<2, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else if (w == 16) nm_tile<1, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* acc = buf + (r - r0) * kTile;
+          std::fill(acc, acc + w, bias ? bias[r] : 0.f);
+          for (int64_t i = 0; i < len; ++i) {
+            const float* p = x + nm_col<NN>(i, nn, m, idx + r * len) * n + n0;
+            const float v = val[r * len + i];
+            for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
+          }
+        }
+      }
+      store_tile(buf, y, out, n, transpose_out, r0, rows, n0, w);
+      n0 += w;
+    }
+  }
+}
+
+// n = 1: y[r] = bias[r] + Σ_j val[r, j]·x[col(j)] (a gather dot product).
+template <int NN>
+SK_INLINE void nm_mv_t(const float* val, const uint8_t* idx, int64_t len, int64_t nn, int64_t m,
+                       const float* bias, const float* x, float* y, int64_t b0, int64_t b1) {
+  for (int64_t r = b0; r < b1; ++r) {
+    const float* v = val + r * len;
+    const uint8_t* ix = idx + r * len;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i)  // 32-bit indices: dword gathers (in < 2^31)
+      s += v[i] * x[int32_t(i / (NN ? NN : nn)) * int32_t(m) + int32_t(ix[i])];
+    y[r] = s + (bias ? bias[r] : 0.f);
+  }
+}
+
+// Calls F<NN>(args...) with NN = nn for the common group counts, else NN = 0 (runtime nn).
+#define SK_NM_DISPATCH(fn, nn, ...)                  \
+  switch (nn) {                                      \
+    case 1: fn<1>(__VA_ARGS__); break;               \
+    case 2: fn<2>(__VA_ARGS__); break;               \
+    case 4: fn<4>(__VA_ARGS__); break;               \
+    case 8: fn<8>(__VA_ARGS__); break;               \
+    default: fn<0>(__VA_ARGS__); break;              \
+  }
+
+SK_CLONES_FMA void nm_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
+                           int64_t m, const float* bias, const float* x, int64_t n, float* y,
+                           int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+  SK_NM_DISPATCH(nm_leaf_t, nn, val, idx, len, nn, m, bias, x, n, y, out, transpose_out, b0, b1)
+}
+
+SK_CLONES_FMA void nm_mv_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
+                              int64_t m, const float* bias, const float* x, float* y, int64_t b0,
+                              int64_t b1) {
+  SK_NM_DISPATCH(nm_mv_t, nn, val, idx, len, nn, m, bias, x, y, b0, b1)
+}
+
+// ---- ck_conv ----------------------------------------------------------------------------------
+
+// One row's kernels i.. with chan < limit added into acc[0:16·NV]; advances i. NT = the
+// number of taps when known at compile time (0: runtime nt); the tap offsets stay in registers.
+template <int NV, int NT>
+SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* taps, int64_t nt_,
+                       int64_t plane, int64_t& i, int64_t e, int64_t limit, const float* x,
+                       float* acc) {
+  const int64_t nt = NT ? NT : nt_;
+  v16 a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const v16*>(acc + 16 * j); b[j] = v16{}; }
+  for (; i < e && chan[i] < limit; ++i) {
+    const float* base = x + int64_t(chan[i]) * plane;
+    const float* v = val + i * nt;
+    int64_t t = 0;
+    for (; t + 1 < nt; t += 2) {
+      const float* p = base + taps[t];
+      const float* q = base + taps[t + 1];
+      const v16 u = splat(v[t]), w = splat(v[t + 1]);
+      for (int j = 0; j < NV; ++j) {
+        a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+        b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+      }
+    }
+    if (t < nt) {
+      const float* p = base + taps[t];
+      const v16 u = splat(v[t]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+    }
+  }
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<v16*>(acc + 16 * j) = a[j] + b[j];
+}
+
+SK_INLINE void ck_tail(const int32_t* chan, const float* val, const int32_t* taps, int64_t nt,
+                       int64_t plane, int64_t& i, int64_t e, int64_t limit, const float* x,
+                       int64_t w, float* acc) {
+  for (; i < e && chan[i] < limit; ++i)
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* p = x + int64_t(chan[i]) * plane + taps[t];
+      const float v = val[i * nt + t];
+      for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
+    }
+}
+
+// conv_leaf with kernels instead of nonzeros; slab and channels in input-channel units.
+template <int NT>
+SK_INLINE void ck_leaf_t(const int64_t* rowptr, const int32_t* chan, const float* val,
+                           const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
+                           const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
+                           int64_t wv, float* y, int64_t b0, int64_t b1) {
+  alignas(64) float acc[kConvRows * kTile];
+  int64_t cur[kConvRows];
+  for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
+    const int64_t r1 = std::min(b1, r0 + kConvRows), rows = r1 - r0;
+    for (int64_t n0 = 0; n0 < n;) {
+      const int64_t left = n - n0;
+      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+      for (int64_t r = 0; r < rows; ++r) {
+        cur[r] = rowptr[r0 + r];
+        std::fill(acc + r * kTile, acc + r * kTile + w, bias ? bias[r0 + r] : 0.f);
+      }
+      for (int64_t limit = slab; limit - slab < channels; limit += slab) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t e = rowptr[r0 + r + 1];
+          float* a = acc + r * kTile;
+          if (w == 64) ck_tile<4, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
+          else if (w == 32) ck_tile<2, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
+          else if (w == 16) ck_tile<1, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
+          else ck_tail(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, w, a);
+        }
+      }
+      store_wide(acc, y, r0, rows, n0, w, n, wp, wv);
+      n0 += w;
+    }
+  }
+}
+
+SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
+                           const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
+                           const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
+                           int64_t wv, float* y, int64_t b0, int64_t b1) {
+  if (nt == 9)  // 3×3
+    ck_leaf_t<9>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1);
+  else
+    ck_leaf_t<0>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1);
+}
+
+}  // namespace
+
+namespace {
+
+// Index validation by a vectorized min/max scan (the kernels read x at these indices): the
+// position of the first value outside [lo, hi), or -1 when all are inside.
+SK_CLONES int64_t first_outside_i32(const int32_t* p, int64_t count, int64_t lo, int64_t hi) {
+  int32_t mn = INT32_MAX, mx = INT32_MIN;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < count; ++i) {
+    mn = std::min(mn, p[i]);
+    mx = std::max(mx, p[i]);
+  }
+  if (count == 0 || (mn >= lo && mx < hi)) return -1;
+  for (int64_t i = 0; i < count; ++i)
+    if (p[i] < lo || p[i] >= hi) return i;
+  return -1;
+}
+
+SK_CLONES int64_t first_outside_u8(const uint8_t* p, int64_t count, int64_t hi) {
+  uint8_t mx = 0;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < count; ++i) mx = std::max(mx, p[i]);
+  if (count == 0 || mx < hi) return -1;
+  for (int64_t i = 0; i < count; ++i)
+    if (p[i] >= hi) return i;
+  return -1;
+}
+
+// The x / bias / output checks shared by csr_mm, bsr_mm and nm_mm; returns the empty output.
+at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x,
+                     int64_t out_features, bool transpose_out) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
+                  x.is_contiguous(),
+              op, ": x must be a contiguous 2-D float32 CPU tensor [in, n], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                                    bias.numel() == out_features),
+              op, ": bias must be empty or contiguous float32 [out_features]");
+  const int64_t n = x.size(1);
+  return transpose_out ? at::empty({n, out_features}, x.options())
+                       : at::empty({out_features, n}, x.options());
+}
+
+// rowptr: contiguous int64 [rows + 1] from 0 to nnz, non-decreasing.
+void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t rows, int64_t nnz) {
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
+                  rowptr.numel() == rows + 1,
+              op, ": rowptr must be contiguous int64 [", rows + 1, "], got ", rowptr.scalar_type(),
+              " ", rowptr.sizes());
+  const int64_t* rp = rowptr.const_data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[rows] == nnz, op, ": rowptr must run from 0 to ", nnz);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(rp[r] <= rp[r + 1], op, ": rowptr must be non-decreasing");
 }
 
 }  // namespace
@@ -228,29 +649,19 @@ SK_CLONES_FMA void mv_leaf(const int64_t* rowptr, const int32_t* col, const floa
 at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
                   const at::Tensor& bias, const at::Tensor& x, int64_t out_features,
                   bool transpose_out) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
-                  x.is_contiguous(),
-              "csr_mm: x must be a contiguous 2-D float32 CPU tensor [in, n], got ",
-              x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
-                  rowptr.numel() == out_features + 1,
-              "csr_mm: rowptr must be contiguous int64 [out_features + 1]");
+  at::Tensor y = mm_output("csr_mm", bias, x, out_features, transpose_out);
   TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
                   val.scalar_type() == at::kFloat && col.numel() == val.numel(),
               "csr_mm: col must be int32 and val float32, contiguous, of equal length");
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                                    bias.numel() == out_features),
-              "csr_mm: bias must be empty or contiguous float32 [out_features]");
   const int64_t n = x.size(1), in = x.size(0), nnz_ = val.numel();
-  const int64_t* rp0 = rowptr.const_data_ptr<int64_t>();
-  TORCH_CHECK(rp0[0] == 0 && rp0[out_features] == nnz_, "csr_mm: rowptr must run from 0 to nnz");
-  for (int64_t r = 0; r < out_features; ++r)
-    TORCH_CHECK(rp0[r] <= rp0[r + 1], "csr_mm: rowptr must be non-decreasing");
+  check_rowptr("csr_mm", rowptr, out_features, nnz_);
   const int32_t* cp0 = col.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < nnz_; ++i)
-    TORCH_CHECK(cp0[i] >= 0 && cp0[i] < in, "csr_mm: column index ", cp0[i], " outside [0, ", in, ")");
-  at::Tensor y = transpose_out ? at::empty({n, out_features}, x.options())
-                               : at::empty({out_features, n}, x.options());
+  auto check_columns = [&] {
+    const int64_t bad = first_outside_i32(cp0, nnz_, 0, in);
+    TORCH_CHECK(bad < 0, "csr_mm: column index ", bad < 0 ? 0 : cp0[bad], " outside [0, ", in, ")");
+  };
+  const bool fused_check = n == 1 && in > 0;  // the mat-vec checks its indices as it reads them
+  if (!fused_check) check_columns();
   if (n == 0 || out_features == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const int32_t* cp = col.const_data_ptr<int32_t>();
@@ -258,14 +669,13 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  // grain: enough work per task (~32K multiply-adds) that small layers stay on one thread
-  const int64_t nnz = val.numel();
-  const int64_t per_row = std::max<int64_t>(1, nnz / out_features * n);
-  const int64_t grain = std::max<int64_t>(kRowBlock, (32768 / per_row) / kRowBlock * kRowBlock);
+  const int64_t grain = grain_rows(val.numel(), out_features, n, kRowBlock);
   if (n == 1) {
+    std::atomic<bool> bad{false};
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mv_leaf(rp, cp, vp, bp, xp, yp, b, e);
+      if (mv_leaf(rp, cp, vp, bp, xp, in, yp, b, e)) bad = true;
     });
+    if (bad) check_columns();  // raises
   } else {
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
       mm_leaf(rp, cp, vp, bp, xp, n, n, yp, out_features, transpose_out, b, e);
@@ -296,9 +706,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const int32_t* op = off.const_data_ptr<int32_t>();
   const int64_t nnz = val.numel();
   if (n > 0) {
-    for (int64_t i = 0; i < nnz; ++i)
-      TORCH_CHECK(op[i] >= 0 && op[i] + n <= x.numel(), "csr_conv: offset ", op[i], " + n = ",
-                  n, " reads past x (", x.numel(), " elements)");
+    const int64_t bad = first_outside_i32(op, nnz, 0, x.numel() - n + 1);
+    TORCH_CHECK(bad < 0, "csr_conv: offset ", bad < 0 ? 0 : op[bad], " + n = ", n,
+                " reads past x (", x.numel(), " elements)");
   }
   at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
   if (y.numel() == 0) return y;
@@ -307,11 +717,141 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  const int64_t per_row = std::max<int64_t>(1, nnz / out_features * n);
-  const int64_t grain = std::max<int64_t>(kRowBlock, (32768 / per_row) / kRowBlock * kRowBlock);
+  const int64_t grain = grain_rows(nnz, out_features, n, kRowBlock);
   const int64_t span = x.numel();  // every offset is below it
   at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
     conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e);
+  });
+  return y;
+}
+
+at::Tensor bsr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
+                  const at::Tensor& bias, const at::Tensor& x, int64_t out_features,
+                  bool transpose_out) {
+  at::Tensor y = mm_output("bsr_mm", bias, x, out_features, transpose_out);
+  TORCH_CHECK(val.scalar_type() == at::kFloat && val.dim() == 3 && val.is_contiguous() &&
+                  val.size(1) > 0 && val.size(2) > 0,
+              "bsr_mm: val must be contiguous float32 [nnzb, bo, bi] with bo, bi > 0, got ",
+              val.scalar_type(), " ", val.sizes());
+  const int64_t nnzb = val.size(0), bo = val.size(1), bi = val.size(2);
+  const int64_t in = x.size(0), n = x.size(1), brows = (out_features + bo - 1) / bo;
+  TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && col.numel() == nnzb,
+              "bsr_mm: col must be contiguous int32 [nnzb] (nnzb = val.size(0) = ", nnzb, ")");
+  check_rowptr("bsr_mm", rowptr, brows, nnzb);
+  const int32_t* cp = col.const_data_ptr<int32_t>();
+  const int64_t bcols = (in + bi - 1) / bi;
+  const int64_t bad = first_outside_i32(cp, nnzb, 0, bcols);
+  TORCH_CHECK(bad < 0, "bsr_mm: block column ", bad < 0 ? 0 : cp[bad], " outside [0, ", bcols, ")");
+  if (n == 0 || out_features == 0) return y;
+  const int64_t* rp = rowptr.const_data_ptr<int64_t>();
+  const float* vp = val.const_data_ptr<float>();
+  const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, grain_rows(nnzb * bo * bi, out_features, n, bo) / bo);
+  if (n == 1) {
+    at::parallel_for(0, brows, grain, [&](int64_t b, int64_t e) {
+      bsr_mv_leaf(rp, cp, vp, bp, xp, in, bo, bi, out_features, yp, b, e);
+    });
+  } else {
+    at::parallel_for(0, brows, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(bo * kTile);
+      bsr_leaf(rp, cp, vp, bp, xp, in, n, bo, bi, yp, out_features, transpose_out, b, e,
+               buf.data());
+    });
+  }
+  return y;
+}
+
+at::Tensor nm_mm(const at::Tensor& val, const at::Tensor& idx, const at::Tensor& bias,
+                 const at::Tensor& x, int64_t n, int64_t m, int64_t out_features,
+                 bool transpose_out) {
+  at::Tensor y = mm_output("nm_mm", bias, x, out_features, transpose_out);
+  const int64_t in = x.size(0), cols = x.size(1);
+  TORCH_CHECK(m >= 1 && m <= 256 && n >= 1 && n <= m, "nm_mm: need 1 <= n <= m <= 256, got n=",
+              n, " m=", m);
+  TORCH_CHECK(in % m == 0, "nm_mm: in_features (", in, ") must be a multiple of m = ", m);
+  const int64_t len = in / m * n;
+  TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() && val.dim() == 2 &&
+                  val.size(0) == out_features && val.size(1) == len,
+              "nm_mm: val must be contiguous float32 [out_features, in·n/m] = [", out_features,
+              ", ", len, "], got ", val.scalar_type(), " ", val.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kByte && idx.is_contiguous() && idx.sizes() == val.sizes(),
+              "nm_mm: idx must be contiguous uint8 of val's shape, got ", idx.scalar_type(), " ",
+              idx.sizes());
+  const uint8_t* ip = idx.const_data_ptr<uint8_t>();
+  const int64_t bad = first_outside_u8(ip, idx.numel(), m);
+  TORCH_CHECK(bad < 0, "nm_mm: idx value ", bad < 0 ? 0 : int(ip[bad]), " is not a position in [0, ",
+              m, ")");
+  if (cols == 0 || out_features == 0) return y;
+  const float* vp = val.const_data_ptr<float>();
+  const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t grain = grain_rows(val.numel(), out_features, cols, kRowBlock);
+  if (cols == 1) {
+    at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
+      nm_mv_leaf(vp, ip, len, n, m, bp, xp, yp, b, e);
+    });
+  } else {
+    at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
+      nm_leaf(vp, ip, len, n, m, bp, xp, cols, yp, out_features, transpose_out, b, e);
+    });
+  }
+  return y;
+}
+
+at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::Tensor& val,
+                   const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& x, int64_t n,
+                   int64_t out_features, int64_t plane, int64_t slab, int64_t wp, int64_t wv) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
+                  x.is_contiguous(),
+              "ck_conv: x must be a contiguous 1-D float32 CPU tensor, got ", x.scalar_type(),
+              " ", x.sizes());
+  TORCH_CHECK(taps.scalar_type() == at::kInt && taps.is_contiguous() && taps.dim() == 1 &&
+                  taps.numel() > 0,
+              "ck_conv: taps must be a non-empty contiguous int32 [T]");
+  const int64_t nt = taps.numel();
+  TORCH_CHECK(val.scalar_type() == at::kFloat && val.is_contiguous() && val.dim() == 2 &&
+                  val.size(1) == nt,
+              "ck_conv: val must be contiguous float32 [nk, T] with T = taps.numel() = ", nt,
+              ", got ", val.scalar_type(), " ", val.sizes());
+  const int64_t nk = val.size(0);
+  TORCH_CHECK(chan.scalar_type() == at::kInt && chan.is_contiguous() && chan.numel() == nk,
+              "ck_conv: chan must be contiguous int32 [nk] (nk = val.size(0) = ", nk, ")");
+  check_rowptr("ck_conv", rowptr, out_features, nk);
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                                    bias.numel() == out_features),
+              "ck_conv: bias must be empty or contiguous float32 [out_features]");
+  TORCH_CHECK(n >= 0 && plane > 0 && slab > 0 && wp > 0 && n % wp == 0 && wv >= 0 && wv <= wp,
+              "ck_conv: need n >= 0, plane > 0, slab > 0, wp > 0 dividing n, 0 <= wv <= wp; got n=",
+              n, " plane=", plane, " slab=", slab, " wp=", wp, " wv=", wv);
+  const int32_t* tp = taps.const_data_ptr<int32_t>();
+  const int32_t* cp = chan.const_data_ptr<int32_t>();
+  const int64_t* rp = rowptr.const_data_ptr<int64_t>();
+  int64_t max_tap = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    TORCH_CHECK(tp[t] >= 0, "ck_conv: taps must be >= 0, got ", tp[t]);
+    max_tap = std::max<int64_t>(max_tap, tp[t]);
+  }
+  for (int64_t r = 0; r < out_features; ++r)
+    for (int64_t i = rp[r]; i < rp[r + 1]; ++i) {
+      TORCH_CHECK(cp[i] >= 0 && (i == rp[r] || cp[i] > cp[i - 1]),
+                  "ck_conv: chan must be >= 0 and ascending within a row");
+      TORCH_CHECK(n == 0 || int64_t(cp[i]) * plane + max_tap + n <= x.numel(), "ck_conv: channel ",
+                  cp[i], " with tap ", max_tap, " + n = ", n, " reads past x (", x.numel(),
+                  " elements)");
+    }
+  at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
+  if (y.numel() == 0) return y;
+  const float* vp = val.const_data_ptr<float>();
+  const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t grain = grain_rows(val.numel(), out_features, n, kRowBlock);
+  const int64_t channels = x.numel() / plane + 1;  // every channel index is below it
+  at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
+    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, yp, b, e);
   });
   return y;
 }
@@ -324,9 +864,18 @@ TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
         "bool transpose_out) -> Tensor");
   m.def("csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, int n, "
         "int out_features, int slab, int wp, int wv) -> Tensor");
+  m.def("bsr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, int out_features, "
+        "bool transpose_out) -> Tensor");
+  m.def("nm_mm(Tensor val, Tensor idx, Tensor bias, Tensor x, int n, int m, int out_features, "
+        "bool transpose_out) -> Tensor");
+  m.def("ck_conv(Tensor rowptr, Tensor chan, Tensor val, Tensor taps, Tensor bias, Tensor x, "
+        "int n, int out_features, int plane, int slab, int wp, int wv) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
   m.impl("csr_mm", &sparsekern::cpu::csr_mm);
   m.impl("csr_conv", &sparsekern::cpu::csr_conv);
+  m.impl("bsr_mm", &sparsekern::cpu::bsr_mm);
+  m.impl("nm_mm", &sparsekern::cpu::nm_mm);
+  m.impl("ck_conv", &sparsekern::cpu::ck_conv);
 }

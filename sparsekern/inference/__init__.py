@@ -1,10 +1,13 @@
-"""Sparse inference: CSR inference modules and ``convert`` (DESIGN.md, issue 6).
+"""Sparse inference: eval-only sparse modules and ``convert`` (DESIGN.md, issue 6).
 
-``convert(model, min_speedup=1.0, example_input=None)`` swaps each ``nn.Linear`` /
-``nn.Conv2d`` for :class:`CSRLinear` / :class:`CSRConv1x1` / :class:`CSRConv2d` where measured faster; kernels in
-``sparsekern.ops.spmm`` (``torch.ops.sparsekern.csr_mm``).
+``convert(model, min_speedup=1.0)`` swaps each ``nn.Linear`` / ``nn.Conv2d`` for the sparse
+module (csr, block, nm or ck format) that a cost model ranks best and a short measurement
+confirms faster than dense; kernels in ``sparsekern.ops.spmm``.
 """
-from .convert import ConversionReport, LayerReport, convert
-from .modules import CSRConv1x1, CSRConv2d, CSRLinear
+from .convert import Candidate, ConversionReport, LayerReport, convert, rank_formats
+from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
+                      NMLinear, SemiStructuredLinear)
 
-__all__ = ["convert", "ConversionReport", "LayerReport", "CSRLinear", "CSRConv1x1", "CSRConv2d"]
+__all__ = ["convert", "rank_formats", "Candidate", "ConversionReport", "LayerReport",
+           "CSRLinear", "CSRConv1x1", "CSRConv2d", "BSRLinear", "BSRConv1x1", "NMLinear", "NMConv1x1",
+           "CKConv2d", "SemiStructuredLinear"]

@@ -1,10 +1,18 @@
-"""Eval-only inference modules holding a sparse weight (CSR over output rows, fp32).
+"""Eval-only inference modules holding a sparse weight (fp32), one class per (format, layer kind).
 
-``CSRLinear`` replaces ``nn.Linear``, ``CSRConv1x1`` a 1×1 ``nn.Conv2d`` (padding 0, groups
-1, any stride) and ``CSRConv2d`` any other ``nn.Conv2d`` with groups 1 and zero padding (direct
-sparse convolution). Buffers ``rowptr``/``col``/``val`` (and ``bias``) are plain tensors: the module
-pickles, and its ``state_dict`` loads into any module of the same layer shape (the buffers are
-resized to the stored number of nonzeros).
+Formats (``sparsekern.ops.spmm``): ``csr`` (CSR over output rows), ``block`` (block CSR,
+``block=(bo, bi)``), ``nm`` (N:M compressed along ``in``), ``ck`` (kernel skipping, KxK convs).
+Layer kinds: ``Linear`` (replaces ``nn.Linear``), ``Conv1x1`` (a 1×1 ``nn.Conv2d``, padding 0,
+groups 1, any stride) and ``Conv2d`` (any ``nn.Conv2d`` with groups 1 and zero padding: direct
+sparse convolution)::
+
+    CSRLinear  BSRLinear  NMLinear      CSRConv1x1  BSRConv1x1  NMConv1x1      CSRConv2d  CKConv2d
+
+The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
+of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
+the block shape and ``n:m`` come with them).
+On CUDA, :class:`SemiStructuredLinear` holds a 2:4 fp16/bf16 weight in torch's semi-structured
+format.
 """
 import threading
 
@@ -12,28 +20,41 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..ops.spmm import conv_offsets, csr_conv1x1, csr_conv2d, csr_from_dense, csr_linear
+from ..ops import spmm
 
 
-class _CSRBase(nn.Module):
-    """CSR weight ``[out, in]`` as buffers; shared checks, density, state_dict resizing."""
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
 
-    def __init__(self, weight, bias):
+
+class _Sparse(nn.Module):
+    """A sparse weight ``[out, in]`` (or ``[out, C, R, S]``) as buffers; shared checks, density,
+    state_dict resizing. Format mixins give ``_encode`` / ``_mm`` / ``weight_dense``; layer kinds
+    give ``forward``."""
+
+    format = None
+    taps_per_kernel = 1  # R·S of a KxK conv
+
+    def __init__(self, weight, bias, out_features, in_features, **attrs):
         super().__init__()
-        rowptr, col, val = csr_from_dense(weight)
-        self.register_buffer("rowptr", rowptr)
-        self.register_buffer("col", col)
-        self.register_buffer("val", val)
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        for k, v in attrs.items():
+            setattr(self, k, v)
+        if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
+            raise ValueError(f"{type(self).__name__}: weight must be a float32 tensor, got "
+                             f"{getattr(weight, 'dtype', type(weight).__name__)}")
+        for name, t in self._encode(weight.detach()).items():
+            self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())
 
     @property
     def density(self):
         """Fraction of nonzero weights."""
-        return self.val.numel() / max(1, self.out_features * self.in_features)
+        numel = self.out_features * self.in_features * self.taps_per_kernel
+        return int(torch.count_nonzero(self.val)) / max(1, numel)
 
-    def weight_dense(self):
-        """The dense weight ``[out, in]`` (zeros restored)."""
-        return reference.csr_to_dense(self.rowptr, self.col, self.val, (self.out_features, self.in_features))
+    def _b(self):
+        return self.bias if self.bias is not None else self.val.new_empty(0)
 
     def _check(self, x, channel_dim, ndim=None):
         name = type(self).__name__
@@ -53,107 +74,268 @@ class _CSRBase(nn.Module):
                              f"got input of shape {tuple(x.shape)}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in ("col", "val"):  # nnz differs between weights of one layer shape
+        for key in self._buffers:  # nnz differs between weights of one layer shape
             t = state_dict.get(prefix + key)
-            if isinstance(t, torch.Tensor):
+            if key != "bias" and isinstance(t, torch.Tensor):
                 self._buffers[key] = torch.empty_like(t, device=self._buffers[key].device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._clear_caches()
+
+    def _clear_caches(self):
+        pass
 
 
-class CSRLinear(_CSRBase):
-    """``y = x·Wᵀ + b`` with W in CSR. x: ``[..., in]`` fp32 → ``[..., out]``."""
+# --- formats ---------------------------------------------------------------------------------------
+
+class _CSR:
+    format = "csr"
+
+    def _encode(self, w):
+        rowptr, col, val = spmm.csr_from_dense(w.reshape(w.shape[0], -1))
+        return {"rowptr": rowptr, "col": col, "val": val}
+
+    def _mm(self, x, transpose_out):
+        return spmm._csr_mm(self.rowptr, self.col, self.val, self._b(), x, self.out_features, transpose_out)
+
+    def weight_dense(self):
+        """The dense weight ``[out, in]`` (``[out, C·R·S]`` for a KxK conv), zeros restored."""
+        shape = (self.out_features, self.in_features * self.taps_per_kernel)
+        return reference.csr_to_dense(self.rowptr, self.col, self.val, shape)
+
+
+class _BSR:
+    format = "block"
+
+    def _encode(self, w):
+        rowptr, col, val = spmm.bsr_from_dense(w, self.block)
+        return {"rowptr": rowptr, "col": col, "val": val}
+
+    def _mm(self, x, transpose_out):
+        return spmm._bsr_mm(self.rowptr, self.col, self.val, self._b(), x, self.out_features, transpose_out)
+
+    def weight_dense(self):
+        """The dense weight ``[out, in]``, zeros restored."""
+        return reference.bsr_to_dense(self.rowptr, self.col, self.val, (self.out_features, self.in_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.block = tuple(self.val.shape[1:])
+
+
+class _NM:
+    format = "nm"
+
+    def _encode(self, w):
+        val, idx = spmm.nm_from_dense(w, self.n, self.m)
+        return {"val": val, "idx": idx, "nm": torch.tensor([self.n, self.m])}
+
+    def _mm(self, x, transpose_out):
+        return spmm._nm_mm(self.val, self.idx, self._b(), x, self.n, self.m, self.out_features, transpose_out)
+
+    def weight_dense(self):
+        """The dense weight ``[out, in]``, zeros restored."""
+        return reference.nm_to_dense(self.val, self.idx, self.n, self.m, self.in_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.n, self.m = (int(v) for v in self.nm)
+
+
+# --- layer kinds -----------------------------------------------------------------------------------
+
+class _Linear(_Sparse):
+    """``y = x·Wᵀ + b``: x ``[..., in]`` fp32 → ``[..., out]``."""
+
+    def __init__(self, weight, bias=None, **fmt):
+        """weight: fp32 ``[out, in]``; bias: ``[out]`` or None; format options (block, n, m)."""
+        super().__init__(weight, bias, weight.shape[0], weight.shape[1], **fmt)
+
+    @classmethod
+    def from_dense(cls, linear, **fmt):
+        return cls(linear.weight, linear.bias, **fmt)
+
+    def forward(self, x):
+        self._check(x, -1)
+        return spmm.sparse_linear(x, self._mm, self.out_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}{self._fmt_repr()}")
+
+    def _fmt_repr(self):
+        return "".join(f", {k}={getattr(self, k)}" for k in ("block", "n", "m") if hasattr(self, k))
+
+
+class _Conv1x1(_Linear):
+    """1×1 convolution: x ``[N, in, H, W]`` fp32 → ``[N, out, H', W']``."""
+
+    def __init__(self, weight, bias=None, stride=1, **fmt):
+        """weight: fp32 ``[out, in, 1, 1]`` or ``[out, in]``; bias ``[out]`` or None; int stride."""
+        _Sparse.__init__(self, weight.reshape(weight.shape[0], -1), bias, weight.shape[0],
+                         weight.shape[1], stride=int(stride), **fmt)
+
+    @classmethod
+    def from_dense(cls, conv, **fmt):
+        if not supports_conv1x1(conv):
+            raise ValueError(f"{cls.__name__} needs a 1×1 Conv2d with padding 0, groups 1 and equal "
+                             f"strides; got {conv}")
+        return cls(conv.weight, conv.bias, conv.stride[0], **fmt)
+
+    def forward(self, x):
+        self._check(x, 1, ndim=4)
+        return spmm.sparse_conv1x1(x, self._mm, self.out_features, self.stride)
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, kernel_size=(1, 1), stride={self.stride}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}{self._fmt_repr()}")
+
+
+class _ConvKxK(_Sparse):
+    """KxK convolution (groups 1, zero padding): x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']``
+    as ``F.conv2d``. Caches per input size (offsets/taps, the zero-padded input buffer)."""
+
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
+        """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation: int
+        or pair of ints."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: weight must be [out, C, R, S], got "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        super().__init__(weight, bias, weight.shape[0], weight.shape[1],
+                         kernel_size=tuple(weight.shape[2:]), stride=_pair(stride),
+                         padding=_pair(padding), dilation=_pair(dilation),
+                         taps_per_kernel=weight.shape[2] * weight.shape[3])
+        self._clear_caches()
+
+    @classmethod
+    def from_dense(cls, conv):
+        if not supports_conv(conv):
+            raise ValueError(f"{cls.__name__} needs a Conv2d with groups 1 and numeric zero padding; got {conv}")
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+    def forward(self, x):
+        self._check(x, 1, ndim=4)
+        key = tuple(x.shape[2:])
+        if key not in self._index:
+            hq, wq = spmm.conv_geometry(*key, self.kernel_size, self.stride, self.padding, self.dilation)[:2]
+            self._index[key] = self._conv_index(hq, wq)
+        skey = (threading.get_ident(),) + tuple(x.shape[1:])
+        y, self._scratch[skey] = self._conv(x, self._index[key], self._scratch.get(skey))
+        return y
+
+    def _clear_caches(self):
+        self._index = {}  # (H, W) -> offsets (csr) / taps (ck) for this input size
+        self._scratch = {}  # (thread, C, H, W) -> zero-padded input buffer, reused
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
+        self._clear_caches()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_index": {}, "_scratch": {}}
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}")
+
+
+# --- the modules -----------------------------------------------------------------------------------
+
+class CSRLinear(_CSR, _Linear):
+    """Linear with W ``[out, in]`` in CSR. x ``[..., in]`` fp32 → ``[..., out]``."""
+
+
+class CSRConv1x1(_CSR, _Conv1x1):
+    """1×1 convolution with W ``[out, in]`` in CSR. x ``[N, in, H, W]`` fp32 → ``[N, out, H', W']``."""
+
+
+class BSRLinear(_BSR, _Linear):
+    """Linear with W ``[out, in]`` in block CSR (``block=(bo, bi)``, default ``(4, 4)``)."""
+
+    def __init__(self, weight, bias=None, block=(4, 4)):
+        super().__init__(weight, bias, block=_pair(block))
+
+
+class BSRConv1x1(_BSR, _Conv1x1):
+    """1×1 convolution with W ``[out, in]`` in block CSR (``block=(bo, bi)``)."""
+
+    def __init__(self, weight, bias=None, stride=1, block=(4, 4)):
+        super().__init__(weight, bias, stride, block=_pair(block))
+
+
+class NMLinear(_NM, _Linear):
+    """Linear with an N:M weight (at most ``n`` nonzeros in every ``m`` consecutive inputs),
+    compressed; ValueError if the weight is not ``n``:``m``."""
+
+    def __init__(self, weight, bias=None, n=2, m=4):
+        super().__init__(weight, bias, n=int(n), m=int(m))
+
+
+class NMConv1x1(_NM, _Conv1x1):
+    """1×1 convolution with an N:M weight along the input channels (``sk.nm_mask``), compressed."""
+
+    def __init__(self, weight, bias=None, stride=1, n=2, m=4):
+        super().__init__(weight, bias, stride, n=int(n), m=int(m))
+
+
+class CSRConv2d(_CSR, _ConvKxK):
+    """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR: direct sparse
+    convolution over a zero-padded image (``csr_conv``)."""
+
+    def _conv_index(self, hq, wq):
+        return spmm.conv_offsets(self.col, self.kernel_size, self.stride, self.dilation, self.in_features, hq, wq)
+
+    def _conv(self, x, offsets, scratch):
+        return spmm.csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
+                               self.kernel_size, self.stride, self.padding, self.dilation, offsets, scratch)
+
+
+class CKConv2d(_ConvKxK):
+    """KxK convolution (groups 1, zero padding) that skips zero kernels (CK sparsity,
+    ``sk.ck_mask``): per output channel its alive input channels with their dense ``R×S`` taps
+    (``ck_conv``). Partly zero kernels are stored whole."""
+
+    format = "ck"
+
+    def _encode(self, w):
+        rowptr, chan, val = spmm.ck_from_dense(w)
+        return {"rowptr": rowptr, "chan": chan, "val": val}
+
+    def weight_dense(self):
+        """The dense weight ``[out, C, R, S]``, zeros restored."""
+        rows = torch.repeat_interleave(torch.arange(self.out_features), self.rowptr.diff())
+        w = self.val.new_zeros(self.out_features, self.in_features, *self.kernel_size)
+        w[rows, self.chan.long()] = self.val.reshape(-1, *self.kernel_size)
+        return w
+
+    def _conv_index(self, hq, wq):
+        return spmm.conv_taps(self.kernel_size, self.stride, self.dilation, hq, wq)
+
+    def _conv(self, x, taps, scratch):
+        return spmm.ck_conv2d(x, self.rowptr, self.chan, self.val, self.bias, self.out_features,
+                              self.kernel_size, self.stride, self.padding, self.dilation, taps, scratch)
+
+
+class SemiStructuredLinear(nn.Module):
+    """CUDA only, UNVERIFIED (no GPU where it was written): Linear with an exactly 2:4 fp16/bf16
+    weight held as ``torch.sparse.to_sparse_semi_structured`` (compute capability >= 8.0)."""
+
+    format = "2:4"
 
     def __init__(self, weight, bias=None):
-        """weight: fp32 ``[out, in]`` (zeros are dropped); bias: ``[out]`` or None."""
-        super().__init__(weight, bias)
+        super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight.detach()),
+                                   requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
     def from_dense(cls, linear):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x):
-        self._check(x, -1)
-        return csr_linear(x, self.rowptr, self.col, self.val, self.bias, self.out_features)
-
-    def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}")
-
-
-class CSRConv1x1(_CSRBase):
-    """1×1 convolution with W ``[out, in]`` in CSR. x: ``[N, in, H, W]`` fp32 → ``[N, out, H', W']``."""
-
-    def __init__(self, weight, bias=None, stride=1):
-        """weight: fp32 ``[out, in, 1, 1]`` or ``[out, in]``; bias ``[out]`` or None; int stride."""
-        super().__init__(weight.reshape(weight.shape[0], -1), bias)
-        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
-        self.stride = int(stride)
-
-    @classmethod
-    def from_dense(cls, conv):
-        if not supports_conv1x1(conv):
-            raise ValueError(f"CSRConv1x1 needs a 1×1 Conv2d with padding 0, groups 1 and equal "
-                             f"strides; got {conv}")
-        return cls(conv.weight, conv.bias, conv.stride[0])
-
-    def forward(self, x):
-        self._check(x, 1, ndim=4)
-        return csr_conv1x1(x, self.rowptr, self.col, self.val, self.bias, self.out_features, self.stride)
-
-    def extra_repr(self):
-        return (f"{self.in_features}, {self.out_features}, kernel_size=(1, 1), stride={self.stride}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}")
-
-
-class CSRConv2d(_CSRBase):
-    """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR.
-    x: ``[N, C, H, W]`` fp32 → ``[N, out, H', W']`` as ``F.conv2d``."""
-
-    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
-        """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation:
-        int or pair of ints."""
-        super().__init__(weight.reshape(weight.shape[0], -1), bias)
-        pair = (lambda v: (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v))
-        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
-        self.kernel_size = tuple(weight.shape[2:])
-        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
-        self._offsets = {}  # (Hp, Wp) -> int32 offsets of the nonzeros in a padded image
-        self._scratch = {}  # (thread, C, H, W) -> zero-padded input buffer, reused
-
-    @classmethod
-    def from_dense(cls, conv):
-        if not supports_conv(conv):
-            raise ValueError(f"CSRConv2d needs a Conv2d with groups 1 and numeric zero padding; got {conv}")
-        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
-
-    def forward(self, x):
-        self._check(x, 1, ndim=4)
-        key = (x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
-        if key not in self._offsets:
-            self._offsets[key] = conv_offsets(self.col, self.kernel_size, self.dilation, *key)
-        skey = (threading.get_ident(),) + tuple(x.shape[1:])
-        y, self._scratch[skey] = csr_conv2d(
-            x, self.rowptr, self.col, self.val, self.bias, self.out_features, self.kernel_size,
-            self.stride, self.padding, self.dilation, self._offsets[key], self._scratch.get(skey))
-        return y
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
-        self._offsets, self._scratch = {}, {}
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._offsets, self._scratch = {}, {}
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_offsets": {}, "_scratch": {}}
-
-    def extra_repr(self):
-        return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}")
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def supports_conv(conv):

@@ -8,8 +8,21 @@ pixels) are the kernel's vector dimension. ``transpose_out`` returns ``[n, out]`
 layout) instead of ``[out, n]`` (1×1 conv layout). ``torch.ops.sparsekern.csr_conv(rowptr, off,
 val, bias, x, n, out_features, slab, wp, wv)`` reads each nonzero's run ``x[off : off + n]`` of a
 flat input instead and keeps the first ``wv`` of every ``wp`` outputs: ``[out, n / wp, wv]``
-(direct KxK convolution, :func:`csr_conv2d`). Kernels: C++ on CPU
-(``csrc/cpu/spmm.cpp``), else the reference (``sparsekern.reference.csr_mm``).
+(direct KxK convolution, :func:`csr_conv2d`).
+
+More formats, same ``x`` / ``y`` layouts:
+
+* block CSR (:func:`bsr_from_dense`): ``bsr_mm(rowptr, col, val, bias, x, out_features,
+  transpose_out)`` with ``val [nnzb, bo, bi]`` (edge blocks zero-padded), ``col`` int32 block
+  columns, ``rowptr`` int64 ``[⌈out/bo⌉+1]``;
+* N:M compressed along ``in`` (:func:`nm_from_dense`): ``nm_mm(val, idx, bias, x, n, m,
+  out_features, transpose_out)`` with ``val [out, in·n/m]``, ``idx`` uint8 (position in group
+  ``j // n``);
+* CK kernel skipping (:func:`ck_from_dense`): ``ck_conv(rowptr, chan, val, taps, bias, x, n,
+  out_features, plane, slab, wp, wv)``, the alive ``R×S`` kernels of each output channel with
+  their dense taps (:func:`ck_conv2d`).
+
+Kernels: C++ on CPU (``csrc/cpu/spmm.cpp``), else the reference (``sparsekern.reference``).
 No autograd: these are inference ops.
 """
 from types import SimpleNamespace
@@ -20,7 +33,9 @@ from .. import reference
 from ._common import KernelFamily, define_op
 
 #: The kernel contract implemented by ``sparsekern.reference`` (no C++ library, or not CPU).
-REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv)
+REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv,
+                                    bsr_mm=reference.bsr_mm, nm_mm=reference.nm_mm,
+                                    ck_conv=reference.ck_conv)
 
 
 def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
@@ -28,9 +43,17 @@ def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     return x.new_empty((n, out_features) if transpose_out else (out_features, n))
 
 
+def _fake_nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
+    return _fake_csr_mm(None, None, val, bias, x, out_features, transpose_out)
+
+
 KERNELS = KernelFamily("spmm", REFERENCE_KERNELS, {
     "csr_mm": _fake_csr_mm,
     "csr_conv": lambda rowptr, off, val, bias, x, n, out_features, slab, wp, wv: x.new_empty((out_features, n // wp, wv)),
+    "bsr_mm": _fake_csr_mm,
+    "nm_mm": _fake_nm_mm,
+    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv:
+        x.new_empty((out_features, n // wp, wv)),
 }, has_triton=False)
 
 
@@ -50,88 +73,286 @@ def _csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: 
     return _k(x).csr_conv(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
 
 
+@define_op("bsr_mm")
+def _bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
+            x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
+    return _k(x).bsr_mm(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+
+
+@define_op("nm_mm")
+def _nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, n: int, m: int,
+           out_features: int, transpose_out: bool) -> torch.Tensor:
+    return _k(x).nm_mm(val, idx, bias, x.contiguous(), n, m, out_features, transpose_out)
+
+
+@define_op("ck_conv")
+def _ck_conv(rowptr: torch.Tensor, chan: torch.Tensor, val: torch.Tensor, taps: torch.Tensor,
+             bias: torch.Tensor, x: torch.Tensor, n: int, out_features: int, plane: int, slab: int,
+             wp: int, wv: int) -> torch.Tensor:
+    return _k(x).ck_conv(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
+
+
+def _check_2d(w, fn):
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"{fn}: expected a 2-D weight tensor, got {getattr(w, 'shape', w)}")
+    if w.dtype != torch.float32:
+        raise ValueError(f"{fn}: weight must be float32, got {w.dtype}")
+    return w.detach()
+
+
+def _rowptr(counts):
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+
+
 def csr_from_dense(w):
     """CSR of a 2-D fp32 weight ``[out, in]``: ``(rowptr int64 [out+1], col int32 [nnz],
     val fp32 [nnz])``, exact zeros dropped, columns ascending within a row."""
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"csr_from_dense: expected a 2-D weight tensor, got {getattr(w, 'shape', w)}")
-    if w.dtype != torch.float32:
-        raise ValueError(f"csr_from_dense: weight must be float32, got {w.dtype}")
-    w = w.detach()
+    w = _check_2d(w, "csr_from_dense")
     nz = w.nonzero()  # row-major: columns ascend within a row
-    counts = torch.bincount(nz[:, 0], minlength=w.shape[0])
-    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return rowptr.to(torch.int64), nz[:, 1].to(torch.int32).contiguous(), w[nz[:, 0], nz[:, 1]].contiguous()
+    rowptr = _rowptr(torch.bincount(nz[:, 0], minlength=w.shape[0]))
+    return rowptr, nz[:, 1].to(torch.int32).contiguous(), w[nz[:, 0], nz[:, 1]].contiguous()
 
 
-def csr_linear(x, rowptr, col, val, bias, out_features):
-    """``x·Wᵀ + bias`` (``F.linear``) for a CSR weight: ``x [..., in]`` → ``[..., out]``.
+def _blocks(w, block):
+    """``w [out, in]`` zero-padded to whole blocks: ``[⌈out/bo⌉, ⌈in/bi⌉, bo, bi]``."""
+    (bo, bi), (o, i) = block, w.shape
+    w = torch.nn.functional.pad(w, (0, -i % bi, 0, -o % bo))
+    return w.reshape(w.shape[0] // bo, bo, w.shape[1] // bi, bi).transpose(1, 2)
 
-    bias: ``[out]`` fp32 or None. Batch > 1 transposes ``x`` once to ``[in, B]``.
-    """
+
+def bsr_from_dense(w, block):
+    """Block CSR of a 2-D fp32 weight ``[out, in]`` with ``block = (bo, bi)``: ``(rowptr int64
+    [⌈out/bo⌉+1], col int32 [nnzb], val fp32 [nnzb, bo, bi])``; blocks with any nonzero are
+    stored whole (edge blocks zero-padded), block columns ascending within a block row."""
+    w = _check_2d(w, "bsr_from_dense")
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"bsr_from_dense: block must be two positive ints, got {block}")
+    b = _blocks(w, tuple(int(v) for v in block))
+    nz = (b != 0).any(-1).any(-1).nonzero()
+    rowptr = _rowptr(torch.bincount(nz[:, 0], minlength=b.shape[0]))
+    return rowptr, nz[:, 1].to(torch.int32).contiguous(), b[nz[:, 0], nz[:, 1]].contiguous()
+
+
+def block_fill(w, block):
+    """Fraction of the stored values of :func:`bsr_from_dense` that are nonzero (1 when empty)."""
+    b = _blocks(w.detach(), block)
+    nnzb = int((b != 0).any(-1).any(-1).sum())
+    return int((w != 0).sum()) / (nnzb * block[0] * block[1]) if nnzb else 1.0
+
+
+#: N:M ratios tried by :func:`nm_pattern` (m values; n is the weight's largest group count).
+NM_GROUPS = (4, 8, 16)
+
+
+def nm_pattern(w):
+    """The ``(n, m)`` with the fewest stored values ``n/m`` (``m`` in :data:`NM_GROUPS`,
+    ``n <= m/2``) such that every group of ``m`` consecutive inputs of ``w [out, in]`` holds at
+    most ``n`` nonzeros; None if there is none (not N:M)."""
+    best = None
+    for m in NM_GROUPS:
+        if w.dim() != 2 or w.shape[1] % m or w.numel() == 0:
+            continue
+        n = max(1, int((w.detach() != 0).reshape(w.shape[0], -1, m).sum(-1).max()))
+        if 2 * n <= m and (best is None or n / m < best[0] / best[1]):
+            best = (n, m)
+    return best
+
+
+def nm_from_dense(w, n, m):
+    """N:M compression of a 2-D fp32 weight ``[out, in]`` (``in % m == 0``, at most ``n``
+    nonzeros in every group of ``m`` consecutive inputs): ``(val fp32 [out, in·n/m], idx uint8
+    [out, in·n/m])``, positions ascending within a group; groups with fewer than ``n`` nonzeros
+    are filled with zeros at unused positions. ValueError if ``w`` is not N:M."""
+    w = _check_2d(w, "nm_from_dense")
+    if not (1 <= n <= m <= 256) or w.shape[1] % m:
+        raise ValueError(f"nm_from_dense: need 1 <= n <= m <= 256 and in_features ({w.shape[1]}) "
+                         f"a multiple of m; got n={n}, m={m}")
+    g = w.reshape(w.shape[0], -1, m)
+    zero = (g == 0).to(torch.int8)
+    if g.numel() and int((1 - zero).sum(-1).max()) > n:
+        raise ValueError(f"nm_from_dense: the weight is not {n}:{m} (a group of {m} inputs has more "
+                         f"than {n} nonzeros)")
+    pos = zero.argsort(dim=-1, stable=True)[..., :n].sort(-1).values  # nonzeros first, then zeros
+    val = g.gather(-1, pos).reshape(w.shape[0], -1).contiguous()
+    return val, pos.reshape(w.shape[0], -1).to(torch.uint8).contiguous()
+
+
+def ck_from_dense(w):
+    """Kernel-skipping (CK) form of a conv weight ``[out, C, R, S]`` (fp32): ``(rowptr int64
+    [out+1], chan int32 [nk], val fp32 [nk, R·S])``: per output channel its alive kernels (any
+    nonzero tap), input channels ascending, with their dense taps."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 4 or w.dtype != torch.float32:
+        raise ValueError(f"ck_from_dense: expected a float32 [out, C, R, S] weight, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    k = w.detach().reshape(w.shape[0], w.shape[1], -1)
+    nz = (k != 0).any(-1).nonzero()
+    rowptr = _rowptr(torch.bincount(nz[:, 0], minlength=w.shape[0]))
+    return rowptr, nz[:, 1].to(torch.int32).contiguous(), k[nz[:, 0], nz[:, 1]].contiguous()
+
+
+def sparse_linear(x, mm, out_features):
+    """``x·Wᵀ + b`` (``F.linear``) given ``mm(xt [in, n], transpose_out) -> W·xt + b`` (one of
+    the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1 transposes
+    ``x`` once to ``[in, B]``."""
     in_features = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     xt = x2.reshape(in_features, 1) if x2.shape[0] == 1 else x2.t().contiguous()
-    b = bias if bias is not None else val.new_empty(0)
-    return _csr_mm(rowptr, col, val, b, xt, out_features, True).reshape(*lead, out_features)
+    return mm(xt, True).reshape(*lead, out_features)
 
 
-def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
-    """1×1 convolution (padding 0, groups 1) with a CSR weight ``[out, in]``:
+def sparse_conv1x1(x, mm, out_features, stride=1):
+    """1×1 convolution (padding 0, groups 1) given ``mm`` as in :func:`sparse_linear`:
     ``x [N, in, H, W]`` → ``[N, out, H', W']``; each image is ``W·x[n]`` over ``H'·W'`` pixels."""
     if stride != 1:
         x = x[:, :, ::stride, ::stride]
     n, c, h, w = x.shape
     xs = x.contiguous().reshape(n, c, h * w)
-    b = bias if bias is not None else val.new_empty(0)
-    ys = [_csr_mm(rowptr, col, val, b, xs[i], out_features, False) for i in range(n)]
+    ys = [mm(xs[i], False) for i in range(n)]
     if not ys:
         return x.new_empty((0, out_features, h, w))
     return torch.stack(ys).reshape(n, out_features, h, w)
+
+
+def _bias(bias, val):
+    return bias if bias is not None else val.new_empty(0)
+
+
+def csr_linear(x, rowptr, col, val, bias, out_features):
+    """:func:`sparse_linear` with a CSR weight; bias ``[out]`` fp32 or None."""
+    b = _bias(bias, val)
+    return sparse_linear(x, lambda xt, tr: _csr_mm(rowptr, col, val, b, xt, out_features, tr), out_features)
+
+
+def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
+    """:func:`sparse_conv1x1` with a CSR weight ``[out, in]``."""
+    b = _bias(bias, val)
+    return sparse_conv1x1(x, lambda xs, tr: _csr_mm(rowptr, col, val, b, xs, out_features, tr),
+                          out_features, stride)
 
 
 #: Input channels per reduction slab of ``csr_conv`` (their rows of a column tile stay in L1).
 SLAB_CHANNELS = 32
 
 
-def conv_offsets(col, kernel_size, dilation, hp, wp):
+def conv_geometry(h, w, kernel_size, stride, padding, dilation):
+    """The direct convolution's layout for an ``h×w`` input: ``(hq, wq, h_out, w_out)``. The
+    zero-padded image ``[C, Hp, Wp]`` is stored as stride phases ``[C, sh, sw, hq, wq]``
+    (phase ``(a, b)`` holds padded pixels ``(a + sh·i, b + sw·j)``; ``hq = ⌈Hp/sh⌉``), so a
+    strided convolution is a stride-1 one over the phases; outputs are wide rows of ``wq``."""
+    (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    h_out, w_out = (hp - dh * (r_ - 1) - 1) // sh + 1, (wp - dw * (s_ - 1) - 1) // sw + 1
+    if hp - dh * (r_ - 1) <= 0 or wp - dw * (s_ - 1) <= 0:
+        raise ValueError(f"conv2d: input {h}×{w} (padded {hp}×{wp}) is smaller than the dilated kernel")
+    return -(-hp // sh), -(-wp // sw), h_out, w_out
+
+
+def conv_taps(kernel_size, stride, dilation, hq, wq):
+    """Offsets (int32 ``[R·S]``) of a kernel's taps within one channel's phases
+    ``[sh, sw, hq, wq]`` (:func:`conv_geometry`): tap ``(r, s)`` reads phase
+    ``(r·dil_h mod sh, s·dil_w mod sw)`` shifted by ``(r·dil_h div sh, s·dil_w div sw)`` (the CK
+    format's ``taps``; stride 1: ``r·dil_h·wq + s·dil_w``)."""
+    (sh, sw), (dh, dw) = stride, dilation
+    r = torch.arange(kernel_size[0])[:, None] * dh
+    s = torch.arange(kernel_size[1])[None, :] * dw
+    off = ((r % sh) * sw + s % sw) * (hq * wq) + (r // sh) * wq + s // sw
+    return off.reshape(-1).to(torch.int32)
+
+
+def conv_offsets(col, kernel_size, stride, dilation, channels, hq, wq):
     """Flat input offsets (int32 ``[nnz]``) of the nonzeros of a CSR conv weight ``[out, C·R·S]``
-    in a zero-padded image ``[C, hp, wp]``: ``c·hp·wp + r·dil_h·wp + s·dil_w``."""
-    r_, s_ = kernel_size
+    in the phase layout ``[C, sh, sw, hq, wq]`` of :func:`conv_geometry`: ``c·plane + taps[r·S + s]``."""
+    plane = stride[0] * stride[1] * hq * wq
+    if channels * plane >= 2 ** 31:
+        raise ValueError(f"conv2d: an input of {channels} channels of {hq}×{wq} pixels per phase is "
+                         "too large for int32 offsets")
     col = col.long()
-    c, r, s = col // (r_ * s_), (col // s_) % r_, col % s_
-    off = c * (hp * wp) + r * (dilation[0] * wp) + s * dilation[1]
-    if off.numel() and int(off.max()) + hp * wp >= 2 ** 31:
-        raise ValueError(f"csr_conv2d: input of {hp}×{wp} pixels per channel is too large for int32 offsets")
-    return off.to(torch.int32)
+    rs = kernel_size[0] * kernel_size[1]
+    taps = conv_taps(kernel_size, stride, dilation, hq, wq).long()
+    return ((col // rs) * plane + taps[col % rs]).to(torch.int32)
+
+
+def _phase_copies(x, scratch, geometry, stride, padding):
+    """``(destination, source)`` view pairs that copy one image ``x [C, H, W]`` into the
+    phases of ``scratch`` (:func:`conv_geometry`); the rest of ``scratch`` stays zero."""
+    hq, wq = geometry[:2]
+    (sh, sw), (ph, pw) = stride, padding
+    c, h, w = x.shape
+    ph5 = scratch[:c * sh * sw * hq * wq].view(c, sh, sw, hq, wq)
+
+    def span(a, step, pad, size):  # first phase index, count, first source index
+        i0 = max(0, -(-(pad - a) // step))
+        i1 = (pad + size - 1 - a) // step
+        return i0, i1 - i0 + 1, a + step * i0 - pad
+
+    pairs = []
+    for a in range(sh):
+        i0, ni, r0 = span(a, sh, ph, h)
+        for b in range(sw):
+            j0, nj, c0 = span(b, sw, pw, w)
+            if ni > 0 and nj > 0:
+                pairs.append((ph5[:, a, b, i0:i0 + ni, j0:j0 + nj],
+                              (slice(r0, r0 + sh * (ni - 1) + 1, sh), slice(c0, c0 + sw * (nj - 1) + 1, sw))))
+    return pairs
+
+
+def _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch):
+    """The image loop of :func:`csr_conv2d` / :func:`ck_conv2d`: each image copied into the
+    zero-padded phase buffer (:func:`conv_geometry`), ``run(buf, geometry) -> [out, h_out, w_out]``."""
+    n_img, c, h, w = x.shape
+    geometry = conv_geometry(h, w, kernel_size, stride, padding, dilation)
+    hq, wq, h_out, w_out = geometry
+    size = c * stride[0] * stride[1] * hq * wq
+    if scratch is None:  # slack: the last wide row reads past the image
+        scratch = x.new_zeros(size + (dilation[1] * (kernel_size[1] - 1)) // stride[1])
+    copies = _phase_copies(x[0] if n_img else x.new_empty(c, h, w), scratch, geometry, stride, padding)
+    ys = []
+    for i in range(n_img):
+        for dst, (rows, cols) in copies:
+            dst.copy_(x[i][:, rows, cols])
+        ys.append(run(scratch, geometry))
+    out = torch.stack(ys) if ys else x.new_empty(0, out_features, h_out, w_out)
+    return out, scratch
 
 
 def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation,
                offsets=None, scratch=None):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
     ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Each image is copied into a
-    zero-padded flat buffer and convolved directly at stride 1 in wide rows (see ``csr_conv``);
-    stride > 1 subsamples that result. ``offsets``: :func:`conv_offsets` for this input size
-    (computed when None); ``scratch``: a reusable buffer from an earlier call with this input
-    size (its padding is still zero), else a new one is made. Returns ``(y, scratch)``."""
-    (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    n_img, c, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
-    h1, w1 = hp - dh * (r_ - 1), wp - dw * (s_ - 1)  # stride-1 output size
-    if h1 <= 0 or w1 <= 0:
-        raise ValueError(f"csr_conv2d: input {tuple(x.shape)} is smaller than the dilated kernel")
-    if offsets is None:
-        offsets = conv_offsets(col, kernel_size, dilation, hp, wp)
-    plane = c * hp * wp
-    if scratch is None:  # slack: the last wide row reads past the image
-        scratch = x.new_zeros(plane + dw * (s_ - 1))
-    inner = scratch[:plane].view(c, hp, wp)[:, ph:ph + h, pw:pw + w]
-    b = bias if bias is not None else val.new_empty(0)
-    ys = []
-    for i in range(n_img):
-        inner.copy_(x[i])
-        y = _csr_conv(rowptr, offsets, val, b, scratch, h1 * wp, out_features, SLAB_CHANNELS * hp * wp, wp, w1)
-        ys.append(y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw])
-    out = torch.stack(ys) if ys else x.new_empty(0, out_features, (h1 - 1) // sh + 1, (w1 - 1) // sw + 1)
-    return out, scratch
+    zero-padded buffer of stride phases (:func:`conv_geometry`) and convolved directly, at
+    stride 1 over the phases, in wide rows (see ``csr_conv``): only the strided outputs are
+    computed. ``offsets``: :func:`conv_offsets` for this input size (computed when None);
+    ``scratch``: a reusable buffer from an earlier call with this input size (its padding is
+    still zero), else a new one is made. Returns ``(y, scratch)``."""
+    b = _bias(bias, val)
+
+    def run(buf, geometry):
+        nonlocal offsets
+        hq, wq, h_out, w_out = geometry
+        if offsets is None:
+            offsets = conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+        slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
+        return _csr_conv(rowptr, offsets, val, b, buf, h_out * wq, out_features, slab, wq, w_out)
+
+    return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
+
+
+def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation,
+              taps=None, scratch=None):
+    """:func:`csr_conv2d` with a CK weight (:func:`ck_from_dense`): ``x [N, C, H, W]`` →
+    ``[N, out, H', W']``. ``taps``: :func:`conv_taps` for this input size (computed when None).
+    Returns ``(y, scratch)``."""
+    b = _bias(bias, val)
+
+    def run(buf, geometry):
+        nonlocal taps
+        hq, wq, h_out, w_out = geometry
+        plane = stride[0] * stride[1] * hq * wq
+        if x.shape[1] * plane >= 2 ** 31:
+            raise ValueError(f"ck_conv2d: input {tuple(x.shape)} is too large for int32 offsets")
+        if taps is None:
+            taps = conv_taps(kernel_size, stride, dilation, hq, wq)
+        return _ck_conv(rowptr, chan, val, taps, b, buf, h_out * wq, out_features, plane, SLAB_CHANNELS, wq, w_out)
+
+    return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
