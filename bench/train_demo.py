@@ -176,7 +176,8 @@ def accuracy(model: nn.Module, x, y) -> float:
 def inference(model: nn.Module, xb, budget_s: float) -> dict:
     """``sk.inference.convert`` a copy of the finalized ``model`` for input ``xb``, check its
     outputs against ``model``'s, time both side by side."""
-    converted, report = sk.inference.convert(copy.deepcopy(model).eval(), example_input=xb)
+    converted, report = sk.inference.convert(copy.deepcopy(model).eval(), example_input=xb,
+                                             return_report=True)
     y_dense, y_sparse = model(xb), converted(xb)
     torch.testing.assert_close(y_sparse, y_dense, rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"converted model's outputs differ from the finalized model's: {m}")

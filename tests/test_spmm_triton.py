@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern import reference
-from sparsekern.ops.spmm import conv_offsets, csr_from_dense
+from sparsekern.ops.spmm import ck_from_dense, conv_offsets, conv_taps, csr_from_dense
 from sparsekern.triton import spmm as T
 from utils import TOL as DTYPE_TOL, TRITON_DEVICE
 
@@ -128,7 +128,7 @@ def test_csr_conv_matches_reference_and_conv2d(stride, padding, dilation, densit
     hp, wp = h + 2 * padding, w_ + 2 * padding
     h1, w1 = hp - dilation * (k - 1), wp - dilation * (k - 1)
     rowptr, col, val = csr_from_dense(w.reshape(o, -1))
-    off = conv_offsets(col, (k, k), (dilation, dilation), hp, wp)
+    off = conv_offsets(col, (k, k), (1, 1), (dilation, dilation), c, hp, wp)
     flat = torch.zeros(c * hp * wp + dilation * (k - 1))
     flat[:c * hp * wp].view(c, hp, wp)[:, padding:padding + h, padding:padding + w_] = img[0]
     args = (rowptr, off, val, b, flat, h1 * wp, o, 32 * hp * wp, wp, w1)
@@ -287,3 +287,27 @@ def test_empty_shapes_launch_nothing(monkeypatch):
     y = T.csr_conv(*dev(rowptr, col, val, torch.ones(4), torch.randn(30)), 12, 4, 0, 6, 5).cpu()
     torch.testing.assert_close(y, torch.ones(4, 2, 5), rtol=0, atol=0)
     assert T.csr_conv(*dev(rowptr, col, val, NO_BIAS, torch.randn(30)), 0, 4, 0, 6, 5).shape == (4, 0, 5)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_ck_conv_matches_reference_and_conv2d(sparsity, has_bias):
+    """CK kernel skipping (alive kernels' dense taps) on a zero-padded stride-1 image."""
+    import sparsekern as sk
+    c, o, k, h, w_, padding = 5, 7, 3, 6, 7, 1
+    w = torch.randn(o, c, k, k)
+    w = w * sk.ck_mask(w, sparsity)
+    w[1] = 0  # an output channel with no kernel
+    b, img = torch.randn(o) if has_bias else NO_BIAS, torch.randn(1, c, h, w_)
+    hp, wp = h + 2 * padding, w_ + 2 * padding
+    h1, w1 = hp - (k - 1), wp - (k - 1)
+    rowptr, chan, val = ck_from_dense(w)
+    taps = conv_taps((k, k), (1, 1), (1, 1), hp, wp)
+    flat = torch.zeros(c * hp * wp + k - 1)
+    flat[:c * hp * wp].view(c, hp, wp)[:, padding:padding + h, padding:padding + w_] = img[0]
+    args = (rowptr, chan, val, taps, b, flat, h1 * wp, o, hp * wp, 32 * hp * wp, wp, w1)
+    y = T.ck_conv(*dev(*args[:6]), *args[6:]).cpu()
+    assert y.shape == (o, h1, w1)
+    torch.testing.assert_close(y, reference.ck_conv(*args), **TOL)
+    conv = F.conv2d(img, w, b if has_bias else None, padding=padding)[0]
+    torch.testing.assert_close(y, conv, **TOL)

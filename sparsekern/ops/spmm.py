@@ -22,7 +22,8 @@ More formats, same ``x`` / ``y`` layouts:
   out_features, plane, slab, wp, wv)``, the alive ``R×S`` kernels of each output channel with
   their dense taps (:func:`ck_conv2d`).
 
-Kernels: C++ on CPU (``csrc/cpu/spmm.cpp``), else the reference (``sparsekern.reference``).
+Kernels: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
+else the reference (``sparsekern.reference``).
 No autograd: these are inference ops.
 """
 from types import SimpleNamespace
@@ -54,7 +55,7 @@ KERNELS = KernelFamily("spmm", REFERENCE_KERNELS, {
     "nm_mm": _fake_nm_mm,
     "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv:
         x.new_empty((out_features, n // wp, wv)),
-}, has_triton=False)
+})
 
 
 def _k(x):

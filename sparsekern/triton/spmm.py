@@ -1,6 +1,6 @@
 """Triton kernels for the spmm family: sparse weight × dense activations (inference).
 
-Four launchers with the names, signatures and preconditions of the C++ kernels (contract in
+Five launchers with the names, signatures and preconditions of the C++ kernels (contract in
 ``csrc/cpu/spmm.cpp`` and ``sparsekern/ops/spmm.py``); ``x`` is ``[in, n]`` contiguous (``csr_conv``:
 flat), the ``n`` columns (batch or pixels) are the vector dimension, ``bias`` is ``[out]`` or empty.
 Values and ``x`` are fp32 (the contract; fp16/bf16 also work when both have that dtype), every
@@ -18,6 +18,8 @@ out = 0, no stored values) launch nothing. ``tl.dot`` runs fp32 inputs in full f
 * ``nm_mm`` with n ≥ 16 columns and tensor-core inputs (m ≤ 128): the compressed weight tile is
   expanded to dense in registers (reading 1 value + 1 index byte per kept weight) and multiplied
   with ``tl.dot``.
+* ``ck_conv``: the alive kernels' dense taps expanded to per-value offsets (``chan·plane + taps``,
+  int32), then ``csr_conv``.
 * ``bsr_mm``: a program owns one block row and ``BLOCK_N`` columns and adds ``val[b] @ x[tile]``
   over the row's blocks: ``tl.dot`` when both block sides are ≥ 16, else a broadcast product (the
   small CPU block sizes).
@@ -231,6 +233,15 @@ def csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: t
         return _fill_bias(y.view(out_features, -1), bias, False).view_as(y)
     q = y.numel() // out_features
     return _gather(_CONV, rowptr, off, val, bias, x, y, out_features, q, (q, 1), conv=(wp, wv))
+
+
+def ck_conv(rowptr: torch.Tensor, chan: torch.Tensor, val: torch.Tensor, taps: torch.Tensor,
+            bias: torch.Tensor, x: torch.Tensor, n: int, out_features: int, plane: int, slab: int,
+            wp: int, wv: int) -> torch.Tensor:
+    """csr_conv of a kernel-skipping weight: row o's kernel i (input channel chan[i], dense taps
+    val [nk, R·S]) reads x[chan[i]·plane + taps[t] + j]: [out, n // wp, wv]."""
+    off = (chan.long()[:, None] * plane + taps.long()[None, :]).reshape(-1).to(torch.int32)
+    return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv)
 
 
 def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
