@@ -286,37 +286,43 @@ def crossover_table(rows, key="vs_dense"):
     return lines
 
 
+def _panel(row):
+    if row["kind"] == "linear":
+        return "Linear"
+    return "Conv2d 1×1, batch 1" if row["kernel"] == 1 else "Conv2d 3×3 / 7×7, batch 1"
+
+
 def plot_crossover(rows, path, title="sparsekern speedup (fp32, CPU)"):
-    """PNG of sparsekern's speedup vs sparsity per shape (log y, line at 1×): a row of panels for
-    the Linear shapes and one for the convs, vs dense (left) and vs torch CSR (right)."""
+    """PNG of sparsekern's speedup vs sparsity per shape (log y, line at 1×): a row of panels each
+    for the Linear shapes, the 1×1 convs and the other convs; vs dense (left), vs torch CSR (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(k, [r for r in rows if r["kind"] == k]) for k in ("linear", "conv")]
-    groups = [(k, g) for k, g in groups if g]
-    fig, axes = plt.subplots(len(groups), 2, figsize=(15, 5.5 * len(groups)), squeeze=False)
-    for (kind, g), row_axes in zip(groups, axes):
+    groups = {}
+    for r in rows:
+        groups.setdefault(_panel(r), []).append(r)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(15, 5 * len(groups)), squeeze=False)
+    for (panel, g), row_axes in zip(groups.items(), axes):
         shapes = _by_shape(g)
-        colors = plt.get_cmap("tab10" if len(shapes) <= 10 else "turbo")
+        colors = plt.get_cmap("tab10" if len(shapes) <= 10 else "tab20")
         for ax, key, base in zip(row_axes, ("vs_dense", "vs_torch_csr"), ("dense", "torch CSR")):
             for i, (shape, rs) in enumerate(shapes.items()):
                 rs = sorted(rs, key=lambda r: r["sparsity"])
+                target = shape == TARGET_CONV["name"]
                 ax.plot([100 * r["sparsity"] for r in rs], [r[key] for r in rs], marker="o", ms=3,
-                        lw=2.5 if shape == TARGET_CONV["name"] else 1.2,
-                        color=colors(i / max(1, len(shapes) - 1)) if len(shapes) > 10 else colors(i),
-                        label=shape + (" (target; not a ResNet-50 layer)" if shape == TARGET_CONV["name"] else ""))
+                        lw=2.5 if target else 1.2, color="black" if target else colors(i),
+                        label=shape + (" (target; not a ResNet-50 layer)" if target else ""))
             ax.axhline(1.0, color="black", lw=1, ls="--")
             ax.set_yscale("log")
             ax.set_xlabel("sparsity (%)")
             ax.set_ylabel(f"speedup vs {base} (×)")
-            ax.set_title(f"{'Linear' if kind == 'linear' else 'Conv2d, batch 1'}: "
-                         f"sparsekern vs {base}")
+            ax.set_title(f"{panel}: sparsekern vs {base}")
             ax.grid(True, which="both", alpha=0.3)
         row_axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
