@@ -1,55 +1,193 @@
-"""Sparse Linear and conv (spmm family): crossover of sparsekern's CSR kernels vs dense
-``F.linear`` (MKL) and torch CSR (``w.to_sparse_csr()`` matmul) over sparsity 50–99 %, Linear
-4096×4096 at batch 1 and 64; and the direct sparse 3×3 conv 256→256 at 56×56, batch 1, vs
-``F.conv2d`` (oneDNN). fp32, CPU. Outputs are checked equal to dense.
+"""Sparse Linear and conv (spmm family), fp32, CPU: crossover maps and a whole pruned ResNet-50.
+
+* Crossover maps: speedup of sparsekern's inference modules (``CSRLinear``, ``CSRConv1x1``,
+  ``CSRConv2d``) vs dense (``F.linear`` / ``F.conv2d``: MKL / oneDNN) and vs torch CSR
+  (``w.to_sparse_csr()`` matmul; convs through ``F.unfold``) over sparsity 50–99 %, unstructured
+  magnitude pruning, for Linear 4096×4096 at batch 1 and 64, the distinct conv layers of ResNet-50
+  (``bench.models``, batch 1, 224×224) and the target 3×3 conv 256→256 at 56×56. Providers run
+  side by side (``harness.time_steps``); outputs are checked equal to dense. Plot:
+  :func:`plot_crossover`.
+* Whole model: ResNet-50 pruned to STR's learnt 90 % budget (``bench.suites.STR_RESNET50_90``,
+  Table 7), dense vs ``sk.inference.convert`` at batch 1, with ``sk.count_flops`` and the
+  per-layer convert report, each converted layer re-timed against its dense original.
+* Targets (issue 6) printed PASS/FAIL.
 
 pytest-benchmark (timing only)::
 
     pytest bench/bench_spmm.py --benchmark-only
 
-Script (providers side by side, round-robin, per thread count; writes a Markdown table)::
+Script (writes bench/results/spmm-<cpu>.md, .json and spmm-crossover-<cpu>.png)::
 
-    python -m bench.bench_spmm [--threads 1 2]
+    python -m bench.bench_spmm [--threads 1 2] [--quick] [--no-model]
 """
 import argparse
+import copy
+import json
+import math
 import os
+import sys
+import time
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import harness as H
 
 PROVIDERS = ("dense", "torch_csr", "sparsekern")
-SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+QUICK_SPARSITIES = (0.5, 0.9, 0.99)
 BATCHES = (1, 64)
 FEATURES = 4096
-#: (batch, sparsity, baseline) -> minimum speedup of sparsekern (issue 6)
+#: (batch, sparsity, baseline) -> minimum speedup of sparsekern, Linear 4096² (issue 6)
 TARGETS = {(64, 0.9, "dense"): 4.0, (64, 0.95, "dense"): 7.0, (64, 0.9, "torch_csr"): 1.5}
 CONV_SPARSITIES = (0.7, 0.8, 0.9, 0.95)
 CONV_TARGET = (0.9, 2.5)  # 3×3 256→256 56×56 batch 1: ≥ 2.5× dense at 90 %
+#: After convert(), no layer slower than this fraction of dense (issue 6).
+MIN_LAYER_SPEEDUP = 0.95
+TIMING = {"budget_s": 0.5, "min_reps": 11, "max_reps": 100}
+QUICK_TIMING = {"budget_s": 0.05, "min_reps": 3, "max_reps": 10}
 
 
-def make_case(batch, sparsity, seed=0):
-    """Weight ``[4096, 4096]`` with a uniform random ``sparsity`` fraction of zeros, bias, input
-    ``[batch, 4096]`` (seeded normal)."""
+# --- cases ----------------------------------------------------------------------------------------
+
+def linear_spec(batch, features=FEATURES, out_features=None):
+    """A Linear case: input ``[batch, features]``, weight ``[out_features, features]``, bias."""
+    out_features = out_features or features
+    return {"kind": "linear", "name": f"linear {out_features}x{features} b{batch}", "batch": batch,
+            "in": features, "out": out_features}
+
+
+def conv_spec(cin, cout, kernel, stride, padding, hw, batch=1, layers=()):
+    """A Conv2d case (no bias, as in ResNet-50): input ``[batch, cin, hw, hw]``."""
+    name = f"conv{kernel}x{kernel} {cin}->{cout} {hw}x{hw}" + (f" s{stride}" if stride > 1 else "")
+    return {"kind": "conv", "name": name, "batch": batch, "in": cin, "out": cout, "kernel": kernel,
+            "stride": stride, "padding": padding, "hw": hw, "layers": list(layers)}
+
+
+#: The conv of the 3×3 target (not a ResNet-50 v1.5 layer: those 256→256 convs run at 14×14).
+TARGET_CONV = conv_spec(256, 256, 3, 1, 1, 56)
+
+
+def resnet50_conv_specs(hw=224):
+    """The distinct Conv2d layers of ``bench.models.resnet50`` at batch 1 (input shape, weight,
+    stride, padding), in model order; ``layers`` lists the module names that share each."""
+    from .models import resnet50
+
+    with torch.device("meta"):
+        model = resnet50()
+    seen, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, args, name=name):
+                x = args[0]
+                key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0],
+                       mod.padding[0], x.shape[-1])
+                seen.setdefault(key, []).append(name)
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(torch.empty(1, 3, hw, hw, device="meta"))
+    for h in hooks:
+        h.remove()
+    return [conv_spec(*key, layers=names) for key, names in seen.items()]
+
+
+def crossover_specs(quick=False):
+    """Linear 4096² at batch 1 and 64, the ResNet-50 convs and :data:`TARGET_CONV`; ``quick``:
+    the Linears, the target conv and three ResNet-50 convs (stem, a 1×1, a strided 3×3)."""
+    convs = resnet50_conv_specs()
+    if quick:
+        convs = [convs[0], convs[1], next(c for c in convs if c["kernel"] == 3 and c["stride"] == 2)]
+    return [linear_spec(b) for b in BATCHES] + convs + [TARGET_CONV]
+
+
+def magnitude_prune_(w, sparsity):
+    """Zero the ``sparsity`` fraction of ``w`` with the smallest ``|w|`` (exact quantile, in place)."""
+    import sparsekern as sk
+
+    if sparsity > 0:
+        w.mul_(w.abs() > sk.magnitude_thresholds([w], [sparsity])[0])
+    return w
+
+
+def make_layer(spec, sparsity, seed=0):
+    """The dense eval module of ``spec`` (He-scaled seeded normal weight, magnitude-pruned to
+    ``sparsity``; Linear with a bias) and a seeded normal input."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(FEATURES, FEATURES, generator=g)
-    w *= torch.rand(FEATURES, FEATURES, generator=g) >= sparsity
-    return w, torch.randn(FEATURES, generator=g), torch.randn(batch, FEATURES, generator=g)
+    if spec["kind"] == "linear":
+        m = nn.Linear(spec["in"], spec["out"])
+        x = torch.randn(spec["batch"], spec["in"], generator=g)
+    else:
+        m = nn.Conv2d(spec["in"], spec["out"], spec["kernel"], spec["stride"], spec["padding"], bias=False)
+        x = torch.randn(spec["batch"], spec["in"], spec["hw"], spec["hw"], generator=g)
+    with torch.no_grad():
+        w = m.weight
+        w.copy_(torch.randn(w.shape, generator=g) * math.sqrt(2.0 / w[0].numel()))
+        magnitude_prune_(w, sparsity)
+        if m.bias is not None:
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return m.eval().requires_grad_(False), x
+
+
+def _torch_csr_conv(conv):
+    """``x -> F.conv2d(x, w)`` as torch CSR ``w[out, C·R·S] @ im2col(x)`` (``F.unfold``; a 1×1
+    conv with padding 0 reshapes instead)."""
+    c = conv.weight.reshape(conv.out_channels, -1).to_sparse_csr()
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+
+    def fn(x):
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        ho, wo = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        if k == (1, 1) and p == (0, 0):
+            cols = x[:, :, ::s[0], ::s[1]].transpose(0, 1).reshape(x.shape[1], -1)
+        else:
+            cols = F.unfold(x, k, d, p, s).transpose(0, 1).reshape(c.shape[1], -1)
+        y = (c @ cols).view(-1, n, ho, wo).transpose(0, 1)
+        return y if conv.bias is None else y + conv.bias.view(1, -1, 1, 1)
+    return fn
+
+
+def sparse_module(m):
+    """The sparsekern inference module for a dense Linear / Conv2d."""
+    from sparsekern.inference import CSRConv1x1, CSRConv2d, CSRLinear
+
+    if isinstance(m, nn.Linear):
+        return CSRLinear.from_dense(m).eval()
+    if m.kernel_size == (1, 1) and m.padding == (0, 0):
+        return CSRConv1x1.from_dense(m).eval()
+    return CSRConv2d.from_dense(m).eval()
 
 
 def provider_fn(provider, w, b):
-    """``x -> y`` for ``provider``; formats are built here, outside the timing."""
+    """``x -> y`` of a Linear with weight ``w``, bias ``b`` for ``provider`` (formats built here,
+    outside the timing)."""
     if provider == "dense":
         return lambda x: F.linear(x, w, b)
     if provider == "torch_csr":
         c = w.to_sparse_csr()
         return lambda x: (c @ x.t()).t() + b
-    from sparsekern.inference import CSRLinear
+    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if b is not None:
+            m.bias.copy_(b)
+    return sparse_module(m)
 
-    m = CSRLinear(w, b).eval()
-    return lambda x: m(x)
+
+def layer_fns(m):
+    """``{provider: x -> y}`` for a dense eval Linear / Conv2d ``m``."""
+    if isinstance(m, nn.Linear):
+        return {p: provider_fn(p, m.weight, m.bias) for p in PROVIDERS}
+    return {"dense": m, "torch_csr": _torch_csr_conv(m), "sparsekern": sparse_module(m)}
+
+
+def make_case(batch, sparsity, seed=0):
+    """Linear 4096²: weight ``[4096, 4096]`` magnitude-pruned to ``sparsity``, bias, input
+    ``[batch, 4096]``."""
+    m, x = make_layer(linear_spec(batch), sparsity, seed)
+    return m.weight, m.bias, x
 
 
 # --- pytest-benchmark -----------------------------------------------------------------------------
@@ -66,39 +204,129 @@ def test_linear(benchmark, batch, sparsity, provider):
         benchmark.pedantic(lambda: fn(x), rounds=10, warmup_rounds=2)
 
 
-# --- script ---------------------------------------------------------------------------------------
+# --- crossover ------------------------------------------------------------------------------------
 
-def bench_case(batch, sparsity):
-    w, b, x = make_case(batch, sparsity)
-    fns = {p: provider_fn(p, w, b) for p in PROVIDERS}
+def bench_point(spec, sparsity, seed=0, budget_s=0.5, min_reps=7, max_reps=100):
+    """One case at one sparsity: the three providers side by side (outputs checked equal to dense
+    first). Row: the spec's fields, ``shape`` (its name), ``sparsity``, measured ``density``,
+    ``load`` (CPUs other processes kept busy), ``{provider: stats}``, ``vs_dense``, ``vs_torch_csr``."""
+    m, x = make_layer(spec, sparsity, seed)
+    fns = layer_fns(m)
     with torch.no_grad():
         ref = fns["dense"](x)
         for p in PROVIDERS[1:]:
-            torch.testing.assert_close(fns[p](x), ref, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(fns[p](x), ref, atol=1e-3, rtol=1e-3,
+                                       msg=lambda e: f"{spec['name']} s={sparsity} {p}: {e}")
         snap = H.cpu_snapshot()
         stats = H.time_steps({p: (lambda f=f: f(x)) for p, f in fns.items()}, "cpu",
-                             budget_s=0.5, min_reps=7, max_reps=100)
+                             budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
         load = H.other_load(snap, H.cpu_snapshot())
-    return {"batch": batch, "sparsity": sparsity, "load": load, **stats}
+    s = stats["sparsekern"]["median_s"]
+    return {**{k: v for k, v in spec.items() if k != "name"}, "shape": spec["name"], "sparsity": sparsity,
+            "density": float((m.weight != 0).float().mean()), "load": load, **stats,
+            "vs_dense": stats["dense"]["median_s"] / s, "vs_torch_csr": stats["torch_csr"]["median_s"] / s}
+
+
+def bench_case(batch, sparsity):
+    """Linear 4096², ``[batch, 4096]`` input: row with ``batch``, ``sparsity``, ``load`` and the
+    providers' stats (:func:`bench_point`)."""
+    return bench_point(linear_spec(batch), sparsity)
 
 
 def bench_conv(sparsity, seed=0):
-    """3×3 conv 256→256, padding 1, input [1, 256, 56, 56]: F.conv2d vs CSRConv2d."""
-    from sparsekern.inference import CSRConv2d
+    """3×3 conv 256→256, padding 1, input [1, 256, 56, 56] (:data:`TARGET_CONV`): F.conv2d vs
+    torch CSR vs CSRConv2d."""
+    return bench_point(TARGET_CONV, sparsity, seed=seed)
 
-    g = torch.Generator().manual_seed(seed)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1).eval()
-    with torch.no_grad():
-        conv.weight.mul_(torch.rand(conv.weight.shape, generator=g) >= sparsity)
-    sparse = CSRConv2d.from_dense(conv).eval()
-    x = torch.randn(1, 256, 56, 56, generator=g)
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), conv(x), atol=1e-3, rtol=1e-3)
-        snap = H.cpu_snapshot()
-        stats = H.time_steps({"dense": lambda: conv(x), "sparsekern": lambda: sparse(x)}, "cpu",
-                             budget_s=0.5, min_reps=7, max_reps=100)
-        load = H.other_load(snap, H.cpu_snapshot())
-    return {"sparsity": sparsity, "load": load, **stats}
+
+def crossover(specs, sparsities=SPARSITIES, progress=True, **timing):
+    """:func:`bench_point` for every spec × sparsity (tqdm progress bar); ``timing``: the
+    ``budget_s``/``min_reps``/``max_reps`` of :func:`bench_point`."""
+    from tqdm import tqdm
+
+    points = [(spec, s) for spec in specs for s in sparsities]
+    rows = []
+    with tqdm(points, desc="crossover", unit="point", disable=not progress) as bar:
+        for spec, s in bar:
+            bar.set_postfix_str(f"{spec['name']} {s:.0%}")
+            rows.append(bench_point(spec, s, **timing))
+    return rows
+
+
+def crossover_sparsity(rows, key="vs_dense"):
+    """Lowest measured sparsity from which on sparsekern is ≥ 1× ``key`` at every higher one (None
+    if it is not at the sparsest point). ``rows``: one shape's rows."""
+    best = None
+    for r in sorted(rows, key=lambda r: -r["sparsity"]):
+        if r[key] < 1.0:
+            break
+        best = r["sparsity"]
+    return best
+
+
+def _by_shape(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["shape"], []).append(r)
+    return out
+
+
+def crossover_table(rows, key="vs_dense"):
+    """Markdown: one line per shape, speedup ``key`` of sparsekern per sparsity, and the crossover."""
+    sparsities = sorted({r["sparsity"] for r in rows})
+    lines = ["| shape | ResNet-50 layers | " + " | ".join(f"{s:.0%}" for s in sparsities)
+             + " | ≥ 1× from |", "|---|---|" + "---|" * (len(sparsities) + 1)]
+    for shape, rs in _by_shape(rows).items():
+        by = {r["sparsity"]: r for r in rs}
+        layers = rs[0].get("layers") or []
+        cells = [f"{by[s][key]:.2f}" if s in by else "–" for s in sparsities]
+        c = crossover_sparsity(rs, key)
+        lines.append(f"| {shape} | {len(layers) or ''} | " + " | ".join(cells)
+                     + f" | {'never' if c is None else f'{c:.0%}'} |")
+    return lines
+
+
+def _panel(row):
+    if row["kind"] == "linear":
+        return "Linear"
+    return "Conv2d 1×1, batch 1" if row["kernel"] == 1 else "Conv2d 3×3 / 7×7, batch 1"
+
+
+def plot_crossover(rows, path, title="sparsekern speedup (fp32, CPU)"):
+    """PNG of sparsekern's speedup vs sparsity per shape (log y, line at 1×): a row of panels each
+    for the Linear shapes, the 1×1 convs and the other convs; vs dense (left), vs torch CSR (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for r in rows:
+        groups.setdefault(_panel(r), []).append(r)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(15, 5 * len(groups)), squeeze=False)
+    for (panel, g), row_axes in zip(groups.items(), axes):
+        shapes = _by_shape(g)
+        colors = plt.get_cmap("tab10" if len(shapes) <= 10 else "tab20")
+        for ax, key, base in zip(row_axes, ("vs_dense", "vs_torch_csr"), ("dense", "torch CSR")):
+            for i, (shape, rs) in enumerate(shapes.items()):
+                rs = sorted(rs, key=lambda r: r["sparsity"])
+                target = shape == TARGET_CONV["name"]
+                ax.plot([100 * r["sparsity"] for r in rs], [r[key] for r in rs], marker="o", ms=3,
+                        lw=2.5 if target else 1.2, color="black" if target else colors(i),
+                        label=shape + (" (target; not a ResNet-50 layer)" if target else ""))
+            ax.axhline(1.0, color="black", lw=1, ls="--")
+            ax.set_yscale("log")
+            ax.set_xlabel("sparsity (%)")
+            ax.set_ylabel(f"speedup vs {base} (×)")
+            ax.set_title(f"{panel}: sparsekern vs {base}")
+            ax.grid(True, which="both", alpha=0.3)
+        row_axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def conv_table(rows):
@@ -115,6 +343,7 @@ def conv_table(rows):
 
 
 def table(rows):
+    """Markdown lines: times and speedups per row (rows of :func:`bench_point`)."""
     lines = ["| batch | sparsity | dense ms | torch CSR ms | sparsekern ms | vs dense | vs torch CSR "
              "| other load (CPUs) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -124,57 +353,234 @@ def table(rows):
     return lines
 
 
-def targets(rows):
-    by = {(r["batch"], r["sparsity"]): r for r in rows}
+def times_table(rows):
+    """Markdown lines: :func:`table` with the shape in front (every crossover point)."""
+    lines = table(rows)
+    return (["| shape " + lines[0]] + ["|---" + lines[1]]
+            + [f"| {r['shape']} {line}" for r, line in zip(rows, lines[2:])])
+
+
+# --- whole model ----------------------------------------------------------------------------------
+
+def pruned_resnet50(budget=None, seed=0, calibration_batch=8):
+    """``bench.models.resnet50`` with seeded default-init weights, each Conv2d/Linear
+    magnitude-pruned to ``budget`` (default: STR's 90 %, ``suites.STR_RESNET50_90``); BatchNorm
+    statistics calibrated on one seeded random batch (so activations stay O(1)); eval mode."""
+    from . import suites
+    from .models import prune_to_budget_, resnet50
+
+    torch.manual_seed(seed)
+    model = resnet50()
+    prune_to_budget_(model, suites.STR_RESNET50_90 if budget is None else budget)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: the batch's statistics exactly
+    with torch.no_grad():
+        model.train()(torch.randn(calibration_batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed)))
+    return model.eval().requires_grad_(False)
+
+
+def _convert(model, x, reps):
+    """``sk.inference.convert(model, example_input=x)`` → ``(model, report)`` (the one call site)."""
+    import sparsekern as sk
+
+    return sk.inference.convert(model, example_input=x, reps=reps)
+
+
+def bench_model(budget=None, quick=False, seed=0):
+    """Whole-model latency at batch 1, 224×224: the dense (pruned, zeros stored) ResNet-50 vs its
+    ``convert``-ed copy, side by side; FLOPs; the per-layer convert report; each converted layer
+    re-timed against its dense original on its real input shape (``relayer``)."""
+    import sparsekern as sk
+
+    dense = pruned_resnet50(budget, seed)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
+    flops = sk.count_flops(dense, (3, 224, 224))
+    t0 = time.perf_counter()
+    sparse, report = _convert(copy.deepcopy(dense), x, reps=2 if quick else 5)
+    convert_s = time.perf_counter() - t0
+    with torch.no_grad():
+        ref, out = dense(x), sparse(x)
+        max_err = float((out - ref).abs().max())
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+        timing = QUICK_TIMING if quick else {"budget_s": 3.0, "min_reps": 10, "max_reps": 50}
+        snap = H.cpu_snapshot()
+        stats = H.time_steps({"dense": lambda: dense(x), "sparsekern": lambda: sparse(x)}, "cpu", **timing)
+        load = H.other_load(snap, H.cpu_snapshot())
+        layers, flop_rows = [], {r.name: r for r in flops.rows}
+        for r in report:
+            row = {k: getattr(r, k, None) for k in ("name", "kind", "density", "format", "dense_ms",
+                                                     "sparse_ms", "speedup", "note")}
+            row["input_shape"] = list(getattr(r, "input_shape", ()) or ())
+            f = flop_rows.get(row["name"])
+            row["dense_macs"], row["macs"] = (f.dense_macs, f.macs) if f else (None, None)
+            if row["format"] != "dense" and row["input_shape"]:
+                xi = torch.randn(row["input_shape"])
+                d, s = dense.get_submodule(row["name"]), sparse.get_submodule(row["name"])
+                t = H.time_steps({"dense": lambda: d(xi), "sparse": lambda: s(xi)}, "cpu",
+                                 **(QUICK_TIMING if quick else {"budget_s": 0.2, "min_reps": 7, "max_reps": 50}))
+                row["relayer"] = {"dense_ms": t["dense"]["median_s"] * 1e3, "sparse_ms": t["sparse"]["median_s"] * 1e3,
+                                  "speedup": t["dense"]["median_s"] / t["sparse"]["median_s"]}
+            layers.append(row)
+    converted = {r["name"] for r in layers if r["format"] != "dense"}
+    return {"params": flops.params, "nonzero_params": flops.nonzero_params,
+            "sparsity": 1 - flops.nonzero_params / flops.params,
+            "dense_macs": flops.dense_macs, "macs": flops.macs,
+            "executed_macs": sum(f.macs if f.name in converted else f.dense_macs for f in flops.rows),
+            "dense": stats["dense"], "sparsekern": stats["sparsekern"], "load": load,
+            "speedup": stats["dense"]["median_s"] / stats["sparsekern"]["median_s"],
+            "max_abs_err": max_err, "convert_s": convert_s, "layers": layers}
+
+
+def budget_line():
+    """The STR budget's totals next to Table 7's (``suites.STR_RESNET50_90``)."""
+    from . import suites
+
+    parts = []
+    for key, exclude in (("overall", ()), ("backbone", ("fc",))):
+        n, s = suites.budget_sparsity(suites.STR_RESNET50_90, exclude)
+        parts.append(f"{key} {s:.2f} % of {n:,} weights (Table 7: {suites.STR_RESNET50_90_TOTALS[key][1]:.2f} %)")
+    return ("Budget: STR column of Table 7 (Kusupati et al. 2020), per-layer magnitude pruning of "
+            "seeded random weights, BatchNorm statistics from one random batch, eval; " + "; ".join(parts) + ".")
+
+
+def model_section(res):
+    """Markdown lines for :func:`bench_model`'s result."""
+    d, s = res["dense"]["median_s"] * 1e3, res["sparsekern"]["median_s"] * 1e3
+    conv = [r for r in res["layers"] if r["format"] != "dense"]
+    lines = [
+        "| model | latency ms (median, IQR) | MACs (sk.count_flops) | nonzero weights |",
+        "|---|---|---|---|",
+        f"| dense (pruned weights stored dense) | {d:.1f} ({(res['dense']['q3_s'] - res['dense']['q1_s']) * 1e3:.1f}) | "
+        f"{res['dense_macs'] / 1e9:.3f} G | {res['params']:,} |",
+        f"| sparsekern `convert` | {s:.1f} ({(res['sparsekern']['q3_s'] - res['sparsekern']['q1_s']) * 1e3:.1f}) | "
+        f"{res['macs'] / 1e9:.3f} G if all sparse; {res['executed_macs'] / 1e9:.3f} G as converted | "
+        f"{res['nonzero_params']:,} ({res['sparsity']:.2%} sparse) |",
+        "",
+        f"Speedup {res['speedup']:.2f}× (FLOPs: {res['dense_macs'] / res['macs']:.1f}× fewer); "
+        f"{len(conv)} of {len(res['layers'])} layers converted; output max |Δ| vs dense "
+        f"{res['max_abs_err']:.2e}; convert took {res['convert_s']:.1f} s; other load {res['load']:.1f} CPUs.",
+        "",
+        "| layer | input | density | format | convert: dense ms | sparse ms | speedup | re-timed speedup | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    f = (lambda v, spec: "–" if v is None else format(v, spec))
+    for r in res["layers"]:
+        re_ = r.get("relayer")
+        lines.append(f"| {r['name']} | {'×'.join(map(str, r['input_shape']))} | {r['density']:.3f} | {r['format']} | "
+                     f"{f(r['dense_ms'], '.3f')} | {f(r['sparse_ms'], '.3f')} | {f(r['speedup'], '.2f')} | "
+                     f"{f(re_ and re_['speedup'], '.2f')} | {r['note'] or ''} |")
+    return lines
+
+
+# --- targets --------------------------------------------------------------------------------------
+
+def check_targets(rows, model=None):
+    """Issue 6's targets as ``{"target", "status" (PASS/FAIL/NOT MEASURED), "value", "text"}``:
+    Linear 4096² batch 64 (``rows``), the 3×3 conv (rows of :data:`TARGET_CONV`) and, with
+    ``model`` (:func:`bench_model`), no converted layer below :data:`MIN_LAYER_SPEEDUP`× dense,
+    from the convert report and re-timed."""
+    lin = {(r["batch"], r["sparsity"]): r for r in rows
+           if r.get("kind", "linear") == "linear" and r.get("in", FEATURES) == FEATURES == r.get("out", FEATURES)}
+    conv = {r["sparsity"]: r for r in rows if r.get("shape") == TARGET_CONV["name"]}
+    checks = [(f"Linear 4096², batch {b}, {s:.0%}: ≥ {goal:g}× {base}",
+               lin.get((b, s), {}).get(f"vs_{base}") if (b, s) in lin else None, goal)
+              for (b, s, base), goal in TARGETS.items()]
+    c = conv.get(CONV_TARGET[0])
+    checks.append((f"3×3 conv 256→256 56×56 batch 1, {CONV_TARGET[0]:.0%}: ≥ {CONV_TARGET[1]:g}× dense",
+                   c and c["vs_dense"], CONV_TARGET[1]))
+    if model is not None:
+        conv_rows = [r for r in model["layers"] if r["format"] != "dense"]
+        report = min([r["speedup"] for r in conv_rows], default=1.0)  # dense layers: 1×
+        retimed = min([r["relayer"]["speedup"] for r in conv_rows if "relayer" in r], default=1.0)
+        checks.append((f"ResNet-50 (STR 90 %) after convert: no layer < {MIN_LAYER_SPEEDUP}× dense (report)",
+                       report, MIN_LAYER_SPEEDUP))
+        checks.append((f"ResNet-50 (STR 90 %) after convert: no layer < {MIN_LAYER_SPEEDUP}× dense (re-timed)",
+                       retimed, MIN_LAYER_SPEEDUP))
     out = []
-    for (batch, sparsity, base), goal in TARGETS.items():
-        r = by[batch, sparsity]
-        x = r[base]["median_s"] / r["sparsekern"]["median_s"]
-        out.append(f"- batch {batch}, {sparsity:.0%}: ≥ {goal}× {base} — measured {x:.1f}× "
-                   f"({'PASS' if x >= goal else 'FAIL'})")
+    for name, value, goal in checks:
+        status = "NOT MEASURED" if value is None else "PASS" if value >= goal else "FAIL"
+        out.append({"target": name, "status": status, "value": value,
+                    "text": f"- {name} — " + ("not measured" if value is None else f"measured {value:.2f}×")
+                    + f" ({status})"})
     return out
+
+
+def targets(rows):
+    """Markdown lines of the Linear 4096² targets measured in ``rows``."""
+    return [t["text"] for t in check_targets(rows)[:len(TARGETS)] if t["status"] != "NOT MEASURED"]
+
+
+# --- script ---------------------------------------------------------------------------------------
+
+def _paths(out):
+    stem, _ = os.path.splitext(out)
+    d, base = os.path.split(stem)
+    png = base.replace("spmm-", "spmm-crossover-", 1) if base.startswith("spmm-") else base + "-crossover"
+    return stem + ".json", os.path.join(d, png)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.bench_spmm", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    p.add_argument("--out", help="Markdown output (default: bench/results/spmm-<cpu>.md)")
+    p.add_argument("--quick", action="store_true", help=f"sparsities {QUICK_SPARSITIES}, five shapes, "
+                   "short timings (smoke test)")
+    p.add_argument("--no-model", action="store_true", help="skip the whole ResNet-50")
+    p.add_argument("--out", help="Markdown output (default: bench/results/spmm-<cpu>[-quick].md); "
+                   "JSON next to it, PNG spmm-crossover-<...>.png")
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
     env = H.environment("cpu")
     load0 = os.getloadavg()[0]
-    md = [f"# Sparse Linear 4096×4096 (spmm family) — {env['device_name']}", "",
-          f"- command: `python -m bench.bench_spmm --threads {' '.join(map(str, args.threads))}`",
-          f"- machine: {env['device_name']}, {env['cpu_count']} CPUs; torch {env['torch']}; "
+    command = "python -m bench.bench_spmm " + " ".join(argv if argv is not None else sys.argv[1:])
+    sparsities = QUICK_SPARSITIES if args.quick else SPARSITIES
+    timing = QUICK_TIMING if args.quick else TIMING
+    specs = crossover_specs(args.quick)
+    out = args.out or os.path.join(H.REPO, "bench", "results",
+                                   f"spmm-{H.slug(env['device_name'])}{'-quick' if args.quick else ''}.md")
+    json_path, png_stem = _paths(out)
+    md = [f"# Sparse inference (spmm family) — {env['device_name']}", "",
+          f"- command: `{command.strip()}`",
+          f"- machine: {env['device_name']}, {env['cpu_count']} CPUs (shared); torch {env['torch']}; "
           f"sparsekern backend: {env['sparsekern_backend']}",
           f"- git {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}",
-          "- fp32; uniform random zeros; bias; median of round-robin timed calls (harness.time_steps); "
-          "dense = `F.linear` (MKL), torch CSR = `(w.to_sparse_csr() @ x.t()).t() + b`, "
-          "sparsekern = `inference.CSRLinear` (CSR, batch as the SIMD dimension); outputs checked equal",
-          "- other load = average CPUs kept busy by other processes during the case "
-          "(the machine is shared; > 0 inflates multi-threaded times)", ""]
+          "- fp32, batch 1 for convs (224×224 ResNet-50 shapes); weights He-scaled normal, magnitude-pruned "
+          "(unstructured, exact per-layer quantile); median of round-robin timed calls (harness.time_steps); "
+          "dense = `F.linear` (MKL) / `F.conv2d` (oneDNN), torch CSR = `w.to_sparse_csr() @ x` (convs: "
+          "`@ F.unfold(x)`, 1×1: a reshape), sparsekern = `inference.CSRLinear` / `CSRConv1x1` / `CSRConv2d`; "
+          "outputs checked equal to dense",
+          "- other load = average CPUs kept busy by other processes (> 0 inflates multi-threaded times)", ""]
+    result = {"meta": {**env, "command": command.strip(), "sparsities": list(sparsities)}, "runs": []}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        print(f"{threads} threads", flush=True)
-        rows = []
-        for batch in BATCHES:
-            for s in SPARSITIES:
-                rows.append(bench_case(batch, s))
-                print("\n".join(table(rows[-1:])[2:]), flush=True)
-        md += [f"## {threads} thread{'s' if threads > 1 else ''}", "", "### Linear 4096×4096", ""]
-        md += table(rows) + [""] + targets(rows) + [""]
-        crows = []
-        for s in CONV_SPARSITIES:
-            crows.append(bench_conv(s))
-            print("\n".join(conv_table(crows[-1:])[2:3]), flush=True)
-        md += ["### 3×3 conv 256→256, 56×56, batch 1 (`CSRConv2d`, direct sparse conv)", ""]
-        md += conv_table(crows) + [""]
-    md.append(f"1-min load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+        print(f"{threads} thread(s), {len(specs)} shapes × {len(sparsities)} sparsities", flush=True)
+        rows = crossover(specs, sparsities, **timing)
+        model = None if args.no_model else bench_model(quick=args.quick)
+        tgt = check_targets(rows, model)
+        suffix = f"-{threads}t" if len(args.threads) > 1 else ""
+        png = plot_crossover(rows, f"{png_stem}{suffix}.png",
+                             title=f"sparsekern speedup, fp32, {env['device_name']}, {threads} thread(s)")
+        md += [f"## {threads} thread{'s' if threads > 1 else ''}", "", "### Targets", ""]
+        md += [t["text"] for t in tgt] + [""]
+        md += [f"### Crossover: sparsekern speedup vs dense (plot: `{os.path.basename(png)}`)", ""]
+        md += crossover_table(rows, "vs_dense") + [""]
+        md += ["### Crossover: sparsekern speedup vs torch CSR", ""]
+        md += crossover_table(rows, "vs_torch_csr") + [""]
+        if model is not None:
+            md += ["### ResNet-50, STR's learnt 90 % budget (Table 7), batch 1, 224×224", "", budget_line(), ""]
+            md += model_section(model) + [""]
+        md += ["### All points (ms)", ""] + times_table(rows) + [""]
+        result["runs"].append({"threads": threads, "rows": rows, "model": model, "targets": tgt})
+        print("\n".join(t["text"] for t in tgt), flush=True)
+    md.append(f"1-min load average: {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.")
+    result["meta"]["load_avg_1m_end"] = os.getloadavg()[0]
     text = "\n".join(md) + "\n"
     print(text)
-    out = args.out or os.path.join(H.REPO, "bench", "results", f"spmm-{H.slug(env['device_name'])}.md")
     with open(out, "w") as f:
         f.write(text)
-    print(f"wrote {out}")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}, {json_path} and the crossover PNG")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,25 @@ def mobilenet_v1(num_classes: int = 1000) -> MobileNetV1:
 
 
 MODELS = {"resnet50": resnet50, "mobilenet_v1": mobilenet_v1}
+
+
+def prune_to_budget_(model: nn.Module, budget) -> nn.Module:
+    """Magnitude-prune ``model`` in place to a per-layer budget: rows ``(module name, weight
+    elements, sparsity %)`` as ``bench.suites.STR_RESNET50_90``; each named Conv2d/Linear weight keeps
+    its entries with ``|w|`` above its exact ``sparsity``-quantile (``sk.magnitude_thresholds``,
+    one call for all layers). Returns ``model``."""
+    import torch
+
+    import sparsekern as sk
+
+    weights = []
+    for name, numel, _ in budget:
+        w = model.get_submodule(name).weight
+        if w.numel() != numel:
+            raise ValueError(f"budget row {name!r}: {numel} weights, the model's has {w.numel()}")
+        weights.append(w)
+    with torch.no_grad():
+        thresholds = sk.magnitude_thresholds([w.detach() for w in weights], [s / 100 for _, _, s in budget])
+        for w, t in zip(weights, thresholds):
+            w.mul_(w.abs() > t)
+    return model

@@ -47,3 +47,58 @@ def make_weights(shapes, dtype=torch.float32, device="cpu", seed=0):
         w = torch.randn(s, generator=gen) * math.sqrt(2.0 / fan_in)
         out.append(w.to(device=device, dtype=dtype))
     return out
+
+
+#: STR's learnt per-layer sparsity budget of a 90 % sparse ResNet-50 on ImageNet-1K: Table 7 of
+#: Kusupati et al., "Soft Threshold Weight Reparameterization for Learnable Sparsity" (ICML 2020,
+#: appendix A.3; ``shared/papers/000_91591e9701e9bc56.txt``), STR column. Rows in the table's
+#: (model) order: (module name, weight elements as the table lists them, sparsity in %).
+#: Where the extracted text lost the decimal point (9496, 9486, 9536, 9499) it is restored.
+#: The table's totals: overall 90.23 % of 25,502,912 weights, backbone (all but fc) 92.47 % of
+#: 23,454,912; :data:`STR_RESNET50_90_TOTALS` and the tests check the rows against both.
+STR_RESNET50_90 = (
+    ("conv1", 9408, 59.80),
+    ("layer1.0.conv1", 4096, 83.28), ("layer1.0.conv2", 36864, 89.48),
+    ("layer1.0.conv3", 16384, 85.80), ("layer1.0.downsample.0", 16384, 83.34),
+    ("layer1.1.conv1", 16384, 89.89), ("layer1.1.conv2", 36864, 90.60),
+    ("layer1.1.conv3", 16384, 91.70),
+    ("layer1.2.conv1", 16384, 88.07), ("layer1.2.conv2", 36864, 87.03),
+    ("layer1.2.conv3", 16384, 90.99),
+    ("layer2.0.conv1", 32768, 85.95), ("layer2.0.conv2", 147456, 93.91),
+    ("layer2.0.conv3", 65536, 93.13), ("layer2.0.downsample.0", 131072, 94.96),
+    ("layer2.1.conv1", 65536, 95.31), ("layer2.1.conv2", 147456, 91.50),
+    ("layer2.1.conv3", 65536, 93.66),
+    ("layer2.2.conv1", 65536, 94.61), ("layer2.2.conv2", 147456, 94.86),
+    ("layer2.2.conv3", 65536, 93.38),
+    ("layer2.3.conv1", 65536, 93.26), ("layer2.3.conv2", 147456, 93.21),
+    ("layer2.3.conv3", 65536, 94.14),
+    ("layer3.0.conv1", 131072, 88.85), ("layer3.0.conv2", 589824, 96.14),
+    ("layer3.0.conv3", 262144, 93.19), ("layer3.0.downsample.0", 524288, 97.20),
+    ("layer3.1.conv1", 262144, 95.36), ("layer3.1.conv2", 589824, 95.06),
+    ("layer3.1.conv3", 262144, 94.84),
+    ("layer3.2.conv1", 262144, 96.77), ("layer3.2.conv2", 589824, 95.59),
+    ("layer3.2.conv3", 262144, 94.99),
+    ("layer3.3.conv1", 262144, 96.08), ("layer3.3.conv2", 589824, 96.10),
+    ("layer3.3.conv3", 262144, 94.94),
+    ("layer3.4.conv1", 262144, 95.49), ("layer3.4.conv2", 589824, 95.66),
+    ("layer3.4.conv3", 262144, 94.49),
+    ("layer3.5.conv1", 262144, 95.09), ("layer3.5.conv2", 589824, 94.92),
+    ("layer3.5.conv3", 262144, 93.14),
+    ("layer4.0.conv1", 524288, 90.32), ("layer4.0.conv2", 2359296, 95.66),
+    ("layer4.0.conv3", 1048576, 91.14), ("layer4.0.downsample.0", 2097152, 96.79),
+    ("layer4.1.conv1", 1048576, 93.69), ("layer4.1.conv2", 2359296, 93.98),
+    ("layer4.1.conv3", 1048576, 90.48),
+    ("layer4.2.conv1", 1048576, 87.57), ("layer4.2.conv2", 2359296, 84.37),
+    ("layer4.2.conv3", 1048576, 80.29),
+    ("fc", 2048000, 64.50),
+)
+#: Table 7's totals for the STR budget: (weights, sparsity %) overall and for the backbone (no fc).
+STR_RESNET50_90_TOTALS = {"overall": (25_502_912, 90.23), "backbone": (23_454_912, 92.47)}
+
+
+def budget_sparsity(budget, exclude=()):
+    """``(weights, sparsity %)`` of a budget's layers (minus the names in ``exclude``): the
+    weight-weighted mean of the per-layer sparsities."""
+    rows = [(n, p, s) for n, p, s in budget if n not in exclude]
+    total = sum(p for _, p, _ in rows)
+    return total, sum(p * s for _, p, s in rows) / total
