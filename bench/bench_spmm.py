@@ -380,13 +380,6 @@ def pruned_resnet50(budget=None, seed=0, calibration_batch=8):
     return model.eval().requires_grad_(False)
 
 
-def _convert(model, x, reps):
-    """``sk.inference.convert(model, example_input=x)`` → ``(model, report)`` (the one call site)."""
-    import sparsekern as sk
-
-    return sk.inference.convert(model, example_input=x, reps=reps)
-
-
 def bench_model(budget=None, quick=False, seed=0):
     """Whole-model latency at batch 1, 224×224: the dense (pruned, zeros stored) ResNet-50 vs its
     ``convert``-ed copy, side by side; FLOPs; the per-layer convert report; each converted layer
@@ -397,7 +390,8 @@ def bench_model(budget=None, quick=False, seed=0):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
     flops = sk.count_flops(dense, (3, 224, 224))
     t0 = time.perf_counter()
-    sparse, report = _convert(copy.deepcopy(dense), x, reps=2 if quick else 5)
+    sparse, report = sk.inference.convert(copy.deepcopy(dense), example_input=x, reps=2 if quick else 5,
+                                          return_report=True)
     convert_s = time.perf_counter() - t0
     with torch.no_grad():
         ref, out = dense(x), sparse(x)
