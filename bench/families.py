@@ -114,23 +114,25 @@ def _rows(family, op, size, numel, dtype, mode, stats, **extra):
 
 # --- CUDA copy bandwidth ------------------------------------------------------------------------
 
-def _bandwidth(rows, numel, elem_bytes, passes, device, ctx, cache={}):
-    """CUDA only: add ``bytes_moved`` (``passes`` × the weight's bytes: fwd reads w, writes out = 2;
-    fwd+bwd adds grad in, w in, grad_w out = 5), ``copy_gbps`` (a device copy of the same weight,
-    measured: 2 × bytes / time) and ``bandwidth_fraction`` = (bytes_moved / median) / copy_gbps."""
-    if device != "cuda":
-        return rows
+_COPY_GBPS = {}  # (elements, bytes per element) -> measured device copy GB/s
+
+
+def _bandwidth(rows, numel, elem_bytes, passes, device, ctx):
+    """Add ``bytes_moved`` (``passes`` × the weight's bytes: fwd reads w, writes out = 2;
+    fwd+bwd adds grad in, w in, grad_w out = 5), ``copy_gbps`` (a copy of the same bytes on
+    ``device``, measured: 2 × bytes / time) and ``bandwidth_fraction`` = (bytes_moved / median) /
+    copy_gbps to ``rows``. Called on CUDA only (CPU caches make the ideal traffic meaningless)."""
     key = (numel, elem_bytes)
-    if key not in cache:
+    if key not in _COPY_GBPS:
         src = torch.empty(numel * elem_bytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         st = ctx.time({"copy": lambda: dst.copy_(src)})["copy"]
-        cache[key] = 2 * numel * elem_bytes / st["median_s"] / 1e9
+        _COPY_GBPS[key] = 2 * numel * elem_bytes / st["median_s"] / 1e9
     for r in rows:
-        r["copy_gbps"] = cache[key]
+        r["copy_gbps"] = _COPY_GBPS[key]
         r["bytes_moved"] = passes * numel * elem_bytes
         if "median_s" in r:
-            r["bandwidth_fraction"] = r["bytes_moved"] / r["median_s"] / 1e9 / cache[key]
+            r["bandwidth_fraction"] = r["bytes_moved"] / r["median_s"] / 1e9 / _COPY_GBPS[key]
     return rows
 
 
@@ -150,7 +152,7 @@ def threshold_cases(ctx, ops=None, sizes=None, dtypes=None):
                 for dtype in g_dtypes:
                     for mode in H.MODES:
                         case = {"op": op, "size": size, "dtype": dtype, "mode": mode}
-                        if ctx.wanted(f"threshold/{op}/{size}/{dtype}/{mode}"):
+                        if ctx.wanted(f"threshold/{op.removesuffix('_threshold')}/{size}/{dtype}/{mode}"):
                             out.append(case)
     return out
 
@@ -164,8 +166,9 @@ def run_threshold(ctx, cases):
         steps = {p: H.make_step(H.provider_fn(case["op"], p), inputs, case["mode"])[0] for p in H.PROVIDERS}
         got = _rows("threshold", case["op"].removesuffix("_threshold"), case["size"], math.prod(shape),
                     case["dtype"], case["mode"], ctx.time(steps), shape=list(shape))
-        rows += _bandwidth(got, math.prod(shape), dtype.itemsize, 2 if case["mode"] == "fwd" else 5,
-                           ctx.device, ctx)
+        if ctx.device == "cuda":
+            _bandwidth(got, math.prod(shape), dtype.itemsize, 2 if case["mode"] == "fwd" else 5, ctx.device, ctx)
+        rows += got
     return rows
 
 
@@ -214,7 +217,9 @@ def run_bound(ctx):
         steps = {p: B.asl_step(B.asl_fn(p), w, r, g, mode) for p in B.PROVIDERS}
         got = _rows("bound", "asl", _size_label(shape), math.prod(shape), "fp32", mode, ctx.time(steps),
                     shape=list(shape))
-        rows += _bandwidth(got, math.prod(shape), 4, 2 if mode == "fwd" else 5, ctx.device, ctx)
+        if ctx.device == "cuda":
+            _bandwidth(got, math.prod(shape), 4, 2 if mode == "fwd" else 5, ctx.device, ctx)
+        rows += got
     return rows
 
 

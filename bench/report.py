@@ -107,30 +107,33 @@ def family_table(rows):
     extra = [k for k in ("peak_extra_bytes", "bandwidth_fraction", "max_abs_diff") if any(k in r for r in rows)]
     head = ["op", "size", "dtype", "mode"] + [f"{p} ms" for p in providers]
     head += [f"×{p}" for p in others if "sparsekern" in providers]
-    head += {"peak_extra_bytes": ["peak MiB " + p for p in providers], "bandwidth_fraction": ["sparsekern of copy BW"],
-             "max_abs_diff": ["max |eager − sk|"]}.get(extra[0], []) if extra else []
+    if "peak_extra_bytes" in extra:
+        head += ["peak MiB " + p for p in providers]
+    if "bandwidth_fraction" in extra:
+        head.append("sparsekern of copy BW")
+    if "max_abs_diff" in extra:
+        head.append("max |eager − sk|")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, by in cases.items():
         r0 = next(iter(by.values()))
+        sk = by.get("sparsekern", {})
         cells = [r0["op"], r0["size"], r0["dtype"], r0["mode"]]
         for p in providers:
             r = by.get(p, {})
             cells.append(f"{_ms(r['median_s'])} ({_ms(r['q3_s'] - r['q1_s'])})" if "median_s" in r
                          else ("error" if "error" in r else "–"))
         if "sparsekern" in providers:
-            sk = by.get("sparsekern", {})
             for p in others:
                 o = by.get(p, {})
                 cells.append(f"{o['median_s'] / sk['median_s']:.2f}" if "median_s" in o and "median_s" in sk
                              else "–")
-        if extra and extra[0] == "peak_extra_bytes":
+        if "peak_extra_bytes" in extra:
             cells += [f"{by[p]['peak_extra_bytes'] / 2**20:.1f}" if by.get(p, {}).get("peak_extra_bytes") is not None
                       else "–" for p in providers]
-        elif extra and extra[0] == "bandwidth_fraction":
-            f = by.get("sparsekern", {}).get("bandwidth_fraction")
-            cells.append("–" if f is None else f"{f:.0%}")
-        elif extra:
-            cells.append(f"{r0.get('max_abs_diff', float('nan')):.1e}")
+        if "bandwidth_fraction" in extra:
+            cells.append(f"{sk['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in sk else "–")
+        if "max_abs_diff" in extra:
+            cells.append(f"{r0['max_abs_diff']:.1e}" if "max_abs_diff" in r0 else "–")
         lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {r['case']} {r['provider']}: {r['error']}" for r in rows if "error" in r]
     note = f"Median (IQR) ms per call; ×P: P's median / sparsekern's (baseline: {base})."

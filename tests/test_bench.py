@@ -96,3 +96,20 @@ def test_filter_selects_cases():
     assert [(c["op"], c["mode"]) for c in cases] == [("st3_threshold", "fwd"), ("st3_threshold", "fwd+bwd")]
     assert len(families.threshold_cases(families.Context("cpu", "full"))) == 2 * (6 + 4 * 3)
     assert families.threshold_cases(families.Context("cpu", "full", re.compile("^select/"))) == []
+
+
+def test_bandwidth_fraction_and_gpu_targets():
+    """The CUDA-only columns, computed here with a CPU copy: ideal bytes over the copy rate."""
+    ctx = families.Context("cpu", "tiny")
+    rows = families._rows("threshold", "st3", "64K", 1 << 16, "fp32", "fwd",
+                          {p: {"median_s": t, "q1_s": t, "q3_s": t, "min_s": t, "max_s": t, "reps": 3}
+                           for p, t in (("eager", 4e-5), ("compile", 2e-5), ("sparsekern", 1e-5))})
+    families._bandwidth(rows, 1 << 16, 4, 2, "cpu", ctx)
+    sk = rows[-1]
+    assert sk["bytes_moved"] == 2 * 4 << 16
+    assert sk["bandwidth_fraction"] == pytest.approx(sk["bytes_moved"] / 1e-5 / 1e9 / sk["copy_gbps"])
+    got = {t["target"]: t for t in families.targets(rows, "cuda")}
+    bw = got["threshold/st3/64K/fp32/fwd: sparsekern ≥ 80% of copy bandwidth"]
+    assert bw["value"] == sk["bandwidth_fraction"] and bw["status"] == ("PASS" if bw["value"] >= 0.8 else "FAIL")
+    assert got["threshold/st3/64K/fp32/fwd: sparsekern ≥ 1× compile"]["status"] == "PASS"
+    assert "sparsekern of copy BW" in report.family_table(rows)
