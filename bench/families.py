@@ -31,7 +31,7 @@ SUITES = {
         "select": ("mobilenet_v1", "resnet50"),
         "gaussian": "resnet50",
         "asl": ((1024, 1024), (4096, 4096)),
-        "masks": "all",
+        "masks": "ends",
         "spmm": {"batches": (1, 64), "sparsities": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
                  "conv": (0.7, 0.8, 0.9, 0.95)},
         "train_step": "resnet50",
@@ -165,7 +165,7 @@ def run_threshold(ctx, cases):
         inputs = H.make_inputs(case["op"], shape, dtype, ctx.device, grad=case["mode"] == "fwd+bwd")
         steps = {p: H.make_step(H.provider_fn(case["op"], p), inputs, case["mode"])[0] for p in H.PROVIDERS}
         got = _rows("threshold", case["op"].removesuffix("_threshold"), case["size"], math.prod(shape),
-                    case["dtype"], case["mode"], ctx.time(steps), shape=list(shape))
+                    case["dtype"], case["mode"], ctx.time(steps, warmup=2), shape=list(shape))
         if ctx.device == "cuda":
             _bandwidth(got, math.prod(shape), dtype.itemsize, 2 if case["mode"] == "fwd" else 5, ctx.device, ctx)
         rows += got
@@ -191,8 +191,9 @@ def run_select(ctx):
             fns["torch.quantile"] = S.provider_fn("torch.quantile")
         ref = fns["eager"](ws)
         torch.testing.assert_close(fns["sparsekern"](ws), ref, atol=0, rtol=0)
+        # one warmup (the compiling call; the check above warmed the others): seconds per call
         rows += _rows("select", "global_threshold", name, n, "fp32", "fwd",
-                      ctx.time({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}))
+                      ctx.time({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}, warmup=1))
     return rows
 
 
@@ -231,17 +232,20 @@ def _size_label(shape):
 # --- masks ----------------------------------------------------------------------------------------
 
 def mask_cases(which):
-    """``bench_masks.cases()``: all, the smallest shape per builder, or one case."""
+    """Cases of ``bench_masks.cases()``: ``"all"``; ``"ends"``: each builder's smallest and
+    largest weight; ``"smallest"``: each builder's smallest; ``"one"``: the first of those."""
     from . import bench_masks as M
 
     cases = M.cases()
     if which == "all":
         return cases
-    smallest = {}
+    by = {}
     for builder, shape in cases:
-        if builder not in smallest or math.prod(shape) < math.prod(smallest[builder]):
-            smallest[builder] = shape
-    picked = list(smallest.items())
+        by.setdefault(builder, []).append(shape)
+    ends = {b: sorted(shapes, key=math.prod) for b, shapes in by.items()}
+    if which == "ends":
+        return [(b, s) for b, shapes in ends.items() for s in dict.fromkeys((shapes[0], shapes[-1]))]
+    picked = [(b, shapes[0]) for b, shapes in ends.items()]
     return picked if which == "smallest" else picked[:1]
 
 
