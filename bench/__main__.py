@@ -60,7 +60,10 @@ def parse_args(argv):
         args.pattern = re.compile(args.filter) if args.filter else None
     except re.error as e:
         p.error(f"--filter {args.filter!r}: {e}")
-    args.ops = [H.op_name(o) for o in args.ops.split(",")] if args.ops else None
+    try:
+        args.ops = [H.op_name(o) for o in args.ops.split(",")] if args.ops else None
+    except ValueError as e:
+        p.error(f"--ops: {e}")
     for name in ("sizes", "dtypes"):
         chosen = getattr(args, name).split(",") if getattr(args, name) else None
         known = H.SIZES if name == "sizes" else H.DTYPES
