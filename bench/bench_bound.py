@@ -91,12 +91,14 @@ def laplace_like(ws, seed=1):
     return out
 
 
-def asl_inputs(dtype, granularity, grad, device):
+def asl_inputs(dtype, granularity, grad, device, shape=ASL_SHAPE):
+    """Seeded weight ``shape`` (default 4096×4096), ``r`` (per layer 1.2 or per channel 0.8–1.6)
+    and, when ``grad``, the output gradient."""
     gen = torch.Generator().manual_seed(0)
-    w = (torch.randn(ASL_SHAPE, generator=gen) / math.sqrt(ASL_SHAPE[1])).to(device=device, dtype=dtype)
-    r0 = 1.2 if granularity == "layer" else torch.linspace(0.8, 1.6, ASL_SHAPE[0])
+    w = (torch.randn(shape, generator=gen) / math.sqrt(shape[1])).to(device=device, dtype=dtype)
+    r0 = 1.2 if granularity == "layer" else torch.linspace(0.8, 1.6, shape[0])
     r = torch.as_tensor(r0, dtype=torch.float32).to(device)
-    g = torch.randn(ASL_SHAPE, generator=gen).to(device=device, dtype=dtype) if grad else None
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype) if grad else None
     return w.requires_grad_(grad), r.requires_grad_(grad), g
 
 

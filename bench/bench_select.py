@@ -5,6 +5,7 @@ people compute it today. Providers (all return the ``SPARSITY`` quantile of |w| 
   ``sparsekern.reference.global_magnitude_threshold``)
 * ``cat+kthvalue``: concatenate |w|, one ``kthvalue`` (the lower quantile, no interpolation)
 * ``torch.quantile``: concatenate |w|, ``torch.quantile`` (only up to 2^24 elements)
+* ``compile``: ``torch.compile`` of the reference (cat+sort)
 * ``sparsekern``: ``sk.global_magnitude_threshold`` (exact, linear interpolation)
 
 pytest-benchmark (timing only)::
@@ -31,7 +32,7 @@ from . import harness as H
 from . import suites
 
 SPARSITY = 0.9
-PROVIDERS = ("cat+sort", "cat+kthvalue", "torch.quantile", "sparsekern")
+PROVIDERS = ("cat+sort", "cat+kthvalue", "torch.quantile", "compile", "sparsekern")
 QUANTILE_MAX = 2 ** 24  # torch.quantile refuses larger inputs
 #: 16 transformer blocks of width 1024 (4 attention 1024×1024, 2 MLP 4096×1024): 201,326,592.
 BIG = [(1024, 1024)] * 4 * 16 + [(4096, 1024), (1024, 4096)] * 16
@@ -60,6 +61,10 @@ def provider_fn(provider, q=SPARSITY):
         return kth
     if provider == "torch.quantile":
         return lambda ws: torch.quantile(_cat_abs(ws), q)
+    if provider == "compile":
+        torch._dynamo.reset()
+        fn = torch.compile(reference.global_magnitude_threshold, dynamic=False)
+        return lambda ws: fn(ws, q)
     if provider == "sparsekern":
         return lambda ws: sk.global_magnitude_threshold(ws, q)
     raise ValueError(f"unknown provider {provider!r}")

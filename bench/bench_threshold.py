@@ -1,21 +1,20 @@
 """pytest-benchmark suite of the threshold family (``pytest bench/bench_threshold.py
---benchmark-only``): op × provider × mode × size × dtype, grouped so the three providers of
-one case sit side by side. Sizes are kept to 64K and 1M here; ``python -m bench`` runs 16M."""
+--benchmark-only``): the cases of ``python -m bench`` (full suite: op × size × dtype × mode) ×
+provider, grouped so the three providers of one case sit side by side."""
 import pytest
 import torch
 
+from . import families
 from . import harness as H
 
-SIZES = ("64K", "1M")
+CASES = families.threshold_cases(families.Context("cpu", "full"))
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("mode", H.MODES)
 @pytest.mark.parametrize("provider", H.PROVIDERS)
-@pytest.mark.parametrize("op", list(H.OPS))
-def test_threshold(benchmark, op, provider, mode, size, dtype):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
+def test_threshold(benchmark, case, provider):
     device = H.default_device()
+    op, size, dtype, mode = case["op"], case["size"], case["dtype"], case["mode"]
     inputs = H.make_inputs(op, H.SIZES[size], H.DTYPES[dtype], device, grad=mode == "fwd+bwd")
     step, _ = H.make_step(H.provider_fn(op, provider), inputs, mode)
 

@@ -25,6 +25,7 @@ import ctypes
 import datetime
 import functools
 import gc
+import math
 import os
 import platform
 import re
@@ -43,8 +44,8 @@ OPS = {
     "power_threshold": False,
     "hard_threshold": False,
 }
-#: Weight shapes by size label (elements): realistic square Linear layers.
-SIZES = {"64K": (256, 256), "1M": (1024, 1024), "16M": (4096, 4096)}
+#: Weight shapes by size label (elements): realistic square Linear layers (4K: tests only).
+SIZES = {"4K": (64, 64), "64K": (256, 256), "1M": (1024, 1024), "16M": (4096, 4096)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("eager", "compile", "sparsekern")
@@ -168,14 +169,15 @@ def time_steps(steps, device, budget_s=0.4, min_reps=5, max_reps=200, warmup=3):
     """Time several steps side by side: each gets ``warmup`` untimed calls (compilation
     happens here; a step that raises is reported as ``{"error": ...}``), then timed calls
     interleaved round-robin so that background load hits all of them alike, each step
-    ``clamp(budget_s / its fastest warmup call after the first, min_reps, max_reps)`` times.
+    ``clamp(budget_s / its fastest warmup call after the first, min_reps, max_reps)`` times
+    (``warmup=1``: estimated from that call; ``warmup=0``: no warmup, ``min_reps`` calls).
     CPU: perf_counter around each call; CUDA: a CUDA event pair around each call.
     Returns ``{name: stats}``, seconds: median, quartiles, min, max, first (compiling) call."""
     out, reps, times = {}, {}, {}
     for name, step in steps.items():
         try:
             warm = []
-            for _ in range(max(warmup, 2)):
+            for _ in range(warmup):
                 t0 = time.perf_counter()
                 step()
                 _sync(device)
@@ -183,8 +185,9 @@ def time_steps(steps, device, budget_s=0.4, min_reps=5, max_reps=200, warmup=3):
         except Exception as e:  # a failing provider is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        out[name] = {"first_call_s": warm[0]}
-        reps[name] = int(min(max_reps, max(min_reps, budget_s / max(min(warm[1:]), 1e-9))))
+        out[name] = {"first_call_s": warm[0]} if warm else {}
+        est = min(warm[1:] or warm) if warm else math.inf
+        reps[name] = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-9))))
         times[name] = []
     while any(len(times[n]) < reps[n] for n in times):
         for name in times:
