@@ -33,7 +33,7 @@ SUITES = {
         "asl": ((1024, 1024), (4096, 4096)),
         "masks": "ends",
         "spmm": {"batches": (1, 64), "sparsities": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
-                 "conv": (0.7, 0.8, 0.9, 0.95)},
+                 "conv": (0.7, 0.8, 0.9, 0.95), "resnet50_convs": (0.7, 0.9, 0.95), "model": "full"},
         "train_step": "resnet50",
     },
     "quick": {
@@ -267,23 +267,54 @@ def run_masks(ctx):
 
 # --- spmm -----------------------------------------------------------------------------------------
 
+def _spmm_op(spec):
+    """Case op of a crossover spec: ``linear-b64``, ``conv3x3-b1`` (the 256→256 56×56 target) or a
+    ResNet-50 conv ``rn50-conv3x3-128-128-28-s2`` (in, out, input side, stride)."""
+    from . import bench_spmm as P
+
+    if spec["kind"] == "linear":
+        return f"linear-b{spec['batch']}"
+    if spec["name"] == P.TARGET_CONV["name"]:
+        return "conv3x3-b1"
+    k = spec["kernel"]
+    return (f"rn50-conv{k}x{k}-{spec['in']}-{spec['out']}-{spec['hw']}"
+            + (f"-s{spec['stride']}" if spec["stride"] > 1 else ""))
+
+
 def run_spmm(ctx):
-    """Sparse Linear 4096×4096 and 3×3 conv inference via ``bench_spmm.bench_case`` /
-    ``bench_conv`` (CPU kernels: on CUDA this family is skipped)."""
+    """Sparse inference (CPU kernels; on CUDA this family is skipped): the crossover points of
+    ``bench_spmm`` (Linear 4096² at each batch, the 3×3 target conv, the ResNet-50 convs at batch
+    1) over the suite's sparsities — dense vs torch CSR vs sparsekern — and, in the full suite,
+    the whole ResNet-50 at STR's 90 % budget, dense vs ``convert`` (``bench_spmm.bench_model``)."""
     from . import bench_spmm as P
 
     if ctx.device != "cpu":
         return []
     cfg, rows = ctx.cfg["spmm"], []
-    cases = [("linear", b, s) for b in cfg["batches"] for s in cfg["sparsities"]]
-    cases += [("conv3x3", 1, s) for s in cfg["conv"]]
-    cases = [c for c in cases if ctx.wanted(f"spmm/{c[0]}-b{c[1]}/{c[2]:.0%}/fp32/infer")]
-    for kind, batch, s in ctx.bar(cases, "spmm"):
-        res = P.bench_case(batch, s) if kind == "linear" else P.bench_conv(s)
-        stats = {k: v for k, v in res.items() if isinstance(v, dict)}
-        numel = P.FEATURES ** 2 if kind == "linear" else 256 * 256 * 9
-        rows += _rows("spmm", f"{kind}-b{batch}", f"{s:.0%}", numel, "fp32", "infer", stats,
-                      sparsity=s, batch=batch, other_load_cpus=res["load"])
+    points = [(P.linear_spec(b), s) for b in cfg["batches"] for s in cfg["sparsities"]]
+    points += [(P.TARGET_CONV, s) for s in cfg["conv"]]
+    if cfg.get("resnet50_convs"):
+        points += [(c, s) for c in P.resnet50_conv_specs() for s in cfg["resnet50_convs"]]
+    points = [(spec, s) for spec, s in points if ctx.wanted(f"spmm/{_spmm_op(spec)}/{s:.0%}/fp32/infer")]
+    timing = {"budget_s": ctx.cfg["budget_s"], "min_reps": 5, "max_reps": 100}
+    for spec, s in ctx.bar(points, "spmm"):
+        res = P.bench_point(spec, s, **timing)
+        stats = {p: res[p] for p in P.PROVIDERS}
+        numel = spec["in"] * spec["out"] * spec.get("kernel", 1) ** 2
+        rows += _rows("spmm", _spmm_op(spec), f"{s:.0%}", numel, "fp32", "infer", stats, sparsity=s,
+                      batch=spec["batch"], shape=spec["name"], kind=spec["kind"],
+                      kernel=spec.get("kernel", 1), other_load_cpus=res["load"])
+    if cfg.get("model") and ctx.wanted("spmm/resnet50-str90/b1/fp32/infer"):
+        res = P.bench_model(quick=cfg["model"] == "quick")
+        changed = [r for r in res["layers"] if r["format"] != "dense"]
+        rows += _rows("spmm", "resnet50-str90", "b1", res["params"], "fp32", "infer",
+                      {"dense": res["dense"], "sparsekern": res["sparsekern"]}, sparsity=res["sparsity"],
+                      batch=1, shape="ResNet-50 224×224, STR 90 % budget (Table 7)",
+                      other_load_cpus=res["load"], dense_macs=res["dense_macs"], macs=res["macs"],
+                      layers_converted=len(changed), layers_total=len(res["layers"]),
+                      worst_layer_speedup=min([r["relayer"]["speedup"] for r in changed if "relayer" in r],
+                                              default=None),
+                      max_abs_diff=res["max_abs_err"])
     return rows
 
 
@@ -309,7 +340,8 @@ def run_train_step(ctx):
 # --- targets --------------------------------------------------------------------------------------
 
 #: (case, provider compared, against, bound, kind): kind "speedup" = against/provider ≥ bound;
-#: "memory" = provider peak / against peak < bound; "bandwidth" = fraction ≥ bound (CUDA)
+#: "memory" = provider peak / against peak < bound; "bandwidth" = fraction ≥ bound (CUDA);
+#: "layers" = the slowest converted layer of a whole model, re-timed, ≥ bound × dense
 TARGETS = [
     ("threshold/st3/16M/fp32/fwd", "sparsekern", "eager", 5.0, "speedup"),
     ("threshold/st3/16M/fp32/fwd", "sparsekern", "compile", 1.0, "speedup"),
@@ -329,7 +361,7 @@ TARGETS = [
 def targets(rows, device):
     """``[{target, status, value, text}]``: the fixed TARGETS, every mask case ≥ 10× eager,
     sparse Linear at batch 64 never < 0.95× dense (``CSRLinear`` itself: ``convert()``'s dense
-    fallback is not in the loop), and on CUDA every fused op ≥ 80 % of copy bandwidth and
+    fallback is not in the loop), no layer of the converted ResNet-50 < 0.95× dense, and on CUDA every fused op ≥ 80 % of copy bandwidth and
     ≥ 1× compile. Status PASS / FAIL / NOT MEASURED (case not in this run)."""
     by = {(r["case"], r["provider"]): r for r in rows}
     checks = list(TARGETS)
@@ -337,6 +369,8 @@ def targets(rows, device):
                if r["family"] == "masks" and r["provider"] == "sparsekern"]
     checks += [(r["case"], "sparsekern", "dense", 0.95, "speedup") for r in rows
                if r["family"] == "spmm" and r["op"] == "linear-b64" and r["provider"] == "sparsekern"]
+    checks += [(r["case"], "sparsekern", "dense", 0.95, "layers") for r in rows
+               if r["family"] == "spmm" and r["op"] == "resnet50-str90" and r["provider"] == "sparsekern"]
     if device == "cuda":
         fused = [r["case"] for r in rows if "bandwidth_fraction" in r and r["provider"] == "sparsekern"]
         checks += [(c, "sparsekern", "copy", 0.8, "bandwidth") for c in fused]
@@ -351,9 +385,12 @@ def targets(rows, device):
             value = a["peak_extra_bytes"] / b["peak_extra_bytes"]
         elif kind == "bandwidth":
             value = a.get("bandwidth_fraction")
+        elif kind == "layers":
+            value = a.get("worst_layer_speedup")
         name = {"speedup": f"{case}: {prov} ≥ {bound:g}× {other}",
                 "memory": f"{case}: {prov} peak memory < {bound:g}× {other}",
-                "bandwidth": f"{case}: {prov} ≥ {bound:.0%} of copy bandwidth"}[kind]
+                "bandwidth": f"{case}: {prov} ≥ {bound:.0%} of copy bandwidth",
+                "layers": f"{case}: after convert no layer < {bound:g}× {other} (re-timed)"}[kind]
         if value is None:
             status = "NOT MEASURED"
         else:

@@ -22,8 +22,9 @@ Row fields (ROW_KEYS are required in every row):
 * optional: ``speedup_vs_baseline`` (baseline median / this median), ``shape``,
   ``peak_extra_bytes`` / ``memory_error`` (threshold fwd+bwd), ``bytes_moved``, ``copy_gbps``,
   ``bandwidth_fraction`` (CUDA: (bytes_moved / median) / measured copy bandwidth), ``sparsity``,
-  ``batch``, ``other_load_cpus`` (spmm), ``layers``, ``max_abs_diff`` (train_step: eager vs
-  sparsekern outputs)
+  ``batch``, ``kind`` / ``kernel`` / ``other_load_cpus`` (spmm), ``dense_macs``, ``macs``,
+  ``layers_converted``, ``layers_total``, ``worst_layer_speedup`` (spmm whole model), ``layers``,
+  ``max_abs_diff`` (train_step: eager vs sparsekern outputs; spmm whole model: converted vs dense)
 """
 import math
 import os
@@ -257,31 +258,20 @@ def plot_speedup_vs_size(doc, path):
 
 
 def plot_spmm_crossover(doc, path):
-    """Sparse-inference crossover map: sparsekern speedup vs sparsity over dense (solid) and
-    torch CSR (dashed), one line per layer/batch; 1× marks the crossover. Returns ``path`` or None."""
-    cases = _cases([r for r in doc["rows"] if r["family"] == "spmm"])
-    lines = {}
-    for by in cases.values():
-        sk = by.get("sparsekern", {})
-        for other, style in (("dense", "-"), ("torch_csr", "--")):
-            o = by.get(other, {})
-            if "median_s" in o and "median_s" in sk:
-                lines.setdefault((sk["op"], other, style), []).append((sk["sparsity"], o["median_s"] / sk["median_s"]))
-    if not lines:
+    """Sparse-inference crossover map (``bench_spmm.plot_crossover``): sparsekern's speedup vs
+    sparsity over dense and torch CSR, one line per layer shape. Returns ``path`` or None."""
+    from .bench_spmm import plot_crossover
+
+    points = []
+    for by in _cases([r for r in doc["rows"] if r["family"] == "spmm" and "kind" in r]).values():
+        sk, d, c = (by.get(p, {}) for p in ("sparsekern", "dense", "torch_csr"))
+        if all("median_s" in r for r in (sk, d, c)):
+            points.append({k: sk[k] for k in ("kind", "kernel", "shape", "sparsity")}
+                          | {"vs_dense": d["median_s"] / sk["median_s"],
+                             "vs_torch_csr": c["median_s"] / sk["median_s"]})
+    if not points:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (op, other, style), pts in lines.items():
-        pts.sort()
-        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, marker="o", label=f"{op} vs {other}")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(yscale="log", xlabel="sparsity (%)", ylabel="sparsekern speedup",
-           title=f"sparse inference crossover — {doc['meta']['device_name']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_crossover(points, path, title=f"sparse inference crossover — {doc['meta']['device_name']}")
 
 
 def plots(doc, stem):
