@@ -14,6 +14,9 @@ the reference as fallback) only select, with one contract:
     masked_fwd(w, mask)                 w where mask else 0
 
 All take contiguous ``w``; masks are not differentiable (no autograd); ``masked_weight`` is.
+Eager CPU calls of the mask builders skip the registered op and call the C++ kernel directly
+(its Python dispatch costs about as much as a small layer's mask); compile, meta and CUDA go
+through the op.
 """
 import math
 from types import SimpleNamespace
@@ -22,7 +25,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._common import KernelFamily, check_number, check_weight, define_op
+from ._common import KernelFamily, check_number, check_weight, define_op, is_compiling
 
 
 def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
@@ -55,6 +58,18 @@ def _k(w):
     return KERNELS(w.device)
 
 
+def _direct(w):
+    """The C++ kernels namespace when ``w`` is a real eager CPU tensor and they are built, else None."""
+    if (w.device.type == "cpu" and KERNELS.has_c and not is_compiling()
+            and not isinstance(w, torch._subclasses.FakeTensor)):
+        return torch.ops.sparsekern_C
+    return None
+
+
+def _data(w):
+    return (w.detach() if w.requires_grad else w).contiguous()
+
+
 def _window_keep(w, sparsity, max_nonzero=None):
     rs = w.shape[2] * w.shape[3]
     return reference.window_keep(rs, sparsity, max_nonzero)
@@ -63,6 +78,25 @@ def _window_keep(w, sparsity, max_nonzero=None):
 def _ck_keep(w, sparsity, group):
     g = w.shape[1] if group == "out" else w.shape[0]
     return g - reference.spec_round(g * sparsity)
+
+
+# kernel_mask / block_mask arguments of each builder
+def _window_args(w, sparsity, max_nonzero):
+    return _window_keep(w, sparsity, max_nonzero), w.shape[0], False
+
+
+def _ck_args(w, sparsity, group):
+    return w.shape[2] * w.shape[3], _ck_keep(w, sparsity, group), group == "out"
+
+
+def _intra_args(w, sparsity, window_fraction, group):
+    s_ck = reference.intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
+    return _window_keep(w, window_fraction * sparsity), _ck_keep(w, s_ck, group), group == "out"
+
+
+def _block_args(w, block, sparsity):
+    nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
+    return block, nb - reference.spec_round(nb * sparsity)
 
 
 # --- raw ops ------------------------------------------------------------------------------------
@@ -74,26 +108,22 @@ def _nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 @define_op("window_mask")
 def _window(w: torch.Tensor, sparsity: float, max_nonzero: Optional[int]) -> torch.Tensor:
-    return _k(w).kernel_mask(w.contiguous(), _window_keep(w, sparsity, max_nonzero), w.shape[0], False)
+    return _k(w).kernel_mask(w.contiguous(), *_window_args(w, sparsity, max_nonzero))
 
 
 @define_op("ck_mask")
 def _ck(w: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
-    rs = w.shape[2] * w.shape[3]
-    return _k(w).kernel_mask(w.contiguous(), rs, _ck_keep(w, sparsity, group), group == "out")
+    return _k(w).kernel_mask(w.contiguous(), *_ck_args(w, sparsity, group))
 
 
 @define_op("intra_mask")
 def _intra(w: torch.Tensor, sparsity: float, window_fraction: float, group: str) -> torch.Tensor:
-    s_ck = reference.intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
-    return _k(w).kernel_mask(w.contiguous(), _window_keep(w, window_fraction * sparsity),
-                             _ck_keep(w, s_ck, group), group == "out")
+    return _k(w).kernel_mask(w.contiguous(), *_intra_args(w, sparsity, window_fraction, group))
 
 
 @define_op("block_mask")
 def _block(w: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
-    nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
-    return _k(w).block_mask(w.contiguous(), block, nb - reference.spec_round(nb * sparsity))
+    return _k(w).block_mask(w.contiguous(), *_block_args(w, block, sparsity))
 
 
 @define_op("prune_fc_inputs")
@@ -158,7 +188,8 @@ def nm_mask(w, n, m):
     n = _check_int(n, "n", 0, m)
     if w.shape[1] % m:
         raise ValueError(f"m={m} must divide the reduction size w.shape[1]={w.shape[1]}")
-    return _nm(w, n, m)
+    c = _direct(w)
+    return c.nm_mask(_data(w), n, m) if c is not None else _nm(w, n, m)
 
 
 def window_mask(w, sparsity, max_nonzero=None):
@@ -167,6 +198,9 @@ def window_mask(w, sparsity, max_nonzero=None):
     sparsity = _check_conv(w, sparsity)
     if max_nonzero is not None:
         _check_int(max_nonzero, "max_nonzero", 0)
+    c = _direct(w)
+    if c is not None:
+        return c.kernel_mask(_data(w), *_window_args(w, sparsity, max_nonzero))
     return _window(w, sparsity, max_nonzero)
 
 
@@ -176,6 +210,9 @@ def ck_mask(w, sparsity, group="in"):
     kernels; ``"out"``: for each output filter, of its ``C`` kernels. Never a partial kernel."""
     sparsity = _check_conv(w, sparsity)
     _check_group(group)
+    c = _direct(w)
+    if c is not None:
+        return c.kernel_mask(_data(w), *_ck_args(w, sparsity, group))
     return _ck(w, sparsity, group)
 
 
@@ -187,6 +224,9 @@ def intra_mask(w, sparsity, window_fraction=0.5, group="in"):
     sparsity = _check_conv(w, sparsity)
     window_fraction = check_number(window_fraction, "window_fraction", 0.0, 1.0)
     _check_group(group)
+    c = _direct(w)
+    if c is not None:
+        return c.kernel_mask(_data(w), *_intra_args(w, sparsity, window_fraction, group))
     return _intra(w, sparsity, window_fraction, group)
 
 
@@ -202,6 +242,9 @@ def block_mask(w, block, sparsity):
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     if w.numel() == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    c = _direct(w)
+    if c is not None:
+        return c.block_mask(_data(w), *_block_args(w, block, sparsity))
     return _block(w, block, sparsity)
 
 
