@@ -2,6 +2,9 @@
 bit for bit, the mask properties the SPEC prescribes, the op surface (validation, opcheck,
 autograd, torch.compile). Kernel contract: ``sparsekern/ops/masks.py``."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from sparsekern.ops import masks as M
 from utils import DTYPES, kernel_backend
 
 BACKENDS = ["cpp", "triton", "reference"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _backend(name):
@@ -30,6 +34,33 @@ def _eq(a, b):
 
 
 # --- kernels vs reference -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ["3", "0"])
+def test_cpp_lanes_of_other_isas(isa):
+    """The AVX2 (8 lanes) and generic vector leaves, forced by SPARSEKERN_MASKS_ISA, equal the
+    reference (this CPU otherwise runs only its own level)."""
+    _backend("cpp")
+    code = """
+import math, torch, sparsekern
+from sparsekern import reference as R
+from sparsekern.ops import masks as M
+C = torch.ops.sparsekern_C
+for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5)]):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    w = (w * 1.5).round() / 2 if seed % 2 else w
+    w.view(-1)[3] = math.nan
+    rs, k, c = shape[2] * shape[3], shape[0], shape[1]
+    for wk in range(rs + 1):
+        for ck, by_out in ((k, False), (k // 2, False), (c // 3, True)):
+            assert torch.equal(C.kernel_mask(w, wk, ck, by_out), M._ref_kernel_mask(w, wk, ck, by_out))
+    for n, m in ((2, 4), (1, 8), (3, 4)):
+        if c % m == 0:
+            assert torch.equal(C.nm_mask(w, n, m), R.nm_mask(w, n, m))
+"""
+    env = {**os.environ, "SPARSEKERN_MASKS_ISA": isa, "PYTHONPATH": REPO}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
+
+
 
 # the Triton interpreter is slow: its 16-bit runs use the heavy-ties weights only
 KERNEL_CASES = [(b, d, t) for b in BACKENDS for d in DTYPES for t in (False, True)

@@ -32,7 +32,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -226,8 +228,13 @@ constexpr int W = 8;
 }  // namespace base
 
 #ifdef SK_MASKS_ISA
+// The CPU's level; SPARSEKERN_MASKS_ISA=3 or 0 caps it (tests of the AVX2 and generic leaves).
 inline int isa_level() {
-  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  static const int level = [] {
+    const int cpu = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+    const char* cap = std::getenv("SPARSEKERN_MASKS_ISA");
+    return cap ? std::min(cpu, std::atoi(cap)) : cpu;
+  }();
   return level;
 }
 #define SK_PICK(name, ...) \
