@@ -20,7 +20,7 @@ through the op.
 """
 import math
 from types import SimpleNamespace
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -129,6 +129,16 @@ def _block(w: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
 @define_op("prune_fc_inputs")
 def _fc_inputs(conv: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
     return reference.prune_fc_inputs(conv, fc_weight)
+
+
+@define_op("pack_mask")
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return reference.pack_mask(mask)
+
+
+@define_op("unpack_mask")
+def _unpack(packed: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    return reference.unpack_mask(packed, shape)
 
 
 @define_op("masked_weight")
@@ -274,3 +284,28 @@ def masked_weight(w, mask):
         raise ValueError(f"mask {tuple(mask.shape)} on {mask.device} must match w {tuple(w.shape)} "
                          f"on {w.device}")
     return _masked(w, mask)
+
+
+def pack_mask(mask):
+    """Bit-packed storage of a bool ``mask`` (8× smaller): uint8 ``[ceil(numel/8)]``, flat
+    row-major order, little-endian within a byte (bit ``i % 8`` of byte ``i // 8`` is element
+    ``i``; padding bits 0). :func:`unpack_mask` restores it given the shape."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    return _pack(mask)
+
+
+def unpack_mask(packed, shape):
+    """Bool mask of ``shape`` from :func:`pack_mask`'s uint8 ``packed`` ``[ceil(numel/8)]``."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"packed must be a 1-D uint8 tensor, got "
+                        f"{getattr(packed, 'dtype', type(packed).__name__)} {tuple(getattr(packed, 'shape', ()))}")
+    if isinstance(shape, torch.Size):
+        shape = list(shape)
+    if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise TypeError(f"shape must be a sequence of non-negative ints, got {shape!r}")
+    need = (math.prod(shape) + 7) // 8
+    if packed.numel() != need:
+        raise ValueError(f"packed has {packed.numel()} bytes; shape {tuple(shape)} needs {need}")
+    return _unpack(packed, list(shape))
