@@ -17,12 +17,14 @@
 // sparsekern.reference. A key is the bit pattern of the non-negative float, so unsigned integer
 // order is numeric order; (key << 32 | ~index) is one totally ordered 64-bit key.
 //
-// Performance: small groups (R×S windows, N:M groups; up to 16) are ranked on contiguous keys,
-// 16 elements at a time, against their partners at fixed offsets (no gathers or transposes);
-// kernel scores are sliding maxima of the kept keys. CK groups are columns of the [K, C] score
-// matrix (rows for by_out, after a transpose): 16 groups at once, the cut found by bisection on
-// its bits. Blocks use a 16-bit radix select (two histogram passes). Tasks get at least kGrain
-// elements, so small layers run on one thread without waking the pool.
+// Performance (vector leaves in masks_lanes.inc, one instance per ISA): 3×3 windows are
+// transposed in registers (W kernels × 9 keys -> 9 rows of W lanes), sorted by a network and
+// cut at the keep-th key, which also gives the kernel score; other small groups (R×S windows,
+// N:M groups; up to 16) are ranked on contiguous keys, W elements at a time, against their
+// partners at fixed offsets (no gathers), scores as sliding maxima of the kept keys. CK groups
+// are columns of the [K, C] score matrix (rows for by_out, after a transpose): W groups at once,
+// the cut found by bisection on its bits. Blocks use a 16-bit radix select (two histogram
+// passes). Tasks get at least kGrain elements, so small layers run on one thread.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,16 +71,6 @@ SK_INLINE uint64_t order_key(uint32_t key, uint32_t index) {
   return (uint64_t(key) << 32) | uint64_t(0xFFFFFFFFu - index);
 }
 
-// keep[i] = 1 iff keys[i] ranks < keep (larger key first, ties: lower i first); N fixed.
-template <int N>
-SK_INLINE void rank_fixed(const uint32_t* keys, int64_t keep, uint8_t* out) {
-  for (int i = 0; i < N; ++i) {
-    int rank = 0;
-    for (int j = 0; j < N; ++j) rank += (keys[j] > keys[i]) | ((keys[j] == keys[i]) & (j < i));
-    out[i] = rank < keep;
-  }
-}
-
 // The keep-th largest of keys[0..n) (0 < keep <= n) and how many keys equal to it are kept
 // (the first `need` in index order): 16-bit radix select, two histogram passes.
 struct Cut {
@@ -114,8 +106,8 @@ SK_INLINE void apply_cut(const uint32_t* keys, int64_t n, Cut c, uint8_t* out) {
   }
 }
 
-// keep[i] = 1 for the `keep` best of keys[0..n) (larger key first, ties: lower i first).
-// `scratch` holds n uint64 (used for mid-sized n).
+// keep[i] = 1 for the `keep` best of keys[0..n) (larger key first, ties: lower i first), for
+// groups larger than kRankMax. `scratch` holds n uint64 (used for mid-sized n).
 SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* out,
                       std::vector<uint64_t>& scratch) {
   if (keep >= n) {
@@ -124,24 +116,6 @@ SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* ou
   }
   if (keep <= 0) {
     std::fill(out, out + n, uint8_t(0));
-    return;
-  }
-  switch (n) {
-    case 4: return rank_fixed<4>(keys, keep, out);
-    case 8: return rank_fixed<8>(keys, keep, out);
-    case 9: return rank_fixed<9>(keys, keep, out);
-    case 16: return rank_fixed<16>(keys, keep, out);
-    default: break;
-  }
-  if (n <= kRankMax) {
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t ki = keys[i];
-      int64_t rank = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        rank += (keys[j] > ki) | ((keys[j] == ki) & (j < i));
-      }
-      out[i] = rank < keep;
-    }
     return;
   }
   if (n > 4096) return apply_cut(keys, n, cut_of(keys, n, keep), out);
