@@ -255,29 +255,30 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
   if (w.numel() == 0) return out;
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
   const bool ck = ck_keep < G, window = window_keep < RS;
-  std::vector<uint32_t> score(ck ? nk : 0);
+  // scratch arrays are written in full before they are read: left uninitialized
+  std::unique_ptr<uint32_t[]> score(ck ? new uint32_t[nk] : nullptr);
   // pass 1: window mask of every kernel (and its score: max key of the kept entries)
   if (window || !ck) {
-    dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, window_keep, o, ck ? score.data() : nullptr); });
+    dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, window_keep, o, score.get()); });
   } else {  // CK alone: scores only
-    dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, RS, nullptr, score.data()); });
+    dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, RS, nullptr, score.get()); });
   }
   if (!ck) return out;
-  // pass 2: CK selection per group, vectorized over groups: columns of [G, groups] keys
-  std::vector<int32_t> keys(nk);
+  // pass 2: CK selection per group, vectorized over groups: columns of [G, L] keys (the [K, C]
+  // scores; by_out: transposed to [C, K])
   const int64_t L = nk / G;
-  if (by_out) {  // [K, C] -> [C, K]
+  std::unique_ptr<int32_t[]> keys_t(by_out ? new int32_t[nk] : nullptr);
+  std::unique_ptr<uint8_t[]> alive(new uint8_t[nk]), alive_t(by_out ? new uint8_t[nk] : nullptr);
+  if (by_out) {
     for (int64_t k = 0; k < K; ++k) {
-      for (int64_t c = 0; c < C; ++c) keys[c * K + k] = int32_t(score[k * C + c]);
+      for (int64_t c = 0; c < C; ++c) keys_t[c * K + k] = int32_t(score[k * C + c]);
     }
-  } else {
-    std::memcpy(keys.data(), score.data(), nk * 4);
   }
-  std::vector<uint8_t> alive(nk), alive_t(by_out ? nk : 0);
-  uint8_t* sel = by_out ? alive_t.data() : alive.data();
+  const int32_t* keys = by_out ? keys_t.get() : reinterpret_cast<const int32_t*>(score.get());
+  uint8_t* sel = by_out ? alive_t.get() : alive.get();
   const int64_t chunks = (L + kPad - 1) / kPad;
   at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / (G * kPad * 4)), [&](int64_t c0, int64_t c1) {
-    SK_PICK(select_columns, keys.data(), G, L, c0 * kPad, std::min(L, c1 * kPad), ck_keep, sel);
+    SK_PICK(select_columns, keys, G, L, c0 * kPad, std::min(L, c1 * kPad), ck_keep, sel);
   });
   if (by_out) {
     for (int64_t k = 0; k < K; ++k) {
@@ -285,11 +286,11 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
     }
   }
   // pass 3: expand alive to the kernels' entries (AND the window mask)
-  std::vector<uint8_t> e(window ? nk * RS : 0);
-  uint8_t* dst = window ? e.data() : o;
+  std::unique_ptr<uint8_t[]> e(window ? new uint8_t[nk * RS] : nullptr);
+  uint8_t* dst = window ? e.get() : o;
   at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t q0, int64_t q1) {
-    SK_PICK(expand_kernels, alive.data(), q0, q1, RS, dst);
-    if (window) and_bytes(o + q0 * RS, e.data() + q0 * RS, (q1 - q0) * RS);
+    SK_PICK(expand_kernels, alive.get(), q0, q1, RS, dst);
+    if (window) and_bytes(o + q0 * RS, e.get() + q0 * RS, (q1 - q0) * RS);
   });
   return out;
 }
