@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import reference
 from ._common import KernelFamily, check_number, check_weight, define_op, is_compiling
@@ -60,8 +61,7 @@ def _k(w):
 
 def _direct(w):
     """The C++ kernels namespace when ``w`` is a real eager CPU tensor and they are built, else None."""
-    if (w.device.type == "cpu" and KERNELS.has_c and not is_compiling()
-            and not isinstance(w, torch._subclasses.FakeTensor)):
+    if w.is_cpu and KERNELS.has_c and not is_compiling() and not isinstance(w, FakeTensor):
         return torch.ops.sparsekern_C
     return None
 
@@ -86,7 +86,9 @@ def _window_args(w, sparsity, max_nonzero):
 
 
 def _ck_args(w, sparsity, group):
-    return w.shape[2] * w.shape[3], _ck_keep(w, sparsity, group), group == "out"
+    k, c, r, s = w.shape
+    g = c if group == "out" else k
+    return r * s, g - reference.spec_round(g * sparsity), group == "out"
 
 
 def _intra_args(w, sparsity, window_fraction, group):
