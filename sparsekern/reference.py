@@ -483,6 +483,22 @@ def masked_weight(w, mask):
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
+def pack_mask(mask):
+    """Bit-packed ``mask`` (SPEC §5 storage): uint8 ``[ceil(numel/8)]``; bit ``i % 8`` (least
+    significant first) of byte ``i // 8`` is flat element ``i`` (row-major)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    bits = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).reshape(-1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed, shape):
+    """Inverse of :func:`pack_mask`: bool tensor of ``shape`` from uint8 ``packed``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, None] >> shifts) & 1
+    return bits.reshape(-1)[: math.prod(shape)].reshape(shape).bool()
+
+
 # --- spmm family (sparse inference) -------------------------------------------------------------
 
 def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):

@@ -2,6 +2,9 @@
 bit for bit, the mask properties the SPEC prescribes, the op surface (validation, opcheck,
 autograd, torch.compile). Kernel contract: ``sparsekern/ops/masks.py``."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from sparsekern.ops import masks as M
 from utils import DTYPES, kernel_backend
 
 BACKENDS = ["cpp", "triton", "reference"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _backend(name):
@@ -30,6 +34,33 @@ def _eq(a, b):
 
 
 # --- kernels vs reference -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ["3", "0"])
+def test_cpp_lanes_of_other_isas(isa):
+    """The AVX2 (8 lanes) and generic vector leaves, forced by SPARSEKERN_MASKS_ISA, equal the
+    reference (this CPU otherwise runs only its own level)."""
+    _backend("cpp")
+    code = """
+import math, torch, sparsekern
+from sparsekern import reference as R
+from sparsekern.ops import masks as M
+C = torch.ops.sparsekern_C
+for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5)]):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    w = (w * 1.5).round() / 2 if seed % 2 else w
+    w.view(-1)[3] = math.nan
+    rs, k, c = shape[2] * shape[3], shape[0], shape[1]
+    for wk in range(rs + 1):
+        for ck, by_out in ((k, False), (k // 2, False), (c // 3, True)):
+            assert torch.equal(C.kernel_mask(w, wk, ck, by_out), M._ref_kernel_mask(w, wk, ck, by_out))
+    for n, m in ((2, 4), (1, 8), (3, 4)):
+        if c % m == 0:
+            assert torch.equal(C.nm_mask(w, n, m), R.nm_mask(w, n, m))
+"""
+    env = {**os.environ, "SPARSEKERN_MASKS_ISA": isa, "PYTHONPATH": REPO}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
+
+
 
 # the Triton interpreter is slow: its 16-bit runs use the heavy-ties weights only
 KERNEL_CASES = [(b, d, t) for b in BACKENDS for d in DTYPES for t in (False, True)
@@ -161,6 +192,36 @@ def test_masked_weight_gradient(dtype):
     assert (w.grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (8,), (9,), (3, 5, 7), (4, 0, 2), (2, 8)])
+def test_pack_mask_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(3)) < 0.4
+    packed = sk.pack_mask(mask)
+    n = mask.numel()
+    assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
+    # little-endian bits, flat row-major order, zero padding
+    bits = [(int(packed[i // 8]) >> (i % 8)) & 1 for i in range(8 * packed.numel())]
+    assert bits == [int(b) for b in mask.reshape(-1).tolist()] + [0] * (8 * packed.numel() - n)
+    _eq(sk.unpack_mask(packed, mask.shape), mask)
+    nc = mask.transpose(0, -1) if mask.dim() >= 2 else mask  # non-contiguous input
+    _eq(sk.unpack_mask(sk.pack_mask(nc), nc.shape), nc)
+    assert sk.pack_mask(torch.tensor([True] + [False] * 8 + [True])).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda m, p: sk.pack_mask(m.float()), TypeError, "mask"),
+    (lambda m, p: sk.pack_mask([True]), TypeError, "mask"),
+    (lambda m, p: sk.unpack_mask(p.int(), m.shape), TypeError, "packed"),
+    (lambda m, p: sk.unpack_mask(p[None], m.shape), TypeError, "packed"),
+    (lambda m, p: sk.unpack_mask(p, (3, 6)), ValueError, "needs 3"),
+    (lambda m, p: sk.unpack_mask(p, (3, -5)), TypeError, "shape"),
+    (lambda m, p: sk.unpack_mask(p, "35"), TypeError, "shape"),
+])
+def test_pack_mask_bad_inputs(call, exc, match):
+    m = torch.ones(3, 5, dtype=torch.bool)
+    with pytest.raises(exc, match=match):
+        call(m, sk.pack_mask(m))
+
+
 # --- op surface ------------------------------------------------------------------------------------
 
 def _op_cases():
@@ -175,10 +236,12 @@ def _op_cases():
         (torch.ops.sparsekern.block_mask, (lin, 3, 0.5)),
         (torch.ops.sparsekern.prune_fc_inputs, (c, _weight((3, 16)))),
         (torch.ops.sparsekern.masked_weight, (c.clone().requires_grad_(), mask)),
+        (torch.ops.sparsekern.pack_mask, (mask,)),
+        (torch.ops.sparsekern.unpack_mask, (R.pack_mask(mask), list(mask.shape))),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = _op_cases()[case]
     torch.library.opcheck(op, args)
@@ -190,7 +253,8 @@ def test_compile_fullgraph():
     @torch.compile(fullgraph=True)
     def f(conv, lin):
         m = sk.intra_mask(conv, 0.6) & sk.window_mask(conv, 0.3)
-        return sk.masked_weight(conv, m), sk.nm_mask(lin, 2, 4), sk.block_mask(lin, 2, 0.5)
+        return (sk.masked_weight(conv, m), sk.nm_mask(lin, 2, 4),
+                sk.unpack_mask(sk.pack_mask(sk.block_mask(lin, 2, 0.5)), lin.shape))
 
     conv, lin = _weight((8, 8, 3, 3)), _weight((6, 8))
     out, nm, blk = f(conv, lin)

@@ -307,6 +307,9 @@ def test_linear_schedule():
     ({"era": (0, 4), "conv3x3": "ck", "window_fraction": 0.3}, "window_fraction= applies only with conv3x3='intra'"),
     ({"era": (0, 4), "max_nonzero": 3}, "max_nonzero= applies only with conv3x3='window'"),
     ({"era": (0, 4), "conv3x3": "window", "ck_group": "out"}, "ck_group= applies only with conv3x3='ck' or 'intra'"),
+    ({"era": (0, 4), "fc_inputs": ["8", "4"]}, "fc_inputs must be a dict"),
+    ({"era": (0, 4), "fc_inputs": {"9": "4"}}, "fc_inputs names '9', not a sparsified layer"),
+    ({"era": (0, 4), "fc_inputs": {"4": "2"}}, "'4' is a Conv2d"),
     ({"era": (0, 4), "schedule": CubicSchedule(0, 4, 0.5)}, "schedule=/scope= do not apply"),
     ({"era": (0, 4), "scope": "global"}, "schedule=/scope= do not apply"),
 ])
@@ -327,3 +330,36 @@ def test_mask_op_errors_surface_at_sparsify_and_leave_the_model_untouched(monkey
     with pytest.raises(ValueError, match="block 3 does not fit"):  # not only once the era starts
         sparsify(model, "starfire", sparsity=0.5, era=(100, 200), fc="block", block=3)
     assert type(model[0]) is nn.Conv2d and type(model[8]) is nn.Linear
+
+
+def test_fc_inputs_drop_inputs_of_dead_channels(one_thread):
+    """fc_inputs={"fc": conv}: after each rebuild the FC loses the inputs whose conv channel died
+    (CK prunes it at every input channel), and they stay 0 through training after the era."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    with torch.no_grad():
+        model[2].weight[1] *= 1e-3  # filter 1: the smallest kernel of every input channel
+    with pytest.raises(ValueError, match="multiple of the conv's K=6"):  # 64 inputs, 6 channels
+        sparsify(model, "starfire", sparsity=0.5, era=(0, 6), conv3x3="ck", fc_inputs={"4": "0"})
+    x, y = torch.randn(64, 3, 4, 4), torch.randint(0, 5, (64,))
+    opt, gen = _optimizer(model), torch.Generator().manual_seed(0)
+    sp = sparsify(model, "starfire", sparsity=0.5, era=(0, 6), conv3x3="ck", fc_inputs={"4": "2"})
+    assert "fc_inputs={'4': '2'}" in sp.method.extra_repr()
+    conv, fc = model[2], model[4]
+    for step in range(1, 12):
+        _train(model, sp, opt, x, y, 1, gen)
+        alive = conv.mask.flatten(1).any(1)
+        assert (fc.mask <= sk.prune_fc_inputs(conv.mask, fc.weight)).all()
+        if step >= 6:  # the era's target 0.5 prunes 2 of the 4 kernels of every input channel
+            assert not alive[1] and not fc.mask[:, 16:32].any() and (fc.weight[:, 16:32] == 0).all()
+    assert fc.mask[:, :16].any() and fc.mask[:, 32:].any()
+    # the same run without fc_inputs keeps some of those inputs
+    torch.manual_seed(0)
+    model2 = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                           nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    with torch.no_grad():
+        model2[2].weight[1] *= 1e-3
+    sp2 = sparsify(model2, "starfire", sparsity=0.5, era=(0, 6), conv3x3="ck")
+    _train(model2, sp2, _optimizer(model2), x, y, 8, torch.Generator().manual_seed(0))
+    assert model2[4].mask[:, 16:32].any()

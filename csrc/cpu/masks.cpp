@@ -17,10 +17,14 @@
 // sparsekern.reference. A key is the bit pattern of the non-negative float, so unsigned integer
 // order is numeric order; (key << 32 | ~index) is one totally ordered 64-bit key.
 //
-// Performance: rank counting for small groups (R×S windows, N:M groups) runs across 16 groups
-// at once (lanes: vectorizes); CK groups and blocks use a 16-bit radix select (two histogram
-// passes) or nth_element on 64-bit order keys; tasks get at least kGrain elements, so small
-// layers run on one thread without waking the pool.
+// Performance (vector leaves in masks_lanes.inc, one instance per ISA): 3×3 windows are
+// transposed in registers (W kernels × 9 keys -> 9 rows of W lanes), sorted by a network and
+// cut at the keep-th key, which also gives the kernel score; other small groups (R×S windows,
+// N:M groups; up to 16) are ranked on contiguous keys, W elements at a time, against their
+// partners at fixed offsets (no gathers), scores as sliding maxima of the kept keys. CK groups
+// are columns of the [K, C] score matrix (rows for by_out, after a transpose): W groups at once,
+// the cut found by bisection on its bits. Blocks use a 16-bit radix select (two histogram
+// passes). Tasks get at least kGrain elements, so small layers run on one thread.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,10 +34,17 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed between inlined leaves only
+#endif
 
 namespace sparsekern {
 namespace cpu {
@@ -58,16 +69,6 @@ SK_INLINE uint32_t key_at(const T* p) {
 
 SK_INLINE uint64_t order_key(uint32_t key, uint32_t index) {
   return (uint64_t(key) << 32) | uint64_t(0xFFFFFFFFu - index);
-}
-
-// keep[i] = 1 iff keys[i] ranks < keep (larger key first, ties: lower i first); N fixed.
-template <int N>
-SK_INLINE void rank_fixed(const uint32_t* keys, int64_t keep, uint8_t* out) {
-  for (int i = 0; i < N; ++i) {
-    int rank = 0;
-    for (int j = 0; j < N; ++j) rank += (keys[j] > keys[i]) | ((keys[j] == keys[i]) & (j < i));
-    out[i] = rank < keep;
-  }
 }
 
 // The keep-th largest of keys[0..n) (0 < keep <= n) and how many keys equal to it are kept
@@ -105,8 +106,8 @@ SK_INLINE void apply_cut(const uint32_t* keys, int64_t n, Cut c, uint8_t* out) {
   }
 }
 
-// keep[i] = 1 for the `keep` best of keys[0..n) (larger key first, ties: lower i first).
-// `scratch` holds n uint64 (used for mid-sized n).
+// keep[i] = 1 for the `keep` best of keys[0..n) (larger key first, ties: lower i first), for
+// groups larger than kRankMax. `scratch` holds n uint64 (used for mid-sized n).
 SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* out,
                       std::vector<uint64_t>& scratch) {
   if (keep >= n) {
@@ -117,78 +118,12 @@ SK_INLINE void top_of(const uint32_t* keys, int64_t n, int64_t keep, uint8_t* ou
     std::fill(out, out + n, uint8_t(0));
     return;
   }
-  switch (n) {
-    case 4: return rank_fixed<4>(keys, keep, out);
-    case 8: return rank_fixed<8>(keys, keep, out);
-    case 9: return rank_fixed<9>(keys, keep, out);
-    case 16: return rank_fixed<16>(keys, keep, out);
-    default: break;
-  }
-  if (n <= kRankMax) {
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t ki = keys[i];
-      int64_t rank = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        rank += (keys[j] > ki) | ((keys[j] == ki) & (j < i));
-      }
-      out[i] = rank < keep;
-    }
-    return;
-  }
   if (n > 4096) return apply_cut(keys, n, cut_of(keys, n, keep), out);
   scratch.resize(n);
   for (int64_t i = 0; i < n; ++i) scratch[i] = order_key(keys[i], uint32_t(i));
   std::nth_element(scratch.begin(), scratch.begin() + (keep - 1), scratch.end(), std::greater<uint64_t>());
   const uint64_t cut = scratch[keep - 1];
   for (int64_t i = 0; i < n; ++i) out[i] = order_key(keys[i], uint32_t(i)) >= cut;
-}
-
-// Rank counting across kLanes independent groups at once (vectorizes over the lanes): element j
-// of lane l is x[l*ls + j*es]; its mask goes to o at the same offset. Lanes >= nl are padding.
-// With score, score[l] = the largest kept key of lane l (0 if none).
-constexpr int kLanes = 16;
-template <int N, typename T>
-SK_INLINE void lanes_top(const T* x, int64_t ls, int64_t es, int nl, int64_t keep, uint8_t* o,
-                         uint32_t* score) {
-  int32_t k[N][kLanes];  // keys < 2^31: signed compares are the unsigned order
-  for (int j = 0; j < N; ++j) {
-    for (int l = 0; l < kLanes; ++l) k[j][l] = l < nl ? int32_t(key_at(x + l * ls + j * es)) : 0;
-  }
-  int32_t kept[N][kLanes];
-  for (int i = 0; i < N; ++i) {
-    int32_t r[kLanes] = {0};
-    for (int j = 0; j < N; ++j) {
-      if (j < i) {
-        for (int l = 0; l < kLanes; ++l) r[l] += k[j][l] >= k[i][l];
-      } else if (j > i) {
-        for (int l = 0; l < kLanes; ++l) r[l] += k[j][l] > k[i][l];
-      }
-    }
-    for (int l = 0; l < kLanes; ++l) kept[i][l] = r[l] < keep;
-  }
-  for (int j = 0; j < N; ++j) {
-    for (int l = 0; l < nl; ++l) o[l * ls + j * es] = uint8_t(kept[j][l]);
-  }
-  if (score) {
-    for (int l = 0; l < nl; ++l) {
-      int32_t b = 0;
-      for (int j = 0; j < N; ++j) b = std::max(b, kept[j][l] ? k[j][l] : 0);
-      score[l] = uint32_t(b);
-    }
-  }
-}
-
-// lanes_top for the group sizes with a fixed-size instantiation; false if n has none.
-template <typename T>
-SK_INLINE bool lanes_top_n(int64_t n, const T* x, int64_t ls, int64_t es, int nl, int64_t keep,
-                           uint8_t* o, uint32_t* score) {
-  switch (n) {
-    case 4: lanes_top<4>(x, ls, es, nl, keep, o, score); return true;
-    case 8: lanes_top<8>(x, ls, es, nl, keep, o, score); return true;
-    case 9: lanes_top<9>(x, ls, es, nl, keep, o, score); return true;
-    case 16: lanes_top<16>(x, ls, es, nl, keep, o, score); return true;
-    default: return false;
-  }
 }
 
 template <typename Fn>
@@ -209,184 +144,153 @@ void check_w(const at::Tensor& w, int64_t dim_min, int64_t dim_max) {
 
 // ---------------------------------------------------------------------------------------------
 
-// nm_mask over blocks [b0, b1) (block b: the m×inner values of groups (k, c-group)).
+// Rank selection of small groups on contiguous keys. Groups: element i = b·M·es + j·es + p
+// (block b, member j < M, position p < es) belongs to group (b, p); keep[i] = 1 iff fewer than
+// `keep` members of its group rank above it. Vectorized over 16 consecutive i: member j's
+// partners are at i ± d·es (d < M), valid when 0 <= j ± d < M; no gathers, no transposes.
+// Chunks of whole blocks are converted to keys in a padded buffer (the partner loads of the
+// first and last block stay inside it).
+
+// Vector leaves (masks_lanes.inc, GCC vector extensions) per ISA, picked at run time
+// (target_clones would lower these vectors to scalars): AVX-512 (x86-64-v4) 16 lanes, AVX2 (v3)
+// 8 lanes, otherwise generic code with 8 lanes.
+constexpr int kPad = 16;          // buffer padding, >= lanes
+constexpr int64_t kChunk = 4096;  // elements per chunk of the rank selection (>= one block)
+
+// Groups larger than kRankMax: selection per group (scalar).
 template <typename T>
-SK_INLINE void nm_range_impl(const T* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
-                             uint8_t* o) {
-  const int64_t bsize = m * inner;
-  std::vector<uint32_t> keys(m);
-  std::vector<uint8_t> keep(m);
+void select_range(const T* x, int64_t n, int64_t M, int64_t es, int64_t keep, uint8_t* o,
+                  uint32_t* score) {
+  std::vector<uint32_t> keys(M);
+  std::vector<uint8_t> kept(M);
   std::vector<uint64_t> scratch;
-  if (inner == 1 && m == 4) {  // 2:4 and friends, Linear: unrolled rank counting
-    for (int64_t b = b0; b < b1; ++b) {
-      uint32_t k[4];
-      for (int j = 0; j < 4; ++j) k[j] = key_at(x + b * 4 + j);
-      for (int i = 0; i < 4; ++i) {
-        int rank = 0;
-        for (int j = 0; j < 4; ++j) rank += (k[j] > k[i]) | ((k[j] == k[i]) & (j < i));
-        o[b * 4 + i] = rank < n;
+  for (int64_t b = 0; b < n / (M * es); ++b) {
+    for (int64_t p = 0; p < es; ++p) {
+      const int64_t base = b * M * es + p;
+      for (int64_t j = 0; j < M; ++j) keys[j] = key_at(x + base + j * es);
+      top_of(keys.data(), M, keep, kept.data(), scratch);
+      uint32_t best = 0;
+      for (int64_t j = 0; j < M; ++j) {
+        if (o) o[base + j * es] = kept[j];
+        best = std::max(best, kept[j] ? keys[j] : 0u);
       }
-    }
-    return;
-  }
-  for (int64_t b = b0; b < b1; ++b) {
-    const auto* xb = x + b * bsize;
-    uint8_t* ob = o + b * bsize;
-    int64_t p = 0;
-    for (; p < inner; p += kLanes) {  // lanes = inner positions (R·S = 9: 9 of 16 lanes)
-      const int nl = int(std::min<int64_t>(kLanes, inner - p));
-      if (!lanes_top_n(m, xb + p, 1, inner, nl, n, ob + p, nullptr)) break;
-    }
-    for (; p < inner; ++p) {
-      for (int64_t j = 0; j < m; ++j) keys[j] = key_at(xb + j * inner + p);
-      top_of(keys.data(), m, n, keep.data(), scratch);
-      for (int64_t j = 0; j < m; ++j) ob[j * inner + p] = keep[j];
+      if (score) score[b] = best;  // es == 1 with score
     }
   }
 }
-SK_CLONES void nm_range_f32(const float* x, int64_t b0, int64_t b1, int64_t m, int64_t n,
-                          int64_t inner, uint8_t* o) {
-  nm_range_impl(x, b0, b1, m, n, inner, o);
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && (__GNUC__ >= 12)
+#define SK_MASKS_ISA 1
+namespace v4 {
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+constexpr int W = 16;
+#include "masks_lanes.inc"
+#pragma GCC pop_options
+}  // namespace v4
+namespace v3 {
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+constexpr int W = 8;
+#include "masks_lanes.inc"
+#pragma GCC pop_options
+}  // namespace v3
+#endif
+namespace base {
+constexpr int W = 8;
+#include "masks_lanes.inc"
+}  // namespace base
+
+#ifdef SK_MASKS_ISA
+// The CPU's level; SPARSEKERN_MASKS_ISA=3 or 0 caps it (tests of the AVX2 and generic leaves).
+inline int isa_level() {
+  static const int level = [] {
+    const int cpu = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+    const char* cap = std::getenv("SPARSEKERN_MASKS_ISA");
+    return cap ? std::min(cpu, std::atoi(cap)) : cpu;
+  }();
+  return level;
 }
-inline void nm_range(const float* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
-                     uint8_t* o) {
-  nm_range_f32(x, b0, b1, m, n, inner, o);
-}
-SK_CLONES void nm_range_f16(const c10::Half* x, int64_t b0, int64_t b1, int64_t m, int64_t n,
-                          int64_t inner, uint8_t* o) {
-  nm_range_impl(x, b0, b1, m, n, inner, o);
-}
-inline void nm_range(const c10::Half* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
-                     uint8_t* o) {
-  nm_range_f16(x, b0, b1, m, n, inner, o);
-}
-SK_CLONES void nm_range_bf16(const c10::BFloat16* x, int64_t b0, int64_t b1, int64_t m, int64_t n,
-                          int64_t inner, uint8_t* o) {
-  nm_range_impl(x, b0, b1, m, n, inner, o);
-}
-inline void nm_range(const c10::BFloat16* x, int64_t b0, int64_t b1, int64_t m, int64_t n, int64_t inner,
-                     uint8_t* o) {
-  nm_range_bf16(x, b0, b1, m, n, inner, o);
+#define SK_PICK(name, ...) \
+  (isa_level() == 4 ? v4::name(__VA_ARGS__) : isa_level() == 3 ? v3::name(__VA_ARGS__) : base::name(__VA_ARGS__))
+#else
+#define SK_PICK(name, ...) base::name(__VA_ARGS__)
+#endif
+
+// groups over x[0..n) split into parallel tasks of whole blocks (M·es elements), >= kGrain each.
+template <typename T>
+void groups_parallel(const T* x, int64_t n, int64_t M, int64_t es, int64_t keep, uint8_t* o,
+                     uint32_t* score) {
+  const int64_t bsize = M * es;
+  at::parallel_for(0, n / bsize, std::max<int64_t>(1, kGrain / bsize), [&](int64_t b0, int64_t b1) {
+    SK_PICK(groups, x + b0 * bsize, (b1 - b0) * bsize, M, es, keep, o ? o + b0 * bsize : nullptr,
+            score ? score + b0 * es : nullptr);
+  });
 }
 
 at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
   check_w(w, 2, 64);
-  const int64_t K = w.size(0), C = w.size(1), inner = K * C ? w.numel() / (K * C) : 0;
+  const int64_t K = w.size(0), C = w.size(1), inner = K * C != 0 ? w.numel() / (K * C) : 0;
   TORCH_CHECK(m >= 1 && C % m == 0 && n >= 0 && n <= m, "sparsekern nm_mask: bad n, m");
   TORCH_CHECK(m < (int64_t(1) << 31), "sparsekern nm_mask: m too large");
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kBool));
   if (w.numel() == 0) return out;
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
-  const int64_t blocks = K * (C / m), bsize = m * inner;  // one block: m×inner contiguous values
-  dispatch(w, [&](auto* x) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / bsize);
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      nm_range(x, b0, b1, m, n, inner, o);
-    });
-  });
+  dispatch(w, [&](auto* x) { groups_parallel(x, w.numel(), m, inner, n, o, nullptr); });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 
-// Window pass of kernel_mask over kernels [q0, q1): window mask, and with score the max key of
-// each kernel's kept entries. Compiled per ISA (SK_CLONES wrappers below).
-template <typename T>
-SK_INLINE void window_range_impl(const T* x, int64_t k0, int64_t k1, int64_t RS, int64_t window_keep,
-                                 uint8_t* o, uint32_t* score) {
-  std::vector<uint32_t> keys(RS);
-  std::vector<uint64_t> scratch;
-  int64_t q = k0;
-  if (window_keep >= RS) {  // CK alone: score = max key
-    std::memset(o + k0 * RS, 1, (k1 - k0) * RS);
-    for (; score && q + kLanes <= k1; q += kLanes) {  // lanes = kernels
-      int32_t b[kLanes] = {0};
-      for (int64_t j = 0; j < RS; ++j) {
-        for (int l = 0; l < kLanes; ++l) b[l] = std::max(b[l], int32_t(key_at(x + (q + l) * RS + j)));
-      }
-      for (int l = 0; l < kLanes; ++l) score[q + l] = uint32_t(b[l]);
-    }
-    for (; score && q < k1; ++q) {
-      uint32_t best = 0;
-      for (int64_t j = 0; j < RS; ++j) best = std::max(best, key_at(x + q * RS + j));
-      score[q] = best;
-    }
-    q = k1;
-  }
-  for (; q + kLanes <= k1; q += kLanes) {  // lanes = kernels
-    if (!lanes_top_n(RS, x + q * RS, RS, 1, kLanes, window_keep, o + q * RS,
-                     score ? score + q : nullptr)) break;
-  }
-  for (; q < k1; ++q) {
-    for (int64_t j = 0; j < RS; ++j) keys[j] = key_at(x + q * RS + j);
-    uint8_t* oq = o + q * RS;
-    top_of(keys.data(), RS, window_keep, oq, scratch);
-    if (score) {
-      uint32_t best = 0;
-      for (int64_t j = 0; j < RS; ++j) best = std::max(best, oq[j] ? keys[j] : 0u);
-      score[q] = best;
-    }
-  }
-}
-SK_CLONES void window_range_f32(const float* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
-                                uint8_t* o, uint32_t* score) {
-  window_range_impl(x, k0, k1, RS, keep, o, score);
-}
-SK_CLONES void window_range_f16(const c10::Half* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
-                                uint8_t* o, uint32_t* score) {
-  window_range_impl(x, k0, k1, RS, keep, o, score);
-}
-SK_CLONES void window_range_bf16(const c10::BFloat16* x, int64_t k0, int64_t k1, int64_t RS,
-                                 int64_t keep, uint8_t* o, uint32_t* score) {
-  window_range_impl(x, k0, k1, RS, keep, o, score);
-}
-inline void window_range(const float* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep, uint8_t* o,
-                         uint32_t* score) {
-  window_range_f32(x, k0, k1, RS, keep, o, score);
-}
-inline void window_range(const c10::Half* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
-                         uint8_t* o, uint32_t* score) {
-  window_range_f16(x, k0, k1, RS, keep, o, score);
-}
-inline void window_range(const c10::BFloat16* x, int64_t k0, int64_t k1, int64_t RS, int64_t keep,
-                         uint8_t* o, uint32_t* score) {
-  window_range_bf16(x, k0, k1, RS, keep, o, score);
+SK_CLONES void and_bytes(uint8_t* o, const uint8_t* e, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) o[i] &= e[i];
 }
 
 at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep, bool by_out) {
   check_w(w, 4, 4);
   const int64_t K = w.size(0), C = w.size(1), RS = w.size(2) * w.size(3), nk = K * C;
   const int64_t G = by_out ? C : K;  // kernels per CK group
-  TORCH_CHECK(G < (int64_t(1) << 32) && RS < (int64_t(1) << 32), "sparsekern kernel_mask: too large");
+  TORCH_CHECK(G < (int64_t(1) << 31) && RS < (int64_t(1) << 31), "sparsekern kernel_mask: too large");
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kBool));
   if (w.numel() == 0) return out;
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
-  const bool ck = ck_keep < G;
-  std::vector<uint32_t> score(ck ? nk : 0);
+  const bool ck = ck_keep < G, window = window_keep < RS;
+  // scratch arrays are written in full before they are read: left uninitialized
+  std::unique_ptr<uint32_t[]> score(ck ? new uint32_t[nk] : nullptr);
   // pass 1: window mask of every kernel (and its score: max key of the kept entries)
-  dispatch(w, [&](auto* x) {
-    at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t k0, int64_t k1) {
-      window_range(x, k0, k1, RS, window_keep, o, ck ? score.data() : nullptr);
-    });
-  });
+  if (window || !ck) {
+    dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, window_keep, o, score.get()); });
+  } else {  // CK alone: scores only
+    dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, RS, nullptr, score.get()); });
+  }
   if (!ck) return out;
-  // pass 2: CK selection per group; pass 3: clear the pruned kernels
-  std::vector<uint8_t> alive(nk);
-  const int64_t groups = by_out ? K : C, stride = by_out ? 1 : C, step = by_out ? C : 1;
-  at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (G * RS)), [&](int64_t g0, int64_t g1) {
-    std::vector<uint32_t> keys(G);
-    std::vector<uint8_t> keep(G);
-    std::vector<uint64_t> scratch;
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t i = 0; i < G; ++i) keys[i] = score[g * step + i * stride];
-      top_of(keys.data(), G, ck_keep, keep.data(), scratch);
-      for (int64_t i = 0; i < G; ++i) alive[g * step + i * stride] = keep[i];
+  // pass 2: CK selection per group, vectorized over groups: columns of [G, L] keys (the [K, C]
+  // scores; by_out: transposed to [C, K])
+  const int64_t L = nk / G;
+  std::unique_ptr<int32_t[]> keys_t(by_out ? new int32_t[nk] : nullptr);
+  std::unique_ptr<uint8_t[]> alive(new uint8_t[nk]), alive_t(by_out ? new uint8_t[nk] : nullptr);
+  if (by_out) {
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) keys_t[c * K + k] = int32_t(score[k * C + c]);
     }
+  }
+  const int32_t* keys = by_out ? keys_t.get() : reinterpret_cast<const int32_t*>(score.get());
+  uint8_t* sel = by_out ? alive_t.get() : alive.get();
+  const int64_t chunks = (L + kPad - 1) / kPad;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / (G * kPad * 4)), [&](int64_t c0, int64_t c1) {
+    SK_PICK(select_columns, keys, G, L, c0 * kPad, std::min(L, c1 * kPad), ck_keep, sel);
   });
-  at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t k0, int64_t k1) {
-    for (int64_t q = k0; q < k1; ++q) {
-      if (!alive[q]) std::memset(o + q * RS, 0, RS);
+  if (by_out) {
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) alive[k * C + c] = alive_t[c * K + k];
     }
+  }
+  // pass 3: expand alive to the kernels' entries (AND the window mask)
+  std::unique_ptr<uint8_t[]> e(window ? new uint8_t[nk * RS] : nullptr);
+  uint8_t* dst = window ? e.get() : o;
+  at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / RS), [&](int64_t q0, int64_t q1) {
+    SK_PICK(expand_kernels, alive.get(), q0, q1, RS, dst);
+    if (window) and_bytes(o + q0 * RS, e.get() + q0 * RS, (q1 - q0) * RS);
   });
   return out;
 }

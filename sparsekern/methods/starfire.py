@@ -88,8 +88,12 @@ class MaskMethod(Method):
                 layer.weight.masked_fill_(~layer.mask, 0)
             for layer, mask in zip(layers, self.masks([m.weight for m in layers], sparsity)):
                 layer.mask &= mask
+            self.link_masks(layers)
         for layer in layers:
             layer.weight.masked_fill_(~layer.mask, 0)
+
+    def link_masks(self, layers: list[nn.Module]) -> None:
+        """After each rebuild in the era: adjust masks that depend on other layers' (none here)."""
 
     def options(self) -> dict:
         return {"era": self.era, "ramp": self.ramp}
@@ -107,13 +111,20 @@ class Starfire(MaskMethod):
     that every output row keeps its largest ``|w|``) or ``"block"`` (``sk.block_mask``,
     ``block×block`` blocks, ``block`` in 1…4 required; it keeps every output row alive itself).
     An option that does not apply to the chosen pattern is a ValueError, not silently ignored.
+
+    ``fc_inputs={fc_name: conv_name}`` (SPEC §5 FC-input pruning; the graph is not traced, so the
+    mapping is explicit): after every rebuild the Linear ``fc_name`` also drops the inputs fed by
+    dead output channels of the Conv2d ``conv_name`` (all its kernels pruned), via
+    ``sk.prune_fc_inputs`` (inputs = ``flatten`` of ``[N, K, H, W]``, or ``K`` after a global
+    pool). Both must be sparsified layers. A channel that a bias or BatchNorm keeps non-zero still
+    counts as dead: map only convs whose dead channels really output 0.
     """
 
     name = "starfire"
 
     def __init__(self, sparsity: float, era=None, ramp: str = "cubic", conv3x3: str = "intra", fc: str = "fine",
                  block: int | None = None, window_fraction: float | None = None, max_nonzero: int | None = None,
-                 ck_group: str | None = None):
+                 ck_group: str | None = None, fc_inputs: dict[str, str] | None = None):
         if conv3x3 not in CONV_PATTERNS:
             raise ValueError(f"conv3x3 must be one of {CONV_PATTERNS}, got {conv3x3!r}")
         if fc not in FC_PATTERNS:
@@ -131,7 +142,33 @@ class Starfire(MaskMethod):
         self.window_fraction = 0.5 if window_fraction is None else window_fraction
         self.max_nonzero = max_nonzero
         self.ck_group = "in" if ck_group is None else ck_group
+        if fc_inputs is not None and not (isinstance(fc_inputs, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in fc_inputs.items())):
+            raise ValueError(f"starfire: fc_inputs must be a dict {{fc_name: conv_name}} of layer names, got {fc_inputs!r}")
+        self.fc_inputs = dict(fc_inputs or {})
+        self._fc_pairs: list[tuple[int, int]] = []  # (fc, conv) indices into the layer list
         super().__init__(sparsity, era, ramp)
+
+    def select(self, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """Resolves ``fc_inputs`` to positions in ``layers`` (the order ``update`` gets them in)."""
+        index = {name: i for i, (name, _) in enumerate(layers)}
+        pairs = []
+        for fc, conv in self.fc_inputs.items():
+            for name, kind in ((fc, nn.Linear), (conv, nn.Conv2d)):
+                if name not in index:
+                    raise ValueError(f"starfire: fc_inputs names {name!r}, not a sparsified layer "
+                                     f"(those are {list(index)})")
+                if not isinstance(layers[index[name]][1], kind):
+                    raise ValueError(f"starfire: fc_inputs maps a Linear to a Conv2d; {name!r} is a "
+                                     f"{type(layers[index[name]][1]).__name__}")
+            sk.prune_fc_inputs(layers[index[conv]][1].weight.detach(), layers[index[fc]][1].weight.detach())
+            pairs.append((index[fc], index[conv]))
+        self._fc_pairs = pairs
+        return layers
+
+    def link_masks(self, layers: list[nn.Module]) -> None:
+        for fc, conv in self._fc_pairs:
+            layers[fc].mask &= sk.prune_fc_inputs(layers[conv].mask, layers[fc].weight)
 
     @classmethod
     def from_options(cls, final_sparsity, **options) -> "Starfire":
@@ -172,6 +209,8 @@ class Starfire(MaskMethod):
             opts["window_fraction"] = self.window_fraction
         if self.fc == "block":
             opts["block"] = self.block
+        if self.fc_inputs:
+            opts["fc_inputs"] = dict(self.fc_inputs)
         return {**opts, **super().options()}
 
 

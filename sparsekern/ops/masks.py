@@ -14,15 +14,19 @@ the reference as fallback) only select, with one contract:
     masked_fwd(w, mask)                 w where mask else 0
 
 All take contiguous ``w``; masks are not differentiable (no autograd); ``masked_weight`` is.
+Eager CPU calls of the mask builders skip the registered op and call the C++ kernel directly
+(its Python dispatch costs about as much as a small layer's mask); compile, meta and CUDA go
+through the op.
 """
 import math
 from types import SimpleNamespace
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import reference
-from ._common import KernelFamily, check_number, check_weight, define_op
+from ._common import KernelFamily, check_number, check_weight, define_op, is_compiling
 
 
 def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
@@ -55,6 +59,17 @@ def _k(w):
     return KERNELS(w.device)
 
 
+def _direct(w):
+    """The C++ kernels namespace when ``w`` is a real eager CPU tensor and they are built, else None."""
+    if w.is_cpu and KERNELS.has_c and not is_compiling() and not isinstance(w, FakeTensor):
+        return torch.ops.sparsekern_C
+    return None
+
+
+def _data(w):
+    return (w.detach() if w.requires_grad else w).contiguous()
+
+
 def _window_keep(w, sparsity, max_nonzero=None):
     rs = w.shape[2] * w.shape[3]
     return reference.window_keep(rs, sparsity, max_nonzero)
@@ -63,6 +78,27 @@ def _window_keep(w, sparsity, max_nonzero=None):
 def _ck_keep(w, sparsity, group):
     g = w.shape[1] if group == "out" else w.shape[0]
     return g - reference.spec_round(g * sparsity)
+
+
+# kernel_mask / block_mask arguments of each builder
+def _window_args(w, sparsity, max_nonzero):
+    return _window_keep(w, sparsity, max_nonzero), w.shape[0], False
+
+
+def _ck_args(w, sparsity, group):
+    k, c, r, s = w.shape
+    g = c if group == "out" else k
+    return r * s, g - reference.spec_round(g * sparsity), group == "out"
+
+
+def _intra_args(w, sparsity, window_fraction, group):
+    s_ck = reference.intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
+    return _window_keep(w, window_fraction * sparsity), _ck_keep(w, s_ck, group), group == "out"
+
+
+def _block_args(w, block, sparsity):
+    nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
+    return block, nb - reference.spec_round(nb * sparsity)
 
 
 # --- raw ops ------------------------------------------------------------------------------------
@@ -74,31 +110,37 @@ def _nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 @define_op("window_mask")
 def _window(w: torch.Tensor, sparsity: float, max_nonzero: Optional[int]) -> torch.Tensor:
-    return _k(w).kernel_mask(w.contiguous(), _window_keep(w, sparsity, max_nonzero), w.shape[0], False)
+    return _k(w).kernel_mask(w.contiguous(), *_window_args(w, sparsity, max_nonzero))
 
 
 @define_op("ck_mask")
 def _ck(w: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
-    rs = w.shape[2] * w.shape[3]
-    return _k(w).kernel_mask(w.contiguous(), rs, _ck_keep(w, sparsity, group), group == "out")
+    return _k(w).kernel_mask(w.contiguous(), *_ck_args(w, sparsity, group))
 
 
 @define_op("intra_mask")
 def _intra(w: torch.Tensor, sparsity: float, window_fraction: float, group: str) -> torch.Tensor:
-    s_ck = reference.intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
-    return _k(w).kernel_mask(w.contiguous(), _window_keep(w, window_fraction * sparsity),
-                             _ck_keep(w, s_ck, group), group == "out")
+    return _k(w).kernel_mask(w.contiguous(), *_intra_args(w, sparsity, window_fraction, group))
 
 
 @define_op("block_mask")
 def _block(w: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
-    nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
-    return _k(w).block_mask(w.contiguous(), block, nb - reference.spec_round(nb * sparsity))
+    return _k(w).block_mask(w.contiguous(), *_block_args(w, block, sparsity))
 
 
 @define_op("prune_fc_inputs")
 def _fc_inputs(conv: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
     return reference.prune_fc_inputs(conv, fc_weight)
+
+
+@define_op("pack_mask")
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return reference.pack_mask(mask)
+
+
+@define_op("unpack_mask")
+def _unpack(packed: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    return reference.unpack_mask(packed, shape)
 
 
 @define_op("masked_weight")
@@ -158,7 +200,8 @@ def nm_mask(w, n, m):
     n = _check_int(n, "n", 0, m)
     if w.shape[1] % m:
         raise ValueError(f"m={m} must divide the reduction size w.shape[1]={w.shape[1]}")
-    return _nm(w, n, m)
+    c = _direct(w)
+    return c.nm_mask(_data(w), n, m) if c is not None else _nm(w, n, m)
 
 
 def window_mask(w, sparsity, max_nonzero=None):
@@ -167,6 +210,9 @@ def window_mask(w, sparsity, max_nonzero=None):
     sparsity = _check_conv(w, sparsity)
     if max_nonzero is not None:
         _check_int(max_nonzero, "max_nonzero", 0)
+    c = _direct(w)
+    if c is not None:
+        return c.kernel_mask(_data(w), *_window_args(w, sparsity, max_nonzero))
     return _window(w, sparsity, max_nonzero)
 
 
@@ -176,6 +222,9 @@ def ck_mask(w, sparsity, group="in"):
     kernels; ``"out"``: for each output filter, of its ``C`` kernels. Never a partial kernel."""
     sparsity = _check_conv(w, sparsity)
     _check_group(group)
+    c = _direct(w)
+    if c is not None:
+        return c.kernel_mask(_data(w), *_ck_args(w, sparsity, group))
     return _ck(w, sparsity, group)
 
 
@@ -187,6 +236,9 @@ def intra_mask(w, sparsity, window_fraction=0.5, group="in"):
     sparsity = _check_conv(w, sparsity)
     window_fraction = check_number(window_fraction, "window_fraction", 0.0, 1.0)
     _check_group(group)
+    c = _direct(w)
+    if c is not None:
+        return c.kernel_mask(_data(w), *_intra_args(w, sparsity, window_fraction, group))
     return _intra(w, sparsity, window_fraction, group)
 
 
@@ -202,6 +254,9 @@ def block_mask(w, block, sparsity):
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     if w.numel() == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    c = _direct(w)
+    if c is not None:
+        return c.block_mask(_data(w), *_block_args(w, block, sparsity))
     return _block(w, block, sparsity)
 
 
@@ -231,3 +286,28 @@ def masked_weight(w, mask):
         raise ValueError(f"mask {tuple(mask.shape)} on {mask.device} must match w {tuple(w.shape)} "
                          f"on {w.device}")
     return _masked(w, mask)
+
+
+def pack_mask(mask):
+    """Bit-packed storage of a bool ``mask`` (8× smaller): uint8 ``[ceil(numel/8)]``, flat
+    row-major order, little-endian within a byte (bit ``i % 8`` of byte ``i // 8`` is element
+    ``i``; padding bits 0). :func:`unpack_mask` restores it given the shape."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    return _pack(mask)
+
+
+def unpack_mask(packed, shape):
+    """Bool mask of ``shape`` from :func:`pack_mask`'s uint8 ``packed`` ``[ceil(numel/8)]``."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"packed must be a 1-D uint8 tensor, got "
+                        f"{getattr(packed, 'dtype', type(packed).__name__)} {tuple(getattr(packed, 'shape', ()))}")
+    if isinstance(shape, torch.Size):
+        shape = list(shape)
+    if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise TypeError(f"shape must be a sequence of non-negative ints, got {shape!r}")
+    need = (math.prod(shape) + 7) // 8
+    if packed.numel() != need:
+        raise ValueError(f"packed has {packed.numel()} bytes; shape {tuple(shape)} needs {need}")
+    return _unpack(packed, list(shape))
