@@ -22,6 +22,6 @@ __all__ = [
     "nm_mask", "window_mask", "ck_mask", "intra_mask", "block_mask", "prune_fc_inputs", "masked_weight",
     "pack_mask", "unpack_mask",
     "gaussian_bound", "gaussian_bounds", "asl_threshold",
-    "nn", "sparsify", "Sparsifier", "CubicSchedule",
+    "nn", "inference", "sparsify", "Sparsifier", "CubicSchedule",
     "AdaptiveSparsityLoss", "count_flops", "FlopReport",
 ]

@@ -16,18 +16,13 @@ as int32 (every NaN 0x7FC00000, above +inf); larger first, equal keys lower inde
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .threshold import _wrap
 
 _BLOCK = 1024  # elements per program of the elementwise kernels
 _TILE = 4096  # comparison-tile elements of the rank-counting kernels
 _SELECT_BLOCK = 1024  # chunk of a CK group per counting pass
 _NAN_KEY = 0x7FC00000
-
-
-def _wrap(kernel):
-    """torch.library.wrap_triton(kernel); interpreted kernels (TRITON_INTERPRET=1) launch as they
-    are (older torch rejects them: pytorch#152868)."""
-    return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
 
 
 @triton.jit

@@ -180,6 +180,18 @@ def _fill_bias(y, bias, transpose_out):
     return y
 
 
+def _prologue(x, val, bias, out_features, transpose_out):
+    """(contiguous x, y, its strides, done) of a matmul launcher; done: y is already the result
+    (empty, or a weight without stored values: the bias broadcast), nothing to launch."""
+    x = x.contiguous()
+    y, *strides = _output(x, out_features, x.shape[1], transpose_out)
+    if y.numel() == 0:
+        return x, y, strides, True
+    if val.numel() == 0:
+        return x, _fill_bias(y, bias, transpose_out), strides, True
+    return x, y, strides, False
+
+
 def _dot_precision(dtype):
     """input_precision of tl.dot: fp32 as torch's matmul would run it (tf32 only when
     torch.backends.cuda.matmul.allow_tf32); None (tensor cores) for 16-bit inputs."""
@@ -212,13 +224,10 @@ def csr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
            x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
     """W·x + bias[:, None] for W in CSR (rowptr int64 [out+1], col int32 [nnz], val [nnz]),
     x [in, n] -> [out, n], or [n, out] when transpose_out."""
-    x = x.contiguous()
-    n = x.shape[1]
-    y, *strides = _output(x, out_features, n, transpose_out)
-    if y.numel() == 0:
+    x, y, strides, done = _prologue(x, val, bias, out_features, transpose_out)
+    if done:
         return y
-    if val.numel() == 0:
-        return _fill_bias(y, bias, transpose_out)
+    n = x.shape[1]
     return _gather(_MM, rowptr, col, val, bias, x, y, out_features, n, strides, ldx=n)
 
 
@@ -249,13 +258,10 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
     """W·x + bias[:, None] for W in block-sparse rows: rowptr int64 [ceil(out/bo)+1], col int32
     [nnzb] (block column), val [nnzb, bo, bi] (edge blocks zero-padded); x [in, n] -> [out, n]
     or [n, out]."""
-    x = x.contiguous()
-    n = x.shape[1]
-    y, *strides = _output(x, out_features, n, transpose_out)
-    if y.numel() == 0:
+    x, y, strides, done = _prologue(x, val, bias, out_features, transpose_out)
+    if done:
         return y
-    if val.numel() == 0:
-        return _fill_bias(y, bias, transpose_out)
+    n = x.shape[1]
     bo, bi = val.shape[1], val.shape[2]
     bo_p, bi_p = triton.next_power_of_2(bo), triton.next_power_of_2(bi)
     use_dot = bo >= 16 and bi >= 16  # tl.dot needs every side >= 16 (batch 1: 15 idle columns)
@@ -276,13 +282,10 @@ def nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Ten
     """W·x + bias[:, None] for W in N:M compressed form: val [out, in·n/m], idx uint8 [out, in·n/m]
     (position 0..m-1 in its group; the j-th value of a row is in group j // n); x [in, n_cols]
     -> [out, n_cols] or [n_cols, out]."""
-    x = x.contiguous()
-    cols = x.shape[1]
-    y, *strides = _output(x, out_features, cols, transpose_out)
-    if y.numel() == 0:
+    x, y, strides, done = _prologue(x, val, bias, out_features, transpose_out)
+    if done:
         return y
-    if val.numel() == 0:
-        return _fill_bias(y, bias, transpose_out)
+    cols = x.shape[1]
     row_len = val.shape[1]
     mp = triton.next_power_of_2(m)
     tensor_cores = val.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
