@@ -130,13 +130,12 @@ def test_bad_inputs():
 ])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_csr_conv2d(kern, cfg, density, has_bias, monkeypatch):
-    from sparsekern.ops import spmm
-
+@pytest.mark.parametrize("batch", [1, 2, 5])  # the batch is one kernel call (images stacked)
+def test_csr_conv2d(kern, cfg, density, has_bias, batch, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
     bias = torch.randn(out) if has_bias else None
-    x = torch.randn(2, inp, h, w)
+    x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
     args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
     y, scratch = spmm.csr_conv2d(x, *args)
@@ -243,14 +242,15 @@ CONV_CFGS = [
 @pytest.mark.parametrize("cfg", CONV_CFGS)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_ck_conv2d(kern, cfg, sparsity, has_bias, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = torch.randn(out, inp, *k)
     wt = wt * sk.ck_mask(wt, sparsity)
     wt[:, :, 0, 0] = 0  # partly zero kernels are stored whole
     wt[1] = 0  # an output channel with no kernel
     bias = torch.randn(out) if has_bias else None
-    x = torch.randn(2, inp, h, w)
+    x = torch.randn(batch, inp, h, w + 2)[..., 1:-1]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
     rowptr, chan, val = ck_from_dense(wt)
     assert val.shape[1] == k[0] * k[1] and rowptr[2] == rowptr[1]
@@ -304,6 +304,50 @@ def test_new_ops_compile_fullgraph():
         x, lambda xt, tr: spmm._bsr_mm(rowptr, col, val, torch.empty(0), xt, 16, tr), 16), fullgraph=True, backend="eager")
     x = torch.randn(4, 8)
     torch.testing.assert_close(f(x), F.linear(x, w), **TOL)
+
+
+def test_conv2d_empty_batch():
+    wt = sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
+    x = torch.randn(0, 3, 6, 5)
+    y, _ = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(4, -1)), None, 4, (3, 3), (2, 2), (1, 1), (1, 1))
+    assert y.shape == (0, 4, 3, 3)
+    y, _ = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 4, (3, 3), (1, 1), (0, 0), (1, 1))
+    assert y.shape == (0, 4, 4, 3)
+
+
+def _op_cases():
+    """(name, arguments) of each spmm op on small valid inputs."""
+    w = sparse_weight(9, 8, 0.4)
+    x, e = torch.randn(8, 5), torch.empty(0)
+    rowptr, col, val = csr_from_dense(w)
+    wn = w * sk.nm_mask(w, 2, 4)
+    wt = torch.randn(6, 4, 3, 3)
+    ck = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
+    return [("csr_mm", (rowptr, col, val, torch.randn(9), x, 9, True)),
+            ("csr_mm", (rowptr, col, val, e, x[:, :1].contiguous(), 9, False)),
+            ("csr_conv", (rowptr, (col * 3).int(), val, e, torch.randn(8 * 3 + 6), 6, 9, 7, 3, 2)),
+            ("bsr_mm", (*bsr_from_dense(w, (2, 3)), e, x, 9, False)),
+            ("nm_mm", (*nm_from_dense(wn, 2, 4), e, x, 2, 4, 9, True)),
+            ("ck_conv", (*ck, spmm.conv_taps((3, 3), (1, 1), (1, 1), 5, 5), torch.randn(6),
+                         torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_eager_fast_path_equals_registered_op(case):
+    """spmm.<op> calls the C++ op directly in eager CPU mode (no registered-op dispatch; fake
+    tensors too), the registered op off CPU and under compile; both give identical results."""
+    name, args = _op_cases()[case]
+    x = args[4 if name != "nm_mm" else 3]
+    fast, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
+    assert spmm._op(name, registered, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
+    assert spmm._op(name, registered, x.to("meta")) is registered
+    y = fast(*args)
+    assert torch.equal(y, registered(*args))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the C++ op's fake kernel
+        fake = fast(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert fake.shape == y.shape
+    compiled = torch.compile(lambda *a: fast(*a), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(*args), y)
 
 
 def test_new_ops_bad_inputs():

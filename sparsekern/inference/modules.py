@@ -46,6 +46,7 @@ class _Sparse(nn.Module):
         for name, t in self._encode(weight.detach()).items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())
+        self.register_buffer("_no_bias", torch.empty(0), persistent=False)  # the kernels' "no bias"
 
     @property
     def density(self):
@@ -54,24 +55,29 @@ class _Sparse(nn.Module):
         return int(torch.count_nonzero(self.val)) / max(1, numel)
 
     def _b(self):
-        return self.bias if self.bias is not None else self.val.new_empty(0)
+        """The bias, or an empty tensor for none (``_buffers`` read directly: forward is hot)."""
+        b = self._buffers
+        return b["bias"] if b["bias"] is not None else b["_no_bias"]
 
     def _check(self, x, channel_dim, ndim=None):
-        name = type(self).__name__
+        """Clear errors for a bad input; each test is cheap (runs on every call)."""
         if self.training and torch.is_grad_enabled():
-            raise RuntimeError(f"{name} is inference-only: call model.eval() or run under "
+            raise RuntimeError(f"{type(self).__name__} is inference-only: call model.eval() or run under "
                                "torch.no_grad() / torch.inference_mode()")
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+            raise ValueError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != torch.float32:
-            raise ValueError(f"{name}: input must be float32 (the sparse weight is float32), got {x.dtype}")
-        if x.device != self.val.device:
-            raise ValueError(f"{name}: input is on {x.device} but the sparse weight is on {self.val.device}")
+            raise ValueError(f"{type(self).__name__}: input must be float32 (the sparse weight is float32), "
+                             f"got {x.dtype}")
+        val = self._buffers["val"]
+        if x.device != val.device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the sparse weight is on "
+                             f"{val.device}")
         if ndim is not None and x.dim() != ndim:
-            raise ValueError(f"{name}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
         if x.dim() == 0 or x.shape[channel_dim] != self.in_features:
-            raise ValueError(f"{name}: expected {self.in_features} input features at dim {channel_dim}, "
-                             f"got input of shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected {self.in_features} input features at dim "
+                             f"{channel_dim}, got input of shape {tuple(x.shape)}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in self._buffers:  # nnz differs between weights of one layer shape
@@ -95,7 +101,8 @@ class _CSR:
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def _mm(self, x, transpose_out):
-        return spmm._csr_mm(self.rowptr, self.col, self.val, self._b(), x, self.out_features, transpose_out)
+        b = self._buffers
+        return spmm.csr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out)
 
     def weight_dense(self):
         """The dense weight ``[out, in]`` (``[out, C·R·S]`` for a KxK conv), zeros restored."""
@@ -111,7 +118,8 @@ class _BSR:
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def _mm(self, x, transpose_out):
-        return spmm._bsr_mm(self.rowptr, self.col, self.val, self._b(), x, self.out_features, transpose_out)
+        b = self._buffers
+        return spmm.bsr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out)
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
@@ -130,7 +138,8 @@ class _NM:
         return {"val": val, "idx": idx, "nm": torch.tensor([self.n, self.m])}
 
     def _mm(self, x, transpose_out):
-        return spmm._nm_mm(self.val, self.idx, self._b(), x, self.n, self.m, self.out_features, transpose_out)
+        b = self._buffers
+        return spmm.nm_mm(b["val"], b["idx"], self._b(), x, self.n, self.m, self.out_features, transpose_out)
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
@@ -214,17 +223,17 @@ class _ConvKxK(_Sparse):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
-        key = tuple(x.shape[2:])
+        key = (x.shape[0], x.shape[2], x.shape[3])
         if key not in self._index:
-            hq, wq = spmm.conv_geometry(*key, self.kernel_size, self.stride, self.padding, self.dilation)[:2]
-            self._index[key] = self._conv_index(hq, wq)
-        skey = (threading.get_ident(),) + tuple(x.shape[1:])
+            hq, wq = spmm.conv_geometry(*key[1:], self.kernel_size, self.stride, self.padding, self.dilation)[:2]
+            self._index[key] = self._conv_index(key[0] * hq, wq)  # the batch's stacked phases
+        skey = (threading.get_ident(),) + tuple(x.shape)
         y, self._scratch[skey] = self._conv(x, self._index[key], self._scratch.get(skey))
         return y
 
     def _clear_caches(self):
-        self._index = {}  # (H, W) -> offsets (csr) / taps (ck) for this input size
-        self._scratch = {}  # (thread, C, H, W) -> zero-padded input buffer, reused
+        self._index = {}  # (N, H, W) -> offsets (csr) / taps (ck) for this input size
+        self._scratch = {}  # (thread, N, C, H, W) -> zero-padded input buffer, reused
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
         self._clear_caches()
