@@ -130,18 +130,22 @@ def test_bad_inputs():
 ])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-@pytest.mark.parametrize("batch", [1, 2, 5])  # the batch is one kernel call (images stacked)
-def test_csr_conv2d(kern, cfg, density, has_bias, batch, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("per_call", [None, 2])  # images per kernel call: all (stacked) / groups 2, 2, 1
+def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
     bias = torch.randn(out) if has_bias else None
     x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    if per_call:
+        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
     args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
-    y, scratch = spmm.csr_conv2d(x, *args)
+    cache = {}
+    y = spmm.csr_conv2d(x, *args, cache=cache)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
     torch.testing.assert_close(y, expect, **TOL)
-    y, _ = spmm.csr_conv2d(x.flip(0), *args, scratch=scratch)  # reused buffer
+    y = spmm.csr_conv2d(x.flip(0), *args, cache=cache)  # reused offsets and buffers
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -243,7 +247,8 @@ CONV_CFGS = [
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("batch", [1, 2, 5])
-def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, monkeypatch):
+@pytest.mark.parametrize("per_call", [None, 2])
+def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = torch.randn(out, inp, *k)
     wt = wt * sk.ck_mask(wt, sparsity)
@@ -252,13 +257,16 @@ def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, monkeypatch):
     bias = torch.randn(out) if has_bias else None
     x = torch.randn(batch, inp, h, w + 2)[..., 1:-1]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    if per_call:
+        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
     rowptr, chan, val = ck_from_dense(wt)
     assert val.shape[1] == k[0] * k[1] and rowptr[2] == rowptr[1]
     args = (rowptr, chan, val, bias, out, k, stride, padding, dilation)
-    y, scratch = spmm.ck_conv2d(x, *args)
+    cache = {}
+    y = spmm.ck_conv2d(x, *args, cache=cache)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
     torch.testing.assert_close(y, expect, **TOL)
-    y, _ = spmm.ck_conv2d(x.flip(0), *args, scratch=scratch)
+    y = spmm.ck_conv2d(x.flip(0), *args, cache=cache)
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -274,8 +282,10 @@ def test_new_ops_large_multithreaded():  # many parallel_for chunks
         torch.testing.assert_close(ops.nm_mm(*nm_from_dense(wn, 1, 4), b, x, 1, 4, 1000, False), wn @ x + b[:, None], **TOL)
     wt = torch.randn(300, 64, 3, 3)
     wt = wt * sk.ck_mask(wt, 0.8)
-    x = torch.randn(1, 64, 20, 20)
-    y, _ = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    x = torch.randn(3, 64, 20, 20)  # grid of row blocks × column chunks over the stacked images
+    y = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
+    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(300, -1)), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
 
 
@@ -309,10 +319,17 @@ def test_new_ops_compile_fullgraph():
 def test_conv2d_empty_batch():
     wt = sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
     x = torch.randn(0, 3, 6, 5)
-    y, _ = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(4, -1)), None, 4, (3, 3), (2, 2), (1, 1), (1, 1))
+    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(4, -1)), None, 4, (3, 3), (2, 2), (1, 1), (1, 1))
     assert y.shape == (0, 4, 3, 3)
-    y, _ = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 4, (3, 3), (1, 1), (0, 0), (1, 1))
+    y = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 4, (3, 3), (1, 1), (0, 0), (1, 1))
     assert y.shape == (0, 4, 4, 3)
+
+
+def test_conv_group():
+    assert spmm.conv_group(256, spmm.CONV_GROUP_BYTES // 16) == 16
+    assert spmm.conv_group(20, spmm.CONV_GROUP_BYTES // 16) == 10  # two equal calls, not 16 + 4
+    assert spmm.conv_group(3, spmm.CONV_GROUP_BYTES * 4) == 1
+    assert spmm.conv_group(5, 1) == 5
 
 
 def _op_cases():

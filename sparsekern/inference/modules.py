@@ -201,7 +201,7 @@ class _Conv1x1(_Linear):
 
 class _ConvKxK(_Sparse):
     """KxK convolution (groups 1, zero padding): x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']``
-    as ``F.conv2d``. Caches per input size (offsets/taps, the zero-padded input buffer)."""
+    as ``F.conv2d``. Caches per input size and thread (offsets/taps, zero-padded input buffers)."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
         """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation: int
@@ -223,17 +223,14 @@ class _ConvKxK(_Sparse):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
-        key = (x.shape[0], x.shape[2], x.shape[3])
-        if key not in self._index:
-            hq, wq = spmm.conv_geometry(*key[1:], self.kernel_size, self.stride, self.padding, self.dilation)[:2]
-            self._index[key] = self._conv_index(key[0] * hq, wq)  # the batch's stacked phases
-        skey = (threading.get_ident(),) + tuple(x.shape)
-        y, self._scratch[skey] = self._conv(x, self._index[key], self._scratch.get(skey))
-        return y
+        key = (threading.get_ident(),) + tuple(x.shape[1:])
+        cache = self._cache.get(key)
+        if cache is None:
+            cache = self._cache[key] = {}
+        return self._conv(x, cache)
 
     def _clear_caches(self):
-        self._index = {}  # (N, H, W) -> offsets (csr) / taps (ck) for this input size
-        self._scratch = {}  # (thread, N, C, H, W) -> zero-padded input buffer, reused
+        self._cache = {}  # (thread, C, H, W) -> the kernel's offsets/taps and input buffers
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
         self._clear_caches()
@@ -241,7 +238,7 @@ class _ConvKxK(_Sparse):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_index": {}, "_scratch": {}}
+        return {**state, "_cache": {}}
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
@@ -292,12 +289,9 @@ class CSRConv2d(_CSR, _ConvKxK):
     """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR: direct sparse
     convolution over a zero-padded image (``csr_conv``)."""
 
-    def _conv_index(self, hq, wq):
-        return spmm.conv_offsets(self.col, self.kernel_size, self.stride, self.dilation, self.in_features, hq, wq)
-
-    def _conv(self, x, offsets, scratch):
+    def _conv(self, x, cache):
         return spmm.csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
-                               self.kernel_size, self.stride, self.padding, self.dilation, offsets, scratch)
+                               self.kernel_size, self.stride, self.padding, self.dilation, cache)
 
 
 class CKConv2d(_ConvKxK):
@@ -318,12 +312,9 @@ class CKConv2d(_ConvKxK):
         w[rows, self.chan.long()] = self.val.reshape(-1, *self.kernel_size)
         return w
 
-    def _conv_index(self, hq, wq):
-        return spmm.conv_taps(self.kernel_size, self.stride, self.dilation, hq, wq)
-
-    def _conv(self, x, taps, scratch):
+    def _conv(self, x, cache):
         return spmm.ck_conv2d(x, self.rowptr, self.chan, self.val, self.bias, self.out_features,
-                              self.kernel_size, self.stride, self.padding, self.dilation, taps, scratch)
+                              self.kernel_size, self.stride, self.padding, self.dilation, cache)
 
 
 class SemiStructuredLinear(nn.Module):

@@ -339,62 +339,86 @@ def _phase_copies(x, scratch, geometry, stride, padding):
     return pairs
 
 
-def _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch):
-    """The batch layout of :func:`csr_conv2d` / :func:`ck_conv2d`: the ``N`` images are stacked
-    in one zero-padded tall image of stride phases ``[C, sh, sw, N·hq, wq]`` (image ``i`` holds
-    phase rows ``i·hq ..``), convolved in one kernel call ``run(buf, N·hq, wq, n, w_out) -> [out,
-    n / wq, w_out]`` over ``n = ((N-1)·hq + h_out)·wq`` wide pixels; the ``hq - h_out`` rows
-    between two images' outputs are computed and dropped."""
+#: Stacked input bytes one direct-convolution call reads: a group's input is still in L2 (from
+#: its copy) when the kernel reads it. Whole batches of 256 16×16×64 images in one call (21 MB)
+#: ran 1.5× slower than groups of 16 (AMD EPYC, bench/results/spmm-formats-amd-epyc.md).
+CONV_GROUP_BYTES = 1 << 20
+
+
+def conv_group(n_img, image_bytes):
+    """Images per kernel call of :func:`csr_conv2d` / :func:`ck_conv2d` for a batch of ``n_img``
+    images of ``image_bytes`` zero-padded phase bytes each: as many as fit
+    :data:`CONV_GROUP_BYTES` (at least one), as equal groups."""
+    calls = -(-n_img // max(1, CONV_GROUP_BYTES // max(1, image_bytes)))
+    return -(-n_img // calls) if n_img else 1
+
+
+def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache):
+    """The batch loop of :func:`csr_conv2d` / :func:`ck_conv2d`: groups of ``g`` images
+    (:func:`conv_group`) stacked in one zero-padded tall image of stride phases ``[C, sh, sw,
+    g·hq, wq]`` (image ``i`` holds phase rows ``i·hq ..``), each group one kernel call
+    ``run(buf, idx, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
+    wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and dropped).
+    ``cache`` maps ``g`` to ``(idx, buf)``: ``idx = index(g·hq, wq)`` (offsets or taps) and the
+    buffer, whose padding stays zero."""
     n_img, c, h, w = x.shape
+    (sh, sw), size_of = stride, x.element_size()
     hq, wq, h_out, w_out = conv_geometry(h, w, kernel_size, stride, padding, dilation)
+    g = conv_group(n_img, c * sh * sw * hq * wq * size_of)
+    out = None if g >= n_img else x.new_empty(n_img, out_features, h_out, w_out)
     if n_img == 0:
-        return x.new_empty(0, out_features, h_out, w_out), scratch
-    size = c * stride[0] * stride[1] * n_img * hq * wq
-    if scratch is None:  # slack: the last wide row reads past the image
-        scratch = x.new_zeros(size + (dilation[1] * (kernel_size[1] - 1)) // stride[1])
-    for dst, src in _phase_copies(x, scratch, (hq, wq), stride, padding):
-        dst.copy_(src)
-    rows = (n_img - 1) * hq + h_out
-    y = run(scratch, n_img * hq, wq, rows * wq, w_out)  # [out, rows, w_out]
-    return y.unfold(1, h_out, hq).permute(1, 0, 3, 2).contiguous(), scratch  # image i: rows i·hq..
+        return x.new_empty(0, out_features, h_out, w_out)
+    for i in range(0, n_img, g):
+        xi = x[i:i + g]
+        gi = xi.shape[0]
+        if gi not in cache:  # slack: the last wide row reads past the image
+            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw)
+            cache[gi] = (index(gi * hq, wq), buf)
+        idx, buf = cache[gi]
+        for dst, src in _phase_copies(xi, buf, (hq, wq), stride, padding):
+            dst.copy_(src)
+        y = run(buf, idx, gi * hq, ((gi - 1) * hq + h_out) * wq, wq, w_out)  # [out, rows, w_out]
+        y = y.unfold(1, h_out, hq).permute(1, 0, 3, 2)  # [gi, out, h_out, w_out]: image j at rows j·hq..
+        if out is None:
+            return y.contiguous()
+        out[i:i + gi] = y
+    return out
 
 
-def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation,
-               offsets=None, scratch=None):
+def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
-    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). The batch is copied into
-    one zero-padded buffer of stride phases (:func:`conv_geometry`, images stacked as in
-    :func:`_direct_conv2d`) and convolved directly in one ``csr_conv`` call, at stride 1 over the
-    phases, in wide rows: only the strided outputs are computed. ``offsets``:
-    :func:`conv_offsets` for this input shape, with ``hq`` the stacked ``N·hq`` (computed when
-    None); ``scratch``: a reusable buffer from an earlier call with this input shape (its padding
-    is still zero), else a new one is made. Returns ``(y, scratch)``."""
+    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Groups of images are
+    copied into a zero-padded buffer of stride phases (:func:`conv_geometry`, images stacked as in
+    :func:`_direct_conv2d`) and convolved directly, one ``csr_conv`` call per group, at stride 1
+    over the phases, in wide rows: only the strided outputs are computed. ``cache``: a dict kept
+    by the caller for this input's ``(C, H, W)`` (and thread): the :func:`conv_offsets` and
+    buffers per group size, reused by later calls."""
     b = _bias(bias, val)
 
-    def run(buf, hq, wq, n, w_out):
-        nonlocal offsets
-        if offsets is None:
-            offsets = conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+    def index(hq, wq):
+        return conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+
+    def run(buf, offsets, hq, n, wq, w_out):
         slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
         return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out)
 
-    return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
+    return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
+                          {} if cache is None else cache)
 
 
-def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation,
-              taps=None, scratch=None):
+def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
     """:func:`csr_conv2d` with a CK weight (:func:`ck_from_dense`): ``x [N, C, H, W]`` →
-    ``[N, out, H', W']``. ``taps``: :func:`conv_taps` for this input shape, with ``hq`` the
-    stacked ``N·hq`` (computed when None). Returns ``(y, scratch)``."""
+    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size."""
     b = _bias(bias, val)
 
-    def run(buf, hq, wq, n, w_out):
-        nonlocal taps
-        plane = stride[0] * stride[1] * hq * wq
-        if x.shape[1] * plane >= 2 ** 31:
+    def index(hq, wq):
+        if x.shape[1] * stride[0] * stride[1] * hq * wq >= 2 ** 31:
             raise ValueError(f"ck_conv2d: input {tuple(x.shape)} is too large for int32 offsets")
-        if taps is None:
-            taps = conv_taps(kernel_size, stride, dilation, hq, wq)
+        return conv_taps(kernel_size, stride, dilation, hq, wq)
+
+    def run(buf, taps, hq, n, wq, w_out):
+        plane = stride[0] * stride[1] * hq * wq
         return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out)
 
-    return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
+    return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
+                          {} if cache is None else cache)
