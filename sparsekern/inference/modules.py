@@ -60,24 +60,22 @@ class _Sparse(nn.Module):
         return b["bias"] if b["bias"] is not None else b["_no_bias"]
 
     def _check(self, x, channel_dim, ndim=None):
-        """Clear errors for a bad input; each test is cheap (runs on every call)."""
+        name = type(self).__name__
         if self.training and torch.is_grad_enabled():
-            raise RuntimeError(f"{type(self).__name__} is inference-only: call model.eval() or run under "
+            raise RuntimeError(f"{name} is inference-only: call model.eval() or run under "
                                "torch.no_grad() / torch.inference_mode()")
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
+            raise ValueError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != torch.float32:
-            raise ValueError(f"{type(self).__name__}: input must be float32 (the sparse weight is float32), "
-                             f"got {x.dtype}")
+            raise ValueError(f"{name}: input must be float32 (the sparse weight is float32), got {x.dtype}")
         val = self._buffers["val"]
         if x.device != val.device:
-            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the sparse weight is on "
-                             f"{val.device}")
+            raise ValueError(f"{name}: input is on {x.device} but the sparse weight is on {val.device}")
         if ndim is not None and x.dim() != ndim:
-            raise ValueError(f"{type(self).__name__}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
         if x.dim() == 0 or x.shape[channel_dim] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected {self.in_features} input features at dim "
-                             f"{channel_dim}, got input of shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected {self.in_features} input features at dim {channel_dim}, "
+                             f"got input of shape {tuple(x.shape)}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in self._buffers:  # nnz differs between weights of one layer shape
