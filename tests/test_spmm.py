@@ -115,6 +115,10 @@ def test_bad_inputs():
         csr_from_dense(torch.ones(2))
 
 
+#: (batch, images per kernel call): the whole batch stacked in one call, or groups of 2, 2, 1.
+BATCHES = [(1, None), (2, None), (5, None), (5, 2)]
+
+
 @pytest.mark.parametrize("cfg", [
     # (out, in, kernel, stride, padding, dilation, H, W)
     (8, 3, (3, 3), (1, 1), (1, 1), (1, 1), 7, 9),
@@ -130,8 +134,7 @@ def test_bad_inputs():
 ])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-@pytest.mark.parametrize("batch", [1, 2, 5])
-@pytest.mark.parametrize("per_call", [None, 2])  # images per kernel call: all (stacked) / groups 2, 2, 1
+@pytest.mark.parametrize("batch,per_call", BATCHES)
 def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
@@ -246,8 +249,7 @@ CONV_CFGS = [
 @pytest.mark.parametrize("cfg", CONV_CFGS)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-@pytest.mark.parametrize("batch", [1, 2, 5])
-@pytest.mark.parametrize("per_call", [None, 2])
+@pytest.mark.parametrize("batch,per_call", BATCHES)
 def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = torch.randn(out, inp, *k)
