@@ -357,17 +357,17 @@ def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, di
     """The batch loop of :func:`csr_conv2d` / :func:`ck_conv2d`: groups of ``g`` images
     (:func:`conv_group`) stacked in one zero-padded tall image of stride phases ``[C, sh, sw,
     g·hq, wq]`` (image ``i`` holds phase rows ``i·hq ..``), each group one kernel call
-    ``run(buf, idx, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
+    ``run(buf, idx, g·hq, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
     wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and dropped).
     ``cache`` maps ``g`` to ``(idx, buf)``: ``idx = index(g·hq, wq)`` (offsets or taps) and the
     buffer, whose padding stays zero."""
     n_img, c, h, w = x.shape
     (sh, sw), size_of = stride, x.element_size()
     hq, wq, h_out, w_out = conv_geometry(h, w, kernel_size, stride, padding, dilation)
-    g = conv_group(n_img, c * sh * sw * hq * wq * size_of)
-    out = None if g >= n_img else x.new_empty(n_img, out_features, h_out, w_out)
     if n_img == 0:
         return x.new_empty(0, out_features, h_out, w_out)
+    g = conv_group(n_img, c * sh * sw * hq * wq * size_of)
+    out = None if g >= n_img else x.new_empty(n_img, out_features, h_out, w_out)  # None: one call
     for i in range(0, n_img, g):
         xi = x[i:i + g]
         gi = xi.shape[0]
