@@ -63,8 +63,10 @@ def test_csr_linear_leading_dims(lead):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("n", [1, 3])
-def test_csr_conv1x1(stride, n):
+@pytest.mark.parametrize("n,per_call", [(0, None), (1, None), (3, None), (5, 2)])  # images per kernel call
+def test_csr_conv1x1(stride, n, per_call, monkeypatch):
+    if per_call:
+        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
     w, b = sparse_weight(24, 13, 0.3).reshape(24, 13, 1, 1), torch.randn(24)
     x = torch.randn(n, 13, 9, 7)
     y = csr_conv1x1(x, *csr_from_dense(w.reshape(24, 13)), b, 24, stride)

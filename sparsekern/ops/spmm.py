@@ -244,15 +244,21 @@ def sparse_linear(x, mm, out_features):
 
 def sparse_conv1x1(x, mm, out_features, stride=1):
     """1×1 convolution (padding 0, groups 1) given ``mm`` as in :func:`sparse_linear`:
-    ``x [N, in, H, W]`` → ``[N, out, H', W']``; each image is ``W·x[n]`` over ``H'·W'`` pixels."""
+    ``x [N, in, H, W]`` → ``[N, out, H', W']``: one call ``W·[x[i] … x[i+g-1]]`` per group of
+    ``g`` images (:func:`conv_group`: as many as fit :data:`CONV_GROUP_BYTES`, so the input a
+    call reads stays in cache), their ``g·H'·W'`` pixels side by side."""
     if stride != 1:
         x = x[:, :, ::stride, ::stride]
     n, c, h, w = x.shape
-    xs = x.contiguous().reshape(n, c, h * w)
-    ys = [mm(xs[i], False) for i in range(n)]
-    if not ys:
-        return x.new_empty((0, out_features, h, w))
-    return torch.stack(ys).reshape(n, out_features, h, w)
+    if n <= 1:
+        return mm(x.reshape(c, h * w), False).view(n, out_features, h, w)
+    g = conv_group(n, c * h * w * x.element_size())
+    out = x.new_empty(n, out_features, h, w)
+    for i in range(0, n, g):
+        xi = x[i:i + g]
+        y = mm(xi.transpose(0, 1).reshape(c, xi.shape[0] * h * w), False)
+        out[i:i + g] = y.view(out_features, xi.shape[0], h, w).transpose(0, 1)
+    return out
 
 
 def _bias(bias, val):
