@@ -251,7 +251,7 @@ def sparse_conv1x1(x, mm, out_features, stride=1):
         x = x[:, :, ::stride, ::stride]
     n, c, h, w = x.shape
     if n <= 1:
-        return mm(x.reshape(c, h * w), False).view(n, out_features, h, w)
+        return mm(x.reshape(c, n * h * w), False).view(n, out_features, h, w)
     g = conv_group(n, c * h * w * x.element_size())
     out = x.new_empty(n, out_features, h, w)
     for i in range(0, n, g):
