@@ -372,3 +372,10 @@ def test_modules_compile_equal_eager(make):
         torch.testing.assert_close(torch.compile(m, backend="eager")(x), expect, **TOL)
         if "Conv2d" not in type(m).__name__:  # the KxK convs keep per-shape Python caches
             torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="eager")(x), expect, **TOL)
+
+
+def test_eval_module_input_requiring_grad_has_no_silent_backward():
+    m = CSRLinear.from_dense(prune_(nn.Linear(8, 4), 0.5)).eval()
+    y = m(torch.randn(2, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match="autograd"):
+        y.sum().backward()

@@ -362,6 +362,7 @@ def test_eager_fast_path_equals_registered_op(case):
     fast, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
     assert spmm._op(name, registered, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
     assert spmm._op(name, registered, x.to("meta")) is registered
+    assert spmm._op(name, registered, x.detach().requires_grad_()) is registered  # no silent backward
     y = fast(*args)
     assert torch.equal(y, registered(*args))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the C++ op's fake kernel

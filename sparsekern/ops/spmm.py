@@ -27,7 +27,8 @@ else the reference (``sparsekern.reference``).
 No autograd: these are inference ops. :func:`csr_mm`, :func:`csr_conv`, :func:`bsr_mm`,
 :func:`nm_mm` and :func:`ck_conv` call them: in eager mode on CPU straight into the C++ op
 (``torch.ops.sparsekern_C``, skipping the registered op's Python dispatch: ~10-30 us a call);
-under torch.compile, on CUDA or meta, the registered ``torch.ops.sparsekern.*`` op.
+under torch.compile, on CUDA or meta, or for an ``x`` that requires grad, the registered
+``torch.ops.sparsekern.*`` op.
 """
 from types import SimpleNamespace
 
@@ -98,8 +99,10 @@ def _ck_conv(rowptr: torch.Tensor, chan: torch.Tensor, val: torch.Tensor, taps: 
 
 def _op(name, registered, x):
     """The kernel ``name`` of ``_k(x)`` itself in eager mode on CPU (the C++ op, or the reference
-    without it), else the registered op (torch.compile, fake/meta tensors, CUDA)."""
-    if x.is_cpu and not torch.compiler.is_compiling():
+    without it), else the registered op (torch.compile, meta tensors, CUDA, and an ``x`` that
+    requires grad: the registered op's backward raises "no autograd formula" instead of the C++
+    op's silent no-gradient)."""
+    if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
         return getattr(_k(x), name)
     return registered
 
@@ -242,6 +245,20 @@ def sparse_linear(x, mm, out_features):
     return mm(x.reshape(-1, in_features).t().contiguous(), True).view(*x.shape[:-1], out_features)
 
 
+#: Input bytes one batched conv call reads (direct KxK and 1×1): a group's input is still in L2
+#: (from its copy) when the kernel reads it. Whole batches of 256 16×16×64 images in one call
+#: (21 MB) ran 1.5× slower than groups of 16 (AMD EPYC, bench/results/spmm-formats-amd-epyc.md).
+CONV_GROUP_BYTES = 1 << 20
+
+
+def conv_group(n_img, image_bytes):
+    """Images per kernel call of :func:`sparse_conv1x1`, :func:`csr_conv2d` and :func:`ck_conv2d`
+    for a batch of ``n_img`` images of ``image_bytes`` input bytes each (zero-padded phases for a
+    KxK conv): as many as fit :data:`CONV_GROUP_BYTES` (at least one), as equal groups."""
+    calls = -(-n_img // max(1, CONV_GROUP_BYTES // max(1, image_bytes)))
+    return -(-n_img // calls) if n_img else 1
+
+
 def sparse_conv1x1(x, mm, out_features, stride=1):
     """1×1 convolution (padding 0, groups 1) given ``mm`` as in :func:`sparse_linear`:
     ``x [N, in, H, W]`` → ``[N, out, H', W']``: one call ``W·[x[i] … x[i+g-1]]`` per group of
@@ -343,20 +360,6 @@ def _phase_copies(x, scratch, geometry, stride, padding):
                 pairs.append((ph6[:, a, b, :, i0:i0 + ni, j0:j0 + nj],
                               x[:, :, r0:r0 + sh * (ni - 1) + 1:sh, c0:c0 + sw * (nj - 1) + 1:sw].transpose(0, 1)))
     return pairs
-
-
-#: Stacked input bytes one direct-convolution call reads: a group's input is still in L2 (from
-#: its copy) when the kernel reads it. Whole batches of 256 16×16×64 images in one call (21 MB)
-#: ran 1.5× slower than groups of 16 (AMD EPYC, bench/results/spmm-formats-amd-epyc.md).
-CONV_GROUP_BYTES = 1 << 20
-
-
-def conv_group(n_img, image_bytes):
-    """Images per kernel call of :func:`csr_conv2d` / :func:`ck_conv2d` for a batch of ``n_img``
-    images of ``image_bytes`` zero-padded phase bytes each: as many as fit
-    :data:`CONV_GROUP_BYTES` (at least one), as equal groups."""
-    calls = -(-n_img // max(1, CONV_GROUP_BYTES // max(1, image_bytes)))
-    return -(-n_img // calls) if n_img else 1
 
 
 def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache):
