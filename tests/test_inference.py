@@ -154,7 +154,7 @@ def test_errors():
 def test_csr_conv2d_module(stride, padding, dilation):
     conv = prune_(nn.Conv2d(6, 10, 3, stride, padding, dilation), 0.8).eval()
     m = CSRConv2d.from_dense(conv).eval()
-    for shape in [(1, 6, 9, 9), (2, 6, 12, 7), (1, 6, 9, 9)]:  # repeated size: cached offsets
+    for shape in [(1, 6, 9, 9), (2, 6, 12, 7), (5, 6, 9, 9), (1, 6, 9, 9), (5, 6, 9, 9), (0, 6, 9, 9)]:  # cached
         x = torch.randn(shape)
         torch.testing.assert_close(m(x), conv(x).detach(), **TOL)
     with pytest.raises(ValueError, match="groups 1"):
@@ -219,7 +219,7 @@ def test_ck_conv2d_module(stride, padding, dilation, bias):
         conv.weight.mul_(sk.ck_mask(conv.weight, 0.7))
     m = CKConv2d.from_dense(conv).eval()
     with torch.no_grad():
-        for shape in [(1, 8, 9, 9), (2, 8, 12, 7), (1, 8, 9, 9)]:  # repeated size: cached taps
+        for shape in [(1, 8, 9, 9), (2, 8, 12, 7), (5, 8, 9, 9), (1, 8, 9, 9), (5, 8, 9, 9)]:  # cached taps
             x = torch.randn(shape)
             torch.testing.assert_close(m(x), conv(x), **TOL)
         torch.testing.assert_close(m.weight_dense(), conv.weight)
@@ -352,3 +352,30 @@ def test_convert_guard_never_keeps_a_slower_layer():
         assert r.dense_ms is not None
     with torch.no_grad():
         torch.testing.assert_close(conv(x), expect, **TOL)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CSRLinear.from_dense(prune_(nn.Linear(24, 10), 0.7)),
+    lambda: NMLinear.from_dense(nn.Linear(24, 10), n=4, m=4),
+    lambda: BSRLinear.from_dense(prune_(nn.Linear(24, 10), 0.7), block=(2, 4)),
+    lambda: CSRConv1x1.from_dense(prune_(nn.Conv2d(24, 10, 1, stride=2), 0.7)),
+    lambda: CSRConv2d.from_dense(prune_(nn.Conv2d(24, 10, 3, padding=1), 0.7)),
+    lambda: CKConv2d.from_dense(prune_(nn.Conv2d(24, 10, 3, stride=2, dilation=2), 0.7)),
+])
+def test_modules_compile_equal_eager(make):
+    """The modules' eager path calls the C++ kernels directly; torch.compile traces the
+    registered ops (fake kernels) instead: same results."""
+    m = make().eval()
+    x = torch.randn(3, 24, 9, 9) if "Conv" in type(m).__name__ else torch.randn(3, 24)
+    with torch.no_grad():
+        expect = m(x)
+        torch.testing.assert_close(torch.compile(m, backend="eager")(x), expect, **TOL)
+        if "Conv2d" not in type(m).__name__:  # the KxK convs keep per-shape Python caches
+            torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="eager")(x), expect, **TOL)
+
+
+def test_eval_module_input_requiring_grad_has_no_silent_backward():
+    m = CSRLinear.from_dense(prune_(nn.Linear(8, 4), 0.5)).eval()
+    y = m(torch.randn(2, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match="autograd"):
+        y.sum().backward()

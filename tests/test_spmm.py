@@ -63,8 +63,10 @@ def test_csr_linear_leading_dims(lead):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("n", [1, 3])
-def test_csr_conv1x1(stride, n):
+@pytest.mark.parametrize("n,per_call", [(0, None), (1, None), (3, None), (5, 2)])  # images per kernel call
+def test_csr_conv1x1(stride, n, per_call, monkeypatch):
+    if per_call:
+        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
     w, b = sparse_weight(24, 13, 0.3).reshape(24, 13, 1, 1), torch.randn(24)
     x = torch.randn(n, 13, 9, 7)
     y = csr_conv1x1(x, *csr_from_dense(w.reshape(24, 13)), b, 24, stride)
@@ -115,6 +117,10 @@ def test_bad_inputs():
         csr_from_dense(torch.ones(2))
 
 
+#: (batch, images per kernel call): the whole batch stacked in one call, or groups of 2, 2, 1.
+BATCHES = [(1, None), (2, None), (5, None), (5, 2)]
+
+
 @pytest.mark.parametrize("cfg", [
     # (out, in, kernel, stride, padding, dilation, H, W)
     (8, 3, (3, 3), (1, 1), (1, 1), (1, 1), 7, 9),
@@ -130,19 +136,21 @@ def test_bad_inputs():
 ])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_csr_conv2d(kern, cfg, density, has_bias, monkeypatch):
-    from sparsekern.ops import spmm
-
+@pytest.mark.parametrize("batch,per_call", BATCHES)
+def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
     bias = torch.randn(out) if has_bias else None
-    x = torch.randn(2, inp, h, w)
+    x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    if per_call:
+        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
     args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
-    y, scratch = spmm.csr_conv2d(x, *args)
+    cache = {}
+    y = spmm.csr_conv2d(x, *args, cache=cache)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
     torch.testing.assert_close(y, expect, **TOL)
-    y, _ = spmm.csr_conv2d(x.flip(0), *args, scratch=scratch)  # reused buffer
+    y = spmm.csr_conv2d(x.flip(0), *args, cache=cache)  # reused offsets and buffers
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -243,22 +251,26 @@ CONV_CFGS = [
 @pytest.mark.parametrize("cfg", CONV_CFGS)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_ck_conv2d(kern, cfg, sparsity, has_bias, monkeypatch):
+@pytest.mark.parametrize("batch,per_call", BATCHES)
+def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = torch.randn(out, inp, *k)
     wt = wt * sk.ck_mask(wt, sparsity)
     wt[:, :, 0, 0] = 0  # partly zero kernels are stored whole
     wt[1] = 0  # an output channel with no kernel
     bias = torch.randn(out) if has_bias else None
-    x = torch.randn(2, inp, h, w)
+    x = torch.randn(batch, inp, h, w + 2)[..., 1:-1]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    if per_call:
+        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
     rowptr, chan, val = ck_from_dense(wt)
     assert val.shape[1] == k[0] * k[1] and rowptr[2] == rowptr[1]
     args = (rowptr, chan, val, bias, out, k, stride, padding, dilation)
-    y, scratch = spmm.ck_conv2d(x, *args)
+    cache = {}
+    y = spmm.ck_conv2d(x, *args, cache=cache)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
     torch.testing.assert_close(y, expect, **TOL)
-    y, _ = spmm.ck_conv2d(x.flip(0), *args, scratch=scratch)
+    y = spmm.ck_conv2d(x.flip(0), *args, cache=cache)
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -274,8 +286,10 @@ def test_new_ops_large_multithreaded():  # many parallel_for chunks
         torch.testing.assert_close(ops.nm_mm(*nm_from_dense(wn, 1, 4), b, x, 1, 4, 1000, False), wn @ x + b[:, None], **TOL)
     wt = torch.randn(300, 64, 3, 3)
     wt = wt * sk.ck_mask(wt, 0.8)
-    x = torch.randn(1, 64, 20, 20)
-    y, _ = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    x = torch.randn(3, 64, 20, 20)  # grid of row blocks × column chunks over the stacked images
+    y = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
+    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(300, -1)), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
 
 
@@ -304,6 +318,58 @@ def test_new_ops_compile_fullgraph():
         x, lambda xt, tr: spmm._bsr_mm(rowptr, col, val, torch.empty(0), xt, 16, tr), 16), fullgraph=True, backend="eager")
     x = torch.randn(4, 8)
     torch.testing.assert_close(f(x), F.linear(x, w), **TOL)
+
+
+def test_conv2d_empty_batch():
+    wt = sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
+    x = torch.randn(0, 3, 6, 5)
+    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(4, -1)), None, 4, (3, 3), (2, 2), (1, 1), (1, 1))
+    assert y.shape == (0, 4, 3, 3)
+    y = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 4, (3, 3), (1, 1), (0, 0), (1, 1))
+    assert y.shape == (0, 4, 4, 3)
+
+
+def test_conv_group():
+    assert spmm.conv_group(256, spmm.CONV_GROUP_BYTES // 16) == 16
+    assert spmm.conv_group(20, spmm.CONV_GROUP_BYTES // 16) == 10  # two equal calls, not 16 + 4
+    assert spmm.conv_group(3, spmm.CONV_GROUP_BYTES * 4) == 1
+    assert spmm.conv_group(5, 1) == 5
+
+
+def _op_cases():
+    """(name, arguments) of each spmm op on small valid inputs."""
+    w = sparse_weight(9, 8, 0.4)
+    x, e = torch.randn(8, 5), torch.empty(0)
+    rowptr, col, val = csr_from_dense(w)
+    wn = w * sk.nm_mask(w, 2, 4)
+    wt = torch.randn(6, 4, 3, 3)
+    ck = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
+    return [("csr_mm", (rowptr, col, val, torch.randn(9), x, 9, True)),
+            ("csr_mm", (rowptr, col, val, e, x[:, :1].contiguous(), 9, False)),
+            ("csr_conv", (rowptr, (col * 3).int(), val, e, torch.randn(8 * 3 + 6), 6, 9, 7, 3, 2)),
+            ("bsr_mm", (*bsr_from_dense(w, (2, 3)), e, x, 9, False)),
+            ("nm_mm", (*nm_from_dense(wn, 2, 4), e, x, 2, 4, 9, True)),
+            ("ck_conv", (*ck, spmm.conv_taps((3, 3), (1, 1), (1, 1), 5, 5), torch.randn(6),
+                         torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_eager_fast_path_equals_registered_op(case):
+    """spmm.<op> calls the C++ op directly in eager CPU mode (no registered-op dispatch; fake
+    tensors too), the registered op off CPU and under compile; both give identical results."""
+    name, args = _op_cases()[case]
+    x = args[4 if name != "nm_mm" else 3]
+    fast, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
+    assert spmm._op(name, registered, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
+    assert spmm._op(name, registered, x.to("meta")) is registered
+    assert spmm._op(name, registered, x.detach().requires_grad_()) is registered  # no silent backward
+    y = fast(*args)
+    assert torch.equal(y, registered(*args))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the C++ op's fake kernel
+        fake = fast(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert fake.shape == y.shape
+    compiled = torch.compile(lambda *a: fast(*a), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(*args), y)
 
 
 def test_new_ops_bad_inputs():

@@ -73,10 +73,34 @@ constexpr int64_t kConvRows = 64;  // rows sharing one channel slab (csr_conv)
 
 SK_INLINE v16 splat(float a) { return v16{} + a; }
 
-// One work grain: ~32K multiply-adds per task so small layers stay on one thread.
+// Multiply-adds per task (~50-100 us): a layer below two grains (e.g. ResNet-50's fc at batch 1,
+// 90 % sparse: 205K) stays on one thread, as MKL keeps small dense layers: a parallel region
+// costs more than it saves there, and on a loaded machine waits for a time slice (~8 ms).
+constexpr int64_t kGrainMacs = 1 << 18;
+
+// One work grain of rows: ~kGrainMacs multiply-adds per task.
 SK_INLINE int64_t grain_rows(int64_t stored, int64_t rows, int64_t n, int64_t align) {
   const int64_t per_row = std::max<int64_t>(1, stored / std::max<int64_t>(1, rows) * n);
-  return std::max<int64_t>(align, (32768 / per_row) / align * align);
+  return std::max<int64_t>(align, (kGrainMacs / per_row) / align * align);
+}
+
+// The direct convolutions' work grid: blocks of kConvRows rows × chunks of whole column tiles,
+// each task at least ~kGrainMacs multiply-adds. A batch folded into the wide columns (a group
+// of images stacked into one tall image) makes n large: the chunks spread it over the threads. Calls
+// leaf(row0, row1, col0, col1) for every task, row blocks outer, columns inner (a thread's
+// contiguous run of tasks reuses one row block's weights).
+template <typename Leaf>
+void conv_grid(int64_t rows, int64_t n, int64_t stored, const Leaf& leaf) {
+  const int64_t rb = std::min(rows, kConvRows), nrb = (rows + rb - 1) / rb;
+  const int64_t per_col = std::max<int64_t>(1, stored / std::max<int64_t>(1, rows) * rb);
+  const int64_t chunk = std::max<int64_t>(1, kGrainMacs / per_col / kTile) * kTile;
+  const int64_t ncc = (n + chunk - 1) / chunk;
+  at::parallel_for(0, nrb * ncc, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / ncc * rb, c = t % ncc * chunk;
+      leaf(r, std::min(rows, r + rb), c, std::min(n, c + chunk));
+    }
+  });
 }
 
 // Writes rows r0..r0+rows of a column tile n0..n0+w from buf (row stride kTile) into y.
@@ -212,19 +236,20 @@ SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64
   }
 }
 
-// Rows b0..b1 of y[o, j] = bias[o] + Σ val·x[off + j] (csr_conv), channel-slab blocked: for
+// Rows b0..b1, wide columns c0..c1 of y[o, j] = bias[o] + Σ val·x[off + j] (csr_conv), channel-slab blocked: for
 // each column tile the nonzeros are consumed slab by slab (offsets below k·slab) across a block
 // of kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses
 // it; the rows' partial sums live in a small buffer.
 SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, const float* x, int64_t n, int64_t slab,
-                         int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1) {
+                         int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
+                         int64_t c0, int64_t c1) {
   alignas(64) float acc[kConvRows * kTile];
   int64_t cur[kConvRows];
   for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
     const int64_t r1 = std::min(b1, r0 + kConvRows), rows = r1 - r0;
-    for (int64_t n0 = 0; n0 < n;) {
-      const int64_t left = n - n0;
+    for (int64_t n0 = c0; n0 < c1;) {
+      const int64_t left = c1 - n0;
       const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
       for (int64_t r = 0; r < rows; ++r) {
         cur[r] = rowptr[r0 + r];
@@ -255,16 +280,23 @@ SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const floa
   const uint32_t limit = uint32_t(std::min<int64_t>(in, UINT32_MAX));
   uint32_t bad = 0;
   for (int64_t r = b0; r < b1; ++r) {
-    float s = 0.f;
+    float s[8] = {};  // 8 independent sums: the loop is bound by loads, not by FMA latency
+    int64_t i = rowptr[r];
     const int64_t e = rowptr[r + 1];
-#pragma omp simd reduction(+ : s) reduction(| : bad)
-    for (int64_t i = rowptr[r]; i < e; ++i) {
-      const uint32_t c = uint32_t(col[i]);  // negative -> huge
+    for (; i + 8 <= e; i += 8)
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t c = uint32_t(col[i + k]);  // negative -> huge
+        const bool ok = c < limit;
+        bad |= !ok;
+        s[k] += val[i + k] * x[ok ? c : 0];
+      }
+    for (; i < e; ++i) {
+      const uint32_t c = uint32_t(col[i]);
       const bool ok = c < limit;
       bad |= !ok;
-      s += val[i] * x[ok ? c : 0];
+      s[0] += val[i] * x[ok ? c : 0];
     }
-    y[r] = s + (bias ? bias[r] : 0.f);
+    y[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + (bias ? bias[r] : 0.f);
   }
   return bad != 0;
 }
@@ -549,13 +581,13 @@ template <int NT>
 SK_INLINE void ck_leaf_t(const int64_t* rowptr, const int32_t* chan, const float* val,
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
-                           int64_t wv, float* y, int64_t b0, int64_t b1) {
+                           int64_t wv, float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
   alignas(64) float acc[kConvRows * kTile];
   int64_t cur[kConvRows];
   for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
     const int64_t r1 = std::min(b1, r0 + kConvRows), rows = r1 - r0;
-    for (int64_t n0 = 0; n0 < n;) {
-      const int64_t left = n - n0;
+    for (int64_t n0 = c0; n0 < c1;) {
+      const int64_t left = c1 - n0;
       const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
       for (int64_t r = 0; r < rows; ++r) {
         cur[r] = rowptr[r0 + r];
@@ -580,11 +612,11 @@ SK_INLINE void ck_leaf_t(const int64_t* rowptr, const int32_t* chan, const float
 SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
-                           int64_t wv, float* y, int64_t b0, int64_t b1) {
+                           int64_t wv, float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
   if (nt == 9)  // 3×3
-    ck_leaf_t<9>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1);
+    ck_leaf_t<9>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1, c0, c1);
   else
-    ck_leaf_t<0>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1);
+    ck_leaf_t<0>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1, c0, c1);
 }
 
 }  // namespace
@@ -717,10 +749,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  const int64_t grain = grain_rows(nnz, out_features, n, kRowBlock);
   const int64_t span = x.numel();  // every offset is below it
-  at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e);
+  conv_grid(out_features, n, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
+    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e, c0, c1);
   });
   return y;
 }
@@ -848,10 +879,9 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  const int64_t grain = grain_rows(val.numel(), out_features, n, kRowBlock);
   const int64_t channels = x.numel() / plane + 1;  // every channel index is below it
-  at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, yp, b, e);
+  conv_grid(out_features, n, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
+    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, yp, b, e, c0, c1);
   });
   return y;
 }

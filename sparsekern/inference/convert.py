@@ -46,13 +46,15 @@ BLOCK_SHAPES = ((4, 4), (8, 8), (16, 16), (4, 1), (1, 8))
 #: (4+ rows share each input row load) for mm, by ``bi`` (contiguous input) for mv. Measured on
 #: AMD EPYC, 1 thread, 4096² Linear and ResNet-50 conv shapes at 90 % (rough: they only rank).
 COST_NS = {
-    "mv": {"dense": 0.17, "csr": 0.54, "nm": 0.45, "block": lambda bo, bi: 0.30 if bi >= 4 else 0.6},
+    "mv": {"dense": 0.17, "csr": 0.45, "nm": 0.45, "block": lambda bo, bi: 0.30 if bi >= 4 else 0.6},
     "mm": {"dense": 0.02, "csr": 0.04, "nm": 0.035,
            "block": lambda bo, bi: 0.021 if bo >= 4 else 0.033 if bo == 2 else 0.06},
     "conv": {"dense": 0.013, "csr": 0.04, "ck": 0.038},
 }
-#: Fixed microseconds per call (dispatch, wrappers) and per image (conv loops).
-OVERHEAD_US = {"dense": 5.0, "sparse": 15.0, "image": 5.0}
+#: Fixed microseconds per call (module, dispatch: the sparse modules call the C++ kernels
+#: directly) and per image (a direct conv's copy into its padded buffer; one kernel call per
+#: group of images).
+OVERHEAD_US = {"dense": 4.0, "sparse": 7.0, "image": 1.0}
 #: Sparse candidates measured against dense per layer.
 TOP_K = 3
 #: Input shapes used when ``example_input`` is None: Linear ``[1, in]`` (batch 1),

@@ -46,6 +46,7 @@ class _Sparse(nn.Module):
         for name, t in self._encode(weight.detach()).items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())
+        self.register_buffer("_no_bias", torch.empty(0), persistent=False)  # the kernels' "no bias"
 
     @property
     def density(self):
@@ -54,7 +55,9 @@ class _Sparse(nn.Module):
         return int(torch.count_nonzero(self.val)) / max(1, numel)
 
     def _b(self):
-        return self.bias if self.bias is not None else self.val.new_empty(0)
+        """The bias, or an empty tensor for none (``_buffers`` read directly: forward is hot)."""
+        b = self._buffers
+        return b["bias"] if b["bias"] is not None else b["_no_bias"]
 
     def _check(self, x, channel_dim, ndim=None):
         name = type(self).__name__
@@ -65,8 +68,9 @@ class _Sparse(nn.Module):
             raise ValueError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != torch.float32:
             raise ValueError(f"{name}: input must be float32 (the sparse weight is float32), got {x.dtype}")
-        if x.device != self.val.device:
-            raise ValueError(f"{name}: input is on {x.device} but the sparse weight is on {self.val.device}")
+        val = self._buffers["val"]
+        if x.device != val.device:
+            raise ValueError(f"{name}: input is on {x.device} but the sparse weight is on {val.device}")
         if ndim is not None and x.dim() != ndim:
             raise ValueError(f"{name}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
         if x.dim() == 0 or x.shape[channel_dim] != self.in_features:
@@ -95,7 +99,8 @@ class _CSR:
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def _mm(self, x, transpose_out):
-        return spmm._csr_mm(self.rowptr, self.col, self.val, self._b(), x, self.out_features, transpose_out)
+        b = self._buffers
+        return spmm.csr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out)
 
     def weight_dense(self):
         """The dense weight ``[out, in]`` (``[out, C·R·S]`` for a KxK conv), zeros restored."""
@@ -111,7 +116,8 @@ class _BSR:
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def _mm(self, x, transpose_out):
-        return spmm._bsr_mm(self.rowptr, self.col, self.val, self._b(), x, self.out_features, transpose_out)
+        b = self._buffers
+        return spmm.bsr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out)
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
@@ -130,7 +136,8 @@ class _NM:
         return {"val": val, "idx": idx, "nm": torch.tensor([self.n, self.m])}
 
     def _mm(self, x, transpose_out):
-        return spmm._nm_mm(self.val, self.idx, self._b(), x, self.n, self.m, self.out_features, transpose_out)
+        b = self._buffers
+        return spmm.nm_mm(b["val"], b["idx"], self._b(), x, self.n, self.m, self.out_features, transpose_out)
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
@@ -192,7 +199,7 @@ class _Conv1x1(_Linear):
 
 class _ConvKxK(_Sparse):
     """KxK convolution (groups 1, zero padding): x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']``
-    as ``F.conv2d``. Caches per input size (offsets/taps, the zero-padded input buffer)."""
+    as ``F.conv2d``. Caches per input size and thread (offsets/taps, zero-padded input buffers)."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
         """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation: int
@@ -214,17 +221,14 @@ class _ConvKxK(_Sparse):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
-        key = tuple(x.shape[2:])
-        if key not in self._index:
-            hq, wq = spmm.conv_geometry(*key, self.kernel_size, self.stride, self.padding, self.dilation)[:2]
-            self._index[key] = self._conv_index(hq, wq)
-        skey = (threading.get_ident(),) + tuple(x.shape[1:])
-        y, self._scratch[skey] = self._conv(x, self._index[key], self._scratch.get(skey))
-        return y
+        key = (threading.get_ident(),) + tuple(x.shape[1:])
+        cache = self._cache.get(key)
+        if cache is None:
+            cache = self._cache[key] = {}
+        return self._conv(x, cache)
 
     def _clear_caches(self):
-        self._index = {}  # (H, W) -> offsets (csr) / taps (ck) for this input size
-        self._scratch = {}  # (thread, C, H, W) -> zero-padded input buffer, reused
+        self._cache = {}  # (thread, C, H, W) -> the kernel's offsets/taps and input buffers
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
         self._clear_caches()
@@ -232,7 +236,7 @@ class _ConvKxK(_Sparse):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_index": {}, "_scratch": {}}
+        return {**state, "_cache": {}}
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
@@ -283,12 +287,9 @@ class CSRConv2d(_CSR, _ConvKxK):
     """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR: direct sparse
     convolution over a zero-padded image (``csr_conv``)."""
 
-    def _conv_index(self, hq, wq):
-        return spmm.conv_offsets(self.col, self.kernel_size, self.stride, self.dilation, self.in_features, hq, wq)
-
-    def _conv(self, x, offsets, scratch):
+    def _conv(self, x, cache):
         return spmm.csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
-                               self.kernel_size, self.stride, self.padding, self.dilation, offsets, scratch)
+                               self.kernel_size, self.stride, self.padding, self.dilation, cache)
 
 
 class CKConv2d(_ConvKxK):
@@ -309,12 +310,9 @@ class CKConv2d(_ConvKxK):
         w[rows, self.chan.long()] = self.val.reshape(-1, *self.kernel_size)
         return w
 
-    def _conv_index(self, hq, wq):
-        return spmm.conv_taps(self.kernel_size, self.stride, self.dilation, hq, wq)
-
-    def _conv(self, x, taps, scratch):
+    def _conv(self, x, cache):
         return spmm.ck_conv2d(x, self.rowptr, self.chan, self.val, self.bias, self.out_features,
-                              self.kernel_size, self.stride, self.padding, self.dilation, taps, scratch)
+                              self.kernel_size, self.stride, self.padding, self.dilation, cache)
 
 
 class SemiStructuredLinear(nn.Module):

@@ -24,7 +24,11 @@ More formats, same ``x`` / ``y`` layouts:
 
 Kernels: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
 else the reference (``sparsekern.reference``).
-No autograd: these are inference ops.
+No autograd: these are inference ops. :func:`csr_mm`, :func:`csr_conv`, :func:`bsr_mm`,
+:func:`nm_mm` and :func:`ck_conv` call them: in eager mode on CPU straight into the C++ op
+(``torch.ops.sparsekern_C``, skipping the registered op's Python dispatch: ~10-30 us a call);
+under torch.compile, on CUDA or meta, or for an ``x`` that requires grad, the registered
+``torch.ops.sparsekern.*`` op.
 """
 from types import SimpleNamespace
 
@@ -91,6 +95,46 @@ def _ck_conv(rowptr: torch.Tensor, chan: torch.Tensor, val: torch.Tensor, taps: 
              bias: torch.Tensor, x: torch.Tensor, n: int, out_features: int, plane: int, slab: int,
              wp: int, wv: int) -> torch.Tensor:
     return _k(x).ck_conv(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
+
+
+def _op(name, registered, x):
+    """The kernel ``name`` of ``_k(x)`` itself in eager mode on CPU (the C++ op, or the reference
+    without it), else the registered op (torch.compile, meta tensors, CUDA, and an ``x`` that
+    requires grad: the registered op's backward raises "no autograd formula" instead of the C++
+    op's silent no-gradient)."""
+    if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
+        return getattr(_k(x), name)
+    return registered
+
+
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+    """``torch.ops.sparsekern.csr_mm`` (C++ directly in eager CPU mode)."""
+    op = _op("csr_mm", _csr_mm, x)
+    return op(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+
+
+def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
+    """``torch.ops.sparsekern.csr_conv`` (C++ directly in eager CPU mode)."""
+    op = _op("csr_conv", _csr_conv, x)
+    return op(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
+
+
+def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+    """``torch.ops.sparsekern.bsr_mm`` (C++ directly in eager CPU mode)."""
+    op = _op("bsr_mm", _bsr_mm, x)
+    return op(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+
+
+def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
+    """``torch.ops.sparsekern.nm_mm`` (C++ directly in eager CPU mode)."""
+    op = _op("nm_mm", _nm_mm, x)
+    return op(val, idx, bias, x.contiguous(), n, m, out_features, transpose_out)
+
+
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
+    """``torch.ops.sparsekern.ck_conv`` (C++ directly in eager CPU mode)."""
+    op = _op("ck_conv", _ck_conv, x)
+    return op(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
 
 
 def _check_2d(w, fn):
@@ -196,23 +240,42 @@ def sparse_linear(x, mm, out_features):
     the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1 transposes
     ``x`` once to ``[in, B]``."""
     in_features = x.shape[-1]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    xt = x2.reshape(in_features, 1) if x2.shape[0] == 1 else x2.t().contiguous()
-    return mm(xt, True).reshape(*lead, out_features)
+    if x.numel() == in_features and in_features:  # batch 1: a column already
+        return mm(x.reshape(in_features, 1), True).view(*x.shape[:-1], out_features)
+    return mm(x.reshape(-1, in_features).t().contiguous(), True).view(*x.shape[:-1], out_features)
+
+
+#: Input bytes one batched conv call reads (direct KxK and 1×1): a group's input is still in L2
+#: (from its copy) when the kernel reads it. Whole batches of 256 16×16×64 images in one call
+#: (21 MB) ran 1.5× slower than groups of 16 (AMD EPYC, bench/results/spmm-formats-amd-epyc.md).
+CONV_GROUP_BYTES = 1 << 20
+
+
+def conv_group(n_img, image_bytes):
+    """Images per kernel call of :func:`sparse_conv1x1`, :func:`csr_conv2d` and :func:`ck_conv2d`
+    for a batch of ``n_img`` images of ``image_bytes`` input bytes each (zero-padded phases for a
+    KxK conv): as many as fit :data:`CONV_GROUP_BYTES` (at least one), as equal groups."""
+    calls = -(-n_img // max(1, CONV_GROUP_BYTES // max(1, image_bytes)))
+    return -(-n_img // calls) if n_img else 1
 
 
 def sparse_conv1x1(x, mm, out_features, stride=1):
     """1×1 convolution (padding 0, groups 1) given ``mm`` as in :func:`sparse_linear`:
-    ``x [N, in, H, W]`` → ``[N, out, H', W']``; each image is ``W·x[n]`` over ``H'·W'`` pixels."""
+    ``x [N, in, H, W]`` → ``[N, out, H', W']``: one call ``W·[x[i] … x[i+g-1]]`` per group of
+    ``g`` images (:func:`conv_group`: as many as fit :data:`CONV_GROUP_BYTES`, so the input a
+    call reads stays in cache), their ``g·H'·W'`` pixels side by side."""
     if stride != 1:
         x = x[:, :, ::stride, ::stride]
     n, c, h, w = x.shape
-    xs = x.contiguous().reshape(n, c, h * w)
-    ys = [mm(xs[i], False) for i in range(n)]
-    if not ys:
-        return x.new_empty((0, out_features, h, w))
-    return torch.stack(ys).reshape(n, out_features, h, w)
+    if n <= 1:
+        return mm(x.reshape(c, n * h * w), False).view(n, out_features, h, w)
+    g = conv_group(n, c * h * w * x.element_size())
+    out = x.new_empty(n, out_features, h, w)
+    for i in range(0, n, g):
+        xi = x[i:i + g]
+        y = mm(xi.transpose(0, 1).reshape(c, xi.shape[0] * h * w), False)
+        out[i:i + g] = y.view(out_features, xi.shape[0], h, w).transpose(0, 1)
+    return out
 
 
 def _bias(bias, val):
@@ -222,13 +285,13 @@ def _bias(bias, val):
 def csr_linear(x, rowptr, col, val, bias, out_features):
     """:func:`sparse_linear` with a CSR weight; bias ``[out]`` fp32 or None."""
     b = _bias(bias, val)
-    return sparse_linear(x, lambda xt, tr: _csr_mm(rowptr, col, val, b, xt, out_features, tr), out_features)
+    return sparse_linear(x, lambda xt, tr: csr_mm(rowptr, col, val, b, xt, out_features, tr), out_features)
 
 
 def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
     """:func:`sparse_conv1x1` with a CSR weight ``[out, in]``."""
     b = _bias(bias, val)
-    return sparse_conv1x1(x, lambda xs, tr: _csr_mm(rowptr, col, val, b, xs, out_features, tr),
+    return sparse_conv1x1(x, lambda xs, tr: csr_mm(rowptr, col, val, b, xs, out_features, tr),
                           out_features, stride)
 
 
@@ -275,12 +338,13 @@ def conv_offsets(col, kernel_size, stride, dilation, channels, hq, wq):
 
 
 def _phase_copies(x, scratch, geometry, stride, padding):
-    """``(destination, source)`` view pairs that copy one image ``x [C, H, W]`` into the
-    phases of ``scratch`` (:func:`conv_geometry`); the rest of ``scratch`` stays zero."""
+    """``(destination, source)`` view pairs that copy a batch ``x [N, C, H, W]`` into the
+    phases of ``scratch`` ``[C, sh, sw, N·hq, wq]`` (:func:`conv_geometry`, images stacked in
+    each phase); the rest of ``scratch`` stays zero."""
     hq, wq = geometry[:2]
     (sh, sw), (ph, pw) = stride, padding
-    c, h, w = x.shape
-    ph5 = scratch[:c * sh * sw * hq * wq].view(c, sh, sw, hq, wq)
+    n_img, c, h, w = x.shape
+    ph6 = scratch[:c * sh * sw * n_img * hq * wq].view(c, sh, sw, n_img, hq, wq)
 
     def span(a, step, pad, size):  # first phase index, count, first source index
         i0 = max(0, -(-(pad - a) // step))
@@ -293,67 +357,77 @@ def _phase_copies(x, scratch, geometry, stride, padding):
         for b in range(sw):
             j0, nj, c0 = span(b, sw, pw, w)
             if ni > 0 and nj > 0:
-                pairs.append((ph5[:, a, b, i0:i0 + ni, j0:j0 + nj],
-                              (slice(r0, r0 + sh * (ni - 1) + 1, sh), slice(c0, c0 + sw * (nj - 1) + 1, sw))))
+                pairs.append((ph6[:, a, b, :, i0:i0 + ni, j0:j0 + nj],
+                              x[:, :, r0:r0 + sh * (ni - 1) + 1:sh, c0:c0 + sw * (nj - 1) + 1:sw].transpose(0, 1)))
     return pairs
 
 
-def _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch):
-    """The image loop of :func:`csr_conv2d` / :func:`ck_conv2d`: each image copied into the
-    zero-padded phase buffer (:func:`conv_geometry`), ``run(buf, geometry) -> [out, h_out, w_out]``."""
+def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache):
+    """The batch loop of :func:`csr_conv2d` / :func:`ck_conv2d`: groups of ``g`` images
+    (:func:`conv_group`) stacked in one zero-padded tall image of stride phases ``[C, sh, sw,
+    g·hq, wq]`` (image ``i`` holds phase rows ``i·hq ..``), each group one kernel call
+    ``run(buf, idx, g·hq, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
+    wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and dropped).
+    ``cache`` maps ``g`` to ``(idx, buf)``: ``idx = index(g·hq, wq)`` (offsets or taps) and the
+    buffer, whose padding stays zero."""
     n_img, c, h, w = x.shape
-    geometry = conv_geometry(h, w, kernel_size, stride, padding, dilation)
-    hq, wq, h_out, w_out = geometry
-    size = c * stride[0] * stride[1] * hq * wq
-    if scratch is None:  # slack: the last wide row reads past the image
-        scratch = x.new_zeros(size + (dilation[1] * (kernel_size[1] - 1)) // stride[1])
-    copies = _phase_copies(x[0] if n_img else x.new_empty(c, h, w), scratch, geometry, stride, padding)
-    ys = []
-    for i in range(n_img):
-        for dst, (rows, cols) in copies:
-            dst.copy_(x[i][:, rows, cols])
-        ys.append(run(scratch, geometry))
-    out = torch.stack(ys) if ys else x.new_empty(0, out_features, h_out, w_out)
-    return out, scratch
+    (sh, sw), size_of = stride, x.element_size()
+    hq, wq, h_out, w_out = conv_geometry(h, w, kernel_size, stride, padding, dilation)
+    if n_img == 0:
+        return x.new_empty(0, out_features, h_out, w_out)
+    g = conv_group(n_img, c * sh * sw * hq * wq * size_of)
+    out = None if g >= n_img else x.new_empty(n_img, out_features, h_out, w_out)  # None: one call
+    for i in range(0, n_img, g):
+        xi = x[i:i + g]
+        gi = xi.shape[0]
+        if gi not in cache:  # slack: the last wide row reads past the image
+            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw)
+            cache[gi] = (index(gi * hq, wq), buf)
+        idx, buf = cache[gi]
+        for dst, src in _phase_copies(xi, buf, (hq, wq), stride, padding):
+            dst.copy_(src)
+        y = run(buf, idx, gi * hq, ((gi - 1) * hq + h_out) * wq, wq, w_out)  # [out, rows, w_out]
+        y = y.unfold(1, h_out, hq).permute(1, 0, 3, 2)  # [gi, out, h_out, w_out]: image j at rows j·hq..
+        if out is None:
+            return y.contiguous()
+        out[i:i + gi] = y
+    return out
 
 
-def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation,
-               offsets=None, scratch=None):
+def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
-    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Each image is copied into a
-    zero-padded buffer of stride phases (:func:`conv_geometry`) and convolved directly, at
-    stride 1 over the phases, in wide rows (see ``csr_conv``): only the strided outputs are
-    computed. ``offsets``: :func:`conv_offsets` for this input size (computed when None);
-    ``scratch``: a reusable buffer from an earlier call with this input size (its padding is
-    still zero), else a new one is made. Returns ``(y, scratch)``."""
+    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Groups of images are
+    copied into a zero-padded buffer of stride phases (:func:`conv_geometry`, images stacked as in
+    :func:`_direct_conv2d`) and convolved directly, one ``csr_conv`` call per group, at stride 1
+    over the phases, in wide rows: only the strided outputs are computed. ``cache``: a dict kept
+    by the caller for this input's ``(C, H, W)`` (and thread): the :func:`conv_offsets` and
+    buffers per group size, reused by later calls."""
     b = _bias(bias, val)
 
-    def run(buf, geometry):
-        nonlocal offsets
-        hq, wq, h_out, w_out = geometry
-        if offsets is None:
-            offsets = conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+    def index(hq, wq):
+        return conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+
+    def run(buf, offsets, hq, n, wq, w_out):
         slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
-        return _csr_conv(rowptr, offsets, val, b, buf, h_out * wq, out_features, slab, wq, w_out)
+        return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out)
 
-    return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
+    return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
+                          {} if cache is None else cache)
 
 
-def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation,
-              taps=None, scratch=None):
+def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
     """:func:`csr_conv2d` with a CK weight (:func:`ck_from_dense`): ``x [N, C, H, W]`` →
-    ``[N, out, H', W']``. ``taps``: :func:`conv_taps` for this input size (computed when None).
-    Returns ``(y, scratch)``."""
+    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size."""
     b = _bias(bias, val)
 
-    def run(buf, geometry):
-        nonlocal taps
-        hq, wq, h_out, w_out = geometry
-        plane = stride[0] * stride[1] * hq * wq
-        if x.shape[1] * plane >= 2 ** 31:
+    def index(hq, wq):
+        if x.shape[1] * stride[0] * stride[1] * hq * wq >= 2 ** 31:
             raise ValueError(f"ck_conv2d: input {tuple(x.shape)} is too large for int32 offsets")
-        if taps is None:
-            taps = conv_taps(kernel_size, stride, dilation, hq, wq)
-        return _ck_conv(rowptr, chan, val, taps, b, buf, h_out * wq, out_features, plane, SLAB_CHANNELS, wq, w_out)
+        return conv_taps(kernel_size, stride, dilation, hq, wq)
 
-    return _direct_conv2d(x, run, out_features, kernel_size, stride, padding, dilation, scratch)
+    def run(buf, taps, hq, n, wq, w_out):
+        plane = stride[0] * stride[1] * hq * wq
+        return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out)
+
+    return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
+                          {} if cache is None else cache)
