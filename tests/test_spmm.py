@@ -412,3 +412,28 @@ def test_new_ops_bad_inputs():
         ck_from_dense(wt.double())
     with pytest.raises(ValueError, match="block"):
         bsr_from_dense(w, (0, 2))
+
+
+def test_registered_ops_on_meta_tensors():
+    """Shapes without data: every registered spmm op runs on meta tensors (the C ops' fake
+    kernels) and gives the shape the CPU kernel gives."""
+    w = sparse_weight(12, 8, 0.5)
+    w24 = w * sk.nm_mask(w, 2, 4)
+    x, e = torch.randn(8, 5), torch.empty(0)
+    wc = torch.randn(4, 3, 3, 3) * sk.ck_mask(torch.randn(4, 3, 3, 3), 0.5)
+    rowptr, chan, val = ck_from_dense(wc)
+    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 6, 6)
+    crowptr, ccol, cval = csr_from_dense(wc.reshape(4, -1))
+    off = spmm.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
+    flat = torch.randn(3 * 36 + 14)
+    cases = [
+        (torch.ops.sparsekern.csr_mm, (*csr_from_dense(w), e, x, 12, True)),
+        (torch.ops.sparsekern.bsr_mm, (*bsr_from_dense(w, (4, 4)), e, x, 12, False)),
+        (torch.ops.sparsekern.nm_mm, (*nm_from_dense(w24, 2, 4), e, x, 2, 4, 12, True)),
+        (torch.ops.sparsekern.csr_conv, (crowptr, off, cval, e, flat, 24, 4, 108, 6, 4)),
+        (torch.ops.sparsekern.ck_conv, (rowptr, chan, val, taps, e, flat, 24, 4, 36, 108, 6, 4)),
+    ]
+    for op, args in cases:
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        y = op(*meta)
+        assert y.device.type == "meta" and y.shape == op(*args).shape, op

@@ -38,7 +38,8 @@ class KernelFamily:
     """The kernel namespaces of one op family, all implementing the family's contract.
 
     ``family(device)`` gives Triton (``sparsekern.triton.<name>``) on CUDA, the C++ library
-    (``torch.ops.sparsekern_C``) on CPU, else ``reference``. ``c_fakes`` maps the family's C++
+    (``torch.ops.sparsekern_C``) on CPU and meta (its fake kernels: shapes without data), else
+    ``reference``. ``c_fakes`` maps the family's C++
     ops to fake kernels (needed when a CPU op body is traced). A library built before the family
     existed lacks those ops: the CPU path then falls back to ``reference``, with a warning.
     """
@@ -58,7 +59,7 @@ class KernelFamily:
     def __call__(self, device):
         if device.type == "cuda" and self.triton:
             return importlib.import_module(f"sparsekern.triton.{self.name}")
-        if device.type == "cpu" and self.has_c:
+        if device.type in ("cpu", "meta") and self.has_c:  # meta: the C ops' fake kernels
             return torch.ops.sparsekern_C
         return self.reference
 
