@@ -45,7 +45,7 @@ import math, torch, sparsekern
 from sparsekern import reference as R
 from sparsekern.ops import masks as M
 C = torch.ops.sparsekern_C
-for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5)]):
+for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5), (33, 64, 1, 1)]):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     w = (w * 1.5).round() / 2 if seed % 2 else w
     w.view(-1)[3] = math.nan
@@ -123,6 +123,18 @@ def test_nm_counts_and_top_magnitudes():
         kept_min = torch.where(g, a, math.inf).amin(2)
         pruned_max = torch.where(g, -math.inf, a).amax(2)
         assert (kept_min >= pruned_max).all()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ck_cut_of_sorted_halves(ties):
+    """CK groups of 33..64 kernels (cut from two sorted halves, the rest padded): every keep,
+    both groupings, equal to the reference."""
+    _backend("cpp")
+    w = _weight((64, 33, 3, 3), ties=ties)
+    w.view(-1)[5] = math.nan
+    for by_out, g in ((False, 64), (True, 33)):
+        for keep in range(g + 1):
+            _eq(torch.ops.sparsekern_C.kernel_mask(w, 9, keep, by_out), M._ref_kernel_mask(w, 9, keep, by_out))
 
 
 def test_lower_index_wins_ties():

@@ -23,7 +23,8 @@
 // N:M groups; up to 16) are ranked on contiguous keys, W elements at a time, against their
 // partners at fixed offsets (no gathers), scores as sliding maxima of the kept keys. CK groups
 // are columns of the [K, C] score matrix (rows for by_out, after a transpose): W groups at once,
-// the cut found by bisection on its bits. Blocks use a 16-bit radix select (two histogram
+// the cut from two sorted halves (33..64 kernels) or by bisection on its bits; 3×3 CK alone
+// expands the kept kernels by byte shuffles. Blocks use a 16-bit radix select (two histogram
 // passes). Tasks get at least kGrain elements, so small layers run on one thread.
 
 #include <ATen/ATen.h>
