@@ -23,7 +23,8 @@ Row fields (ROW_KEYS are required in every row):
   ``peak_extra_bytes`` / ``memory_error`` (threshold fwd+bwd), ``bytes_moved``, ``copy_gbps``,
   ``bandwidth_fraction`` (CUDA: (bytes_moved / median) / measured copy bandwidth), ``sparsity``,
   ``batch``, ``kind`` / ``kernel`` / ``other_load_cpus`` (spmm), ``dense_macs``, ``macs``,
-  ``layers_converted``, ``layers_total``, ``worst_layer_speedup`` (spmm whole model), ``layers``,
+  ``layers_converted``, ``layers_total``, ``worst_layer_speedup`` (spmm whole model, and Linear
+  batch 64 after ``convert``: dense / converted timed side by side), ``layers``,
   ``max_abs_diff`` (train_step: eager vs sparsekern outputs; spmm whole model: converted vs dense)
 """
 import math
