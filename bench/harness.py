@@ -314,7 +314,9 @@ def environment(device):
         "torch": torch.__version__,
         "triton": triton_version,
         "git_sha": _git("rev-parse", "HEAD") or "no commit",
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # uncommitted changes to the code (earlier results under bench/results do not count)
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                               ":(exclude)bench/results")),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
