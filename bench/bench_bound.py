@@ -275,11 +275,7 @@ def main(argv=None):
     asl = run_asl(device)
     cmd = ("python -m bench.bench_bound " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     text = report(env, cmd, gauss, bounds, asl, load_start, os.getloadavg()[0])
-    print(text)
-    out = args.out or os.path.join(H.REPO, "bench", "results", f"bound-{H.slug(env['device_name'])}.md")
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"wrote {out}")
+    H.write_report(args.out or H.results_path("bound", env["device_name"]), text)
 
 
 if __name__ == "__main__":

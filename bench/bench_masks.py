@@ -162,11 +162,7 @@ def main(argv=None):
           "`torch.compile(reference, dynamic=False)`", ""]
     md += table(rows) + [""] + targets(rows)
     text = "\n".join(md) + "\n"
-    print(text)
-    out = args.out or os.path.join(H.REPO, "bench", "results", f"masks-{H.slug(env['device_name'])}.md")
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"wrote {out}")
+    H.write_report(args.out or H.results_path("masks", env["device_name"]), text)
 
 
 if __name__ == "__main__":

@@ -237,12 +237,7 @@ def main(argv=None):
     md += table(rows) + [""] + targets(rows)
     md += [f"- {r['case']}: {r['verified']}" for r in rows if "verified" in r]
     text = "\n".join(md) + "\n"
-    print(text)
-    out = args.out or os.path.join(H.REPO, "bench", "results",
-                                   f"select-{H.slug(env['device_name'])}.md")
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"wrote {out}")
+    H.write_report(args.out or H.results_path("select", env["device_name"]), text)
 
 
 if __name__ == "__main__":

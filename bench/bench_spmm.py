@@ -530,8 +530,7 @@ def main(argv=None):
     sparsities = QUICK_SPARSITIES if args.quick else SPARSITIES
     timing = QUICK_TIMING if args.quick else TIMING
     specs = crossover_specs(args.quick)
-    out = args.out or os.path.join(H.REPO, "bench", "results",
-                                   f"spmm-{H.slug(env['device_name'])}{'-quick' if args.quick else ''}.md")
+    out = args.out or H.results_path("spmm", env["device_name"], "-quick.md" if args.quick else ".md")
     json_path, png_stem = _paths(out)
     md = [f"# Sparse inference (spmm family) — {env['device_name']}", "",
           f"- command: `{command.strip()}`",

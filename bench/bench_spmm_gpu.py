@@ -215,7 +215,7 @@ def main(argv=None):
             print(f"{shape} {dtype_name}", flush=True)
             for s in sparsities:
                 rows += bench_case(shape, dtype_name, s, batches, 0.05 if args.quick else 0.3, gen)
-    out = args.out or os.path.join(H.REPO, "bench", "results", f"spmm-gpu-{H.slug(env['device_name'])}.json")
+    out = args.out or H.results_path("spmm-gpu", env["device_name"], ".json")
     with open(out, "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     command = "python -m bench.bench_spmm_gpu " + " ".join(sys.argv[1:] if argv is None else argv)

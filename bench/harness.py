@@ -289,6 +289,19 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
+def results_path(prefix, device_name, suffix=".md"):
+    """Default output of a standalone benchmark: ``bench/results/<prefix>-<device slug><suffix>``."""
+    return os.path.join(REPO, "bench", "results", f"{prefix}-{slug(device_name)}{suffix}")
+
+
+def write_report(path, text):
+    """Print ``text``, write it to ``path`` and say where."""
+    print(text)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
 def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 

@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
     cfg = Config(epochs=args.epochs, threads=args.threads, infer_batches=args.infer_batches,
                  infer_budget_s=args.infer_budget, seed=args.seed)
     result = run_demo(args.methods, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = args.out or os.path.join(H.REPO, "bench", "results", f"train-demo-{H.slug(result['env']['device_name'])}.md")
+    out = args.out or H.results_path("train-demo", result["env"]["device_name"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     report = markdown(result, " ".join(["python -m bench.train_demo", *argv]))
     with open(out, "w") as f:
