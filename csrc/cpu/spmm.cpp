@@ -236,14 +236,16 @@ SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64
   }
 }
 
-// Rows b0..b1, wide columns c0..c1 of y[o, j] = bias[o] + Σ val·x[off + j] (csr_conv), channel-slab blocked: for
-// each column tile the nonzeros are consumed slab by slab (offsets below k·slab) across a block
-// of kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses
-// it; the rows' partial sums live in a small buffer.
-SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
-                         const float* bias, const float* x, int64_t n, int64_t slab,
-                         int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
-                         int64_t c0, int64_t c1) {
+// Rows b0..b1, wide columns c0..c1 of a direct sparse conv, channel-slab blocked: for each column
+// tile the row entries are consumed slab by slab (positions below k·slab) across a block of
+// kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses it;
+// the rows' partial sums live in a small buffer. step(w, i, e, limit, n0, acc) adds row entries
+// i.. (up to e, position < limit) to acc[0:w] for output columns n0.. (csr_conv: nonzeros; ck_conv:
+// kernels). Shared by conv_leaf and ck_leaf.
+template <typename Step>
+SK_INLINE void slab_blocked(const int64_t* rowptr, const float* bias, int64_t n, int64_t slab,
+                            int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
+                            int64_t c0, int64_t c1, const Step& step) {
   alignas(64) float acc[kConvRows * kTile];
   int64_t cur[kConvRows];
   for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
@@ -256,19 +258,32 @@ SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const fl
         std::fill(acc + r * kTile, acc + r * kTile + w, bias ? bias[r0 + r] : 0.f);
       }
       for (int64_t limit = slab; limit - slab < span; limit += slab) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t e = rowptr[r0 + r + 1];
-          float* a = acc + r * kTile;
-          if (w == 64) slab_tile<4>(off, val, cur[r], e, limit, x + n0, a);
-          else if (w == 32) slab_tile<2>(off, val, cur[r], e, limit, x + n0, a);
-          else if (w == 16) slab_tile<1>(off, val, cur[r], e, limit, x + n0, a);
-          else slab_tail(off, val, cur[r], e, limit, x + n0, w, a);
-        }
+        for (int64_t r = 0; r < rows; ++r) step(w, cur[r], rowptr[r0 + r + 1], limit, n0, acc + r * kTile);
       }
       store_wide(acc, y, r0, rows, n0, w, n, wp, wv);
       n0 += w;
     }
   }
+}
+
+// csr_conv's step: y[o, j] = bias[o] + Σ val·x[off + j] (always inlined into the clones).
+struct SlabStep {
+  const int32_t* off;
+  const float* val;
+  const float* x;
+  SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
+    if (w == 64) slab_tile<4>(off, val, i, e, limit, x + n0, a);
+    else if (w == 32) slab_tile<2>(off, val, i, e, limit, x + n0, a);
+    else if (w == 16) slab_tile<1>(off, val, i, e, limit, x + n0, a);
+    else slab_tail(off, val, i, e, limit, x + n0, w, a);
+  }
+};
+
+SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
+                         const float* bias, const float* x, int64_t n, int64_t slab,
+                         int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
+                         int64_t c0, int64_t c1) {
+  slab_blocked(rowptr, bias, n, slab, span, wp, wv, y, b0, b1, c0, c1, SlabStep{off, val, x});
 }
 
 // n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]]. Checks the column indices as it reads them
@@ -576,47 +591,33 @@ SK_INLINE void ck_tail(const int32_t* chan, const float* val, const int32_t* tap
     }
 }
 
-// conv_leaf with kernels instead of nonzeros; slab and channels in input-channel units.
+// ck_conv's step: conv_leaf with kernels instead of nonzeros; slab and channels in input-channel
+// units (always inlined into the clones).
 template <int NT>
-SK_INLINE void ck_leaf_t(const int64_t* rowptr, const int32_t* chan, const float* val,
-                           const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
-                           const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
-                           int64_t wv, float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
-  alignas(64) float acc[kConvRows * kTile];
-  int64_t cur[kConvRows];
-  for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
-    const int64_t r1 = std::min(b1, r0 + kConvRows), rows = r1 - r0;
-    for (int64_t n0 = c0; n0 < c1;) {
-      const int64_t left = c1 - n0;
-      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
-      for (int64_t r = 0; r < rows; ++r) {
-        cur[r] = rowptr[r0 + r];
-        std::fill(acc + r * kTile, acc + r * kTile + w, bias ? bias[r0 + r] : 0.f);
-      }
-      for (int64_t limit = slab; limit - slab < channels; limit += slab) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t e = rowptr[r0 + r + 1];
-          float* a = acc + r * kTile;
-          if (w == 64) ck_tile<4, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
-          else if (w == 32) ck_tile<2, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
-          else if (w == 16) ck_tile<1, NT>(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, a);
-          else ck_tail(chan, val, taps, nt, plane, cur[r], e, limit, x + n0, w, a);
-        }
-      }
-      store_wide(acc, y, r0, rows, n0, w, n, wp, wv);
-      n0 += w;
-    }
+struct CKStep {
+  const int32_t* chan;
+  const float* val;
+  const int32_t* taps;
+  int64_t nt, plane;
+  const float* x;
+  SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
+    if (w == 64) ck_tile<4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    else if (w == 32) ck_tile<2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    else if (w == 16) ck_tile<1, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    else ck_tail(chan, val, taps, nt, plane, i, e, limit, x + n0, w, a);
   }
-}
+};
 
 SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
                            int64_t wv, float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
   if (nt == 9)  // 3×3
-    ck_leaf_t<9>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1, c0, c1);
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+                 CKStep<9>{chan, val, taps, nt, plane, x});
   else
-    ck_leaf_t<0>(rowptr, chan, val, taps, nt, plane, bias, x, n, slab, channels, wp, wv, y, b0, b1, c0, c1);
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+                 CKStep<0>{chan, val, taps, nt, plane, x});
 }
 
 }  // namespace
