@@ -45,13 +45,14 @@ import math, torch, sparsekern
 from sparsekern import reference as R
 from sparsekern.ops import masks as M
 C = torch.ops.sparsekern_C
-for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5), (33, 64, 1, 1)]):
+for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5), (33, 64, 1, 1),
+                              (64, 3, 3, 3)]):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     w = (w * 1.5).round() / 2 if seed % 2 else w
     w.view(-1)[3] = math.nan
     rs, k, c = shape[2] * shape[3], shape[0], shape[1]
     for wk in range(rs + 1):
-        for ck, by_out in ((k, False), (k // 2, False), (c // 3, True)):
+        for ck, by_out in ((k, False), (k // 2, False), (k // 10, False), (k - 3, False), (c // 3, True)):
             assert torch.equal(C.kernel_mask(w, wk, ck, by_out), M._ref_kernel_mask(w, wk, ck, by_out))
     for n, m in ((2, 4), (1, 8), (3, 4)):
         if c % m == 0:
@@ -126,13 +127,16 @@ def test_nm_counts_and_top_magnitudes():
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_ck_cut_of_sorted_halves(ties):
-    """CK groups of 33..64 kernels (cut from two sorted halves, the rest padded): every keep,
-    both groupings, equal to the reference."""
+@pytest.mark.parametrize("shape", [(64, 33, 3, 3), (100, 5, 3, 3), (17, 20, 3, 3), (9, 7, 2, 2)])
+def test_ck_cut_every_keep(ties, shape):
+    """Every keep of CK groups of 5..100 kernels, both groupings, equal to the reference: the
+    cut from a short sorted list (keep or G − keep + 1 small), from two sorted halves (33..64
+    kernels) or by bisection; 3×3 fp32 scores straight from w (kernel counts not a multiple
+    of the vector width included), other kernels' through the key buffer."""
     _backend("cpp")
-    w = _weight((64, 33, 3, 3), ties=ties)
+    w = _weight(shape, ties=ties)
     w.view(-1)[5] = math.nan
-    for by_out, g in ((False, 64), (True, 33)):
+    for by_out, g in ((False, shape[0]), (True, shape[1])):
         for keep in range(g + 1):
             _eq(torch.ops.sparsekern_C.kernel_mask(w, 9, keep, by_out), M._ref_kernel_mask(w, 9, keep, by_out))
 
@@ -178,6 +182,24 @@ def test_block_row_rule_and_counts():
     assert blocks.sum() >= nb - R.spec_round(0.9 * nb)
     assert sk.block_mask(w, 3, 1.0).any(1).all()
     assert sk.block_mask(w, 4, 0.0).all()
+
+
+@pytest.mark.parametrize("block", [1, 4, 5])
+def test_block_mask_large_ties_in_parallel(block):
+    """Over 2^18 blocks the C++ cut is found and applied in parallel chunks (2 threads): the
+    ties at the cut are kept in block order across chunks, as the reference keeps them.
+    block 5: the run-time block size path of the C++ op (the public API caps it at 4)."""
+    _backend("cpp")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = _weight((520 * block, 520 * block + 3), ties=True)  # > 2^18 blocks, partial edge blocks
+        nb = math.ceil(w.shape[0] / block) * math.ceil(w.shape[1] / block)
+        for s in (0.3, 0.5, 0.9):
+            keep = nb - R.spec_round(nb * s)
+            _eq(torch.ops.sparsekern_C.block_mask(w, block, keep), R.block_mask_keep(w, block, keep))
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_prune_fc_inputs():

@@ -73,22 +73,40 @@ SK_INLINE uint64_t order_key(uint32_t key, uint32_t index) {
 }
 
 // The keep-th largest of keys[0..n) (0 < keep <= n) and how many keys equal to it are kept
-// (the first `need` in index order): 16-bit radix select, two histogram passes.
+// (the first `need` in index order): 16-bit radix select, two histogram passes, each split over
+// up to `tasks` parallel chunks (own histograms, summed).
 struct Cut {
   uint32_t t;
   int64_t need;
 };
+SK_INLINE int64_t cut_tasks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+}
+template <typename Bin>
+void histogram(const uint32_t* keys, int64_t n, std::vector<int64_t>& h, Bin bin) {
+  const int64_t tasks = cut_tasks(n), chunk = (n + tasks - 1) / tasks;
+  std::vector<uint32_t> part(tasks * 65536, 0);  // n < 2^32 per chunk
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint32_t* p = part.data() + t * 65536;
+      for (int64_t i = t * chunk; i < std::min(n, (t + 1) * chunk); ++i) bin(keys[i], p);
+    }
+  });
+  std::fill(h.begin(), h.end(), 0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t b = 0; b < 65536; ++b) h[b] += part[t * 65536 + b];
+  }
+}
 Cut cut_of(const uint32_t* keys, int64_t n, int64_t keep) {
-  std::vector<int64_t> h(65536, 0);
-  for (int64_t i = 0; i < n; ++i) ++h[keys[i] >> 16];
+  std::vector<int64_t> h(65536);
+  histogram(keys, n, h, [](uint32_t k, uint32_t* p) { ++p[k >> 16]; });
   int64_t above = 0;
   uint32_t hi = 65535;
   for (;; --hi) {
     if (above + h[hi] >= keep) break;
     above += h[hi];
   }
-  std::fill(h.begin(), h.end(), 0);
-  for (int64_t i = 0; i < n; ++i) h[keys[i] & 0xFFFFu] += (keys[i] >> 16) == hi;
+  histogram(keys, n, h, [hi](uint32_t k, uint32_t* p) { p[k & 0xFFFFu] += (k >> 16) == hi; });
   uint32_t lo = 65535;
   for (;; --lo) {
     if (above + h[lo] >= keep) break;
@@ -97,14 +115,31 @@ Cut cut_of(const uint32_t* keys, int64_t n, int64_t keep) {
   return {(hi << 16) | lo, keep - above};
 }
 
-// out[i] = 1 for the `keep` best of keys[0..n) given their cut.
-SK_INLINE void apply_cut(const uint32_t* keys, int64_t n, Cut c, uint8_t* out) {
-  int64_t ties = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool tie = keys[i] == c.t;
-    out[i] = (keys[i] > c.t) | (tie & (ties < c.need));
-    ties += tie;
+// out[i] = 1 for the `keep` best of keys[0..n) given their cut; parallel chunks start from the
+// number of ties at the cut before them.
+void apply_cut(const uint32_t* keys, int64_t n, Cut c, uint8_t* out) {
+  const int64_t tasks = cut_tasks(n), chunk = (n + tasks - 1) / tasks;
+  std::vector<int64_t> before(tasks + 1, 0);
+  if (tasks > 1) {
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t ties = 0;
+        for (int64_t i = t * chunk; i < std::min(n, (t + 1) * chunk); ++i) ties += keys[i] == c.t;
+        before[t + 1] = ties;
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t) before[t + 1] += before[t];
   }
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t ties = before[t];
+      for (int64_t i = t * chunk; i < std::min(n, (t + 1) * chunk); ++i) {
+        const bool tie = keys[i] == c.t;
+        out[i] = (keys[i] > c.t) | (tie & (ties < c.need));
+        ties += tie;
+      }
+    }
+  });
 }
 
 // keep[i] = 1 for the `keep` best of keys[0..n) (larger key first, ties: lower i first), for
@@ -261,6 +296,11 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
   // pass 1: window mask of every kernel (and its score: max key of the kept entries)
   if (window || !ck) {
     dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, window_keep, o, score.get()); });
+  } else if (RS == 9 && w.scalar_type() == at::kFloat) {  // CK alone, 3×3 fp32: scores from w
+    const float* x = w.data_ptr<float>();
+    at::parallel_for(0, nk, std::max<int64_t>(1, kGrain / 9), [&](int64_t q0, int64_t q1) {
+      SK_PICK(scores9, x + q0 * 9, q1 - q0, score.get() + q0);
+    });
   } else {  // CK alone: scores only
     dispatch(w, [&](auto* x) { groups_parallel(x, nk * RS, RS, 1, RS, nullptr, score.get()); });
   }
@@ -298,6 +338,56 @@ at::Tensor kernel_mask(const at::Tensor& w, int64_t window_keep, int64_t ck_keep
 
 // ---------------------------------------------------------------------------------------------
 
+// Score keys of the blocks of block rows [br0, br1): rows in order, each row's |w| added to its
+// blocks' fp32 sums (row-major within the block) in `s` (BC floats), then keys[br, :] = their
+// keys. B: the block size (0: `block`, known at run time only); a compile-time B vectorizes the
+// full blocks of a row (interleaved loads, same order of adds).
+template <class S, int B>
+SK_CLONES void block_keys_leaf(const typename S::raw* x, int64_t O, int64_t I, int64_t block,
+                               int64_t br0, int64_t br1, float* s, uint32_t* keys) {
+  const int64_t b = B ? B : block, BC = (I + b - 1) / b, full = I / b;
+  for (int64_t br = br0; br < br1; ++br) {
+    std::fill(s, s + BC, 0.f);
+    for (int64_t r = br * b; r < std::min(O, (br + 1) * b); ++r) {
+      const typename S::raw* xr = x + r * I;
+      for (int64_t bc = 0; bc < full; ++bc) {
+        float acc = s[bc];
+        for (int64_t j = 0; j < b; ++j) acc += std::fabs(S::load(xr[bc * b + j]));
+        s[bc] = acc;
+      }
+      for (int64_t j = full * b; j < I; ++j) s[full] += std::fabs(S::load(xr[j]));  // edge block
+    }
+    for (int64_t bc = 0; bc < BC; ++bc) keys[br * BC + bc] = key_of(s[bc]);
+  }
+}
+
+// Rows [r0, r1) of the block mask from the kept flags of the blocks (B as in block_sums_leaf).
+template <int B>
+SK_CLONES void block_rows_leaf(const uint8_t* kept, int64_t I, int64_t block, int64_t r0, int64_t r1,
+                               uint8_t* o) {
+  const int64_t b = B ? B : block, BC = (I + b - 1) / b, full = I / b;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* kb = kept + (r / b) * BC;
+    uint8_t* orow = o + r * I;
+    for (int64_t bc = 0; bc < full; ++bc) {
+      for (int64_t j = 0; j < b; ++j) orow[bc * b + j] = kb[bc];
+    }
+    for (int64_t j = full * b; j < I; ++j) orow[j] = kb[full];
+  }
+}
+
+// f(std::integral_constant<int, B>) with B = block for blocks 1..4, else B = 0 (run time)
+template <class F>
+void dispatch_block(int64_t block, F&& f) {
+  switch (block) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
 at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
   check_w(w, 2, 2);
   const int64_t O = w.size(0), I = w.size(1);
@@ -306,40 +396,29 @@ at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
   TORCH_CHECK(nb < (int64_t(1) << 32), "sparsekern block_mask: more than 2^32 blocks");
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kBool));
   if (w.numel() == 0) return out;
-  // block scores: rows in order, each row's |w| added to its blocks' sums (row-major per block)
-  std::vector<float> sums(nb);
-  dispatch(w, [&](auto* x) {
-    at::parallel_for(0, BR, std::max<int64_t>(1, kGrain / (block * I)), [&](int64_t r0, int64_t r1) {
-      for (int64_t br = r0; br < r1; ++br) {
-        float* s = sums.data() + br * BC;
-        std::fill(s, s + BC, 0.f);
-        for (int64_t r = br * block; r < std::min(O, (br + 1) * block); ++r) {
-          const auto* xr = x + r * I;
-          for (int64_t bc = 0; bc < BC; ++bc) {
-            float acc = s[bc];
-            for (int64_t j = bc * block; j < std::min(I, (bc + 1) * block); ++j) {
-              acc += std::fabs(static_cast<float>(xr[j]));
-            }
-            s[bc] = acc;
-          }
-        }
-      }
+  std::unique_ptr<uint32_t[]> keys(new uint32_t[nb]);  // written in full by the leaves
+  dispatch_storage(w.scalar_type(), [&](auto st) {
+    using S = decltype(st);
+    const typename S::raw* x = cptr<S>(w);
+    dispatch_block(block, [&](auto bt) {
+      at::parallel_for(0, BR, std::max<int64_t>(1, kGrain / (block * I)), [&](int64_t r0, int64_t r1) {
+        std::unique_ptr<float[]> row(new float[BC]);
+        block_keys_leaf<S, decltype(bt)::value>(x, O, I, block, r0, r1, row.get(), keys.get());
+      });
     });
   });
   // selection: radix cut of the score keys; ties at the cut kept in block index order
-  std::vector<uint32_t> keys(nb);
-  for (int64_t i = 0; i < nb; ++i) keys[i] = key_of(sums[i]);
-  std::vector<uint8_t> kept(nb);
+  std::unique_ptr<uint8_t[]> kept(new uint8_t[nb]);
   if (keep >= nb || keep <= 0) {
-    std::fill(kept.begin(), kept.end(), uint8_t(keep > 0));
+    std::memset(kept.get(), keep > 0, nb);
   } else {
-    apply_cut(keys.data(), nb, cut_of(keys.data(), nb, keep), kept.data());
+    apply_cut(keys.get(), nb, cut_of(keys.get(), nb, keep), kept.get());
   }
   // every output row keeps at least one block: the best block of an empty block row
   at::parallel_for(0, BR, std::max<int64_t>(1, kGrain / BC), [&](int64_t r0, int64_t r1) {
     for (int64_t br = r0; br < r1; ++br) {
-      const uint32_t* k = keys.data() + br * BC;
-      uint8_t* kb = kept.data() + br * BC;
+      const uint32_t* k = keys.get() + br * BC;
+      uint8_t* kb = kept.get() + br * BC;
       bool any = false;
       int64_t best = 0;
       for (int64_t bc = 0; bc < BC; ++bc) {
@@ -350,14 +429,10 @@ at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
     }
   });
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
-  at::parallel_for(0, O, std::max<int64_t>(1, kGrain / I), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* kb = kept.data() + (r / block) * BC;
-      uint8_t* orow = o + r * I;
-      for (int64_t bc = 0; bc < BC; ++bc) {
-        std::memset(orow + bc * block, kb[bc], std::min(block, I - bc * block));
-      }
-    }
+  dispatch_block(block, [&](auto bt) {
+    at::parallel_for(0, O, std::max<int64_t>(1, kGrain / I), [&](int64_t r0, int64_t r1) {
+      block_rows_leaf<decltype(bt)::value>(kept.get(), I, block, r0, r1, o);
+    });
   });
   return out;
 }
