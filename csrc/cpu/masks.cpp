@@ -23,9 +23,11 @@
 // N:M groups; up to 16) are ranked on contiguous keys, W elements at a time, against their
 // partners at fixed offsets (no gathers), scores as sliding maxima of the kept keys. CK groups
 // are columns of the [K, C] score matrix (rows for by_out, after a transpose): W groups at once,
-// the cut from two sorted halves (33..64 kernels) or by bisection on its bits; 3×3 CK alone
-// expands the kept kernels by byte shuffles. Blocks use a 16-bit radix select (two histogram
-// passes). Tasks get at least kGrain elements, so small layers run on one thread.
+// the cut from a short per-lane sorted list (keep or G − keep + 1 small), two sorted halves
+// (33..64 kernels) or by bisection on its bits; 3×3 fp32 CK alone scores straight from w (max of
+// 9 = max of 3 triples, by shuffles) and expands the kept kernels by byte shuffles. Blocks: sums
+// vectorized per block size, a 16-bit radix select (two histogram passes) and its application in
+// parallel chunks. Tasks get at least kGrain elements, so small layers run on one thread.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -361,7 +363,7 @@ SK_CLONES void block_keys_leaf(const typename S::raw* x, int64_t O, int64_t I, i
   }
 }
 
-// Rows [r0, r1) of the block mask from the kept flags of the blocks (B as in block_sums_leaf).
+// Rows [r0, r1) of the block mask from the kept flags of the blocks (B as in block_keys_leaf).
 template <int B>
 SK_CLONES void block_rows_leaf(const uint8_t* kept, int64_t I, int64_t block, int64_t r0, int64_t r1,
                                uint8_t* o) {
