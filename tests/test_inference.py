@@ -364,14 +364,16 @@ def test_convert_guard_never_keeps_a_slower_layer():
 ])
 def test_modules_compile_equal_eager(make):
     """The modules' eager path calls the C++ kernels directly; torch.compile traces the
-    registered ops (fake kernels) instead: same results."""
+    registered ops (fake kernels) instead, the KxK convs without their per-thread caches (in one
+    graph, ``fullgraph=True``): same results, also through AOT functionalization."""
     m = make().eval()
     x = torch.randn(3, 24, 9, 9) if "Conv" in type(m).__name__ else torch.randn(3, 24)
     with torch.no_grad():
         expect = m(x)
         torch.testing.assert_close(torch.compile(m, backend="eager")(x), expect, **TOL)
-        if "Conv2d" not in type(m).__name__:  # the KxK convs keep per-shape Python caches
-            torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="eager")(x), expect, **TOL)
+        for backend in ("eager", "aot_eager"):
+            torch.testing.assert_close(torch.compile(m, fullgraph=True, backend=backend)(x), expect, **TOL)
+        assert m(x).equal(expect)  # the eager caches still serve later calls
 
 
 def test_eval_module_input_requiring_grad_has_no_silent_backward():

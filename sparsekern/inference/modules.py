@@ -199,7 +199,8 @@ class _Conv1x1(_Linear):
 
 class _ConvKxK(_Sparse):
     """KxK convolution (groups 1, zero padding): x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']``
-    as ``F.conv2d``. Caches per input size and thread (offsets/taps, zero-padded input buffers)."""
+    as ``F.conv2d``. Eager calls cache per input size and thread (offsets/taps, zero-padded input
+    buffers); under torch.compile they are recomputed in the graph."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
         """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation: int
@@ -221,6 +222,8 @@ class _ConvKxK(_Sparse):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
+        if torch.compiler.is_compiling():  # traced: offsets/buffers are part of the graph
+            return self._conv(x, {})
         key = (threading.get_ident(),) + tuple(x.shape[1:])
         cache = self._cache.get(key)
         if cache is None:
