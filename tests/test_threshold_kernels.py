@@ -120,6 +120,27 @@ def test_power_never_nan(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_weights_stay_nan(backend):
+    """A NaN weight gives NaN in every forward (as the reference does), never a silent 0 that
+    would hide a diverged run; the other weights are unaffected (ST-3's rescale spreads it over
+    its output channel, as the reference's channel norm does)."""
+    k, dev = kernel_backend(backend)
+    w = make_weight((6, 9), torch.float32, dev)
+    w[1, 2] = w[4, 0] = math.nan
+    t = torch.tensor([0.05], device=dev)
+    outs = {"soft": (k.soft_fwd(w, t, 0), reference.soft_threshold(w, t)),
+            "st3": (k.st3_fwd(w, t, False), reference.st3_threshold(w, t, False)),
+            "power": (k.power_fwd(w, t, 3.0), reference.power_threshold(w, t)),
+            "hard": (k.hard_fwd(w, t), reference.hard_threshold(w, t, ste=False)),
+            "st3 rescaled": (k.st3_fwd(w, t, True), reference.st3_threshold(w, t, True))}
+    for name, (got, expect) in outs.items():
+        nan_rows = w.isnan().any(1, keepdim=True).expand_as(w)
+        assert torch.equal(got.isnan().cpu(), (nan_rows if "rescaled" in name else w.isnan()).cpu()), name
+        torch.testing.assert_close(got.cpu(), expect.cpu(), atol=TOL[torch.float32][0],
+                                   rtol=TOL[torch.float32][1], equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_st3_zero_threshold_is_identity(backend):
     k, dev = kernel_backend(backend)
     w = make_weight((8, 5, 3, 3), torch.float32, dev)

@@ -293,7 +293,8 @@ SK_CLONES void power_fwd_leaf(const typename S::raw* w, const float* t, typename
       const float tp = M == kElem ? pow_p<PK>(thr, p) : tpc;
       const bool kept = a > thr;
       const float d = relu(kept ? pow_p<PK>(a, p) - tp : 0.f);
-      out[j] = S::store(sign_of(x) * (kept ? root_p<PK>(d, inv_p) : 0.f));
+      const float q = sign_of(x) * (kept ? root_p<PK>(d, inv_p) : 0.f);
+      out[j] = S::store(x != x ? x : q);  // a NaN weight stays NaN, as in every threshold op
     }
   });
 }

@@ -231,7 +231,7 @@ def _power_fwd_kernel(w_ptr, t_ptr, out_ptr, n, inner, p,
     rp = tl.where(r > 0, tl.exp2(p * tl.log2(tl.where(r > 0, r, 1.0))), 0.0)
     q = 1.0 - rp
     root = tl.where(q > 0, tl.exp2(tl.log2(tl.where(q > 0, q, 1.0)) / p), 0.0)
-    out = tl.where(keep, _sign(w) * a * root, 0.0)
+    out = tl.where(keep, _sign(w) * a * root, tl.where(w != w, w, 0.0))  # NaN weights stay NaN
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
