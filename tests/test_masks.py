@@ -184,6 +184,20 @@ def test_block_row_rule_and_counts():
     assert sk.block_mask(w, 4, 0.0).all()
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_groups_over_4096_by_radix_cut(ties):
+    """Groups of more than 4096 elements (N:M with m = 8192, 65×65 windows) take the C++ radix
+    cut, run inside the groups' parallel loop: equal to the reference at every count."""
+    _backend("cpp")
+    w = _weight((3, 2 * 8192), ties=ties)
+    for n in (1, 4000, 8191):
+        _eq(sk.nm_mask(w, n, 8192), R.nm_mask(w, n, 8192))
+    c = _weight((2, 3, 65, 65), ties=ties, seed=1)
+    for s in (0.1, 0.97):
+        _eq(sk.window_mask(c, s), R.window_mask(c, s))
+        _eq(sk.intra_mask(c, s), R.intra_mask(c, s))
+
+
 @pytest.mark.parametrize("block", [1, 4, 5])
 def test_block_mask_large_ties_in_parallel(block):
     """Over 2^18 blocks the C++ cut is found and applied in parallel chunks (2 threads): the
