@@ -3,6 +3,7 @@ model's format choice, convert() end to end, pickling, state_dict round trips, c
 import io
 import math
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -364,8 +365,8 @@ def test_convert_guard_never_keeps_a_slower_layer():
 ])
 def test_modules_compile_equal_eager(make):
     """The modules' eager path calls the C++ kernels directly; torch.compile traces the
-    registered ops (fake kernels) instead, the KxK convs without their per-thread caches (in one
-    graph, ``fullgraph=True``): same results, also through AOT functionalization."""
+    registered ops (fake kernels) instead, the KxK convs as one opaque op each (in one graph,
+    ``fullgraph=True``): same results, also through AOT functionalization."""
     m = make().eval()
     x = torch.randn(3, 24, 9, 9) if "Conv" in type(m).__name__ else torch.randn(3, 24)
     with torch.no_grad():
@@ -374,6 +375,29 @@ def test_modules_compile_equal_eager(make):
         for backend in ("eager", "aot_eager"):
             torch.testing.assert_close(torch.compile(m, fullgraph=True, backend=backend)(x), expect, **TOL)
         assert m(x).equal(expect)  # the eager caches still serve later calls
+
+
+@pytest.mark.parametrize("fmt, cls", [("csr", CSRConv2d), ("ck", CKConv2d)])
+def test_kxk_conv_op_and_caches(fmt, cls):
+    """``sparsekern::<fmt>_conv2d`` (the KxK modules' op under torch.compile) passes opcheck; the
+    eager caches are per weight, input size and thread: modules called from several threads at
+    once, and a module whose weight was replaced, give their own weight's result."""
+    conv = prune_(nn.Conv2d(6, 5, 3, stride=2, padding=1), 0.6)
+    m = cls.from_dense(conv).eval()
+    b = m._buffers
+    x = torch.randn(2, 6, 9, 9)
+    torch.library.opcheck(getattr(torch.ops.sparsekern, f"{fmt}_conv2d"),
+                          (x, b["rowptr"], b[m._index], b["val"], b["bias"], 5, [3, 3], [2, 2], [1, 1], [1, 1]))
+    with torch.no_grad():
+        expect = conv(x)
+        xs = [torch.randn(3, 6, 9, 9, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            for xi, y in zip(xs, pool.map(lambda xi: [m(xi) for _ in range(5)][-1], xs)):
+                torch.testing.assert_close(y, conv(xi), **TOL)
+        torch.testing.assert_close(m(x), expect, **TOL)
+        other = prune_(nn.Conv2d(6, 5, 3, stride=2, padding=1), 0.3, seed=2)
+        m.load_state_dict(cls.from_dense(other).state_dict())  # new buffers: caches start over
+        torch.testing.assert_close(m(x), other(x), **TOL)
 
 
 def test_eval_module_input_requiring_grad_has_no_silent_backward():

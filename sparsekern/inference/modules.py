@@ -14,8 +14,6 @@ the block shape and ``n:m`` come with them).
 On CUDA, :class:`SemiStructuredLinear` holds a 2:4 fp16/bf16 weight in torch's semi-structured
 format.
 """
-import threading
-
 import torch
 from torch import nn
 
@@ -83,10 +81,6 @@ class _Sparse(nn.Module):
             if key != "bias" and isinstance(t, torch.Tensor):
                 self._buffers[key] = torch.empty_like(t, device=self._buffers[key].device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._clear_caches()
-
-    def _clear_caches(self):
-        pass
 
 
 # --- formats ---------------------------------------------------------------------------------------
@@ -199,8 +193,8 @@ class _Conv1x1(_Linear):
 
 class _ConvKxK(_Sparse):
     """KxK convolution (groups 1, zero padding): x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']``
-    as ``F.conv2d``. Eager calls cache per input size and thread (offsets/taps, zero-padded input
-    buffers); under torch.compile they are recomputed in the graph."""
+    as ``F.conv2d`` (``spmm.conv2d``: offsets/taps and zero-padded input buffers cached per weight,
+    input size and thread; one opaque op under torch.compile)."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
         """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation: int
@@ -212,7 +206,6 @@ class _ConvKxK(_Sparse):
                          kernel_size=tuple(weight.shape[2:]), stride=_pair(stride),
                          padding=_pair(padding), dilation=_pair(dilation),
                          taps_per_kernel=weight.shape[2] * weight.shape[3])
-        self._clear_caches()
 
     @classmethod
     def from_dense(cls, conv):
@@ -222,24 +215,9 @@ class _ConvKxK(_Sparse):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
-        if torch.compiler.is_compiling():  # traced: offsets/buffers are part of the graph
-            return self._conv(x, {})
-        key = (threading.get_ident(),) + tuple(x.shape[1:])
-        cache = self._cache.get(key)
-        if cache is None:
-            cache = self._cache[key] = {}
-        return self._conv(x, cache)
-
-    def _clear_caches(self):
-        self._cache = {}  # (thread, C, H, W) -> the kernel's offsets/taps and input buffers
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.float()...: caches follow the buffers
-        self._clear_caches()
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_cache": {}}
+        b = self._buffers
+        return spmm.conv2d(self.format, x, b["rowptr"], b[self._index], b["val"], b["bias"], self.out_features,
+                           self.kernel_size, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
@@ -290,9 +268,7 @@ class CSRConv2d(_CSR, _ConvKxK):
     """KxK convolution (groups 1, zero padding) with W ``[out, C·R·S]`` in CSR: direct sparse
     convolution over a zero-padded image (``csr_conv``)."""
 
-    def _conv(self, x, cache):
-        return spmm.csr_conv2d(x, self.rowptr, self.col, self.val, self.bias, self.out_features,
-                               self.kernel_size, self.stride, self.padding, self.dilation, cache)
+    _index = "col"
 
 
 class CKConv2d(_ConvKxK):
@@ -301,6 +277,7 @@ class CKConv2d(_ConvKxK):
     (``ck_conv``). Partly zero kernels are stored whole."""
 
     format = "ck"
+    _index = "chan"
 
     def _encode(self, w):
         rowptr, chan, val = spmm.ck_from_dense(w)
@@ -312,10 +289,6 @@ class CKConv2d(_ConvKxK):
         w = self.val.new_zeros(self.out_features, self.in_features, *self.kernel_size)
         w[rows, self.chan.long()] = self.val.reshape(-1, *self.kernel_size)
         return w
-
-    def _conv(self, x, cache):
-        return spmm.ck_conv2d(x, self.rowptr, self.chan, self.val, self.bias, self.out_features,
-                              self.kernel_size, self.stride, self.padding, self.dilation, cache)
 
 
 class SemiStructuredLinear(nn.Module):

@@ -30,9 +30,12 @@ No autograd: these are inference ops. :func:`csr_mm`, :func:`csr_conv`, :func:`b
 under torch.compile, on CUDA or meta, or for an ``x`` that requires grad, the registered
 ``torch.ops.sparsekern.*`` op.
 """
+import threading
 from types import SimpleNamespace
+from typing import List, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
 from ._common import KernelFamily, define_op
@@ -431,3 +434,54 @@ def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, pad
 
     return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
                           {} if cache is None else cache)
+
+
+# --- the inference modules' KxK convolution --------------------------------------------------------
+
+_DIRECT_CACHES = WeakIdKeyDictionary()  # a weight's val -> {(thread, dtype, device, C, H, W): cache}
+
+
+def direct_conv_cache(val, x):
+    """The :func:`csr_conv2d` / :func:`ck_conv2d` cache of the weight whose values are ``val``
+    for inputs shaped like ``x``, per thread (each call writes its buffers). It lives as long as
+    ``val``: a new weight tensor (``.to()``, ``load_state_dict``) starts empty."""
+    per = _DIRECT_CACHES.get(val)
+    if per is None:
+        per = _DIRECT_CACHES[val] = {}
+    return per.setdefault((threading.get_ident(), x.dtype, x.device) + tuple(x.shape[1:]), {})
+
+
+_CONV2D = {"csr": csr_conv2d, "ck": ck_conv2d}
+
+
+def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+    h_out, w_out = conv_geometry(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)[2:]
+    return x.new_empty(x.shape[0], out_features, h_out, w_out)
+
+
+def _conv2d_op(fmt):
+    def impl(x: torch.Tensor, rowptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+             bias: Optional[torch.Tensor], out_features: int, kernel_size: List[int], stride: List[int],
+             padding: List[int], dilation: List[int]) -> torch.Tensor:
+        geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
+        return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x))
+
+    op = torch.library.custom_op(f"sparsekern::{fmt}_conv2d", impl, mutates_args=())
+    op.register_fake(_fake_conv2d)
+    return op
+
+
+_CONV2D_OPS = {fmt: _conv2d_op(fmt) for fmt in _CONV2D}
+
+
+def conv2d(fmt, x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+    """The KxK convolution of the inference modules, weight in format ``fmt``: ``"csr"``
+    (:func:`csr_conv2d`, ``idx = col``) or ``"ck"`` (:func:`ck_conv2d`, ``idx = chan``), with the
+    weight's :func:`direct_conv_cache`. Under torch.compile / export: the op
+    ``sparsekern::<fmt>_conv2d``, opaque to the compiler (the caches stay in its implementation;
+    its fake kernel gives the output shape)."""
+    if torch.compiler.is_compiling():
+        return _CONV2D_OPS[fmt](x, rowptr, idx, val, bias, out_features, list(kernel_size), list(stride),
+                                list(padding), list(dilation))
+    return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation,
+                        direct_conv_cache(val, x))
