@@ -1,9 +1,11 @@
-"""Select family (SPEC §9): every kernel backend and the public ops against numpy's quantile.
+"""Select family (SPEC §9): every kernel backend and the public ops against the exact quantile.
 
-Exactness means equality with ``np.quantile(np.concatenate([|w|·c ...]), q, method=m)`` computed
-on fp32 magnitudes (numpy is the oracle, not sparsekern.reference).
+Exactness means bit-equality with :func:`expected_quantile`, SPEC §9's value computed here from the
+sorted fp32 magnitudes ``|w|·c`` (neither sparsekern.reference nor ``np.quantile``, whose linear
+interpolation changed in numpy 2.4: before, it ran in fp64).
 """
 import importlib.util
+import math
 import os
 import warnings
 
@@ -26,17 +28,50 @@ def _backend(name):
     return kernel_backend(name, "select")
 
 
-def np_quantile(tensors, q, scales=None, method="linear"):
-    """numpy's answer on the fp32 magnitudes (a numpy float32, or NaN)."""
+def magnitudes(tensors, scales=None):
+    """The fp32 magnitudes ``|w|·c`` of all tensors, concatenated (numpy fp32)."""
     parts = []
     for i, t in enumerate(tensors):
         a = np.abs(t.detach().float().cpu().numpy().ravel())
         if scales is not None:
             a = a * np.float32(scales[i])
         parts.append(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's inf − inf in _lerp
-        return np.quantile(np.concatenate(parts), q, method=method)
+    return np.concatenate(parts)
+
+
+def _f32(x):
+    """A Python float rounded to the nearest fp32 (ties to even)."""
+    return float(np.float64(x).astype(np.float32))
+
+
+def expected_quantile(tensors, q, scales=None, method="linear"):
+    """SPEC §9's quantile (numpy >= 2.4's ``np.quantile`` for a Python-float ``q``) of the fp32
+    magnitudes, without NaN; a Python float.
+
+    From the sorted magnitudes ``x`` and the fp64 virtual index ``v = (n−1)·q``: ``lower`` /
+    ``higher`` / ``nearest`` give ``x[floor(v)]`` / ``x[ceil(v)]`` / ``x[round(v)]`` (half to even).
+    ``linear`` takes ``a, b = x[k], x[k+1]`` with ``γ = v − k``, ``k = floor(v)`` (for ``v ≥ n−1``:
+    ``a = b = x[n−1]`` and ``γ = v + 1``, numpy's ``v − (−1)``), then ``a + (b−a)·γ`` if ``γ < 0.5``
+    else ``b − (b−a)·(1−γ)``, each operation rounded to fp32 and the weight (``γ`` or ``1−γ`` in
+    fp64) rounded to fp32 first. The steps run in fp64 on fp32 values: a product of two fp32
+    values is exact there, and rounding a sum / difference to fp64 then fp32 equals rounding it to
+    fp32 once (53 ≥ 2·24 + 2 bits), so each step is the correctly rounded fp32 operation.
+    """
+    x = np.sort(magnitudes(tensors, scales)).tolist()
+    n = len(x)
+    v = (n - 1) * q
+    if method != "linear":
+        return x[{"lower": math.floor, "higher": math.ceil, "nearest": round}[method](v)]
+    if v >= n - 1:
+        a = b = x[-1]
+        gamma = v + 1
+    else:
+        k = math.floor(v)
+        a, b, gamma = x[k], x[k + 1], v - k
+    d = _f32(b - a)  # inf − inf is NaN
+    if gamma < 0.5:
+        return _f32(a + _f32(d * _f32(gamma)))
+    return _f32(b - _f32(d * _f32(1.0 - gamma)))
 
 
 def assert_same(actual, expected):
@@ -68,21 +103,49 @@ def make_list(seed, sizes, dtypes=None, kind="normal"):
     return out
 
 
-# --- numpy's rule itself --------------------------------------------------------------------------
+# --- the rule itself ------------------------------------------------------------------------------
+
+ORACLE_CASES = list(enumerate(["normal", "ties", "zeros", "special", "tiny"] * 4))  # (seed, kind)
+
 
 @pytest.mark.parametrize("method", METHODS)
-def test_reference_matches_numpy(method):
-    for seed, kind in enumerate(["normal", "ties", "zeros", "special", "tiny"] * 4):
+def test_reference_matches_spec(method):
+    for seed, kind in ORACLE_CASES:
         ts = make_list(seed, [seed % 7 + 1, 13], kind=kind)
         for q in QS + [0.37]:
             assert_same(reference.global_magnitude_threshold(ts, q, interpolation=method),
-                        np_quantile(ts, q, method=method))
+                        expected_quantile(ts, q, method=method))
 
 
-def test_numpy_inf_quirks_are_reproduced():
-    """numpy interpolates inf − inf and inf·0 to NaN; so do the references and kernels."""
+def test_linear_rounds_each_step_to_fp32():
+    """(b−a)·γ and a + … are rounded to fp32 one by one: 0.14921618, where the lerp in fp64
+    rounded once (numpy < 2.4) is the next fp32 up, 0.14921619."""
+    ts = [torch.tensor([0.0011428193, 0.4947207])]
+    a, b = ts[0].tolist()
+    assert _f32(a + 0.3 * (b - a)) == float(np.float32(0.14921619))
+    assert expected_quantile(ts, 0.3) == float(np.float32(0.14921618))
+    assert_same(reference.global_magnitude_threshold(ts, 0.3), expected_quantile(ts, 0.3))
+    assert_same(sk.global_magnitude_threshold(ts, 0.3), expected_quantile(ts, 0.3))
+
+
+@pytest.mark.skipif(np.lib.NumpyVersion(np.__version__) < "2.4.0",
+                    reason="numpy < 2.4 interpolates in fp64, not SPEC §9's fp32 steps")
+@pytest.mark.parametrize("method", METHODS)
+def test_oracle_is_numpy_quantile(method):
+    """With numpy >= 2.4, expected_quantile is np.quantile (SPEC §9's wording)."""
+    for seed, kind in ORACLE_CASES:
+        ts = make_list(seed, [seed % 7 + 1, 13], kind=kind)
+        for q in QS + [0.37, 0.3]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # numpy's inf − inf in _lerp
+                want = np.quantile(magnitudes(ts), q, method=method)
+            assert_same(expected_quantile(ts, q, method=method), want)
+
+
+def test_inf_quirks_are_reproduced():
+    """numpy's lerp turns inf − inf and inf·0 into NaN; so do the references and kernels."""
     x = [torch.tensor([0.0, float("inf")])]
-    assert np.isnan(np_quantile(x, 0.0))
+    assert np.isnan(expected_quantile(x, 0.0))
     assert torch.isnan(reference.global_magnitude_threshold(x, 0.0))
     assert torch.isnan(sk.global_magnitude_threshold(x, 0.0))
     assert sk.global_magnitude_threshold(x, 0.0, interpolation="lower").item() == 0.0
@@ -100,7 +163,7 @@ def _check_global(k, dev, tensors, qs, scales=None, methods=METHODS):
             value, nan = k.select_global(ts, sc, k0, k1, gamma, m == "linear")
             assert value.shape == () and value.dtype == torch.float32 and value.device.type == dev
             assert nan.dtype == torch.int64 and int(nan) == -1
-            assert_same(value.cpu(), np_quantile(tensors, q, scales, m))
+            assert_same(value.cpu(), expected_quantile(tensors, q, scales, m))
 
 
 CPP_CASES = {  # sizes straddle the small path (≤ 2^14 keys: nth_element) and the radix passes
@@ -161,7 +224,7 @@ def test_select_each(backend):
         values, nan = k.select_each(ts, k0, k1, g, True)
         assert values.shape == (len(ts),) and values.dtype == torch.float32 and int(nan) == -1
         for v, t in zip(values, ts):
-            assert_same(v, np_quantile([t], q))
+            assert_same(v, expected_quantile([t], q))
 
 
 TRITON_CASES = {
@@ -193,7 +256,7 @@ def test_triton_neighbour_in_next_bucket_and_each():
     values, nan = k.select_each(ts, *map(list, zip(*plans)), True)
     assert int(nan) == -1
     for v, t in zip(values.cpu(), ts):
-        assert_same(v, np_quantile([t], 0.6))
+        assert_same(v, expected_quantile([t], 0.6))
 
 
 def test_triton_many_tensors_grouped():
@@ -225,23 +288,23 @@ def test_nan_index(backend):
 # --- public ops ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "special", "tiny"])
-def test_public_global_vs_numpy(kind):
+def test_public_global_vs_spec(kind):
     ts = make_list(11, [3, 17000, 64, 1], kind=kind)
     for q in QS:
         for m in METHODS:
             value = sk.global_magnitude_threshold(ts, q, interpolation=m)
             assert value.shape == () and value.dtype == torch.float32
-            assert_same(value, np_quantile(ts, q, method=m))
+            assert_same(value, expected_quantile(ts, q, method=m))
     scales = [2.0, 0.1, 1.0, 3.0]
-    assert_same(sk.global_magnitude_threshold(ts, 0.6, scales=scales), np_quantile(ts, 0.6, scales))
+    assert_same(sk.global_magnitude_threshold(ts, 0.6, scales=scales), expected_quantile(ts, 0.6, scales))
     assert_same(sk.global_magnitude_threshold(ts, 0.6, scales=torch.tensor(scales)),
-                np_quantile(ts, 0.6, scales))
+                expected_quantile(ts, 0.6, scales))
 
 
 def test_public_single_element_and_extremes():
     for x in [torch.tensor(-2.5), torch.tensor([float("-inf")]), torch.zeros(1, 1)]:
         for q in [0.0, 0.5, 1.0]:
-            assert_same(sk.global_magnitude_threshold([x], q), np_quantile([x], q))
+            assert_same(sk.global_magnitude_threshold([x], q), expected_quantile([x], q))
     ts = make_list(12, [100, 200])
     assert sk.global_magnitude_threshold(ts, 0.0).item() == min(t.abs().min().item() for t in ts)
     assert sk.global_magnitude_threshold(ts, 1.0).item() == max(t.abs().max().item() for t in ts)
@@ -256,7 +319,7 @@ def test_public_more_than_2_24_elements():
     with pytest.raises(RuntimeError):
         torch.quantile(torch.cat([t.float().abs() for t in ts]), 0.5)
     for q in [0.5, 0.9]:
-        assert_same(sk.global_magnitude_threshold(ts, q), np_quantile(ts, q))
+        assert_same(sk.global_magnitude_threshold(ts, q), expected_quantile(ts, q))
 
 
 def test_public_magnitude_thresholds():
@@ -266,11 +329,11 @@ def test_public_magnitude_thresholds():
         assert out.shape == (len(ts),) and out.dtype == torch.float32
         for i, t in enumerate(ts):
             s = sp if isinstance(sp, float) else sp[i]
-            assert_same(out[i], np_quantile([t], s))
+            assert_same(out[i], expected_quantile([t], s))
     torch.testing.assert_close(sk.magnitude_thresholds(ts, 0.4), reference.magnitude_thresholds(ts, 0.4),
                                atol=0, rtol=0)
     assert_same(sk.magnitude_thresholds(ts[:2], 0.3, interpolation="higher")[1],
-                np_quantile(ts[1:2], 0.3, method="higher"))
+                expected_quantile(ts[1:2], 0.3, method="higher"))
 
 
 def test_parameters_and_generators_are_accepted():
@@ -278,7 +341,7 @@ def test_parameters_and_generators_are_accepted():
     ws = [model[0].weight, model[1].weight]
     value = sk.global_magnitude_threshold((w for w in ws), 0.5)
     assert not value.requires_grad
-    assert_same(value, np_quantile(ws, 0.5))
+    assert_same(value, expected_quantile(ws, 0.5))
 
 
 finite = st.floats(allow_nan=False, width=32)
@@ -291,11 +354,11 @@ finite = st.floats(allow_nan=False, width=32)
        q=st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0)),
        method=st.sampled_from(METHODS),
        scaled=st.booleans())
-def test_property_matches_numpy(arrays, dtypes, q, method, scaled):
+def test_property_matches_spec(arrays, dtypes, q, method, scaled):
     ts = [torch.tensor(a, dtype=torch.float32).to(d) for a, d in zip(arrays, dtypes)]
     scales = [0.5 + 0.75 * i for i in range(len(ts))] if scaled else None
     assert_same(sk.global_magnitude_threshold(ts, q, scales=scales, interpolation=method),
-                np_quantile(ts, q, scales, method))
+                expected_quantile(ts, q, scales, method))
 
 
 # --- NaN and bad inputs ---------------------------------------------------------------------------
