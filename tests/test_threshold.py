@@ -256,6 +256,38 @@ def test_bad_threshold(bad, exc, match):
     assert torch.equal(w, W), "a failed call must not modify the weight"
 
 
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten / custom ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+#: Ops that copy a value to the host (``bool()``, ``.item()``, ``.tolist()``): a sync on CUDA.
+HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.item.default"}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("kind", ["0d", "channel", "weight"])
+def test_threshold_check_off_the_cpu_reads_no_value(name, kind):
+    """Off the CPU the NaN / sign check of a tensor threshold is one device-side assert: no value
+    goes to the host (on CUDA a sync per layer and forward). Meta stands in for CUDA (same branch;
+    no GPU here), and a meta tensor has no value to read."""
+    op, _, kw = OPS[name]
+    w = W.to("meta")
+    t = _threshold_arg(name, W, kind).to("meta")
+    with _OpLog() as log:
+        out = op(w, t, **kw)
+    assert out.device.type == "meta" and out.shape == w.shape
+    assert log.ops.count("aten._assert_async.msg") == 1, log.ops
+    assert not HOST_READS & set(log.ops), log.ops
+
+
 def test_bad_str_and_power_args():
     with pytest.raises(ValueError, match="s contains NaN"):
         sk.str_threshold(W, torch.tensor(float("nan")))

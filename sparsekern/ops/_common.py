@@ -91,7 +91,7 @@ def as_threshold(t, w, name="t", nonnegative=True):
     ``t``: a real number, or a float tensor with 1 element (per layer), ``K = w.shape[0]``
     elements shaped ``[K]`` / ``[K, 1, ..]`` (per output channel), or ``w``'s shape (per weight).
     Values must not be NaN (nor negative when ``nonnegative``); checked outside torch.compile
-    (and not for meta tensors, which have no values).
+    by :func:`check_values` (no host sync off the CPU).
     """
     if isinstance(t, (bool, int, float)):
         check_number(t, name, lo=0.0 if nonnegative else -math.inf)
@@ -108,12 +108,28 @@ def as_threshold(t, w, name="t", nonnegative=True):
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}; expected one value, one per output channel "
             f"([{k}] or [{k}, 1, ...]) or one per weight {tuple(w.shape)}")
-    if not is_compiling() and t.numel() and t.device.type != "meta":
+    if not is_compiling():
+        check_values(t, name, nonnegative)
+    return t.float().reshape(-1)
+
+
+def check_values(t, name, nonnegative):
+    """Raise if ``t`` has a NaN (or, when ``nonnegative``, a negative) value.
+
+    On CPU a ``ValueError``. Elsewhere reading a value would sync with the device (once per layer
+    and forward), so one ``torch._assert_async`` checks on the device instead (a no-op on meta):
+    on CUDA a bad value fails at a later synchronisation as a device-side assert, which leaves
+    the CUDA context unusable.
+    """
+    if t.device.type == "cpu":
         if torch.isnan(t).any():
             raise ValueError(f"{name} contains NaN")
         if nonnegative and (t < 0).any():
             raise ValueError(f"{name} must be non-negative, got min {t.min().item()}")
-    return t.float().reshape(-1)
+    elif nonnegative:
+        torch._assert_async((t >= 0).all(), f"{name} contains NaN or a negative value")
+    else:
+        torch._assert_async(~torch.isnan(t).any(), f"{name} contains NaN")
 
 
 def check_tensors(tensors):
