@@ -1,9 +1,11 @@
 """sparsekern.inference: the sparse modules (csr, block, nm, ck) vs dense layers, the cost
 model's format choice, convert() end to end, pickling, state_dict round trips, clear errors."""
+import importlib
 import io
 import math
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +13,10 @@ from torch import nn
 
 import sparsekern as sk
 from sparsekern.inference import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear,
-                                  NMConv1x1, NMLinear, rank_formats)
+                                  NMConv1x1, NMLinear, SemiStructuredLinear, rank_formats)
+from sparsekern.inference.modules import supports_semi_structured
+
+convert_module = importlib.import_module("sparsekern.inference.convert")  # the name is the function
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -405,3 +410,78 @@ def test_eval_module_input_requiring_grad_has_no_silent_backward():
     y = m(torch.randn(2, 8, requires_grad=True))
     with pytest.raises(RuntimeError, match="autograd"):
         y.sum().backward()
+
+
+# --- CUDA paths without a GPU (simulated: what is faked is said in each test) ---------------------
+
+def test_time_pair_synchronizes_cuda_around_each_sample(monkeypatch):
+    """On CUDA a sample's clock reads wait for the device: every call is followed by a
+    ``torch.cuda.synchronize`` before the clock is read (else it times the launch). Simulated: x
+    is a stand-in whose device is cuda, synchronize and the clock are recorders; the CPU path
+    (no synchronize) is checked with a real tensor."""
+    events, now = [], [0.0]
+
+    def clock():
+        events.append("clock")
+        now[0] += 1e-3
+        return now[0]
+
+    monkeypatch.setattr(convert_module.time, "perf_counter", clock)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    x = SimpleNamespace(device=torch.device("cuda", 0))
+    best = convert_module._time_pair(lambda x: events.append("a"), lambda x: events.append("b"), x, reps=2)
+    assert len(best) == 2 and all(t > 0 for t in best)
+    assert {"a", "b", "clock"} <= set(events) and ("sync", x.device) in events
+    for i, e in enumerate(events):
+        if e == "clock":  # the last event before a clock read is a synchronize or another clock
+            before = [f for f in events[:i] if f != "clock"]
+            assert not before or before[-1] == ("sync", x.device), events[:i + 1]
+    events.clear()
+    convert_module._time_pair(lambda x: events.append("a"), lambda x: events.append("b"), torch.ones(1), reps=1)
+    assert events and not any(isinstance(e, tuple) for e in events)
+
+
+def two_four(out, inp, dtype=torch.float16):
+    """A 2:4 weight ``[out, in]`` (two nonzeros in every 4 inputs)."""
+    w = torch.randn(out, inp)
+    return (w * sk.nm_mask(w, 2, 4)).to(dtype)
+
+
+@pytest.mark.parametrize("cusparselt", [True, False])
+def test_semi_structured_shapes_follow_torch(monkeypatch, cusparselt):
+    """The 2:4 predicate is torch's: fp16/bf16, 2:4, both sides multiples of 16×16 (cuSPARSELt)
+    or 32×64 (CUTLASS, when cuSPARSELt is missing). Simulated: cuSPARSELt's availability."""
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    backend = torch.sparse.SparseSemiStructuredTensorCUSPARSELT if cusparselt else \
+        torch.sparse.SparseSemiStructuredTensorCUTLASS
+    assert convert_module.supports_semi_structured is supports_semi_structured
+    assert supports_semi_structured(two_four(32, 64)) and supports_semi_structured(two_four(64, 128, torch.bfloat16))
+    assert supports_semi_structured(two_four(16, 32)) == cusparselt  # CUTLASS: 32 rows, 64 columns
+    assert supports_semi_structured(two_four(48, 64)) == cusparselt
+    for w in [two_four(8, 16), two_four(32, 72), two_four(0, 64), two_four(32, 64, torch.float32),
+              two_four(32, 64).reshape(32, 64, 1), torch.randn(32, 64).half()]:  # last: not 2:4
+        assert not supports_semi_structured(w), tuple(w.shape)
+    c = backend._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
+    with pytest.raises(ValueError, match=f"multiples of {c.sparse_min_rows} and {c.sparse_min_cols}"):
+        SemiStructuredLinear(two_four(8, 16))
+
+
+def test_convert_keeps_a_2to4_layer_dense_when_torch_cannot_take_its_shape(monkeypatch):
+    """A 2:4 fp16 Linear [8, 16] (in % 4 == 0, but not a multiple of torch's minimum shape) stays
+    dense instead of failing in to_sparse_semi_structured; [32, 64] gets the 2:4 candidate.
+    Simulated: a CUDA device with compute capability >= 8.0 (``_device_formats`` gives "2:4"
+    for the CPU fp16 weight), and building the module (recorded, never run on CPU)."""
+    built = []
+    monkeypatch.setattr(convert_module, "_device_formats", lambda w: {"2:4"})
+    monkeypatch.setattr(SemiStructuredLinear, "from_dense", classmethod(lambda cls, m: built.append(m)))
+    small = nn.Linear(16, 8).half()
+    with torch.no_grad():
+        small.weight.copy_(two_four(8, 16))
+    assert [c.format for c in rank_formats(small, (1, 16))] == ["dense"]
+    model, report = sk.inference.convert(nn.Sequential(small), min_speedup=0.0, reps=1, return_report=True)
+    assert isinstance(model[0], nn.Linear) and report[0].format == "dense" and not built
+    assert "no sparse format" in report[0].note
+    big = nn.Linear(64, 32).half()
+    with torch.no_grad():
+        big.weight.copy_(two_four(32, 64))
+    assert "2:4" in {c.format for c in rank_formats(big, (1, 64))}

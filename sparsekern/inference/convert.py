@@ -19,9 +19,10 @@ Per layer (input shape captured by running ``example_input`` through the model):
 What each layer kind can become (CPU, fp32): Linear and 1×1 conv: csr, block, nm; KxK conv
 (groups 1, zero padding): csr (direct sparse conv) and ck (kernel skipping). Grouped / depthwise
 convs, other dtypes and layers not run by ``example_input`` stay dense. On CUDA (unverified, no
-GPU here) a Linear with an exactly 2:4 fp16/bf16 weight may become a
-:class:`SemiStructuredLinear` (compute capability >= 8.0), and block / nm once the Triton
-kernels are wired in (``sparsekern.ops.spmm.KERNELS.triton``).
+GPU here) a Linear with an exactly 2:4 fp16/bf16 weight of a shape torch's semi-structured
+kernels take (``supports_semi_structured``) may become a :class:`SemiStructuredLinear` (compute
+capability >= 8.0), and block / nm once the Triton kernels are wired in
+(``sparsekern.ops.spmm.KERNELS.triton``).
 """
 import math
 import time
@@ -33,7 +34,8 @@ from torch import nn
 from ..ops import spmm
 from ..ops._common import check_number
 from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
-                      NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1)
+                      NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
+                      supports_semi_structured)
 
 #: Formats ``convert`` can choose from (``formats=`` restricts the sparse ones).
 FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4")
@@ -117,11 +119,6 @@ def layer_kind(m):
     return None
 
 
-def _is_2to4(w):
-    return w.dim() == 2 and w.shape[1] % 4 == 0 and w.numel() > 0 and \
-        int((w != 0).reshape(w.shape[0], -1, 4).sum(-1).max()) <= 2
-
-
 def _device_formats(w):
     """The sparse formats with fast kernels for ``w``'s device and dtype."""
     if w.device.type == "cpu":
@@ -184,25 +181,33 @@ def rank_formats(module, input_shape, formats=None):
         kernels = int((w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).sum())
         stored = kernels * module.kernel_size[0] * module.kernel_size[1]
         cands.append(Candidate("ck", {}, predict(stored, costs["ck"], cols), lambda: CKConv2d.from_dense(module)))
-    if "2:4" in allowed and kind == "Linear" and _is_2to4(w):  # UNVERIFIED (CUDA)
+    if "2:4" in allowed and kind == "Linear" and supports_semi_structured(w):  # UNVERIFIED (CUDA)
         cands.append(Candidate("2:4", {}, cands[0].predicted_ms * 0.7,
                                lambda: SemiStructuredLinear.from_dense(module)))
     return sorted(cands, key=lambda c: c.predicted_ms)
 
 
 def _time_pair(a, b, x, reps):
-    """Minimum seconds per call of ``a(x)`` and ``b(x)``, sampled alternately."""
+    """Minimum seconds per call of ``a(x)`` and ``b(x)``, sampled alternately. On CUDA each
+    sample starts and ends with ``torch.cuda.synchronize``: it times the kernels, not their launch."""
+    cuda = x.device.type == "cuda"
+
+    def sample(f, n):
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f(x)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        return (time.perf_counter() - t0) / n
+
     a(x), b(x)
-    t0 = time.perf_counter()
-    a(x)
-    inner = max(1, min(100, int(2e-3 / max(time.perf_counter() - t0, 1e-7))))
+    inner = max(1, min(100, int(2e-3 / max(sample(a, 1), 1e-7))))
     best = [float("inf"), float("inf")]
     for _ in range(reps):
         for i, f in enumerate((a, b)):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f(x)
-            best[i] = min(best[i], (time.perf_counter() - t0) / inner)
+            best[i] = min(best[i], sample(f, inner))
     return best
 
 

@@ -291,16 +291,48 @@ class CKConv2d(_ConvKxK):
         return w
 
 
+def semi_structured_backend():
+    """torch's semi-structured tensor class that :class:`SemiStructuredLinear` builds: cuSPARSELt
+    (``to_sparse_semi_structured``'s default), CUTLASS when ``SparseSemiStructuredTensor._FORCE_CUTLASS``
+    is set or cuSPARSELt is not available."""
+    sst = torch.sparse.SparseSemiStructuredTensor
+    if sst._FORCE_CUTLASS or not torch.backends.cusparselt.is_available():
+        return torch.sparse.SparseSemiStructuredTensorCUTLASS
+    return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+
+
+def supports_semi_structured(w):
+    """Whether a weight ``[out, in]`` can become a :class:`SemiStructuredLinear` (device aside):
+    fp16/bf16, at most 2 nonzeros in every 4 consecutive inputs, and both sides positive multiples
+    of the backend's minimum sparse shape (``_DTYPE_SHAPE_CONSTRAINTS``: 16×16 for cuSPARSELt,
+    32×64 for CUTLASS)."""
+    if w.dim() != 2 or w.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    c = semi_structured_backend()._DTYPE_SHAPE_CONSTRAINTS[w.dtype]
+    (rows, cols), (r, k) = w.shape, (c.sparse_min_rows, c.sparse_min_cols)
+    if rows < r or rows % r or cols < k or cols % k:
+        return False
+    return int((w.detach() != 0).reshape(rows, -1, 4).sum(-1).max()) <= 2
+
+
 class SemiStructuredLinear(nn.Module):
     """CUDA only, UNVERIFIED (no GPU where it was written): Linear with an exactly 2:4 fp16/bf16
-    weight held as ``torch.sparse.to_sparse_semi_structured`` (compute capability >= 8.0)."""
+    weight in torch's semi-structured format (:func:`semi_structured_backend`, compute capability
+    >= 8.0). ValueError unless :func:`supports_semi_structured`."""
 
     format = "2:4"
 
     def __init__(self, weight, bias=None):
         super().__init__()
+        if not isinstance(weight, torch.Tensor) or not supports_semi_structured(weight):
+            cls = semi_structured_backend()
+            c = cls._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
+            raise ValueError(
+                f"SemiStructuredLinear: weight must be a 2:4 fp16/bf16 [out, in] tensor with out and in "
+                f"multiples of {c.sparse_min_rows} and {c.sparse_min_cols} ({cls.BACKEND}), got "
+                f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight.detach()),
+        self.weight = nn.Parameter(semi_structured_backend().from_dense(weight.detach().contiguous()),
                                    requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
