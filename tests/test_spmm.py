@@ -437,3 +437,46 @@ def test_registered_ops_on_meta_tensors():
         meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
         y = op(*meta)
         assert y.device.type == "meta" and y.shape == op(*args).shape, op
+
+
+def _dtype_cases():
+    """Every raw spmm op on small fp32 inputs: name -> (args, positions of val, bias and x)."""
+    w = sparse_weight(12, 8, 0.5)
+    x, b = torch.randn(8, 5), torch.randn(12)
+    wc = torch.randn(4, 3, 3, 3) * sk.ck_mask(torch.randn(4, 3, 3, 3), 0.5)
+    rowptr, chan, val = ck_from_dense(wc)
+    crowptr, ccol, cval = csr_from_dense(wc.reshape(4, -1))
+    off = spmm.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
+    flat, bc = torch.randn(3 * 36 + 14), torch.randn(4)
+    return {
+        "csr_mm": ([*csr_from_dense(w), b, x, 12, True], (2, 3, 4)),
+        "bsr_mm": ([*bsr_from_dense(w, (4, 4)), b, x, 12, False], (2, 3, 4)),
+        "nm_mm": ([*nm_from_dense(w * sk.nm_mask(w, 2, 4), 2, 4), b, x, 2, 4, 12, True], (0, 2, 3)),
+        "csr_conv": ([crowptr, off, cval, bc, flat, 24, 4, 108, 6, 4], (2, 3, 4)),
+        "ck_conv": ([rowptr, chan, val, spmm.conv_taps((3, 3), (1, 1), (1, 1), 6, 6), bc, flat, 24, 4, 36,
+                     108, 6, 4], (2, 4, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", ["csr_mm", "bsr_mm", "nm_mm", "csr_conv", "ck_conv"])
+@pytest.mark.parametrize("path", ["eager", "registered", "meta"])
+def test_mixed_dtypes_raise_naming_the_arguments(name, path):
+    """val, x and a non-empty bias of different dtypes: a TypeError naming both, whichever way the
+    op is reached (eager CPU: the C++ op straight; the registered op, which CUDA takes: its body
+    checks before choosing C++ or Triton; meta). Before, the C++ op raised "x must be ... float32",
+    meta gave a result and Triton failed to compile."""
+    args, (iv, ib, ix) = _dtype_cases()[name]
+    fn = {"eager": getattr(spmm, name)}.get(path, getattr(torch.ops.sparsekern, name))
+    if path == "meta":
+        args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    fn(*args)  # one dtype: fine
+    for i, dtype, match in [
+            (ix, torch.float16, f"{name}: x is torch.float16 but val is torch.float32"),
+            (ix, torch.bfloat16, f"{name}: x is torch.bfloat16 but val is torch.float32"),
+            (iv, torch.float16, f"{name}: x is torch.float32 but val is torch.float16"),
+            (ib, torch.float16, f"{name}: bias is torch.float16 but val is torch.float32"),
+            (iv, torch.float64, f"{name}: val must be float32, float16 or bfloat16, got torch.float64")]:
+        bad = list(args)
+        bad[i] = bad[i].to(dtype)
+        with pytest.raises(TypeError, match=match):
+            fn(*bad)

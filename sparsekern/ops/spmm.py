@@ -24,11 +24,12 @@ More formats, same ``x`` / ``y`` layouts:
 
 Kernels: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
 else the reference (``sparsekern.reference``).
-No autograd: these are inference ops. :func:`csr_mm`, :func:`csr_conv`, :func:`bsr_mm`,
-:func:`nm_mm` and :func:`ck_conv` call them: in eager mode on CPU straight into the C++ op
-(``torch.ops.sparsekern_C``, skipping the registered op's Python dispatch: ~10-30 us a call);
-under torch.compile, on CUDA or meta, or for an ``x`` that requires grad, the registered
-``torch.ops.sparsekern.*`` op.
+No autograd: these are inference ops. ``val``, ``x`` and a non-empty ``bias`` have one dtype
+(:func:`check_dtypes`: a TypeError naming them otherwise, on every backend).
+:func:`csr_mm`, :func:`csr_conv`, :func:`bsr_mm`, :func:`nm_mm` and :func:`ck_conv` call them:
+in eager mode on CPU straight into the C++ op (``torch.ops.sparsekern_C``, skipping the
+registered op's Python dispatch: ~10-30 us a call); under torch.compile, on CUDA or meta, or for
+an ``x`` that requires grad, the registered ``torch.ops.sparsekern.*`` op.
 """
 import threading
 from types import SimpleNamespace
@@ -38,7 +39,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
-from ._common import KernelFamily, define_op
+from ._common import FLOAT_DTYPES, KernelFamily, define_op
 
 #: The kernel contract implemented by ``sparsekern.reference`` (no C++ library, or not CPU).
 REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv,
@@ -69,27 +70,43 @@ def _k(x):
     return KERNELS(x.device)
 
 
+def check_dtypes(op, val, bias, x):
+    """TypeError unless ``val``, ``x`` and a non-empty ``bias`` have one float dtype (the kernels
+    take one: fp32 everywhere, fp16/bf16 too on CUDA; a mix fails obscurely in Triton or C++)."""
+    if val.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: val must be float32, float16 or bfloat16, got {val.dtype}")
+    if x.dtype != val.dtype:
+        raise TypeError(f"{op}: x is {x.dtype} but val is {val.dtype}; they must have the same dtype")
+    if bias.numel() and bias.dtype != val.dtype:
+        raise TypeError(f"{op}: bias is {bias.dtype} but val is {val.dtype}; they must have the same "
+                        "dtype (or bias empty)")
+
+
 @define_op("csr_mm")
 def _csr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
             x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
+    check_dtypes("csr_mm", val, bias, x)
     return _k(x).csr_mm(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
 
 
 @define_op("csr_conv")
 def _csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
               x: torch.Tensor, n: int, out_features: int, slab: int, wp: int, wv: int) -> torch.Tensor:
+    check_dtypes("csr_conv", val, bias, x)
     return _k(x).csr_conv(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
 
 
 @define_op("bsr_mm")
 def _bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
             x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
+    check_dtypes("bsr_mm", val, bias, x)
     return _k(x).bsr_mm(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
 
 
 @define_op("nm_mm")
 def _nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, n: int, m: int,
            out_features: int, transpose_out: bool) -> torch.Tensor:
+    check_dtypes("nm_mm", val, bias, x)
     return _k(x).nm_mm(val, idx, bias, x.contiguous(), n, m, out_features, transpose_out)
 
 
@@ -97,46 +114,48 @@ def _nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Te
 def _ck_conv(rowptr: torch.Tensor, chan: torch.Tensor, val: torch.Tensor, taps: torch.Tensor,
              bias: torch.Tensor, x: torch.Tensor, n: int, out_features: int, plane: int, slab: int,
              wp: int, wv: int) -> torch.Tensor:
+    check_dtypes("ck_conv", val, bias, x)
     return _k(x).ck_conv(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
 
 
-def _op(name, registered, x):
+def _op(name, registered, val, bias, x):
     """The kernel ``name`` of ``_k(x)`` itself in eager mode on CPU (the C++ op, or the reference
-    without it), else the registered op (torch.compile, meta tensors, CUDA, and an ``x`` that
-    requires grad: the registered op's backward raises "no autograd formula" instead of the C++
-    op's silent no-gradient)."""
+    without it), after the registered op's :func:`check_dtypes`; else the registered op
+    (torch.compile, meta tensors, CUDA, and an ``x`` that requires grad: the registered op's
+    backward raises "no autograd formula" instead of the C++ op's silent no-gradient)."""
     if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
+        check_dtypes(name, val, bias, x)
         return getattr(_k(x), name)
     return registered
 
 
 def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     """``torch.ops.sparsekern.csr_mm`` (C++ directly in eager CPU mode)."""
-    op = _op("csr_mm", _csr_mm, x)
+    op = _op("csr_mm", _csr_mm, val, bias, x)
     return op(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
 
 
 def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
     """``torch.ops.sparsekern.csr_conv`` (C++ directly in eager CPU mode)."""
-    op = _op("csr_conv", _csr_conv, x)
+    op = _op("csr_conv", _csr_conv, val, bias, x)
     return op(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
 
 
 def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     """``torch.ops.sparsekern.bsr_mm`` (C++ directly in eager CPU mode)."""
-    op = _op("bsr_mm", _bsr_mm, x)
+    op = _op("bsr_mm", _bsr_mm, val, bias, x)
     return op(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
 
 
 def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
     """``torch.ops.sparsekern.nm_mm`` (C++ directly in eager CPU mode)."""
-    op = _op("nm_mm", _nm_mm, x)
+    op = _op("nm_mm", _nm_mm, val, bias, x)
     return op(val, idx, bias, x.contiguous(), n, m, out_features, transpose_out)
 
 
 def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
     """``torch.ops.sparsekern.ck_conv`` (C++ directly in eager CPU mode)."""
-    op = _op("ck_conv", _ck_conv, x)
+    op = _op("ck_conv", _ck_conv, val, bias, x)
     return op(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
 
 
