@@ -12,7 +12,8 @@ next to it and PNG plots (speedup vs size per op; the spmm crossover map).
 ``--filter`` is a regular expression searched in each case id ``family/op/size/dtype/mode``
 (e.g. ``threshold/st3/16M/fp32/fwd``, ``spmm/linear-b64/90%/fp32/infer``,
 ``train_step/st3/resnet50/fp32/step``). Threshold forward+backward peak memory is measured in a
-subprocess (``bench/harness.py``); the spmm family runs on CPU only.
+subprocess (``bench/harness.py``). On CUDA the spmm family is the Triton sparse Linear vs cuBLAS
+(``families.run_spmm_cuda``); ``--suite gpu`` is the short CUDA suite of ``make gpu-check``.
 """
 import argparse
 import datetime
@@ -38,8 +39,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("quick", "full", "tiny"), default="full",
-                   help="full (default) or quick; tiny is for the tests")
+    p.add_argument("--suite", choices=tuple(F.SUITES), default="full",
+                   help="full (default), quick, gpu (short, CUDA); tiny is for the tests")
     p.add_argument("--quick", action="store_true", help="same as --suite quick")
     p.add_argument("--device", choices=("cpu", "cuda"), default=H.default_device(),
                    help="default: cuda if available, else cpu")

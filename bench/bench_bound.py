@@ -22,7 +22,6 @@ import math
 import os
 import sys
 
-import pytest
 import torch
 
 from . import harness as H
@@ -133,7 +132,7 @@ def _run(fn, device):
 
 # --- pytest-benchmark -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@H.parametrize("provider", PROVIDERS)
 def test_gaussian_bounds(benchmark, provider):
     device = H.default_device()
     ws = suites.make_weights(suites.resnet50(), device=device)
@@ -143,7 +142,7 @@ def test_gaussian_bounds(benchmark, provider):
     benchmark.pedantic(_run(lambda: fn(ws), device), rounds=5, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("method", BOUND_METHODS)
+@H.parametrize("method", BOUND_METHODS)
 def test_per_layer_bounds(benchmark, method):
     device = H.default_device()
     ws = suites.make_weights(suites.resnet50(), device=device)
@@ -153,8 +152,8 @@ def test_per_layer_bounds(benchmark, method):
     benchmark.pedantic(_run(lambda: fn(ws), device), rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@H.parametrize("mode", ["fwd", "fwd+bwd"])
+@H.parametrize("provider", PROVIDERS)
 def test_asl_threshold(benchmark, provider, mode):
     device = H.default_device()
     w, r, g = asl_inputs(torch.float32, "layer", mode == "fwd+bwd", device)

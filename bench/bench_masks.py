@@ -13,7 +13,6 @@ Script (all providers side by side in one run, target ≥ 10× eager; writes a M
 import argparse
 import os
 
-import pytest
 import torch
 
 from . import harness as H
@@ -71,8 +70,8 @@ def label(builder, shape):
 
 # --- pytest-benchmark -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", cases(), ids=lambda c: label(*c).replace(" ", "-"))
+@H.parametrize("provider", PROVIDERS)
+@H.parametrize("case", cases(), ids=lambda c: label(*c).replace(" ", "-"))
 def test_mask(benchmark, case, provider):
     builder, shape = case
     device = H.default_device()

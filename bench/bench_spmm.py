@@ -29,7 +29,6 @@ import sys
 import time
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,9 +191,9 @@ def make_case(batch, sparsity, seed=0):
 
 # --- pytest-benchmark -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("sparsity", (0.9, 0.95))
-@pytest.mark.parametrize("batch", BATCHES)
+@H.parametrize("provider", PROVIDERS)
+@H.parametrize("sparsity", (0.9, 0.95))
+@H.parametrize("batch", BATCHES)
 def test_linear(benchmark, batch, sparsity, provider):
     w, b, x = make_case(batch, sparsity)
     fn = provider_fn(provider, w, b)

@@ -1,7 +1,6 @@
 """pytest-benchmark suite of the threshold family (``pytest bench/bench_threshold.py
 --benchmark-only``): the cases of ``python -m bench`` (full suite: op × size × dtype × mode) ×
 provider, grouped so the three providers of one case sit side by side."""
-import pytest
 import torch
 
 from . import families
@@ -10,8 +9,8 @@ from . import harness as H
 CASES = families.threshold_cases(families.Context("cpu", "full"))
 
 
-@pytest.mark.parametrize("provider", H.PROVIDERS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
+@H.parametrize("provider", H.PROVIDERS)
+@H.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
 def test_threshold(benchmark, case, provider):
     device = H.default_device()
     op, size, dtype, mode = case["op"], case["size"], case["dtype"], case["mode"]

@@ -21,7 +21,6 @@ pytest-benchmark (timing only)::
 import math
 import warnings
 
-import pytest
 import torch
 from torch import nn
 
@@ -152,8 +151,8 @@ def make_steps(method, shapes, device):
 
 # --- pytest-benchmark -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("method", METHODS)
+@H.parametrize("provider", PROVIDERS)
+@H.parametrize("method", METHODS)
 def test_train_step(benchmark, method, provider):
     device = H.default_device()
     steps, _ = make_steps(method, suites.resnet50(), device)

@@ -33,7 +33,8 @@ SUITES = {
         "asl": ((1024, 1024), (4096, 4096)),
         "masks": "ends",
         "spmm": {"batches": (1, 64), "sparsities": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
-                 "conv": (0.7, 0.8, 0.9, 0.95), "resnet50_convs": (0.7, 0.9, 0.95), "model": "full"},
+                 "conv": (0.7, 0.8, 0.9, 0.95), "resnet50_convs": (0.7, 0.9, 0.95), "model": "full",
+                 "cuda_dtypes": ("fp32", "fp16", "bf16")},
         "train_step": "resnet50",
     },
     "quick": {
@@ -45,7 +46,22 @@ SUITES = {
         "gaussian": "mobilenet_v1",
         "asl": ((1024, 1024),),
         "masks": "smallest",
-        "spmm": {"batches": (64,), "sparsities": (0.5, 0.9, 0.99), "conv": (0.9,)},
+        "spmm": {"batches": (64,), "sparsities": (0.5, 0.9, 0.99), "conv": (0.9,), "cuda_dtypes": ("fp32",)},
+        "train_step": "resnet50-layer1",
+    },
+    # make gpu-check (bench/gpu_check.py): CUDA, a few minutes; 16M weights for the bandwidth fractions
+    "gpu": {
+        "budget_s": 0.1,
+        "threshold": [(("st3_threshold",), ("1M", "16M"), ("fp32", "bf16")),
+                      (("soft_threshold", "str_threshold", "power_threshold", "hard_threshold"),
+                       ("16M",), ("fp32",))],
+        "memory": False,
+        "select": ("resnet50",),
+        "gaussian": "resnet50",
+        "asl": ((4096, 4096),),
+        "masks": "smallest",
+        "spmm": {"batches": (1, 64), "sparsities": (0.5, 0.75, 0.9, 0.95, 0.99), "conv": (),
+                 "cuda_dtypes": ("fp32", "fp16")},
         "train_step": "resnet50-layer1",
     },
     "tiny": {
@@ -56,7 +72,7 @@ SUITES = {
         "gaussian": "tiny",
         "asl": ((64, 64),),
         "masks": "one",
-        "spmm": {"batches": (1,), "sparsities": (0.9,), "conv": ()},
+        "spmm": {"batches": (1,), "sparsities": (0.9,), "conv": (), "cuda_dtypes": ("fp32",)},
         "train_step": "tiny",
     },
 }
@@ -176,8 +192,8 @@ def run_threshold(ctx, cases):
 
 def run_select(ctx):
     """Global magnitude threshold (SPEC §9) over a network's weights: eager (cat+sort, the
-    reference), cat+kthvalue, torch.quantile (≤ 2^24 elements), compile of the reference,
-    sparsekern. Values are checked equal to the reference's."""
+    reference), cat+kthvalue, cat+topk, torch.quantile (≤ 2^24 elements), compile of the
+    reference, sparsekern. Values are checked equal to the reference's."""
     from . import bench_select as S
 
     rows = []
@@ -186,7 +202,8 @@ def run_select(ctx):
         ws = suites.make_weights(WEIGHT_LISTS[name](), device=ctx.device)
         n = sum(w.numel() for w in ws)
         fns = {"eager": S.provider_fn("cat+sort"), "compile": S.provider_fn("compile"),
-               "cat+kthvalue": S.provider_fn("cat+kthvalue"), "sparsekern": S.provider_fn("sparsekern")}
+               "cat+kthvalue": S.provider_fn("cat+kthvalue"), "cat+topk": S.provider_fn("cat+topk"),
+               "sparsekern": S.provider_fn("sparsekern")}
         if S.runs("torch.quantile", n):
             fns["torch.quantile"] = S.provider_fn("torch.quantile")
         ref = fns["eager"](ws)
@@ -297,14 +314,14 @@ def _converted_linear(spec, sparsity, ctx):
 
 
 def run_spmm(ctx):
-    """Sparse inference (CPU kernels; on CUDA this family is skipped): the crossover points of
-    ``bench_spmm`` (Linear 4096² at each batch, the 3×3 target conv, the ResNet-50 convs at batch
-    1) over the suite's sparsities — dense vs torch CSR vs sparsekern — and, in the full suite,
-    the whole ResNet-50 at STR's 90 % budget, dense vs ``convert`` (``bench_spmm.bench_model``)."""
+    """Sparse inference. CPU (C++ kernels): the crossover points of ``bench_spmm`` (Linear 4096² at
+    each batch, the 3×3 target conv, the ResNet-50 convs at batch 1) over the suite's sparsities —
+    dense vs torch CSR vs sparsekern — and, in the full suite, the whole ResNet-50 at STR's 90 %
+    budget, dense vs ``convert`` (``bench_spmm.bench_model``). CUDA: :func:`run_spmm_cuda`."""
     from . import bench_spmm as P
 
-    if ctx.device != "cpu":
-        return []
+    if ctx.device == "cuda":
+        return run_spmm_cuda(ctx)
     cfg, rows = ctx.cfg["spmm"], []
     points = [(P.linear_spec(b), s) for b in cfg["batches"] for s in cfg["sparsities"]]
     points += [(P.TARGET_CONV, s) for s in cfg["conv"]]
@@ -336,6 +353,29 @@ def run_spmm(ctx):
     return rows
 
 
+def run_spmm_cuda(ctx):
+    """Sparse Linear 4096×4096 on CUDA (Triton kernels) at the suite's batches, sparsities and
+    ``cuda_dtypes``, via ``bench_spmm_gpu.bench_case`` (outputs checked, CUDA-event timing):
+    dense ``F.linear`` (cuBLAS, the baseline; torch.compile of it calls the same GEMM, so no
+    compile provider), ``torch_csr`` (cuSPARSE), ``sparsekern`` = ``csr_mm`` on the same
+    unstructured weight, and ``sk_bsr`` / ``sk_nm`` / ``semi_2:4`` on 32×32-block / N:M / 2:4
+    weights of the same density (``bench_spmm_gpu`` docstring)."""
+    from . import bench_spmm_gpu as G
+
+    cfg, rows = ctx.cfg["spmm"], []
+    out_f, in_f = G.SHAPES["4096x4096"]
+    points = [(d, s, [b for b in cfg["batches"] if ctx.wanted(f"spmm/linear-b{b}/{s:.0%}/{d}/infer")])
+              for d in cfg["cuda_dtypes"] for s in cfg["sparsities"]]
+    gen = torch.Generator().manual_seed(0)
+    for dtype, s, batches in ctx.bar([p for p in points if p[2]], "spmm"):
+        for r in G.bench_case("4096x4096", dtype, s, batches, ctx.cfg["budget_s"], gen, ctx.device):
+            stats = {"sparsekern" if p == "sk_csr" else p: r[p] for p in G.PROVIDERS if p in r}
+            rows += _rows("spmm", f"linear-b{r['batch']}", f"{s:.0%}", out_f * in_f, dtype, "infer", stats,
+                          sparsity=s, batch=r["batch"], shape=f"linear {out_f}x{in_f} b{r['batch']} {dtype}",
+                          kind="linear", kernel=1)
+    return rows
+
+
 # --- train step -----------------------------------------------------------------------------------
 
 def run_train_step(ctx):
@@ -357,7 +397,7 @@ def run_train_step(ctx):
 
 # --- targets --------------------------------------------------------------------------------------
 
-#: (case, provider compared, against, bound, kind): kind "speedup" = against/provider ≥ bound;
+#: CPU targets: (case, provider compared, against, bound, kind): kind "speedup" = against/provider ≥ bound;
 #: "memory" = provider peak / against peak < bound; "bandwidth" = fraction ≥ bound (CUDA);
 #: "layers" = the slowest converted layer of a whole model, re-timed, ≥ bound × dense
 TARGETS = [
@@ -374,15 +414,20 @@ TARGETS = [
     ("spmm/linear-b64/90%/fp32/infer", "sparsekern", "torch_csr", 1.5, "speedup"),
     ("spmm/conv3x3-b1/90%/fp32/infer", "sparsekern", "dense", 2.5, "speedup"),
 ]
+#: CUDA targets besides the per-op bandwidth and compile ones that :func:`targets` adds
+CUDA_TARGETS = [
+    ("select/global_threshold/resnet50/fp32/fwd", "sparsekern", "cat+kthvalue", 20.0, "speedup"),
+]
 
 
 def targets(rows, device):
-    """``[{target, status, value, text}]``: the fixed TARGETS, every mask case ≥ 10× eager,
-    sparse Linear at batch 64 never < 0.95× dense (``convert()``, with its dense fallback, as
-    DESIGN.md states; provider "convert"), no layer of the converted ResNet-50 < 0.95× dense, and on CUDA every fused op ≥ 80 % of copy bandwidth and
-    ≥ 1× compile. Status PASS / FAIL / NOT MEASURED (case not in this run)."""
+    """``[{target, status, value, text}]`` (DESIGN.md): every mask case ≥ 10× eager and, on CPU,
+    the fixed TARGETS, sparse Linear at batch 64 never < 0.95× dense (``convert()``, with its
+    dense fallback; provider "convert"), no layer of the converted ResNet-50 < 0.95× dense; on
+    CUDA, CUDA_TARGETS and every fused op ≥ 80 % of copy bandwidth and ≥ 1× compile. Status
+    PASS / FAIL / NOT MEASURED (case not in this run)."""
     by = {(r["case"], r["provider"]): r for r in rows}
-    checks = list(TARGETS)
+    checks = list(TARGETS if device == "cpu" else CUDA_TARGETS)
     checks += [(r["case"], "sparsekern", "eager", 10.0, "speedup") for r in rows
                if r["family"] == "masks" and r["provider"] == "sparsekern"]
     checks += [(r["case"], "convert", "dense", 0.95, "layers") for r in rows

@@ -35,6 +35,11 @@ import time
 
 import torch
 
+try:
+    import pytest
+except ImportError:  # GPU images may lack pytest: the benchmarks still run, only their pytest-benchmark tests need it
+    pytest = None
+
 #: Benchmarked ops, headline first. Value: does the threshold argument get a gradient
 #: in forward+backward (learnable for STR-style soft thresholds, selected for the others)?
 OPS = {
@@ -61,6 +66,12 @@ MEMORY_METHOD = {
             "memory_allocated() before the call; median of 3 calls after warmup",
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parametrize(*args, **kwargs):
+    """``pytest.mark.parametrize`` for the ``bench_*.py`` pytest-benchmark tests; without pytest
+    a no-op, so those modules import (and ``python -m bench`` runs) where pytest is missing."""
+    return pytest.mark.parametrize(*args, **kwargs) if pytest else (lambda fn: fn)
 
 
 def default_device():
