@@ -6,11 +6,11 @@ torch must already be installed (it is imported here, at build time, but is deli
 build requirement: build isolation would download a multi-GB CUDA torch). The C++ kernels are
 one shared library, ``sparsekern/_C*.so``, that registers ``torch.ops.sparsekern_C.*`` and is
 loaded with ``torch.ops.load_library`` (see ``sparsekern/_ext.py``); ``sparsekern/_build_info.py``
-records the torch it was built against. Environment variables:
+records the torch it was built against. There are only CPU sources (the CUDA kernels are
+Triton, compiled at run time), so a CUDA build of torch needs no CUDA toolkit here, and a toolkit
+that is present is never used. Environment variables:
 
     SPARSEKERN_NO_EXT=1       skip the C++ build (Python-only mode, reference kernels)
-    SPARSEKERN_WITH_CUDA=0|1  force CUDA sources off/on (default: on when torch has CUDA and a
-                              CUDA toolkit is found)
     MAX_JOBS=N                parallel compile jobs
 """
 import glob
@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -54,23 +53,26 @@ def _torch_openmp_library(torch_lib_dir):
     return None
 
 
-def _cuda_toolkit(torch):
-    """CUDA_HOME when the CUDA sources should be built, else None."""
-    want = os.environ.get("SPARSEKERN_WITH_CUDA")
-    if want == "0" or torch.version.cuda is None:
-        if want == "1":
-            raise RuntimeError("SPARSEKERN_WITH_CUDA=1 but this torch has no CUDA")
-        return None
-    from torch.utils.cpp_extension import CUDA_HOME
+def _cxx_standard(include_dirs):
+    """17, or 20 where torch's headers demand it (torch >= 2.14: ATen.h stops pre-C++20 builds)."""
+    for d in include_dirs:
+        header = os.path.join(d, "ATen", "ATen.h")
+        if os.path.isfile(header):
+            with open(header) as f:
+                return 20 if "C++20" in f.read() else 17
+    raise RuntimeError(f"sparsekern: ATen/ATen.h not found in torch's include paths {include_dirs}")
 
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
-    if not nvcc or not os.path.exists(nvcc):
-        if want == "1":
-            raise RuntimeError("SPARSEKERN_WITH_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
-        warnings.warn(f"sparsekern: torch {torch.__version__} has CUDA but no CUDA toolkit was found "
-                      "(set CUDA_HOME); building the CPU kernels only")
-        return None
-    return CUDA_HOME
+
+def _torch_build_args(torch):
+    """CMake arguments that describe torch: headers, libraries, ABI flag, C++ standard."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = include_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [f"-DSPARSEKERN_TORCH_INCLUDE_DIRS={';'.join(includes)}",
+            f"-DSPARSEKERN_TORCH_LIB_DIR={os.path.join(os.path.dirname(torch.__file__), 'lib')}",
+            f"-DSPARSEKERN_TORCH_CXX_FLAGS=-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-DSPARSEKERN_CXX_STANDARD={_cxx_standard(includes)}"]
 
 
 class CMakeExtension(Extension):
@@ -119,10 +121,9 @@ class CMakeBuild(build_ext):
                 "SPARSEKERN_NO_EXT=1 for the Python-only mode.")
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
         torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-        cuda_home = _cuda_toolkit(torch)
-        # a persistent CMake tree in ./build (per Python, torch and CUDA choice) keeps rebuilds
-        # incremental: pip gives every build a fresh build_temp
-        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if cuda_home else 'cpu'}"
+        # a persistent CMake tree in ./build (per Python and torch) keeps rebuilds incremental:
+        # pip gives every build a fresh build_temp
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
         build_dir = os.path.join(ROOT, "build", "cmake-" + tag.replace("+", "_"))
         cache = os.path.join(build_dir, "CMakeCache.txt")
         if os.path.exists(cache):  # a tree configured for another checkout (moved repo): start over
@@ -136,25 +137,8 @@ class CMakeBuild(build_ext):
             os.makedirs(build_dir, exist_ok=True)
         out_dir = os.path.join(build_dir, "out")
         config = "Debug" if self.debug else "Release"
-        args = [
-            f"-DCMAKE_BUILD_TYPE={config}",
-            f"-DSPARSEKERN_OUTPUT_DIR={out_dir}",
-            f"-DSPARSEKERN_TORCH_LIB_DIR={torch_lib}",
-            f"-DSPARSEKERN_WITH_CUDA={'ON' if cuda_home else 'OFF'}",
-        ]
-        if torch.version.cuda is not None and cuda_home is None:
-            # TorchConfig.cmake of a CUDA torch fails without a CUDA toolkit; the CPU kernels
-            # only need the headers and libtorch
-            from torch.utils.cpp_extension import include_paths
-
-            abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-            args += [f"-DSPARSEKERN_TORCH_INCLUDE_DIRS={';'.join(include_paths())}",
-                     f"-DSPARSEKERN_TORCH_CXX_FLAGS=-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-        else:  # (the empty values reset what an earlier configure of this tree cached)
-            args += [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                     "-DSPARSEKERN_TORCH_INCLUDE_DIRS=", "-DSPARSEKERN_TORCH_CXX_FLAGS="]
-        if cuda_home:
-            args.append(f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}")
+        args = [f"-DCMAKE_BUILD_TYPE={config}", f"-DSPARSEKERN_OUTPUT_DIR={out_dir}"]
+        args += _torch_build_args(torch)
         gomp = _torch_openmp_library(torch_lib) if sys.platform.startswith("linux") else None
         args.append(f"-DSPARSEKERN_OPENMP_LIBRARY={gomp or ''}")
         if not os.path.exists(cache):  # the generator of a configured tree is fixed
@@ -177,7 +161,6 @@ class CMakeBuild(build_ext):
         with open(os.path.join(os.path.dirname(target), "_build_info.py"), "w") as f:
             f.write("# Generated by setup.py at build time; do not edit.\n")
             f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
-            f.write(f"WITH_CUDA = {bool(cuda_home)!r}\n")
 
 
 class BuildPy(build_py):
@@ -196,7 +179,7 @@ setup(
     version="0.1.0",
     description="Fused PyTorch kernels for sparse training and sparse inference",
     packages=find_packages(include=["sparsekern", "sparsekern.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     ext_modules=[] if NO_EXT else [CMakeExtension("sparsekern._C")],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     zip_safe=False,

@@ -13,7 +13,8 @@ sums to a ``[rows, n_split]`` buffer and a second kernel adds each row's partial
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import wrap as _wrap
 
 _BLOCK = 2048  # elements per program of the elementwise kernels
 _TILE = 2048  # elements per [BLOCK_R, BLOCK_C] tile of the row kernels
@@ -286,12 +287,6 @@ def _tiling(rows, cols):
     iters = triton.cdiv(col_blocks, min(col_blocks, max(1, _TARGET_PROGRAMS // row_blocks)))
     n_split = triton.cdiv(col_blocks, iters)
     return block_r, block_c, n_split, iters, (row_blocks * n_split,)
-
-
-def _wrap(kernel):
-    """torch.library.wrap_triton(kernel); interpreted kernels (TRITON_INTERPRET=1) launch as they
-    are, as torch >= 2.13 does itself (older torch rejects them: pytorch#152868)."""
-    return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
