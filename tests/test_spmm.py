@@ -336,6 +336,10 @@ def test_conv_group():
     assert spmm.conv_group(5, 1) == 5
 
 
+#: Positions of val, bias and x in each spmm op's arguments.
+ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_conv": (2, 3, 4), "ck_conv": (2, 4, 5)}
+
+
 def _op_cases():
     """(name, arguments) of each spmm op on small valid inputs."""
     w = sparse_weight(9, 8, 0.4)
@@ -358,11 +362,11 @@ def test_eager_fast_path_equals_registered_op(case):
     """spmm.<op> calls the C++ op directly in eager CPU mode (no registered-op dispatch; fake
     tensors too), the registered op off CPU and under compile; both give identical results."""
     name, args = _op_cases()[case]
-    x = args[4 if name != "nm_mm" else 3]
+    val, bias, x = (args[i] for i in ARG_POS[name])
     fast, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
-    assert spmm._op(name, registered, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
-    assert spmm._op(name, registered, x.to("meta")) is registered
-    assert spmm._op(name, registered, x.detach().requires_grad_()) is registered  # no silent backward
+    assert spmm._op(name, registered, val, bias, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
+    assert spmm._op(name, registered, val, bias, x.to("meta")) is registered
+    assert spmm._op(name, registered, val, bias, x.detach().requires_grad_()) is registered  # no silent backward
     y = fast(*args)
     assert torch.equal(y, registered(*args))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the C++ op's fake kernel
@@ -440,32 +444,29 @@ def test_registered_ops_on_meta_tensors():
 
 
 def _dtype_cases():
-    """Every raw spmm op on small fp32 inputs: name -> (args, positions of val, bias and x)."""
+    """Each spmm op's arguments on small fp32 inputs with a bias."""
     w = sparse_weight(12, 8, 0.5)
     x, b = torch.randn(8, 5), torch.randn(12)
     wc = torch.randn(4, 3, 3, 3) * sk.ck_mask(torch.randn(4, 3, 3, 3), 0.5)
-    rowptr, chan, val = ck_from_dense(wc)
     crowptr, ccol, cval = csr_from_dense(wc.reshape(4, -1))
     off = spmm.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
     flat, bc = torch.randn(3 * 36 + 14), torch.randn(4)
-    return {
-        "csr_mm": ([*csr_from_dense(w), b, x, 12, True], (2, 3, 4)),
-        "bsr_mm": ([*bsr_from_dense(w, (4, 4)), b, x, 12, False], (2, 3, 4)),
-        "nm_mm": ([*nm_from_dense(w * sk.nm_mask(w, 2, 4), 2, 4), b, x, 2, 4, 12, True], (0, 2, 3)),
-        "csr_conv": ([crowptr, off, cval, bc, flat, 24, 4, 108, 6, 4], (2, 3, 4)),
-        "ck_conv": ([rowptr, chan, val, spmm.conv_taps((3, 3), (1, 1), (1, 1), 6, 6), bc, flat, 24, 4, 36,
-                     108, 6, 4], (2, 4, 5)),
-    }
+    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 6, 6)
+    return {"csr_mm": [*csr_from_dense(w), b, x, 12, True],
+            "bsr_mm": [*bsr_from_dense(w, (4, 4)), b, x, 12, False],
+            "nm_mm": [*nm_from_dense(w * sk.nm_mask(w, 2, 4), 2, 4), b, x, 2, 4, 12, True],
+            "csr_conv": [crowptr, off, cval, bc, flat, 24, 4, 108, 6, 4],
+            "ck_conv": [*ck_from_dense(wc), taps, bc, flat, 24, 4, 36, 108, 6, 4]}
 
 
-@pytest.mark.parametrize("name", ["csr_mm", "bsr_mm", "nm_mm", "csr_conv", "ck_conv"])
+@pytest.mark.parametrize("name", list(ARG_POS))
 @pytest.mark.parametrize("path", ["eager", "registered", "meta"])
 def test_mixed_dtypes_raise_naming_the_arguments(name, path):
     """val, x and a non-empty bias of different dtypes: a TypeError naming both, whichever way the
     op is reached (eager CPU: the C++ op straight; the registered op, which CUDA takes: its body
     checks before choosing C++ or Triton; meta). Before, the C++ op raised "x must be ... float32",
-    meta gave a result and Triton failed to compile."""
-    args, (iv, ib, ix) = _dtype_cases()[name]
+    meta gave a result and the Triton kernels failed obscurely."""
+    args, (iv, ib, ix) = _dtype_cases()[name], ARG_POS[name]
     fn = {"eager": getattr(spmm, name)}.get(path, getattr(torch.ops.sparsekern, name))
     if path == "meta":
         args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
