@@ -173,9 +173,10 @@ def quantile_ranks(n, q, interpolation="linear"):
     """numpy's order statistics for ``np.quantile(x, q, method=interpolation)`` of ``n`` values.
 
     Returns ``(k0, k1, gamma)``: the quantile is ``numpy_lerp(x_(k0), x_(k1), gamma)`` for
-    ``linear``, else ``x_(k0)`` (0-based ranks of the sorted values). Mirrors numpy 2.x
-    ``_quantile``: virtual index ``(n−1)·q`` in float64; at or beyond the last index both ranks
-    are ``n−1`` and gamma is ``v + 1`` (numpy's ``v − (−1)``); ``nearest`` rounds half to even.
+    ``linear``, else ``x_(k0)`` (0-based ranks of the sorted values). Mirrors numpy >= 2.4's
+    ``_quantile`` (SPEC §9): virtual index ``(n−1)·q`` in float64; at or beyond the last index
+    both ranks are ``n−1`` and gamma is ``v + 1`` (numpy's ``v − (−1)``); ``nearest`` rounds half
+    to even.
     """
     v = (n - 1) * q
     if interpolation == "linear":
@@ -190,8 +191,9 @@ def quantile_ranks(n, q, interpolation="linear"):
 def numpy_lerp(a, b, gamma):
     """numpy's ``_lerp`` in fp32: ``a + (b−a)·γ``, or ``b − (b−a)·(1−γ)`` if ``γ ≥ 0.5``.
 
-    a, b: 0-d fp32 tensors; gamma: a Python float, rounded to fp32 as numpy does for a weak
-    Python scalar. Each step is one fp32 op (no FMA), so inf − inf and inf·0 give NaN as in numpy.
+    a, b: 0-d fp32 tensors; gamma: a Python float, rounded to fp32 as numpy >= 2.4 does for a
+    weak Python scalar (numpy < 2.4 interpolated in fp64). Each step is one fp32 op (no FMA), so
+    inf − inf and inf·0 give NaN as in numpy.
     """
     d = b - a
     if gamma >= 0.5:
