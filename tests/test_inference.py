@@ -429,15 +429,15 @@ def test_time_pair_synchronizes_cuda_around_each_sample(monkeypatch):
     monkeypatch.setattr(convert_module.time, "perf_counter", clock)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
     x = SimpleNamespace(device=torch.device("cuda", 0))
-    best = convert_module._time_pair(lambda x: events.append("a"), lambda x: events.append("b"), x, reps=2)
+    record = (lambda x: events.append("a"), lambda x: events.append("b"))
+    best = convert_module._time_pair(*record, x, reps=2)
     assert len(best) == 2 and all(t > 0 for t in best)
     assert {"a", "b", "clock"} <= set(events) and ("sync", x.device) in events
     for i, e in enumerate(events):
-        if e == "clock":  # the last event before a clock read is a synchronize or another clock
-            before = [f for f in events[:i] if f != "clock"]
-            assert not before or before[-1] == ("sync", x.device), events[:i + 1]
+        if e == "clock":  # the last call before each clock read is a synchronize
+            assert [f for f in events[:i] if f != "clock"][-1] == ("sync", x.device), events[:i + 1]
     events.clear()
-    convert_module._time_pair(lambda x: events.append("a"), lambda x: events.append("b"), torch.ones(1), reps=1)
+    convert_module._time_pair(*record, torch.ones(1), reps=1)
     assert events and not any(isinstance(e, tuple) for e in events)
 
 
@@ -455,7 +455,8 @@ def test_semi_structured_shapes_follow_torch(monkeypatch, cusparselt):
     backend = torch.sparse.SparseSemiStructuredTensorCUSPARSELT if cusparselt else \
         torch.sparse.SparseSemiStructuredTensorCUTLASS
     assert convert_module.supports_semi_structured is supports_semi_structured
-    assert supports_semi_structured(two_four(32, 64)) and supports_semi_structured(two_four(64, 128, torch.bfloat16))
+    assert supports_semi_structured(two_four(32, 64))
+    assert supports_semi_structured(two_four(64, 128, torch.bfloat16))
     assert supports_semi_structured(two_four(16, 32)) == cusparselt  # CUTLASS: 32 rows, 64 columns
     assert supports_semi_structured(two_four(48, 64)) == cusparselt
     for w in [two_four(8, 16), two_four(32, 72), two_four(0, 64), two_four(32, 64, torch.float32),

@@ -337,7 +337,8 @@ def test_conv_group():
 
 
 #: Positions of val, bias and x in each spmm op's arguments.
-ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_conv": (2, 3, 4), "ck_conv": (2, 4, 5)}
+ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_conv": (2, 3, 4),
+           "ck_conv": (2, 4, 5)}
 
 
 def _op_cases():
@@ -366,7 +367,8 @@ def test_eager_fast_path_equals_registered_op(case):
     fast, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
     assert spmm._op(name, registered, val, bias, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
     assert spmm._op(name, registered, val, bias, x.to("meta")) is registered
-    assert spmm._op(name, registered, val, bias, x.detach().requires_grad_()) is registered  # no silent backward
+    grad_x = x.detach().requires_grad_()
+    assert spmm._op(name, registered, val, bias, grad_x) is registered  # no silent backward
     y = fast(*args)
     assert torch.equal(y, registered(*args))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the C++ op's fake kernel
