@@ -9,6 +9,7 @@ provider each family's speedups are relative to; ``TARGETS`` are the DESIGN.md t
 import dataclasses
 import math
 import re
+import typing
 
 import torch
 
@@ -87,11 +88,14 @@ WEIGHT_LISTS = {
 
 @dataclasses.dataclass
 class Context:
-    """What every family runner needs: device, suite config, case filter, progress bars."""
+    """What every family runner needs: device, suite config, case filter, progress bars, and
+    ``on_rows``, called with each case's finished rows (``bench/gpu_check.py`` streams them to a
+    file, so a run killed at its time limit keeps the cases it finished)."""
     device: str
     suite: str
     pattern: "re.Pattern | None" = None
     progress: bool = True
+    on_rows: "typing.Callable[[list], None] | None" = None
 
     @property
     def cfg(self):
@@ -107,6 +111,12 @@ class Context:
         except ImportError:
             return items
         return tqdm(items, desc=desc, disable=not self.progress or len(items) < 2, leave=False)
+
+    def done(self, rows):
+        """One case's finished rows: handed to ``on_rows``, returned."""
+        if self.on_rows:
+            self.on_rows(rows)
+        return rows
 
     def time(self, steps, **kwargs):
         """``harness.time_steps`` with the suite's budget (3 to 100 calls each) unless overridden."""
@@ -184,7 +194,7 @@ def run_threshold(ctx, cases):
                     case["dtype"], case["mode"], ctx.time(steps, warmup=2), shape=list(shape))
         if ctx.device == "cuda":
             _bandwidth(got, math.prod(shape), dtype.itemsize, 2 if case["mode"] == "fwd" else 5, ctx.device, ctx)
-        rows += got
+        rows += ctx.done(got)
     return rows
 
 
@@ -209,8 +219,8 @@ def run_select(ctx):
         ref = fns["eager"](ws)
         torch.testing.assert_close(fns["sparsekern"](ws), ref, atol=0, rtol=0)
         # one warmup (the compiling call; the check above warmed the others): seconds per call
-        rows += _rows("select", "global_threshold", name, n, "fp32", "fwd",
-                      ctx.time({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}, warmup=1))
+        rows += ctx.done(_rows("select", "global_threshold", name, n, "fp32", "fwd",
+                               ctx.time({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}, warmup=1)))
     return rows
 
 
@@ -226,8 +236,8 @@ def run_bound(ctx):
     if ctx.wanted(f"bound/gaussian_bounds/{name}/fp32/fwd"):
         ws = suites.make_weights(WEIGHT_LISTS[name](), device=ctx.device)
         fns = {p: B.gaussian_fn(p) for p in B.PROVIDERS}
-        rows += _rows("bound", "gaussian_bounds", name, sum(w.numel() for w in ws), "fp32", "fwd",
-                      ctx.time({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()}))
+        rows += ctx.done(_rows("bound", "gaussian_bounds", name, sum(w.numel() for w in ws), "fp32", "fwd",
+                               ctx.time({p: (lambda fn=fn: fn(ws)) for p, fn in fns.items()})))
     cases = [(shape, mode) for shape in ctx.cfg["asl"] for mode in H.MODES
              if ctx.wanted(f"bound/asl/{_size_label(shape)}/fp32/{mode}")]
     for shape, mode in ctx.bar(cases, "bound"):
@@ -237,7 +247,7 @@ def run_bound(ctx):
                     shape=list(shape))
         if ctx.device == "cuda":
             _bandwidth(got, math.prod(shape), 4, 2 if mode == "fwd" else 5, ctx.device, ctx)
-        rows += got
+        rows += ctx.done(got)
     return rows
 
 
@@ -277,8 +287,8 @@ def run_masks(ctx):
     for builder, shape in ctx.bar(cases, "masks"):
         stats = {r["provider"]: {k: v for k, v in r.items() if k not in ("case", "provider")}
                  for r in M.bench_case(builder, shape, ctx.device)}
-        rows += _rows("masks", builder.removesuffix("_mask"), "×".join(map(str, shape)), math.prod(shape),
-                      "fp32", "mask", stats, shape=list(shape))
+        rows += ctx.done(_rows("masks", builder.removesuffix("_mask"), "×".join(map(str, shape)), math.prod(shape),
+                               "fp32", "mask", stats, shape=list(shape)))
     return rows
 
 
@@ -336,20 +346,20 @@ def run_spmm(ctx):
         if spec["kind"] == "linear" and spec["batch"] == 64:
             stats["convert"], extra["worst_layer_speedup"] = _converted_linear(spec, s, ctx)
         numel = spec["in"] * spec["out"] * spec.get("kernel", 1) ** 2
-        rows += _rows("spmm", _spmm_op(spec), f"{s:.0%}", numel, "fp32", "infer", stats, sparsity=s,
-                      batch=spec["batch"], shape=spec["name"], kind=spec["kind"],
-                      kernel=spec.get("kernel", 1), other_load_cpus=res["load"], **extra)
+        rows += ctx.done(_rows("spmm", _spmm_op(spec), f"{s:.0%}", numel, "fp32", "infer", stats, sparsity=s,
+                               batch=spec["batch"], shape=spec["name"], kind=spec["kind"],
+                               kernel=spec.get("kernel", 1), other_load_cpus=res["load"], **extra))
     if cfg.get("model") and ctx.wanted("spmm/resnet50-str90/b1/fp32/infer"):
         res = P.bench_model(quick=cfg["model"] == "quick")
         changed = [r for r in res["layers"] if r["format"] != "dense"]
-        rows += _rows("spmm", "resnet50-str90", "b1", res["params"], "fp32", "infer",
-                      {"dense": res["dense"], "sparsekern": res["sparsekern"]}, sparsity=res["sparsity"],
-                      batch=1, shape="ResNet-50 224×224, STR 90 % budget (Table 7)",
-                      other_load_cpus=res["load"], dense_macs=res["dense_macs"], macs=res["macs"],
-                      layers_converted=len(changed), layers_total=len(res["layers"]),
-                      worst_layer_speedup=min([r["relayer"]["speedup"] for r in changed if "relayer" in r],
-                                              default=None),
-                      max_abs_diff=res["max_abs_err"])
+        rows += ctx.done(_rows("spmm", "resnet50-str90", "b1", res["params"], "fp32", "infer",
+                               {"dense": res["dense"], "sparsekern": res["sparsekern"]}, sparsity=res["sparsity"],
+                               batch=1, shape="ResNet-50 224×224, STR 90 % budget (Table 7)",
+                               other_load_cpus=res["load"], dense_macs=res["dense_macs"], macs=res["macs"],
+                               layers_converted=len(changed), layers_total=len(res["layers"]),
+                               worst_layer_speedup=min([r["relayer"]["speedup"] for r in changed if "relayer" in r],
+                                                       default=None),
+                               max_abs_diff=res["max_abs_err"]))
     return rows
 
 
@@ -370,9 +380,9 @@ def run_spmm_cuda(ctx):
     for dtype, s, batches in ctx.bar([p for p in points if p[2]], "spmm"):
         for r in G.bench_case("4096x4096", dtype, s, batches, ctx.cfg["budget_s"], gen, ctx.device):
             stats = {"sparsekern" if p == "sk_csr" else p: r[p] for p in G.PROVIDERS if p in r}
-            rows += _rows("spmm", f"linear-b{r['batch']}", f"{s:.0%}", out_f * in_f, dtype, "infer", stats,
-                          sparsity=s, batch=r["batch"], shape=f"linear {out_f}x{in_f} b{r['batch']} {dtype}",
-                          kind="linear", kernel=1)
+            rows += ctx.done(_rows("spmm", f"linear-b{r['batch']}", f"{s:.0%}", out_f * in_f, dtype, "infer", stats,
+                                   sparsity=s, batch=r["batch"], shape=f"linear {out_f}x{in_f} b{r['batch']} {dtype}",
+                                   kind="linear", kernel=1))
     return rows
 
 
@@ -390,8 +400,8 @@ def run_train_step(ctx):
         steps, check = T.make_steps(method, shapes, ctx.device)
         # seconds per call at ResNet-50 size: the check call in make_steps is the warmup
         stats = ctx.time(steps, warmup=0, max_reps=3)
-        rows += _rows("train_step", method, name, suites.numel(shapes), "fp32", "step", stats,
-                      layers=len(shapes), max_abs_diff=check)
+        rows += ctx.done(_rows("train_step", method, name, suites.numel(shapes), "fp32", "step", stats,
+                               layers=len(shapes), max_abs_diff=check))
     return rows
 
 

@@ -4,10 +4,12 @@ and ``python -m bench.readme`` on a temporary README."""
 import copy
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
-from bench import bench_train_step, families, readme, report
+from bench import bench_train_step, families, harness, readme, report
 from bench.__main__ import main
 
 README = "# project\n\nintro\n\n## Benchmarks\n\n<!-- bench:start -->\nold numbers\n<!-- bench:end -->\n\n## More\n"
@@ -112,4 +114,24 @@ def test_bandwidth_fraction_and_gpu_targets():
     bw = got["threshold/st3/64K/fp32/fwd: sparsekern ≥ 80% of copy bandwidth"]
     assert bw["value"] == sk["bandwidth_fraction"] and bw["status"] == ("PASS" if bw["value"] >= 0.8 else "FAIL")
     assert got["threshold/st3/64K/fp32/fwd: sparsekern ≥ 1× compile"]["status"] == "PASS"
+    select = "select/global_threshold/resnet50/fp32/fwd: sparsekern ≥ 20× cat+kthvalue"  # a CUDA target
+    assert got[select]["status"] == "NOT MEASURED"
+    assert not [t for t in got if t.startswith("spmm/")]  # the sparse Linear targets are CPU targets
     assert "sparsekern of copy BW" in report.family_table(rows)
+
+
+def test_bench_runs_without_pytest(tmp_path):
+    """GPU images may lack pytest: every benchmark module imports without it and ``python -m bench``
+    runs (here its spmm family on the tiny suite)."""
+    code = ("import sys; sys.modules['pytest'] = None\n"
+            "import bench.bench_bound, bench.bench_masks, bench.bench_select, bench.bench_spmm, "
+            "bench.bench_spmm_gpu, bench.bench_threshold, bench.bench_train_step, bench.gpu_check\n"
+            "from bench.__main__ import main\n"
+            "main(['--suite', 'tiny', '--device', 'cpu', '--filter', '^spmm/', '--no-progress', "
+            f"'--out', {str(tmp_path)!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=harness.REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"dense", "torch_csr", "sparsekern"}
+    assert {r["case"] for r in rows} == {"spmm/linear-b1/90%/fp32/infer"}

@@ -7,8 +7,9 @@ import torch
 
 import sparsekern as sk
 from bench import bench_spmm as B
-from bench import suites
+from bench import bench_spmm_gpu, families, harness, report, suites
 from bench.models import prune_to_budget_, resnet50
+from utils import TRITON_DEVICE
 
 TINY = [B.linear_spec(3, features=33, out_features=17), B.conv_spec(5, 7, 1, 2, 0, 9),
         B.conv_spec(4, 6, 3, 1, 1, 8, layers=["a", "b"])]
@@ -87,3 +88,29 @@ def test_prune_to_budget():
     assert round(report.macs / 1e6) == 343
     with pytest.raises(ValueError, match="fc"):
         prune_to_budget_(resnet50(num_classes=10), suites.STR_RESNET50_90)
+
+
+def test_cuda_family_rows(monkeypatch, tmp_path):
+    """``families.run_spmm_cuda`` (the spmm family of ``python -m bench`` on CUDA) on a 32×32
+    Linear, its Triton kernels on ``TRITON_DEVICE`` (the interpreter without a GPU): rows in the
+    results schema, dense the baseline, ``csr_mm`` as sparsekern, the report's table and plot."""
+    monkeypatch.setitem(bench_spmm_gpu.SHAPES, "4096x4096", (32, 32))
+    streamed = []
+    rows = families.run_spmm_cuda(families.Context(TRITON_DEVICE, "tiny", progress=False, on_rows=streamed.append))
+    assert streamed == [rows]  # one case, handed over when it finished
+    assert [(r["case"], r["provider"]) for r in rows] == [
+        ("spmm/linear-b1/90%/fp32/infer", p) for p in ("dense", "torch_csr", "sparsekern", "sk_bsr")]
+    assert not [r["error"] for r in rows if "error" in r]
+    by = {r["provider"]: r for r in rows}
+    speedup = by["dense"]["median_s"] / by["sparsekern"]["median_s"]
+    assert by["sparsekern"]["speedup_vs_baseline"] == pytest.approx(speedup)
+    assert by["sparsekern"]["shape"] == "linear 32x32 b1 fp32" and by["sparsekern"]["numel"] == 32 * 32
+    env = harness.environment("cpu")
+    doc = {"schema": report.SCHEMA, "rows": [{**{k: env[k] for k in report.RUN_KEYS}, **r} for r in rows],
+           "meta": {**env, "command": "test", "suite": "tiny", "load_avg_1m_end": 0.0, "other_processes_cpus": 0.0,
+                    "wall_s": 1.0, "family_wall_s": {"spmm": 1.0}}}
+    report.validate(doc)
+    assert "| linear-b1 | 90% | fp32 | infer |" in report.family_table(doc["rows"])
+    png = report.plot_spmm_crossover(doc, str(tmp_path / "crossover.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -163,7 +163,9 @@ def _fake_outcomes():
     rows = families._rows("threshold", "st3", "16M", 1 << 24, "fp32", "fwd",
                           {p: _stats(t) for p, t in (("eager", 4e-4), ("compile", 1e-4), ("sparsekern", 5e-5))})
     rows += families._rows("select", "global_threshold", "resnet50", 25_502_912, "fp32", "fwd",
-                           {"eager": _stats(1e-2), "cat+kthvalue": _stats(5e-3), "sparsekern": {"error": "RuntimeError: x"}})
+                           {"eager": _stats(1e-2), "cat+kthvalue": _stats(5e-3),
+                            "torch.quantile": {"error": "RuntimeError: too big"},  # a baseline's: no problem
+                            "sparsekern": {"error": "RuntimeError: x"}})
     rows[2]["bandwidth_fraction"] = 0.85  # the sparsekern row of the threshold case
     rows = [{**{k: env[k] for k in report.RUN_KEYS}, **r} for r in rows]
     fail = {"nodeid": "tests/test_bound.py::test_asl_kernels[triton-x]", "when": "call", "outcome": "failed",
@@ -172,12 +174,15 @@ def _fake_outcomes():
         {"name": "facts", "status": "ok", "limit_s": 60, "wall_s": 5.0,
          "lines": [{"gpu": GPU, "capability": "9.0", "copy_gbps": 2900.0, "environment": env}]},
         {"name": "tests:tests/test_bound.py", "status": "ok", "limit_s": 60, "wall_s": 20.0,
-         "lines": [{"collected": 2}, {"nodeid": "a", "when": "start"}, {"nodeid": "a", "when": "call", "outcome": "passed"},
-                   {"nodeid": fail["nodeid"], "when": "start"}, fail]},
+         "lines": [{"collected": 2}, {"nodeid": "a", "when": "start"},
+                   {"nodeid": "a", "when": "call", "outcome": "passed"}, {"nodeid": fail["nodeid"], "when": "start"},
+                   fail]},
         {"name": "tests:tests/test_masks.py", "status": "timeout after 60 s", "limit_s": 60, "wall_s": 60.0,
          "lines": [{"collected": 3}, {"nodeid": "tests/test_masks.py::hung", "when": "start"}], "output_tail": "..."},
-        {"name": "bench:threshold", "status": "ok", "limit_s": 100, "wall_s": 30.0, "lines": [{"env": env, "rows": rows[:3]}]},
-        {"name": "bench:select", "status": "ok", "limit_s": 45, "wall_s": 10.0, "lines": [{"env": env, "rows": rows[3:]}]},
+        {"name": "bench:threshold", "status": "ok", "limit_s": 100, "wall_s": 30.0,
+         "lines": [{"env": env}, {"rows": rows[:3]}]},
+        {"name": "bench:select", "status": "timeout after 45 s", "limit_s": 45, "wall_s": 45.0,
+         "lines": [{"env": env}, {"rows": rows[3:]}], "output_tail": "select ..."},  # its finished case kept
         {"name": "bench:bound", "status": "failed (exit 1)", "limit_s": 60, "wall_s": 3.0, "lines": [],
          "output_tail": "Traceback ...\nValueError: no"},
         {"name": "bench:masks", "status": "not run: budget", "limit_s": 0.0, "wall_s": 0.0, "lines": []},
@@ -194,11 +199,14 @@ def test_results_files_from_fake_outcomes(tmp_path):
     report.validate(saved["bench"])
     assert {r["case"] for r in saved["bench"]["rows"]} == {"threshold/st3/16M/fp32/fwd",
                                                           "select/global_threshold/resnet50/fp32/fwd"}
-    assert saved["bench"]["meta"]["failed_families"] == {"bound": "failed (exit 1)", "masks": "not run: budget"}
+    assert saved["bench"]["meta"]["failed_families"] == {
+        "select": "timeout after 45 s", "bound": "failed (exit 1)", "masks": "not run: budget"}
     assert saved["problems"] == [
-        "tests:tests/test_masks.py: timeout after 60 s", "bench:bound: failed (exit 1)", "bench:masks: not run: budget",
+        "tests:tests/test_masks.py: timeout after 60 s", "bench:select: timeout after 45 s",
+        "bench:bound: failed (exit 1)", "bench:masks: not run: budget",
         "CUDA tests: 1 failed, 0 errors, 1 unfinished, 2 not run (of 5 collected)",
-        "benchmarks: 1 provider errors, e.g. select/global_threshold/resnet50/fp32/fwd sparsekern: RuntimeError: x"]
+        "benchmarks: 1 sparsekern provider errors, e.g. select/global_threshold/resnet50/fp32/fwd sparsekern: "
+        "RuntimeError: x"]
     t = saved["tests"]
     assert (t["collected"], t["passed"], t["failed"], t["not_run"]) == (5, 1, 1, 2)
     parts = {p["name"]: p for p in saved["parts"]}
