@@ -73,6 +73,7 @@ WHEELS = os.path.join(H.REPO, ".whl")
 RESULTS = os.path.join(H.REPO, "bench", "results")
 TAIL_LINES = 40
 NO_PYTEST = "not run: pytest missing"
+TEST_COUNTS = ("collected", "passed", "failed", "errors", "skipped", "not_run")
 
 
 @dataclasses.dataclass
@@ -297,8 +298,7 @@ def tests_summary(outcomes, pytest_note):
     """The CUDA tests: per file (status, wall, counts, failures) and the totals."""
     files = [{"file": o["name"].removeprefix("tests:"), "status": o["status"], "wall_s": o["wall_s"],
               **summarize_tests(o["lines"])} for o in outcomes if o["name"].startswith("tests:")]
-    total = {k: sum(f[k] or 0 for f in files)
-             for k in ("collected", "passed", "failed", "errors", "skipped", "not_run")}
+    total = {k: sum(f[k] or 0 for f in files) for k in TEST_COUNTS}
     return {"selection": f"-k {TEST_SELECTION}", "pytest": pytest_note or "present", **total, "files": files}
 
 
@@ -399,10 +399,10 @@ def markdown(doc):
     lines += ["", f"## CUDA tests (`pytest {t['selection']}`)", "", f"pytest: {t['pytest']}", "",
               "| file | status | collected | passed | failed | errors | skipped | not run | s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    lines += [_cells([x["file"], x["status"], x["collected"], x["passed"], x["failed"], x["errors"], x["skipped"],
-                      x["not_run"], x["wall_s"]]) for x in t["files"]]
-    lines.append(_cells(["total", "", t["collected"], t["passed"], t["failed"], t["errors"], t["skipped"],
-                         t["not_run"], ""]))
+    lines += [_cells([x["file"], x["status"],  # "–": the file did not run
+                      *(x[k] if x["collected"] is not None else None for k in TEST_COUNTS), x["wall_s"]])
+              for x in t["files"]]
+    lines.append(_cells(["total", "", *(t[k] for k in TEST_COUNTS), ""]))
     bad = [(x["nodeid"], x["when"], x["message"]) for file in t["files"] for x in file["failures"]]
     bad += [(n, "unfinished", "killed or crashed while it ran") for file in t["files"] for n in file["unfinished"]]
     if bad:

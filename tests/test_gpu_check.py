@@ -240,4 +240,5 @@ def test_pytest_missing_is_reported_first(tmp_path, monkeypatch):
     md = open(stem + ".md").read()
     assert md.split("\n\n")[1:3] == ["**PROBLEMS:**", f"- **{note}**"]
     assert md.count(G.NO_PYTEST) == 2 * len(G.TEST_FILES)  # the tests table and the parts table
+    assert f"| tests/test_bound.py | {G.NO_PYTEST} | – | – | – | – | – | – | 0.0 |" in md
     assert "No benchmark rows" in md
