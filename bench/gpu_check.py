@@ -22,8 +22,8 @@ keeps ``python -m bench``'s ``<gpu-slug>-<date>.json`` of the same day) and exit
 went wrong (a part not ok, a test not passed, pytest missing, an error of a sparsekern benchmark
 provider; failed speed targets are results, not errors); without CUDA it exits 2 at once.
 
-pytest missing: if ``.whl/`` (repository root) holds wheels (pytest, pluggy, iniconfig,
-packaging; hypothesis, attrs, sortedcontainers for ``tests/test_select.py``), they are installed
+pytest missing: if ``.whl/`` (repository root) holds wheels (pytest, pluggy, iniconfig, packaging,
+pygments; hypothesis, sortedcontainers for ``tests/test_select.py``), they are installed
 with ``pip install --no-index --no-deps --target`` into a temporary directory on the tests'
 PYTHONPATH (the Python installation is not changed); otherwise the tests are reported as not run
 and the benchmarks still run.
