@@ -6,8 +6,8 @@ H100; no network needed):
    triton (and its compile target), numpy, Python, driver versions; the device copy bandwidth
    (a 512 MiB ``copy_``);
 2. ``tests:<file>``: the CUDA tests of every family: the Triton-backend tests (``pytest -k
-   triton`` on :data:`TEST_FILES`; with a GPU ``tests/utils.py`` gives the Triton kernels CUDA
-   tensors), one pytest process per file, sharing ``--tests-s`` (default 180 s);
+   triton`` on :func:`cuda_test_files`; with a GPU ``tests/utils.py`` gives the Triton kernels
+   CUDA tensors), one pytest process per file, sharing ``--tests-s`` (default 180 s);
 3. ``bench:<family>``: the families of ``python -m bench`` on CUDA, suite ``gpu``
    (``bench/families.py``): fused ops vs eager vs torch.compile with the fraction of measured
    copy bandwidth (threshold, asl), global threshold vs cat+sort / cat+kthvalue / cat+topk,
@@ -56,12 +56,11 @@ from . import report
 
 SCHEMA = "sparsekern-gpu-check/1"
 SUITE = "gpu"
-#: test file -> its own time limit (s), in run order (the small ones first, so that every family
-#: gets its turn); together they get ``--tests-s``. Every test file that runs Triton kernels
-#: (``tests/test_gpu_check.py`` keeps the list complete).
-TEST_FILES = {"tests/test_bound.py": 40, "tests/test_masks.py": 40, "tests/test_select.py": 40,
-              "tests/test_spmm_triton.py": 70, "tests/test_threshold_kernels.py": 120}
 TEST_SELECTION = "triton"
+#: time limits (s) of the long CUDA test files, which run last; the others get TEST_LIMIT_S. All
+#: of them together get ``--tests-s``.
+TEST_LIMITS = {"tests/test_spmm_triton.py": 70, "tests/test_threshold_kernels.py": 120}
+TEST_LIMIT_S = 40
 #: family -> time limit (s) of its benchmark part, in run order (a part cut short keeps the cases it
 #: finished: ``families.Context.on_rows``)
 BENCH_FAMILIES = {"threshold": 100, "spmm": 80, "select": 45, "bound": 60, "masks": 70}
@@ -110,8 +109,8 @@ def _echo(stream, tail):
 
 
 def run_part(part, timeout_s):
-    """Run ``part`` for at most ``timeout_s`` (then its whole process group is killed), its output
-    echoed. Returns ``{status, exit_code, wall_s, lines, output_tail}``; status ``ok``,
+    """Run ``part`` for at most ``timeout_s``, its output echoed; then its process group is killed
+    (what it left running, or all of it on a timeout). Returns ``{status, exit_code, wall_s, lines, output_tail}``; status ``ok``,
     ``failed (exit N)``, ``crashed (signal N)`` or ``timeout after N s``."""
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.jsonl")
@@ -127,13 +126,14 @@ def run_part(part, timeout_s):
             status = ("ok" if code in part.ok_codes else
                       f"crashed (signal {-code})" if code < 0 else f"failed (exit {code})")
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-            status = f"timeout after {round(timeout_s, 1):g} s"
+            code, status = None, f"timeout after {round(timeout_s, 1):g} s"
+        wall = round(time.monotonic() - t0, 1)
+        with contextlib.suppress(ProcessLookupError):  # the part and whatever it left running
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait() if code is None else code
         reader.join(timeout=5)  # a grandchild that left the process group may hold the pipe
-        return {"status": status, "exit_code": code, "wall_s": round(time.monotonic() - t0, 1),
-                "lines": read_lines(result), "output_tail": "\n".join(tail)}
+        return {"status": status, "exit_code": code, "wall_s": wall, "lines": read_lines(result),
+                "output_tail": "\n".join(tail)}
 
 
 def run_parts(parts, budget_s, group_budgets=None, min_start_s=MIN_START_S):
@@ -255,6 +255,20 @@ def ensure_pytest(wheels, target):
     return env, f"pytest installed from {len(found)} wheels in {wheels}"
 
 
+def cuda_test_files():
+    """``{path: time limit}`` of the test files ``-k triton`` selects from (a "triton" backend
+    parameter or triton in the file's name; with a GPU their Triton tests take CUDA tensors,
+    ``tests/utils.py``), the short ones first."""
+    def selected(path):
+        with open(path) as f:
+            return "triton" in os.path.basename(path) or '"triton"' in f.read()
+
+    paths = sorted(os.path.relpath(p, H.REPO) for p in glob.glob(os.path.join(H.REPO, "tests", "test_*.py"))
+                   if selected(p))
+    return ({p: TEST_LIMIT_S for p in paths if p not in TEST_LIMITS}
+            | {p: s for p, s in TEST_LIMITS.items() if p in paths})
+
+
 def plan(test_env):
     """The parts, in run order: facts, the CUDA tests (none if ``test_env`` is None: no pytest),
     the benchmark families."""
@@ -263,8 +277,8 @@ def plan(test_env):
     if test_env is not None:
         parts += [Part(f"tests:{path}", [sys.executable, "-m", "pytest", path, "-k", TEST_SELECTION, "-q",
                                          "--tb=short", "-p", "bench.pytest_record", "-p", "no:cacheprovider"],
-                       limit, group="tests", ok_codes=(0, 1), env=test_env)  # 1: tests failed (counted)
-                  for path, limit in TEST_FILES.items()]
+                       limit, group="tests", ok_codes=(0, 1, 5), env=test_env)  # 1: tests failed, 5: none
+                  for path, limit in cuda_test_files().items()]
     return parts + [Part(f"bench:{f}", me + [f"bench:{f}"], limit) for f, limit in BENCH_FAMILIES.items()]
 
 
@@ -465,7 +479,7 @@ def main(argv=None):
         outcomes = run_parts(plan(test_env), args.budget_s - (time.monotonic() - t0), {"tests": args.tests_s})
     if test_env is None:  # in plan order: after the facts
         outcomes[1:1] = [{"name": f"tests:{path}", "status": NO_PYTEST, "limit_s": 0.0, "wall_s": 0.0,
-                          "lines": []} for path in TEST_FILES]
+                          "lines": []} for path in cuda_test_files()]
     command = " ".join(["python -m bench.gpu_check", *argv])
     doc = build(outcomes, pytest_note, command, args.budget_s, time.monotonic() - t0, snap)
     stem = write(doc, args.out)

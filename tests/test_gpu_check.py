@@ -3,7 +3,6 @@ guard (crash, signal, timeout with its process group killed, budgets), the pytes
 short run, and the results files built from fake outcomes. The CUDA parts themselves run only on
 a GPU machine."""
 import datetime
-import glob
 import importlib.util
 import json
 import os
@@ -135,19 +134,21 @@ def test_pytest_record_of_a_run_cut_short(tmp_path):
 
 
 def test_plan_covers_every_family_and_triton_test_file():
-    """Facts, then a pytest part per test file that runs Triton kernels (``-k triton``), then every
-    op family's benchmark; no test parts without pytest."""
+    """Facts, then a pytest part per test file with Triton-backend tests (``-k triton``), the long
+    ones last, then every op family's benchmark; no test parts without pytest."""
+    files = G.cuda_test_files()
+    known = {"tests/test_bound.py", "tests/test_masks.py", "tests/test_select.py", "tests/test_spmm_triton.py",
+             "tests/test_threshold_kernels.py"}
+    assert known <= set(files) and not {"tests/test_gpu_check.py", "tests/test_spmm.py"} & set(files)
+    assert list(files)[-len(G.TEST_LIMITS):] == list(G.TEST_LIMITS)
     parts = G.plan({})
     tests = [p for p in parts if p.group == "tests"]
     assert parts[0].name == "facts" and parts[1:1 + len(tests)] == tests
-    assert [p.argv[3] for p in tests] == list(G.TEST_FILES)
-    assert all(p.argv[4:6] == ["-k", "triton"] and "bench.pytest_record" in p.argv for p in tests)
+    assert [(p.argv[3], p.limit_s) for p in tests] == list(files.items())
+    assert all(p.argv[4:6] == ["-k", G.TEST_SELECTION] and "bench.pytest_record" in p.argv for p in tests)
     benches = {p.name.removeprefix("bench:") for p in parts if p.name.startswith("bench:")}
     assert benches == set(families.FAMILIES) - {"train_step"}
     assert [p.name for p in G.plan(None)] == ["facts"] + [f"bench:{f}" for f in G.BENCH_FAMILIES]
-    triton_files = {os.path.relpath(f, H.REPO) for f in glob.glob(os.path.join(H.REPO, "tests", "test_*.py"))
-                    if "triton" in open(f).read() and not f.endswith("test_gpu_check.py")}
-    assert triton_files == set(G.TEST_FILES)
 
 
 def _env():
@@ -231,14 +232,15 @@ def test_pytest_missing_is_reported_first(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest" else find_spec(name, *a))
     env, note = G.ensure_pytest(str(tmp_path / "no-wheels"), str(tmp_path / "target"))
     assert env is None and note.startswith("pytest missing: CUDA tests not run")
+    files = G.cuda_test_files()
     outcomes = [{"name": f"tests:{f}", "status": G.NO_PYTEST, "limit_s": 0.0, "wall_s": 0.0, "lines": []}
-                for f in G.TEST_FILES]
+                for f in files]
     doc = G.build(outcomes, note, "python -m bench.gpu_check", 420.0, 1.0, H.cpu_snapshot())
     assert doc["problems"] == [note] and doc["bench"] is None and doc["tests"]["pytest"] == note
     stem = G.write(doc, str(tmp_path))
     assert os.path.basename(stem) == f"unknown-gpu-{datetime.date.today().isoformat()}-gpu-check"
     md = open(stem + ".md").read()
     assert md.split("\n\n")[1:3] == ["**PROBLEMS:**", f"- **{note}**"]
-    assert md.count(G.NO_PYTEST) == 2 * len(G.TEST_FILES)  # the tests table and the parts table
+    assert md.count(G.NO_PYTEST) == 2 * len(files)  # the tests table and the parts table
     assert f"| tests/test_bound.py | {G.NO_PYTEST} | – | – | – | – | – | – | 0.0 |" in md
     assert "No benchmark rows" in md
