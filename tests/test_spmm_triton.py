@@ -1,6 +1,7 @@
 """spmm family, Triton kernels (``sparsekern/triton/spmm.py``; the interpreter on CPU): CSR, block
 (BSR) and N:M sparse matmul and the direct sparse conv against the dense product built from each
 format, and csr_mm / csr_conv against ``sparsekern.reference``."""
+import contextlib
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from sparsekern import reference
 from sparsekern.ops.spmm import ck_from_dense, conv_offsets, conv_taps, csr_from_dense
+from sparsekern.triton import _common, aot
 from sparsekern.triton import spmm as T
 from utils import TOL as DTYPE_TOL, TRITON_DEVICE
 
@@ -311,3 +313,96 @@ def test_ck_conv_matches_reference_and_conv2d(sparsity, has_bias):
     torch.testing.assert_close(y, reference.ck_conv(*args), **TOL)
     conv = F.conv2d(img, w, b if has_bias else None, padding=padding)[0]
     torch.testing.assert_close(y, conv, **TOL)
+
+
+# ----------------------------------------------------------------------------- launch geometry
+
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def recorded(call):
+    """[(kernel name, grid, constexprs)] of the launches of call() (nothing runs: meta tensors)."""
+    launches = []
+    with _common.recording(lambda k, g, a, kw: launches.append((k.__name__, g, kw)) or False):
+        call()
+    return launches
+
+
+def huge_launches(cols, out, transpose_out):
+    """Launches of csr_mm, nm_mm (gather and tl.dot paths) and bsr_mm (broadcast and tl.dot)
+    with x [64, cols] -> y of out·cols elements."""
+    x, b = meta(64, cols), meta(0)
+    csr = meta(out + 1, dtype=torch.int64), meta(4096, dtype=torch.int32), meta(4096)
+    nm = meta(out, 32), meta(out, 32, dtype=torch.uint8)
+    launches = recorded(lambda: T.csr_mm(*csr, b, x, out, transpose_out))
+    for precision in ("ieee", "tf32"):
+        with fp32_matmul(precision):
+            launches += recorded(lambda: T.nm_mm(*nm, b, x, 2, 4, out, transpose_out))
+            for bo in (4, 16):
+                bsr = meta(out // bo + 1, dtype=torch.int64), meta(64, dtype=torch.int32), meta(64, bo, bo)
+                launches += recorded(lambda: T.bsr_mm(*bsr, b, x, out, transpose_out))
+    return launches
+
+
+def test_grids_within_cuda_limits():
+    """5e6 columns (a 2048x2048 image, a big batch) put > 65535 column blocks on grid y before."""
+    launches = huge_launches(5_000_000, 512, False)
+    launches += recorded(lambda: T.csr_conv(meta(513, dtype=torch.int64), meta(4096, dtype=torch.int32),
+                                            meta(4096), meta(0), meta(64 * 2050 * 2050), 2048 * 2050,
+                                            512, 0, 2050, 2048))
+    assert {name for name, _, _ in launches} == {"_gather_kernel", "_bsr_kernel", "_nm_dot_kernel"}
+    for name, grid, _ in launches:
+        assert aot.grid_problem(grid) is None, (name, grid)
+
+
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_int64_offsets_from_2_31_outputs(transpose_out):
+    """Outputs of 2^31 elements or more are addressed in int64 (int32 offsets wrapped)."""
+    for cols, out, int64 in ((2**20, 2**11 - 8, False), (2**20, 2**11, True)):
+        launches = huge_launches(cols, out, transpose_out)
+        assert len(launches) == 7
+        assert all(kw["INT64"] is int64 for _, _, kw in launches), (cols, out)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr16", "bsr4", "nm"])
+def test_int64_offsets_compute_the_same(monkeypatch, fmt):
+    monkeypatch.setattr(T, "_int64", lambda y: True)
+    w = nm_weight(40, 48, 2, 4)
+    x, b = torch.randn(48, 20), torch.randn(40)
+    for t in (False, True):
+        y = formats(w)[fmt](x, b, t).cpu()
+        torch.testing.assert_close(y, expected(w, x, b, t), **TOL)
+
+
+@contextlib.contextmanager
+def fp32_matmul(precision, legacy=False):
+    """torch's fp32 matmul precision within the block, set with the new API (or allow_tf32)."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    if legacy:
+        matmul.allow_tf32 = precision == "tf32"
+    else:
+        matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fp32_precision_of_either_api(legacy, precision):
+    """fp32 bsr_mm / nm_mm follow torch's matmul setting, set with fp32_precision (reading
+    allow_tf32 then raised) or allow_tf32: tf32 tl.dot, else ieee (nm_mm: the gather kernel)."""
+    w = nm_weight(40, 48, 2, 4)
+    x, b = torch.randn(48, 20), torch.randn(40)
+    with fp32_matmul(precision, legacy):
+        y = formats(w)["bsr16"](x, b, False).cpu()
+        launches = recorded(lambda: formats(w)["bsr16"](x, b, False)) + recorded(
+            lambda: formats(w)["nm"](x, b, False))
+    torch.testing.assert_close(y, expected(w, x, b, False), atol=2e-2, rtol=2e-2)
+    assert [(name, kw.get("PRECISION")) for name, _, kw in launches] == [
+        ("_bsr_kernel", precision), ("_nm_dot_kernel" if precision == "tf32" else "_gather_kernel",
+                                     precision if precision == "tf32" else None)]

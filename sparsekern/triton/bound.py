@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .threshold import _NUM_WARPS, _TILE, _tile_rows, _tiling, _wrap
+from ._common import wrap as _wrap
+from .threshold import _NUM_WARPS, _TILE, _tile_rows, _tiling
 
 
 @triton.jit

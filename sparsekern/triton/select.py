@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import wrap as _wrap
+
 _PASSES = ((20, 11), (10, 10), (0, 10))  # (shift, bits) of each digit
 _HIST_OFFSETS = (0, 2048, 3072)  # where each pass's histogram starts in one int64 buffer
 _BLOCK = 4096
@@ -179,13 +181,13 @@ def _select(tensors, scales, k0, k1, gamma, lerp, out, nan_counts):
             pad = _GROUP - len(g)  # unused slots: no grid column reaches them
             xs = [_dense(t) for t in ts] + [_dense(ts[0])] * pad
             grid = (min(triton.cdiv(max(ns), _BLOCK), _MAX_PROGRAMS), len(g))
-            torch.library.wrap_triton(_hist_kernel)[grid](
+            _wrap(_hist_kernel)[grid](
                 *xs, *(ns + [0] * pad), *(cs + [1.0] * pad), *(idx + [0] * pad),
                 state, hist[off:], minabove, nan_counts,
                 SHIFT=shift, BITS=bits, FIRST=first, LAST=last, SCALED=cs[0] != 1.0,
                 BF16=ts[0].dtype == torch.bfloat16,
                 INT64=max(ns) + _BLOCK * _MAX_PROGRAMS >= 2 ** 31, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-        torch.library.wrap_triton(_scan_kernel)[(1,)](
+        _wrap(_scan_kernel)[(1,)](
             hist[off:], state, minabove, out, k0, k1, gamma32,
             SHIFT=shift, BITS=bits, FIRST=first, LAST=last, LERP=lerp, UPPER=upper)
 

@@ -7,7 +7,8 @@ Values and ``x`` are fp32 (the contract; fp16/bf16 also work when both have that
 product is accumulated in fp32 and ``y`` has ``x``'s dtype. ``transpose_out`` returns ``[n, out]``
 (Linear layout) instead of ``[out, n]``; a non-contiguous ``x`` is copied. Empty problems (n = 0,
 out = 0, no stored values) launch nothing. ``tl.dot`` runs fp32 inputs in full fp32 unless
-``torch.backends.cuda.matmul.allow_tf32`` (as torch's matmul), 16-bit ones on tensor cores.
+torch's fp32 matmul may use TF32 (``torch.backends.cuda.matmul.fp32_precision``, or the legacy
+``allow_tf32``), 16-bit ones on tensor cores.
 
 * ``csr_mm`` / ``csr_conv`` / ``nm_mm`` (n < 16, or fp32 without tf32): one gather kernel. A
   program owns ``ROWS`` output rows and ``BLOCK_N`` outputs of each; per row it walks the
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .threshold import _wrap
+from ._common import wrap as _wrap
 
 _TILE = 4096  # elements of a [BLOCK_K, BLOCK_N] gather / broadcast-product tile
 _MAX_BLOCK_N = 64
@@ -38,10 +39,19 @@ _NM_DOT_ROWS, _NM_DOT_K, _NM_DOT_MAX_M = 32, 64, 128  # N:M tl.dot tile: rows, i
 
 
 @triton.jit
+def _blocks_of(n_rows, rows_per_block):
+    """(row block, column block) of this program in a 1-D grid of row blocks × column blocks,
+    row blocks fastest (a 2-D grid would cap the column blocks at CUDA's 65535 for grid y)."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(n_rows, rows_per_block)
+    return pid % row_blocks, pid // row_blocks
+
+
+@triton.jit
 def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
                    n_rows, n_in, n_out, ldx, row_len, nm_n, nm_m, wp, wv, stride_yo, stride_yq,
                    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
     """y[o, q] = bias[o] + Σ_k val[k]·x[addr(k, q)] over row o's nonzeros, q < n_out.
 
     FMT 0 (CSR): k in rowptr[o]..rowptr[o+1], addr = col[k]·ldx + q.
@@ -49,8 +59,11 @@ def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
     (col_ptr holds idx; inputs ≥ n_in read as 0).
     FMT 2 (conv): CSR rows, addr = off[k] + (q // wv)·wp + q % wv (col_ptr holds off).
     """
-    row0 = tl.program_id(0).to(tl.int64) * ROWS
-    q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_block, col_block = _blocks_of(n_rows, ROWS)
+    row0 = row_block.to(tl.int64) * ROWS
+    q = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        q = q.to(tl.int64)
     q_ok = q < n_out
     if FMT == 2:
         xq = ((q // wv) * wp + q % wv).to(tl.int64)
@@ -97,10 +110,12 @@ def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
 def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n, bo, bi,
                 stride_yo, stride_yn,
                 HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                BO: tl.constexpr, BI: tl.constexpr, BLOCK_N: tl.constexpr):
+                BO: tl.constexpr, BI: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
     """y[br·bo + i, cols] = bias + Σ_b val[b, i, :] @ x[col[b]·bi : col[b]·bi + bi, cols]."""
-    br = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    br, col_block = _blocks_of(n_rows, bo)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        cols = cols.to(tl.int64)
     c_ok = cols < n
     oi = tl.arange(0, BO)
     ii = tl.arange(0, BI)
@@ -129,30 +144,37 @@ def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_
 def _nm_dot_kernel(val_ptr, idx_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n_cols, row_len, n_groups,
                    nm_m, stride_yo, stride_yn,
                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, NM_N: tl.constexpr,
-                   MP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """N:M with tl.dot: expand a [BO, BK] tile of the weight (BK / MP groups, MP ≥ m positions
-    each) from its NM_N stored values per group in registers, then dot it with x[inputs, cols]."""
-    rows = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
+                   MP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
+                   INT64: tl.constexpr):
+    """N:M with tl.dot: expand a [BO, BK] tile of the weight (G = BK / MP groups of MP ≥ m
+    positions) in registers from the NM_N values and indices stored per group, each slot loaded
+    once as a [BO, G] tile, then dot it with x[inputs, cols]."""
+    G: tl.constexpr = BK // MP
+    row_block, col_block = _blocks_of(n_rows, BO)
+    rows = row_block.to(tl.int64) * BO + tl.arange(0, BO)
     r_ok = rows < n_rows
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        cols = cols.to(tl.int64)
     c_ok = cols < n_cols
+    p = tl.arange(0, MP)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BO, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n_groups * MP, BK):
-        g = (k0 + kk) // MP
-        p = (k0 + kk) % MP
-        xin = g.to(tl.int64) * nm_m + p
-        w = tl.zeros([BO, BK], dtype=val_ptr.dtype.element_ty)
+    for g0 in range(0, n_groups, G):
+        g = g0 + tl.arange(0, G)
+        ok = r_ok[:, None] & (g < n_groups)[None, :]
+        first = rows[:, None] * row_len + (g * NM_N)[None, :]  # slot 0 of each [BO, G] group
+        w = tl.zeros([BO, G, MP], dtype=val_ptr.dtype.element_ty)
         for s in tl.static_range(NM_N):  # slot s of each group: add its value at its position
-            off = rows[:, None] * row_len + (g * NM_N + s)[None, :]
-            ok = r_ok[:, None] & (g < n_groups)[None, :]
-            v = tl.load(val_ptr + off, mask=ok, other=0.0)
-            ix = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
-            w += tl.where(ix == p[None, :], v, 0.0)
-        x_ok = (g < n_groups) & (p < nm_m) & (xin < n_in)
+            v = tl.load(val_ptr + first + s, mask=ok, other=0.0)
+            ix = tl.load(idx_ptr + first + s, mask=ok, other=0).to(tl.int32)
+            w += tl.where(ix[:, :, None] == p[None, None, :], v[:, :, None], 0.0)
+        gk = g0 + kk // MP
+        xin = gk.to(tl.int64) * nm_m + kk % MP
+        x_ok = (gk < n_groups) & (kk % MP < nm_m) & (xin < n_in)
         xt = tl.load(x_ptr + xin[:, None] * n_cols + cols[None, :], mask=x_ok[:, None] & c_ok[None, :],
                      other=0.0)
-        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.reshape(w, [BO, BK]), xt, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rows[:, None] * stride_yo + cols[None, :] * stride_yn,
@@ -192,12 +214,29 @@ def _prologue(x, val, bias, out_features, transpose_out):
     return x, y, strides, False
 
 
+def _tf32():
+    """Whether torch's fp32 CUDA matmul may use TF32, set through either API: the legacy
+    ``allow_tf32`` (reading it raises once the new API set "tf32") shows in ``fp32_precision``
+    too, which also inherits ``torch.backends.fp32_precision``."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def _dot_precision(dtype):
     """input_precision of tl.dot: fp32 as torch's matmul would run it (tf32 only when
-    torch.backends.cuda.matmul.allow_tf32); None (tensor cores) for 16-bit inputs."""
+    :func:`_tf32`); None (tensor cores) for 16-bit inputs."""
     if dtype != torch.float32:
         return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if _tf32() else "ieee"
+
+
+def _grid(n_rows, rows_per_block, n_cols, block_n):
+    """The 1-D grid of ``_blocks_of``: every row block × column block."""
+    return (triton.cdiv(n_rows, rows_per_block) * triton.cdiv(n_cols, block_n),)
+
+
+def _int64(y):
+    """INT64 of a kernel writing y: output offsets reach 2^31 (int32 would wrap)."""
+    return y.numel() >= 2**31
 
 
 def _gather_blocks(n_out):
@@ -209,11 +248,11 @@ def _gather_blocks(n_out):
 def _gather(fmt, rowptr, col, val, bias, x, y, n_rows, n_out, strides, ldx=0, row_len=0,
             nm=(1, 1), conv=(1, 1)):
     block_k, block_n = _gather_blocks(n_out)
-    grid = (triton.cdiv(n_rows, _ROWS), triton.cdiv(n_out, block_n))
-    _wrap(_gather_kernel)[grid](
+    _wrap(_gather_kernel)[_grid(n_rows, _ROWS, n_out, block_n)](
         rowptr, col, val, bias, x, y, n_rows, x.shape[0], n_out, ldx, row_len, nm[0], nm[1],
         conv[0], conv[1], strides[0], strides[1],
-        FMT=fmt, HAS_BIAS=bias.numel() > 0, ROWS=_ROWS, BLOCK_K=block_k, BLOCK_N=block_n)
+        FMT=fmt, HAS_BIAS=bias.numel() > 0, ROWS=_ROWS, BLOCK_K=block_k, BLOCK_N=block_n,
+        INT64=_int64(y))
     return y
 
 
@@ -269,11 +308,10 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
         block_n = min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
     else:  # broadcast product [BO, BI, BLOCK_N]: keep it near _TILE elements
         block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
-    grid = (rowptr.numel() - 1, triton.cdiv(n, block_n))
-    _wrap(_bsr_kernel)[grid](
+    _wrap(_bsr_kernel)[_grid(out_features, bo, n, block_n)](
         rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, *strides,
-        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=_dot_precision(val.dtype),
-        BO=bo_p, BI=bi_p, BLOCK_N=block_n)
+        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=_dot_precision(val.dtype) if use_dot else None,
+        BO=bo_p, BI=bi_p, BLOCK_N=block_n, INT64=_int64(y))
     return y
 
 
@@ -288,14 +326,13 @@ def nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Ten
     cols = x.shape[1]
     row_len = val.shape[1]
     mp = triton.next_power_of_2(m)
-    tensor_cores = val.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    tensor_cores = val.dtype != torch.float32 or _tf32()
     if cols >= 16 and mp <= _NM_DOT_MAX_M and tensor_cores:
         block_n = min(triton.next_power_of_2(cols), _MAX_BLOCK_N)
-        grid = (triton.cdiv(out_features, _NM_DOT_ROWS), triton.cdiv(cols, block_n))
-        _wrap(_nm_dot_kernel)[grid](
+        _wrap(_nm_dot_kernel)[_grid(out_features, _NM_DOT_ROWS, cols, block_n)](
             val, idx, bias, x, y, out_features, x.shape[0], cols, row_len, row_len // n, m, *strides,
             HAS_BIAS=bias.numel() > 0, PRECISION=_dot_precision(val.dtype), NM_N=n, MP=mp,
-            BO=_NM_DOT_ROWS, BK=max(mp, _NM_DOT_K), BLOCK_N=block_n)
+            BO=_NM_DOT_ROWS, BK=max(mp, _NM_DOT_K), BLOCK_N=block_n, INT64=_int64(y))
         return y
     return _gather(_NM, val, idx, val, bias, x, y, out_features, cols, strides, ldx=cols,
                    row_len=row_len, nm=(n, m))
