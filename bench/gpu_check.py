@@ -2,9 +2,10 @@
 one command within a time budget (default 420 s: with Python start-up it fits 8 minutes on one
 H100; no network needed):
 
-1. ``facts``: GPU name, compute capability, memory, SMs; torch (its CUDA, cuDNN, arch list),
-   triton (and its compile target), numpy, Python, driver versions; the device copy bandwidth
-   (a 512 MiB ``copy_``);
+1. ``facts``: GPU name, compute capability, memory, SMs, shared memory / registers / L2 (checked
+   against what the AOT compile check ``sparsekern/triton/aot.py`` assumes); torch (its CUDA,
+   cuDNN, arch list), triton (and its compile target), numpy, Python, driver versions; the
+   device copy bandwidth (a 512 MiB ``copy_``);
 2. ``tests:<file>``: the CUDA tests of every family: the Triton-backend tests (``pytest -k
    triton`` on :func:`cuda_test_files`; with a GPU ``tests/utils.py`` gives the Triton kernels
    CUDA tensors), one pytest process per file, sharing ``--tests-s`` (default 180 s);
@@ -67,6 +68,10 @@ BENCH_FAMILIES = {"threshold": 100, "spmm": 80, "select": 45, "bound": 60, "mask
 FACTS_LIMIT_S = 60
 MIN_START_S = 10  # a part is not started with less time than this left
 COPY_BYTES = 512 << 20
+#: fact -> attribute of torch.cuda.get_device_properties (None where this torch lacks it)
+DEVICE_LIMITS = {"smem_per_block_optin": "shared_memory_per_block_optin",
+                 "smem_per_sm": "shared_memory_per_multiprocessor", "regs_per_sm": "regs_per_multiprocessor",
+                 "max_threads_per_sm": "max_threads_per_multi_processor", "l2_cache_bytes": "L2_cache_size"}
 RESULT_ENV = "SPARSEKERN_GPU_CHECK_RESULT"  # file a part appends its JSON lines to
 WHEELS = os.path.join(H.REPO, ".whl")
 RESULTS = os.path.join(H.REPO, "bench", "results")
@@ -184,7 +189,9 @@ def _copy_bandwidth():
 
 
 def facts():
-    """GPU and software facts and the device copy bandwidth (read + write bytes / median time)."""
+    """GPU and software facts, the device limits next to the shared memory per block that the AOT
+    compile check (``sparsekern/triton/aot.py``) assumes, and the device copy bandwidth (read +
+    write bytes / median time)."""
     from sparsekern import _ext
 
     p = torch.cuda.get_device_properties(0)
@@ -199,6 +206,9 @@ def facts():
            "numpy": _attempt(lambda: importlib.import_module("numpy").__version__),
            "python": platform.python_version(), "cpu_count": os.cpu_count(),
            "cpp_kernels": "loaded" if _ext.LOADED else f"not loaded: {_ext.ERROR}"}
+    out.update({key: getattr(p, attr, None) for key, attr in DEVICE_LIMITS.items()})
+    out["aot_smem_limit"] = _attempt(  # what the AOT compile check assumes for this capability
+        lambda: importlib.import_module("sparsekern.triton.aot").SMEM_LIMITS.get(p.major * 10 + p.minor))
     bandwidth = _attempt(_copy_bandwidth)
     out.update(bandwidth if isinstance(bandwidth, dict) else {"copy_gbps": bandwidth})
     out["environment"] = H.environment("cuda")
@@ -350,6 +360,11 @@ def problems(doc):
     if t["failed"] or t["errors"] or t["not_run"] or unfinished:
         out.append(f"CUDA tests: {t['failed']} failed, {t['errors']} errors, {unfinished} unfinished, "
                    f"{t['not_run']} not run (of {t['collected']} collected)")
+    f = doc["facts"]
+    aot, device = f.get("aot_smem_limit"), f.get("smem_per_block_optin")
+    if isinstance(aot, int) and isinstance(device, int) and aot != device:
+        out.append(f"the AOT check (sparsekern/triton/aot.py SMEM_LIMITS) assumes {aot} B of shared memory per "
+                   f"block for capability {f['capability']}; this GPU allows {device} B")
     if doc.get("bench_error"):
         out.append(f"benchmark results invalid: {doc['bench_error']}")
     errors = [r for r in (doc["bench"] or {}).get("rows", [])  # a baseline's error is no sparsekern problem

@@ -173,7 +173,8 @@ def _fake_outcomes():
             "message": "AssertionError: tensors differ"}
     return [
         {"name": "facts", "status": "ok", "limit_s": 60, "wall_s": 5.0,
-         "lines": [{"gpu": GPU, "capability": "9.0", "copy_gbps": 2900.0, "environment": env}]},
+         "lines": [{"gpu": GPU, "capability": "9.0", "smem_per_block_optin": 232448, "aot_smem_limit": 232448,
+                    "copy_gbps": 2900.0, "environment": env}]},
         {"name": "tests:tests/test_bound.py", "status": "ok", "limit_s": 60, "wall_s": 20.0,
          "lines": [{"collected": 2}, {"nodeid": "a", "when": "start"},
                    {"nodeid": "a", "when": "call", "outcome": "passed"}, {"nodeid": fail["nodeid"], "when": "start"},
@@ -244,3 +245,12 @@ def test_pytest_missing_is_reported_first(tmp_path, monkeypatch):
     assert md.count(G.NO_PYTEST) == 2 * len(files)  # the tests table and the parts table
     assert f"| tests/test_bound.py | {G.NO_PYTEST} | – | – | – | – | – | – | 0.0 |" in md
     assert "No benchmark rows" in md
+
+
+def test_aot_shared_memory_assumption_is_checked():
+    """The AOT compile check's shared memory per block against the device's: a mismatch is a problem."""
+    facts = {"name": "facts", "status": "ok", "limit_s": 60, "wall_s": 5.0,
+             "lines": [{"gpu": GPU, "capability": "9.0", "smem_per_block_optin": 232448, "aot_smem_limit": 166912}]}
+    doc = G.build([facts], None, "python -m bench.gpu_check", 420.0, 5.0, H.cpu_snapshot())
+    assert doc["problems"] == ["the AOT check (sparsekern/triton/aot.py SMEM_LIMITS) assumes 166912 B of shared "
+                               "memory per block for capability 9.0; this GPU allows 232448 B"]
