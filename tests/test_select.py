@@ -5,7 +5,6 @@ sorted fp32 magnitudes ``|w|·c`` (neither sparsekern.reference nor ``np.quantil
 interpolation changed in numpy 2.4: before, it ran in fp64).
 """
 import importlib.util
-import math
 import os
 import warnings
 
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 
 import sparsekern as sk
 from sparsekern import reference
-from utils import kernel_backend
+from utils import expected_quantile, f32, kernel_backend, magnitudes
 
 METHODS = reference.INTERPOLATIONS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -26,52 +25,6 @@ QS = [0.0, 0.1, 0.5, 0.9, 0.999, 1.0]
 
 def _backend(name):
     return kernel_backend(name, "select")
-
-
-def magnitudes(tensors, scales=None):
-    """The fp32 magnitudes ``|w|·c`` of all tensors, concatenated (numpy fp32)."""
-    parts = []
-    for i, t in enumerate(tensors):
-        a = np.abs(t.detach().float().cpu().numpy().ravel())
-        if scales is not None:
-            a = a * np.float32(scales[i])
-        parts.append(a)
-    return np.concatenate(parts)
-
-
-def _f32(x):
-    """A Python float rounded to the nearest fp32 (ties to even)."""
-    return float(np.float64(x).astype(np.float32))
-
-
-def expected_quantile(tensors, q, scales=None, method="linear"):
-    """SPEC §9's quantile (numpy >= 2.4's ``np.quantile`` for a Python-float ``q``) of the fp32
-    magnitudes, without NaN; a Python float.
-
-    From the sorted magnitudes ``x`` and the fp64 virtual index ``v = (n−1)·q``: ``lower`` /
-    ``higher`` / ``nearest`` give ``x[floor(v)]`` / ``x[ceil(v)]`` / ``x[round(v)]`` (half to even).
-    ``linear`` takes ``a, b = x[k], x[k+1]`` with ``γ = v − k``, ``k = floor(v)`` (for ``v ≥ n−1``:
-    ``a = b = x[n−1]`` and ``γ = v + 1``, numpy's ``v − (−1)``), then ``a + (b−a)·γ`` if ``γ < 0.5``
-    else ``b − (b−a)·(1−γ)``, each operation rounded to fp32 and the weight (``γ`` or ``1−γ`` in
-    fp64) rounded to fp32 first. The steps run in fp64 on fp32 values: a product of two fp32
-    values is exact there, and rounding a sum / difference to fp64 then fp32 equals rounding it to
-    fp32 once (53 ≥ 2·24 + 2 bits), so each step is the correctly rounded fp32 operation.
-    """
-    x = np.sort(magnitudes(tensors, scales)).tolist()
-    n = len(x)
-    v = (n - 1) * q
-    if method != "linear":
-        return x[{"lower": math.floor, "higher": math.ceil, "nearest": round}[method](v)]
-    if v >= n - 1:
-        a = b = x[-1]
-        gamma = v + 1
-    else:
-        k = math.floor(v)
-        a, b, gamma = x[k], x[k + 1], v - k
-    d = _f32(b - a)  # inf − inf is NaN
-    if gamma < 0.5:
-        return _f32(a + _f32(d * _f32(gamma)))
-    return _f32(b - _f32(d * _f32(1.0 - gamma)))
 
 
 def assert_same(actual, expected):
@@ -122,7 +75,7 @@ def test_linear_rounds_each_step_to_fp32():
     rounded once (numpy < 2.4) is the next fp32 up, 0.14921619."""
     ts = [torch.tensor([0.0011428193, 0.4947207])]
     a, b = ts[0].tolist()
-    assert _f32(a + 0.3 * (b - a)) == float(np.float32(0.14921619))
+    assert f32(a + 0.3 * (b - a)) == float(np.float32(0.14921619))
     assert expected_quantile(ts, 0.3) == float(np.float32(0.14921618))
     assert_same(reference.global_magnitude_threshold(ts, 0.3), expected_quantile(ts, 0.3))
     assert_same(sk.global_magnitude_threshold(ts, 0.3), expected_quantile(ts, 0.3))

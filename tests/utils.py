@@ -1,7 +1,9 @@
 """Shared test helpers: weights, thresholds, tolerances, kernel backends."""
 import importlib
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +72,49 @@ def synthetic_images(n, seed=0):
     templates = torch.randn(4, 3, 8, 8, generator=g)
     y = torch.randint(0, 4, (n,), generator=g)
     return templates[y] + torch.randn(n, 3, 8, 8, generator=g), y
+
+
+def magnitudes(tensors, scales=None):
+    """The fp32 magnitudes ``|w|·c`` of all tensors, concatenated (numpy fp32)."""
+    parts = []
+    for i, t in enumerate(tensors):
+        a = np.abs(t.detach().float().cpu().numpy().ravel())
+        if scales is not None:
+            a = a * np.float32(scales[i])
+        parts.append(a)
+    return np.concatenate(parts)
+
+
+def f32(x):
+    """A Python float rounded to the nearest fp32 (ties to even)."""
+    return float(np.float64(x).astype(np.float32))
+
+
+def expected_quantile(tensors, q, scales=None, method="linear"):
+    """SPEC §9's quantile (numpy >= 2.4's ``np.quantile`` for a Python-float ``q``) of the fp32
+    magnitudes, without NaN; a Python float.
+
+    From the sorted magnitudes ``x`` and the fp64 virtual index ``v = (n−1)·q``: ``lower`` /
+    ``higher`` / ``nearest`` give ``x[floor(v)]`` / ``x[ceil(v)]`` / ``x[round(v)]`` (half to even).
+    ``linear`` takes ``a, b = x[k], x[k+1]`` with ``γ = v − k``, ``k = floor(v)`` (for ``v ≥ n−1``:
+    ``a = b = x[n−1]`` and ``γ = v + 1``, numpy's ``v − (−1)``), then ``a + (b−a)·γ`` if ``γ < 0.5``
+    else ``b − (b−a)·(1−γ)``, each operation rounded to fp32 and the weight (``γ`` or ``1−γ`` in
+    fp64) rounded to fp32 first. The steps run in fp64 on fp32 values: a product of two fp32
+    values is exact there, and rounding a sum / difference to fp64 then fp32 equals rounding it to
+    fp32 once (53 ≥ 2·24 + 2 bits), so each step is the correctly rounded fp32 operation.
+    """
+    x = np.sort(magnitudes(tensors, scales)).tolist()
+    n = len(x)
+    v = (n - 1) * q
+    if method != "linear":
+        return x[{"lower": math.floor, "higher": math.ceil, "nearest": round}[method](v)]
+    if v >= n - 1:
+        a = b = x[-1]
+        gamma = v + 1
+    else:
+        k = math.floor(v)
+        a, b, gamma = x[k], x[k + 1], v - k
+    d = f32(b - a)  # inf − inf is NaN
+    if gamma < 0.5:
+        return f32(a + f32(d * f32(gamma)))
+    return f32(b - f32(d * f32(1.0 - gamma)))
