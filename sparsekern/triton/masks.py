@@ -5,10 +5,14 @@ Four launchers with the signatures and preconditions of the C++ kernels
 fp32/fp16/bf16 ``w``, bool masks shaped like ``w``. Order key: the bit pattern of fp32 ``|w|``
 as int32 (every NaN 0x7FC00000, above +inf); larger first, equal keys lower index first.
 
-* ``nm_mask`` and the window step of ``kernel_mask``: rank counting in registers, a
-  ``[groups, m, m]`` comparison tile (m padded to a power of two; m ≤ 128, R·S ≤ 64).
-* CK step: one program per group finds the ``keep``-th largest kernel score by a 31-step
-  bisection on its bits (counting passes), then keeps ties in index order (running cumsum).
+* ``nm_mask``, the window step and the CK step of ``kernel_mask`` select the best of each group
+  (m weights, R·S weights, the K or C kernel scores) with one of three kernels, chosen from the
+  group size alone (groups of any size, as on the CPU): up to 64 (padded to a power of two) by
+  rank counting in registers (a ``[groups, m, m]`` comparison tile); up to 4096 by finding each
+  group's ``keep``-th largest key with a 31-step bisection on its bits over a ``[groups, m]``
+  register tile, then keeping the keys above it and the first ties in index order (cumsum);
+  larger groups by one program each, a radix select of that key (three histogram passes over
+  the group) and a pass keeping the keys above it and the first ties.
 * ``block_mask``: block sums in a kernel (fp32, row-major in the block, as the reference), the
   global selection with ``torch.sort(stable=True)``, the row rule with scatter, expansion in a
   kernel.
@@ -17,18 +21,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .threshold import _wrap
+from ._common import wrap as _wrap
 
 _BLOCK = 1024  # elements per program of the elementwise kernels
-_TILE = 4096  # comparison-tile elements of the rank-counting kernels
-_SELECT_BLOCK = 1024  # chunk of a CK group per counting pass
-_NAN_KEY = 0x7FC00000
+_TILE = 4096  # register-tile elements of the selection kernels
+_RANK_WARPS = 4  # rank-counting tiles (Triton's default)
+_WARPS = 8  # bisection tiles and streamed chunks of _TILE: ≤ 128 registers a thread, no spills
 
 
 @triton.jit
 def _key(x):
     k = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
     return tl.where(k > 0x7F800000, 0x7FC00000, k)
+
+
+@triton.jit
+def _load_keys(src_ptr, offs, valid, KEYS: tl.constexpr):
+    """Order keys at offs (invalid: -1, below every key): src holds keys (KEYS) or weights."""
+    if KEYS:
+        k = tl.load(src_ptr + offs, mask=valid, other=-1)
+    else:
+        k = tl.where(valid, _key(tl.load(src_ptr + offs, mask=valid, other=0.0)), -1)
+    return k
 
 
 @triton.jit
@@ -44,63 +58,92 @@ def _rank_keep(keys, valid, keep, MP: tl.constexpr):
 
 
 @triton.jit
-def _nm_kernel(w_ptr, out_ptr, n_groups, inner, n, m, BLOCK_G: tl.constexpr, MP: tl.constexpr):
+def _bisect_keep(keys, valid, keep, BLOCK_G: tl.constexpr):
+    """keys [G, MP] (invalid: -1) -> bool [G, MP]: the keep largest of each row, ties lower index.
+
+    t = each row's keep-th largest key (all ones if keep = 0) by a 31-step bisection on its bits;
+    kept: keys above t, then the first keep − #above ties at t in index order."""
+    t = tl.zeros([BLOCK_G], dtype=tl.int32)
+    for bit in tl.static_range(30, -1, -1):
+        cand = t | (1 << bit)
+        cnt = tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
+        t = tl.where(cnt >= keep, cand, t)
+    above = keys > t[:, None]
+    tie = (keys == t[:, None]).to(tl.int32)
+    need = keep - tl.sum(above.to(tl.int32), axis=1)
+    before = tl.cumsum(tie, axis=1) - tie
+    return (above | ((tie == 1) & (before < need[:, None]))) & valid
+
+
+@triton.jit
+def _tile_select_kernel(src_ptr, out_ptr, score_ptr, n_groups, inner, size, keep,
+                        BLOCK_G: tl.constexpr, MP: tl.constexpr, RANK: tl.constexpr,
+                        KEYS: tl.constexpr, SCORE: tl.constexpr):
+    """BLOCK_G groups per program, each one [MP] row of registers (size ≤ MP): group g holds
+    src[(g // inner)·size·inner + g % inner + i·inner], i < size. out = its keep best (rank
+    counting, or bisection); SCORE: score[g] = the largest kept key (0 if none)."""
     g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.arange(0, MP)
-    b = g // inner
-    p = g % inner
-    offs = (b * m * inner + p)[:, None] + (j * inner)[None, :]
-    valid = (g < n_groups)[:, None] & (j < m)[None, :]
-    keys = tl.where(valid, _key(tl.load(w_ptr + offs, mask=valid, other=0.0)), -1)
-    keep = _rank_keep(keys, valid, n, MP)
-    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=valid)
-
-
-@triton.jit
-def _window_kernel(w_ptr, out_ptr, score_ptr, nk, rs, keep,
-                   BLOCK_Q: tl.constexpr, RSP: tl.constexpr, SCORE: tl.constexpr):
-    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    j = tl.arange(0, RSP)
-    offs = (q * rs)[:, None] + j[None, :]
-    valid = (q < nk)[:, None] & (j < rs)[None, :]
-    keys = tl.where(valid, _key(tl.load(w_ptr + offs, mask=valid, other=0.0)), -1)
-    kept = _rank_keep(keys, valid, keep, RSP)
+    offs = ((g // inner) * size * inner + g % inner)[:, None] + (j.to(tl.int64) * inner)[None, :]
+    valid = (g < n_groups)[:, None] & (j < size)[None, :]
+    keys = _load_keys(src_ptr, offs, valid, KEYS)
+    if RANK:
+        kept = _rank_keep(keys, valid, keep, MP)
+    else:
+        kept = _bisect_keep(keys, valid, keep, BLOCK_G)
     tl.store(out_ptr + offs, kept.to(tl.uint8), mask=valid)
     if SCORE:
-        score = tl.max(tl.where(kept, keys, 0), axis=1)
-        tl.store(score_ptr + q, score, mask=q < nk)
+        tl.store(score_ptr + g, tl.max(tl.where(kept, keys, 0), axis=1), mask=g < n_groups)
 
 
 @triton.jit
-def _ck_select_kernel(score_ptr, alive_ptr, size, keep, group_step, index_stride,
-                      BLOCK: tl.constexpr):
-    """Group g: scores at g*group_step + i*index_stride, i < size; alive = keep best of them."""
-    base = tl.program_id(0).to(tl.int64) * group_step
-    idx = tl.arange(0, BLOCK)
-    t = 0
-    for bit in tl.static_range(30, -1, -1):  # t = the keep-th largest key (all ones if keep = 0)
-        cand = t | (1 << bit)
-        cnt = 0
-        for start in range(0, size, BLOCK):
-            i = start + idx
-            k = tl.load(score_ptr + base + i.to(tl.int64) * index_stride, mask=i < size, other=-1)
-            cnt += tl.sum((k >= cand).to(tl.int32), axis=0)
-        t = tl.where(cnt >= keep, cand, t)
-    above = 0
+def _radix_digit(src_ptr, base, inner, size, prefix, need, KEYS: tl.constexpr,
+                 SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix digit (key bits SHIFT .. SHIFT+BITS-1) of the cut of a streamed group: given the
+    cut's higher bits (prefix) and how many keys with them to keep (need), the same one digit
+    lower (a histogram pass over the group's keys with that prefix)."""
+    NB: tl.constexpr = 1 << BITS
+    hist = tl.zeros([NB], dtype=tl.int32)
     for start in range(0, size, BLOCK):
-        i = start + idx
-        k = tl.load(score_ptr + base + i.to(tl.int64) * index_stride, mask=i < size, other=-1)
-        above += tl.sum((k > t).to(tl.int32), axis=0)
-    need = keep - above  # ties at t kept in index order
+        i = start + tl.arange(0, BLOCK)
+        k = _load_keys(src_ptr, base + i.to(tl.int64) * inner, i < size, KEYS)
+        same = (i < size) & ((k >> (SHIFT + BITS)) == prefix)
+        hist += tl.histogram((k >> SHIFT) & (NB - 1), NB, mask=same)
+    ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with digit >= bin
+    digit = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+    above = tl.sum(tl.where(tl.arange(0, NB) == digit, ge - hist, 0), axis=0)
+    return (prefix << BITS) | digit, need - above
+
+
+@triton.jit
+def _stream_select_kernel(src_ptr, out_ptr, score_ptr, inner, size, keep,
+                          BLOCK: tl.constexpr, KEYS: tl.constexpr, SCORE: tl.constexpr):
+    """One group per program, addressed as in _tile_select_kernel, read in BLOCK chunks: the
+    cut t (the keep-th largest key, all ones if keep = 0) by a radix select over digits of 11, 10
+    and 10 bits, one histogram pass each; then a pass keeping the keys above t and the first
+    ties at t in index order (running count)."""
+    g = tl.program_id(0).to(tl.int64)
+    base = (g // inner) * size * inner + g % inner
+    t = tl.zeros([], dtype=tl.int32)
+    need = keep
+    t, need = _radix_digit(src_ptr, base, inner, size, t, need, KEYS, 20, 11, BLOCK)
+    t, need = _radix_digit(src_ptr, base, inner, size, t, need, KEYS, 10, 10, BLOCK)
+    t, need = _radix_digit(src_ptr, base, inner, size, t, need, KEYS, 0, 10, BLOCK)
     seen = 0
+    best = 0
     for start in range(0, size, BLOCK):
-        i = start + idx
-        k = tl.load(score_ptr + base + i.to(tl.int64) * index_stride, mask=i < size, other=-1)
+        i = start + tl.arange(0, BLOCK)
+        offs = base + i.to(tl.int64) * inner
+        k = _load_keys(src_ptr, offs, i < size, KEYS)
         tie = (k == t).to(tl.int32)
         before = seen + tl.cumsum(tie, axis=0) - tie
         kept = (k > t) | ((tie == 1) & (before < need))
-        tl.store(alive_ptr + base + i.to(tl.int64) * index_stride, kept.to(tl.uint8), mask=i < size)
+        tl.store(out_ptr + offs, kept.to(tl.uint8), mask=i < size)
         seen += tl.sum(tie, axis=0)
+        if SCORE:
+            best = tl.maximum(best, tl.max(tl.where(kept, k, 0), axis=0))
+    if SCORE:
+        tl.store(score_ptr + g, best)
 
 
 @triton.jit
@@ -151,47 +194,53 @@ def _bool_out(w):
     return out, out.view(torch.uint8)
 
 
-def _rank_tile(mp):
-    return max(1, _TILE // (mp * mp))
+def _select(src, out, score, groups, inner, size, keep):
+    """out (uint8, src's layout) = the keep best of each of ``groups`` groups of ``size`` elements
+    of src (weights, or int32 keys); group g: src[(g // inner)·size·inner + g % inner + i·inner].
+    score (int32 [groups] or None): each group's largest kept key, 0 if none.
+
+    Groups of ≤ 64 (padded) by rank counting, ≤ _TILE by bisection in registers, larger ones
+    by radix select, streamed (one program each); the kernel is chosen from the sizes alone."""
+    keep = min(keep, size)  # as the C++ kernels: keep ≥ size keeps the whole group
+    mp = triton.next_power_of_2(size)
+    args = (src, out, score if score is not None else out)
+    flags = dict(KEYS=src.dtype == torch.int32, SCORE=score is not None)
+    if mp > _TILE:
+        _wrap(_stream_select_kernel)[(groups,)](*args, inner, size, keep, BLOCK=_TILE,
+                                                num_warps=_WARPS, **flags)
+        return
+    rank = mp * mp <= _TILE
+    bg = _TILE // (mp * mp if rank else mp)
+    _wrap(_tile_select_kernel)[(triton.cdiv(groups, bg),)](
+        *args, groups, inner, size, keep, BLOCK_G=bg, MP=mp, RANK=rank,
+        num_warps=_RANK_WARPS if rank else _WARPS, **flags)
 
 
 def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M mask (SPEC §5) of w [K, C, *] along C; m ≤ 128."""
-    if m > 128:
-        raise NotImplementedError("sparsekern Triton nm_mask supports m <= 128")
+    """N:M mask (SPEC §5) of w [K, C, *] along C, any m."""
     out, o = _bool_out(w)
     if w.numel() == 0:
         return out
-    inner = w.numel() // (w.shape[0] * w.shape[1])
-    groups = w.numel() // m
-    mp = triton.next_power_of_2(m)
-    bg = _rank_tile(mp)
-    _wrap(_nm_kernel)[(triton.cdiv(groups, bg),)](w, o, groups, inner, n, m, BLOCK_G=bg, MP=mp)
+    _select(w, o, None, w.numel() // m, w.numel() // (w.shape[0] * w.shape[1]), m, n)
     return out
 
 
 def kernel_mask(w: torch.Tensor, window_keep: int, ck_keep: int, by_out: bool) -> torch.Tensor:
-    """Window / CK / intra mask (SPEC §5) of w [K, C, R, S]; R·S ≤ 64."""
+    """Window / CK / intra mask (SPEC §5) of w [K, C, R, S], any R·S and group size."""
     k, c = w.shape[0], w.shape[1]
     rs = w.shape[2] * w.shape[3]
-    if rs > 64:
-        raise NotImplementedError("sparsekern Triton kernel_mask supports R*S <= 64")
     out, o = _bool_out(w)
     if w.numel() == 0:
         return out
     nk = k * c
     size = c if by_out else k
     ck = ck_keep < size
-    score = torch.empty(nk if ck else 1, dtype=torch.int32, device=w.device)
-    rsp = triton.next_power_of_2(rs)
-    bq = _rank_tile(rsp)
-    _wrap(_window_kernel)[(triton.cdiv(nk, bq),)](w, o, score, nk, rs, window_keep,
-                                                  BLOCK_Q=bq, RSP=rsp, SCORE=ck)
+    score = torch.empty(nk, dtype=torch.int32, device=w.device) if ck else None
+    _select(w, o, score, nk, 1, rs, window_keep)
     if ck:
         alive = torch.empty(nk, dtype=torch.uint8, device=w.device)
-        groups, step, stride = (k, c, 1) if by_out else (c, 1, c)
-        _wrap(_ck_select_kernel)[(groups,)](score, alive, size, ck_keep, step, stride,
-                                            BLOCK=_SELECT_BLOCK)
+        groups, inner = (k, 1) if by_out else (c, c)
+        _select(score, alive, None, groups, inner, size, ck_keep)
         n = w.numel()
         _wrap(_clear_dead_kernel)[(triton.cdiv(n, _BLOCK),)](o, alive, n, rs, BLOCK=_BLOCK)
     return out
