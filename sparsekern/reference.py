@@ -126,19 +126,40 @@ def st3_threshold(w, t, rescale=True):
 
 # --- SPEC §3: power threshold (Feather) --------------------------------------------------------
 
-def power_threshold(w, t, p=3.0, theta=1.0):
-    """Feather ``sign(w)·(|w|^p − t^p)^(1/p)`` where ``|w| > t``, else 0 (SPEC §3).
+def power_threshold_forward(w, t, p=3.0):
+    """Feather ``sign(w)·(|w|^p − t^p)^(1/p)`` where ``|w| > t``, else 0, in w's dtype (SPEC §3).
 
-    Backward: ``grad·(1 if |w| > t else θ)``.
+    Evaluated in float64 as ``|w|·δ^(1/p)``, ``δ = 1 − (t/|w|)^p = −expm1(p·ln(t/|w|))``: no power
+    of |w| (which overflows or underflows), and ``ln(t/|w|) = log1p(−(|w| − t)/|w|)`` for
+    ``|w| ≤ 2t``, where ``|w| − t`` is exact and ``t/|w|`` would round next to 1. t = 0 and
+    |w| = inf give w; NaN gives NaN.
     """
-    wf = w.float()
-    a = wf.abs()
-    thr = broadcast_threshold(t, w)
-    kept = a > thr
-    diff = torch.where(kept, a.pow(p) - thr.pow(p), torch.zeros_like(a)).clamp_min(0)
-    q = torch.sign(wf) * torch.where(kept, diff.pow(1.0 / p), torch.zeros_like(a))
-    gscale = torch.where(kept, torch.ones_like(a), torch.full_like(a, theta))
-    return (q.detach() + (wf - wf.detach()) * gscale).to(w.dtype)
+    wf = w.detach().float()
+    a = wf.abs().double()
+    thr = broadcast_threshold(t, w).double()
+    log_ratio = torch.where(a <= 2 * thr, torch.log1p(-(a - thr) / a), torch.log(thr / a))
+    delta = -torch.expm1(p * log_ratio)
+    q = torch.sign(wf) * torch.where(a > thr, a * delta.pow(1.0 / p), 0.0).float()
+    return torch.where(wf.isnan(), wf, q).to(w.dtype)
+
+
+class _PowerThreshold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, t, p, theta):
+        ctx.save_for_backward(w, t)
+        ctx.theta = theta
+        return power_threshold_forward(w, t, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, t = ctx.saved_tensors
+        return power_threshold_backward(grad, w, t, ctx.theta), None, None, None
+
+
+def power_threshold(w, t, p=3.0, theta=1.0):
+    """Feather (SPEC §3): :func:`power_threshold_forward`; backward ``grad·(1 if |w| > t else θ)``
+    (:func:`power_threshold_backward`; no gradient to t)."""
+    return _PowerThreshold.apply(w, torch.as_tensor(t, dtype=torch.float32, device=w.device), p, theta)
 
 
 def power_threshold_backward(grad, w, t, theta=1.0):

@@ -60,9 +60,7 @@ def test_forward_backward_vs_reference(name, dtype, kind, shape, contiguous):
     w_r = w0.clone().requires_grad_(True)
     t_r = t0.clone().requires_grad_(t_grad) if isinstance(t0, torch.Tensor) else t0
     exp = ref(w_r, t_r, **kw)
-    atol, rtol = TOL[dtype]
-    if name == "power" and dtype == torch.float32:
-        atol, rtol = 1e-5, 1e-4  # ill-conditioned just above t; see test_threshold_kernels
+    atol, rtol = TOL[dtype]  # C++ kernels vs the reference, on CPU (see TOL)
     torch.testing.assert_close(out, exp, atol=atol, rtol=rtol)
     g = make_weight(shape, dtype, seed=5)
     out.backward(g)

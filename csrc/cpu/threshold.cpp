@@ -18,9 +18,9 @@
 //   * on x86-64 Linux/GCC every leaf is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
 //     the baseline, picked at load time (target_clones): the distributed build needs no -march.
 // Agreeing with the reference where a last-bit difference would flip a mask or be amplified:
-// g(t) of STR is computed with at::sigmoid/at::exp (the reference's own kernels), and in
-// power_fwd |w|^p and t^p are fp32 products for p = 2, 3 (as at::pow computes them) and
-// otherwise correctly rounded (double-precision exp/log); (|w|^p - t^p) is an fp32 difference.
+// g(t) of STR is computed with at::sigmoid/at::exp (the reference's own kernels). power_fwd is
+// evaluated in double without overflow or cancellation (see power_mag): correctly rounded up to
+// rare double-rounding ties, as is the reference's float64 evaluation.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -140,7 +140,12 @@ SK_INLINE void lane_sum2(int64_t j0, int64_t j1, F&& f, double& out_a, double& o
 }
 
 // ---------------------------------------------------------------------------------------------
-// Correctly rounded fp32 powers via double-precision log/exp (vectorizable, no libm calls).
+// Power threshold (SPEC §3) in double precision (vectorizable, no libm calls). For 0 <= t < a,
+// (a^p − t^p)^(1/p) is evaluated without forming a power that overflows or underflows fp32
+// (2.5^100, 0.3^100, 1e13^3) and without the cancellation of a^p − t^p just above t: for
+// p = 2, 3 as (a − t)·(a + t) or (a − t)·(a² + at + t²) (positive factors; double holds fp32^3),
+// else as a·δ^(1/p) with δ = 1 − (t/a)^p = −expm1(p·ln(t/a)) (relative condition number <= 1).
+// The fp32 result is the correctly rounded one up to a rare double-rounding tie (<= 1 ulp).
 
 SK_INLINE double log_pos(double x) {  // x > 0, finite, normal
   const uint64_t u = f64_bits(x);
@@ -164,8 +169,10 @@ SK_INLINE double log_pos(double x) {  // x > 0, finite, normal
   return e * 0.6931471803691238 + (e * 1.9082149292705877e-10 + logm);
 }
 
-SK_INLINE double exp_clamped(double y) {  // |y| clamped to 200: beyond that fp32 is 0 or inf
-  y = y < -200.0 ? -200.0 : (y > 200.0 ? 200.0 : y);
+// exp(y) = scale·(1 + q) for y <= 0, clamped at -200 (beyond, every fp32 result is 0 or 1):
+// scale = 2^k, k = round(y / ln 2), q = expm1(y − k·ln 2) by its Taylor series.
+SK_INLINE void exp_parts(double y, double& q, double& scale) {
+  y = y < -200.0 ? -200.0 : y;
   const double shift = 6755399441055744.0;  // 1.5 * 2^52
   const double kd = y * 1.4426950408889634 + shift;
   const double k = kd - shift;
@@ -182,63 +189,62 @@ SK_INLINE double exp_clamped(double y) {  // |y| clamped to 200: beyond that fp3
   p = p * r + 1.0 / 6;
   p = p * r + 0.5;
   p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double scale = f64_from_bits((f64_bits(kd) + 1023u) << 52);
-  return p * scale;
+  q = p * r;
+  scale = f64_from_bits((f64_bits(kd) + 1023u) << 52);
 }
 
-// x^e for x >= 0 (or NaN) and e > 0, rounded once to fp32.
-SK_INLINE float pow_f32(float x, double e) {
-  const double xd = x > 0.f ? double(x) : 1.0;  // keep log's argument valid; patched below
-  const float r = float(exp_clamped(e * log_pos(xd)));
-  const float inf = std::numeric_limits<float>::infinity();
-  return x > 0.f ? (x < inf ? r : inf) : (x == 0.f ? 0.f : x + x);  // x + x keeps NaN
+SK_INLINE double exp_neg(double y) {  // exp(y), y <= 0
+  double q, scale;
+  exp_parts(y, q, scale);
+  return q * scale + scale;
 }
 
-// Cube root of x >= 0 (or NaN), rounded once to fp32: bit-trick estimate, two Halley steps in
-// double (cubic convergence: 2e-2 -> 1e-6 -> 1e-18).
-SK_INLINE float cbrt_f32(float x) {
-  const bool tiny = x < 0x1.0p-100f;  // subnormal-safe: scale by 2^150 (cube root 2^50)
-  const float xs = tiny ? x * 0x1.0p+75f * 0x1.0p+75f : x;
-  const double xd = xs;
-  double y = f32_from_bits(f32_bits(xs) / 3u + 709921077u);
+SK_INLINE double expm1_neg(double y) {  // expm1(y), y <= 0: q itself near 0, scale − 1 is exact
+  double q, scale;
+  exp_parts(y, q, scale);
+  return q * scale + (scale - 1.0);
+}
+
+// Cube root of a positive normal d (well inside fp32's range): bit-trick estimate of the fp32
+// value, two Halley steps in double (cubic convergence: 2e-2 -> 1e-6 -> 1e-18).
+SK_INLINE double cbrt_pos(double d) {
+  double y = f32_from_bits(f32_bits(float(d)) / 3u + 709921077u);
   for (int i = 0; i < 2; ++i) {
     const double y3 = y * y * y;
-    y = y * (y3 + 2.0 * xd) / (2.0 * y3 + xd);
+    y = y * (y3 + 2.0 * d) / (2.0 * y3 + d);
   }
-  y = tiny ? y * 0x1.0p-50 : y;
-  const float inf = std::numeric_limits<float>::infinity();
-  return x > 0.f ? (x < inf ? float(y) : inf) : (x == 0.f ? 0.f : x + x);
+  return y;
 }
 
-// x^p as at::pow evaluates it in fp32: p = 2 and 3 are plain products there, other powers are
-// (nearly) correctly rounded.
 enum PowKind : int { kPow1 = 0, kPow2 = 1, kPow3 = 2, kPowGen = 3 };
 
+// |out| for a > t >= 0 (a may be inf), rounded once: p = 1: the fp32 difference a − t;
+// p = 2: sqrt((a − t)(a + t)); p = 3: cbrt((a − t)(a² + at + t²)) with a, t scaled by 2^-e
+// (a = m·2^e, m in [1, 2)) into cbrt_pos's range; else a·δ^(1/p), δ = −expm1(p·ln(t/a)). In double
+// the products cannot overflow and the factors hold no cancellation (a − t is exact or within
+// 2^-53), so the result is within a few 2^-53 relative before its rounding to fp32.
 template <int PK>
-SK_INLINE float pow_p(float x, double p) {
+SK_INLINE float power_mag(float a, float t, double p, double inv_p) {
   if constexpr (PK == kPow1) {
-    return x;
-  } else if constexpr (PK == kPow2) {
-    return x * x;
-  } else if constexpr (PK == kPow3) {
-    return x * x * x;
+    return a - t;
   } else {
-    return pow_f32(x, p);
-  }
-}
-// The root d^(1/p): exact for p = 1, sqrt for p = 2, the cube root for p = 3 (at::pow raises to
-// the fp32 exponent 1/3 + 1e-8: a relative difference of 1e-8·|ln d|), else correctly rounded.
-template <int PK>
-SK_INLINE float root_p(float d, double inv_p) {
-  if constexpr (PK == kPow1) {
-    return d;
-  } else if constexpr (PK == kPow2) {
-    return std::sqrt(d);
-  } else if constexpr (PK == kPow3) {
-    return cbrt_f32(d);
-  } else {
-    return pow_f32(d, inv_p);
+    const bool finite = a < std::numeric_limits<float>::infinity();
+    const double ad = finite ? double(a) : 1.0, td = t;
+    double r;
+    if constexpr (PK == kPow2) {
+      r = std::sqrt((ad - td) * (ad + td));
+    } else if constexpr (PK == kPow3) {
+      const uint32_t eb = f32_bits(a) >> 23;  // biased exponent: e = eb − 127 (0: subnormal)
+      const double down = f64_from_bits(uint64_t(1150u - eb) << 52);  // 2^-e
+      const double up = f64_from_bits(uint64_t(896u + eb) << 52);     // 2^e
+      const double as = ad * down, ts = td * down;
+      r = cbrt_pos((as - ts) * (as * as + as * ts + ts * ts)) * up;
+    } else {  // t = 0: δ = 1
+      const double y = td / ad;  // [0, 1)
+      const double delta = y > 0.0 ? -expm1_neg(p * log_pos(y > 0.0 ? y : 1.0)) : 1.0;
+      r = ad * exp_neg(log_pos(delta) * inv_p);
+    }
+    return finite ? float(r) : a;
   }
 }
 
@@ -285,15 +291,13 @@ template <class S, int M, int PK>
 SK_CLONES void power_fwd_leaf(const typename S::raw* w, const float* t, typename S::raw* out,
                               double p, double inv_p, int64_t begin, int64_t n, int64_t inner) {
   for_each_run<M>(t, begin, n, inner, [&](int64_t j0, int64_t j1, int64_t, float tc) SK_LAMBDA_INLINE {
-    const float tpc = M == kElem ? 0.f : pow_p<PK>(tc, p);
     SK_SIMD for (int64_t j = j0; j < j1; ++j) {
       const float x = S::load(w[j]);
       const float a = std::fabs(x);
       const float thr = thr_at<M>(t, j, tc);
-      const float tp = M == kElem ? pow_p<PK>(thr, p) : tpc;
       const bool kept = a > thr;
-      const float d = relu(kept ? pow_p<PK>(a, p) - tp : 0.f);
-      const float q = sign_of(x) * (kept ? root_p<PK>(d, inv_p) : 0.f);
+      // pruned lanes evaluate (1, 0): every intermediate stays finite
+      const float q = sign_of(x) * (kept ? power_mag<PK>(kept ? a : 1.f, kept ? thr : 0.f, p, inv_p) : 0.f);
       out[j] = S::store(x != x ? x : q);  // a NaN weight stays NaN, as in every threshold op
     }
   });
@@ -647,10 +651,8 @@ at::Tensor power_fwd(const at::Tensor& w, const at::Tensor& t, double p) {
   at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
-  // at::pow takes fp32 exponents for fp32 tensors
-  const double pf = double(float(p));
-  const double inv_pf = double(float(1.0 / p));
-  const PowKind kind = pf == 1.0 ? kPow1 : pf == 2.0 ? kPow2 : pf == 3.0 ? kPow3 : kPowGen;
+  const double pf = p, inv_pf = 1.0 / p;
+  const PowKind kind = p == 1.0 ? kPow1 : p == 2.0 ? kPow2 : p == 3.0 ? kPow3 : kPowGen;
   dispatch_storage(w.scalar_type(), [&](auto s) {
     using S = decltype(s);
     dispatch_mode(v.mode, [&](auto m) {
