@@ -187,9 +187,11 @@ def _select(tensors, scales, k0, k1, gamma, lerp, out, nan_counts):
                 SHIFT=shift, BITS=bits, FIRST=first, LAST=last, SCALED=cs[0] != 1.0,
                 BF16=ts[0].dtype == torch.bfloat16,
                 INT64=max(ns) + _BLOCK * _MAX_PROGRAMS >= 2 ** 31, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        # no FP fusion: the lerp's a + p / b − p would become one fma (one rounding, numpy has two)
         _wrap(_scan_kernel)[(1,)](
             hist[off:], state, minabove, out, k0, k1, gamma32,
-            SHIFT=shift, BITS=bits, FIRST=first, LAST=last, LERP=lerp, UPPER=upper)
+            SHIFT=shift, BITS=bits, FIRST=first, LAST=last, LERP=lerp, UPPER=upper,
+            enable_fp_fusion=False)
 
 
 def _nan_index(nan_counts):
