@@ -15,6 +15,25 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (atol, rtol) per storage dtype for results computed in fp32 and rounded to storage: two fp32
 # results that differ in the last bits may round to neighbouring fp16/bf16 values (1 ulp:
 # 2^-10 for fp16, 2^-7 for bf16, relative).
+#
+# On a GPU (issue 17 §9; sm90 PTX of every variant the AOT sweep compiles, Triton 3.9). Besides
+# IEEE add/mul/div.rn/sqrt.rn, Triton emits: tl.exp/exp2 -> ex2.approx.ftz.f32 (2 ulp, subnormal
+# results 0), tl.log2 -> libdevice log2f (1 ulp), `/` -> div.full.f32 (2 ulp), tl.sigmoid ->
+# 1 / (1 + ex2) with div.full, and FP fusion (a·b + c -> one fma.rn: one rounding, never worse).
+#   threshold  hard, masked grads, st3 sums/apply (div.rn), soft ACT 0: no approximation: exact
+#              tests (atol = rtol = 0) hold; fp32 sums differ from the interpreter only in order
+#              (TOL, soft's grad_t atol 1e-4·sqrt(n): O(log n) ulp).
+#              soft ACT 1/2: g(s) within 2 + 0.7·|s| + 2 ulp (ex2, the rounding of s·log2 e, div.full;
+#              <= 15 ulp for |s| <= 14, <= 5 ulp near g = 1/2, <= 3 ulp for g -> 1): |w| − g(s) is off
+#              by <= 3e-7 < TOL fp32 atol; a mask flips only for |w| that close to g: the test cases'
+#              closest |w| is 18 ulp from g ~ 1 (ties=False; bf16 w(769,) per channel), else >= 44.
+#              power: test_threshold_kernels._power_rel_bound (ex2 + log2f + div.rn, derived there).
+#   bound      σ: div.full in tile means / Chan weights / the mean of the partials, which enter M2
+#              only at second order (or scaled by the between-tile term), sqrt.rn(div.rn(M2, n−1)):
+#              the fp32 sums dominate as in the interpreter (test_bound rtol 4e-6). ASL grad_r: div.rn.
+#   select     integer histograms, no float math but the lerp (FP fusion off for it): exact.
+#   masks      integer / compare only: bitwise. spmm: fma.rn chains (ieee) or mma (fp16/bf16 inputs,
+#              tf32 only when fp32_precision says so): O(K) fp32 roundings, as on the CPU.
 TOL = {
     torch.float32: (1e-6, 1e-5),
     torch.float16: (1e-5, 2 ** -10),
