@@ -14,7 +14,7 @@ from sparsekern.triton import _common, aot
 from sparsekern.triton import spmm as T
 from utils import TOL as DTYPE_TOL, TRITON_DEVICE
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 dot products: IEEE fma / mma chains on a GPU too (utils.TOL)
 NO_BIAS = torch.empty(0)
 # (out, in, n): odd shapes, batch 1, n crossing the 64-column tile, out crossing the 8-row programs
 SHAPES = [(1, 1, 1), (7, 5, 1), (9, 17, 3), (33, 20, 16), (19, 70, 65)]

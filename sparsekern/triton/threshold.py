@@ -219,11 +219,12 @@ def _st3_apply_kernel(w_ptr, t_ptr, part_ptr, out_ptr, K, inner, n_split, iters,
 
 @triton.jit
 def _log_ratio(a, t):
-    """ln(t/a) for 0 <= t < a (-inf for t = 0 or a = inf), a few ulp on every GPU.
+    """ln(t/a) for 0 <= t < a (-inf for t = 0 or a = inf), within ~2 ulp on every GPU.
 
-    a <= 2t: 2·atanh(s) with s = (t − a)/(t + a) in [−1/3, 0) (t − a exact, IEEE division), by
-    its series; the ratio t/a would round next to 1, where lg2.approx's absolute error 2^-22.6
-    is no longer small relative to the result. a > 2t: log2(t/a)·ln 2, |log2(t/a)| >= 1.
+    a <= 2t: 2·atanh(s) by its series, s = (t − a)/(t + a) in [−1/3, 0) (t − a exact, IEEE
+    division): t/a itself would round next to 1, an absolute error of half an ulp of 1 in a
+    logarithm as small as 2^-24. a > 2t: log2(t/a)·ln 2 (tl.log2 is libdevice's log2f on CUDA),
+    |log2(t/a)| >= 1.
     """
     near = a <= 2.0 * t
     s = tl.math.div_rn(tl.where(near, t - a, 0.0), t + a)
