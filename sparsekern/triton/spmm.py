@@ -165,7 +165,7 @@ def _nm_dot_kernel(val_ptr, idx_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n_col
         ok = r_ok[:, None] & (g < n_groups)[None, :]
         first = rows[:, None] * row_len + (g * NM_N)[None, :]  # slot 0 of each [BO, G] group
         w = tl.zeros([BO, G, MP], dtype=val_ptr.dtype.element_ty)
-        for s in tl.static_range(NM_N):  # slot s of each group: add its value at its position
+        for s in range(NM_N):  # slot s of each group: add its value at its position
             v = tl.load(val_ptr + first + s, mask=ok, other=0.0)
             ix = tl.load(idx_ptr + first + s, mask=ok, other=0).to(tl.int32)
             w += tl.where(ix[:, :, None] == p[None, None, :], v[:, :, None], 0.0)
