@@ -146,8 +146,9 @@ def test_csr_conv_matches_reference_and_conv2d(stride, padding, dilation, densit
 # ----------------------------------------------------------------------------- BSR
 
 
-# (bo, bi): tensor-core blocks (tl.dot) and the small CPU blocks (broadcast product)
-BLOCKS = [(16, 16), (32, 16), (16, 64), (1, 4), (4, 4), (8, 1), (16, 8)]
+# (bo, bi): tensor-core blocks (tl.dot; 16 x 64 and 24 x 40 take several BK slices of a block,
+# 24 x 40 a partial last one) and the small CPU blocks (broadcast product)
+BLOCKS = [(16, 16), (32, 16), (16, 64), (24, 40), (1, 4), (4, 4), (8, 1), (16, 8)]
 
 
 @pytest.mark.parametrize("bo,bi", BLOCKS)

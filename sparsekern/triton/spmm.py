@@ -36,6 +36,10 @@ _MAX_BLOCK_N = 64
 _ROWS = 8  # output rows per program of the gather kernel (Linear layout: 32-byte stores)
 _MM, _NM, _CONV = 0, 1, 2  # gather-kernel formats (FMT)
 _NM_DOT_ROWS, _NM_DOT_K, _NM_DOT_MAX_M = 32, 64, 128  # N:M tl.dot tile: rows, inputs; largest m
+_NM_DOT_WARPS = 8  # the [BO, BK] weight expansion over 256 threads (at 4 warps it spills)
+# bsr_mm tl.dot: inner block side per tl.dot on tensor cores / fp32 FMA (which holds both operand
+# slices in registers); 8 warps from a BO x BLOCK_N accumulator of 128 x 64 (64 fp32 per thread at 4)
+_BSR_DOT_K, _BSR_FMA_K, _BSR_WIDE = 32, 16, 128 * 64
 
 
 @triton.jit
@@ -110,28 +114,34 @@ def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
 def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n, bo, bi,
                 stride_yo, stride_yn,
                 HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                BO: tl.constexpr, BI: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
-    """y[br·bo + i, cols] = bias + Σ_b val[b, i, :] @ x[col[b]·bi : col[b]·bi + bi, cols]."""
+                BO: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
+                INT64: tl.constexpr):
+    """y[br·bo + i, cols] = bias + Σ_b val[b, i, :] @ x[col[b]·bi : col[b]·bi + bi, cols], each
+    block's inner side BK at a time (BI = BK: the whole block at once)."""
     br, col_block = _blocks_of(n_rows, bo)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     if INT64:
         cols = cols.to(tl.int64)
     c_ok = cols < n
     oi = tl.arange(0, BO)
-    ii = tl.arange(0, BI)
-    w_ok = (oi < bo)[:, None] & (ii < bi)[None, :]
+    kk = tl.arange(0, BK)
     start = tl.load(rowptr_ptr + br)
     end = tl.load(rowptr_ptr + br + 1)
     acc = tl.zeros([BO, BLOCK_N], dtype=tl.float32)
     for b in range(start, end):
-        w = tl.load(val_ptr + b * bo * bi + oi[:, None] * bi + ii[None, :], mask=w_ok, other=0.0)
-        xin = tl.load(col_ptr + b).to(tl.int64) * bi + ii
-        xt = tl.load(x_ptr + xin[:, None] * n + cols[None, :],
-                     mask=((ii < bi) & (xin < n_in))[:, None] & c_ok[None, :], other=0.0)
-        if USE_DOT:
-            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        else:
-            acc += tl.sum(w.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
+        x0 = tl.load(col_ptr + b).to(tl.int64) * bi
+        for k0 in range(0, BI, BK):
+            ii = k0 + kk
+            i_ok = ii < bi
+            w = tl.load(val_ptr + b * bo * bi + oi[:, None] * bi + ii[None, :],
+                        mask=(oi < bo)[:, None] & i_ok[None, :], other=0.0)
+            xin = x0 + ii
+            xt = tl.load(x_ptr + xin[:, None] * n + cols[None, :],
+                         mask=(i_ok & (xin < n_in))[:, None] & c_ok[None, :], other=0.0)
+            if USE_DOT:
+                acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+            else:
+                acc += tl.sum(w.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
     rows = br.to(tl.int64) * bo + oi
     r_ok = (oi < bo) & (rows < n_rows)
     if HAS_BIAS:
@@ -304,14 +314,17 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
     bo, bi = val.shape[1], val.shape[2]
     bo_p, bi_p = triton.next_power_of_2(bo), triton.next_power_of_2(bi)
     use_dot = bo >= 16 and bi >= 16  # tl.dot needs every side >= 16 (batch 1: 15 idle columns)
+    precision = _dot_precision(val.dtype) if use_dot else None
     if use_dot:
         block_n = min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
+        block_k = min(bi_p, _BSR_FMA_K if precision == "ieee" else _BSR_DOT_K)
     else:  # broadcast product [BO, BI, BLOCK_N]: keep it near _TILE elements
         block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
+        block_k = bi_p
     _wrap(_bsr_kernel)[_grid(out_features, bo, n, block_n)](
         rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, *strides,
-        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=_dot_precision(val.dtype) if use_dot else None,
-        BO=bo_p, BI=bi_p, BLOCK_N=block_n, INT64=_int64(y))
+        HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=precision, BO=bo_p, BI=bi_p, BK=block_k,
+        BLOCK_N=block_n, INT64=_int64(y), num_warps=8 if bo_p * block_n >= _BSR_WIDE else 4)
     return y
 
 
@@ -332,7 +345,8 @@ def nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Ten
         _wrap(_nm_dot_kernel)[_grid(out_features, _NM_DOT_ROWS, cols, block_n)](
             val, idx, bias, x, y, out_features, x.shape[0], cols, row_len, row_len // n, m, *strides,
             HAS_BIAS=bias.numel() > 0, PRECISION=_dot_precision(val.dtype), NM_N=n, MP=mp,
-            BO=_NM_DOT_ROWS, BK=max(mp, _NM_DOT_K), BLOCK_N=block_n, INT64=_int64(y))
+            BO=_NM_DOT_ROWS, BK=max(mp, _NM_DOT_K), BLOCK_N=block_n, INT64=_int64(y),
+            num_warps=_NM_DOT_WARPS)
         return y
     return _gather(_NM, val, idx, val, bias, x, y, out_features, cols, strides, ldx=cols,
                    row_len=row_len, nm=(n, m))
