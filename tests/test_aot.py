@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from sparsekern.triton import _common, aot, spmm
+from sparsekern.triton import _common, aot, masks, spmm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,6 +142,28 @@ def test_every_launched_kernel_is_swept():
     assert not rec.grid_problems, rec.grid_problems[:5]
     launched = {k.__name__ for k in aot.host_launched(spmm)}
     assert launched == {"_gather_kernel", "_bsr_kernel", "_nm_dot_kernel"}  # not the _blocks_of helper
+
+
+def test_masks_sweep_reaches_large_windows_and_ck_groups():
+    """kernel_mask is swept with 9 x 9, 11 x 11 and 65 x 65 windows, and with CK groups of more
+    than 4096 kernels in both directions (by_out: C per output; else K per input)."""
+    cases = [args for _, fn, args in aot._sweep_masks(False) if fn is masks.kernel_mask]
+    assert {tuple(w.shape[2:]) for w, *_ in cases} >= {(9, 9), (11, 11), (65, 65)}
+    ck_groups = {(by_out, w.shape[1] if by_out else w.shape[0]) for w, _, ck_keep, by_out in cases
+                 if ck_keep < (w.shape[1] if by_out else w.shape[0])}
+    assert {by_out for by_out, size in ck_groups if size > 4096} == {False, True}, ck_groups
+
+
+def test_allowed_spills_have_a_byte_limit():
+    kernel = types.SimpleNamespace(__name__="_nm_dot_kernel", params=[types.SimpleNamespace(name="BO")])
+    v = aot.Variant(kernel, 90, {}, {(0,): 32}, {}, {}, "case")
+    v.result = dict(spill_stores=20, spill_loads=16)
+    assert "ptxas" in aot.allowed_spill(v)
+    v.result = dict(spill_stores=8, spill_loads=24)
+    assert aot.allowed_spill(v) is None
+    v.constexprs = {(0,): 64}  # a tile the entry does not name
+    v.result = dict(spill_stores=4, spill_loads=4)
+    assert aot.allowed_spill(v) is None
 
 
 def test_a_kernel_the_sweep_misses_is_reported(tmp_path):

@@ -36,10 +36,11 @@ _MAX_BLOCK_N = 64
 _ROWS = 8  # output rows per program of the gather kernel (Linear layout: 32-byte stores)
 _MM, _NM, _CONV = 0, 1, 2  # gather-kernel formats (FMT)
 _NM_DOT_ROWS, _NM_DOT_K, _NM_DOT_MAX_M = 32, 64, 128  # N:M tl.dot tile: rows, inputs; largest m
-_NM_DOT_WARPS = 8  # the [BO, BK] weight expansion over 256 threads (at 4 warps it spills)
-# bsr_mm tl.dot: inner block side per tl.dot on tensor cores / fp32 FMA (which holds both operand
-# slices in registers); 8 warps from a BO x BLOCK_N accumulator of 128 x 64 (64 fp32 per thread at 4)
-_BSR_DOT_K, _BSR_FMA_K, _BSR_WIDE = 32, 16, 128 * 64
+_NM_DOT_WARPS = 8  # the [BO, BK] weight expansion over 256 threads (4 warps: 128-200 registers, spills)
+# bsr_mm tl.dot: a block's inner side is taken BK = 32 at a time (16 for fp32 FMA dots of 16-row
+# blocks: ptxas spilled their 16 x 32 slices); 8 warps from a 64 x 64 accumulator (32 fp32 a thread)
+# or a 128 x 32 weight slice
+_BSR_DOT_K, _BSR_FMA_K, _BSR_WIDE = 32, 16, 64 * 64
 
 
 @triton.jit
@@ -317,14 +318,14 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
     precision = _dot_precision(val.dtype) if use_dot else None
     if use_dot:
         block_n = min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
-        block_k = min(bi_p, _BSR_FMA_K if precision == "ieee" else _BSR_DOT_K)
+        block_k = min(bi_p, _BSR_FMA_K if precision == "ieee" and bo_p == 16 else _BSR_DOT_K)
     else:  # broadcast product [BO, BI, BLOCK_N]: keep it near _TILE elements
         block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
         block_k = bi_p
     _wrap(_bsr_kernel)[_grid(out_features, bo, n, block_n)](
         rowptr, col, val, bias, x, y, out_features, x.shape[0], n, bo, bi, *strides,
         HAS_BIAS=bias.numel() > 0, USE_DOT=use_dot, PRECISION=precision, BO=bo_p, BI=bi_p, BK=block_k,
-        BLOCK_N=block_n, INT64=_int64(y), num_warps=8 if bo_p * block_n >= _BSR_WIDE else 4)
+        BLOCK_N=block_n, INT64=_int64(y), num_warps=8 if bo_p * max(block_n, block_k) >= _BSR_WIDE else 4)
     return y
 
 
