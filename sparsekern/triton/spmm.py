@@ -22,8 +22,8 @@ torch's fp32 matmul may use TF32 (``torch.backends.cuda.matmul.fp32_precision``,
 * ``ck_conv``: the alive kernels' dense taps expanded to per-value offsets (``chan·plane + taps``,
   int32), then ``csr_conv``.
 * ``bsr_mm``: a program owns one block row and ``BLOCK_N`` columns and adds ``val[b] @ x[tile]``
-  over the row's blocks: ``tl.dot`` when both block sides are ≥ 16, else a broadcast product (the
-  small CPU block sizes).
+  over the row's blocks: ``tl.dot`` when both block sides are ≥ 16 (``BK`` ≤ 32 inner columns of a
+  block per dot), else a broadcast product (the small CPU block sizes).
 """
 import torch
 import triton
