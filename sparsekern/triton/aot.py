@@ -56,9 +56,10 @@ REGS_PER_BLOCK = 65536
 #: (kernel name, predicate on the variant's constexprs) -> (most spill bytes accepted, stores or
 #: loads, why). A larger spill still fails.
 ALLOWED_SPILLS = {
-    ("_gather_kernel", lambda c: c["BLOCK_K"] * c["BLOCK_N"] == 4096): (
-        20, "ptxas spills 4-20 B in a few hint variants at 64-72 registers (far from its 255, not "
-            "tile pressure); 8 warps (12-28 B) and a 2048-element tile (4 B) spill too (triton 3.9)"),
+    ("_gather_kernel", lambda c: c["ROWS"] == 8): (
+        20, "ptxas spills 4-20 B in a few variants at 40-72 registers (far from its 255, not tile "
+            "pressure; triton 3.6 also in 256 x 1 and 256 x 4 tiles); 8 warps (12-28 B) and a "
+            "2048-element tile (4 B) spill too (triton 3.9)"),
     ("_nm_dot_kernel", lambda c: c["BO"] == 32): (
         20, "ptxas spills 4-20 B in a few N:M patterns at 64-128 registers on 8 warps (4 warps: 8-44 B; "
             "BLOCK_N 32 still 4 B, and expands the weight twice as often) (triton 3.9)"),
