@@ -37,9 +37,9 @@ _ROWS = 8  # output rows per program of the gather kernel (Linear layout: 32-byt
 _MM, _NM, _CONV = 0, 1, 2  # gather-kernel formats (FMT)
 _NM_DOT_ROWS, _NM_DOT_K, _NM_DOT_MAX_M = 32, 64, 128  # N:M tl.dot tile: rows, inputs; largest m
 _NM_DOT_WARPS = 8  # the [BO, BK] weight expansion over 256 threads (4 warps: 128-200 registers, spills)
-# bsr_mm tl.dot: a block's inner side is taken BK = 32 at a time (16 for fp32 FMA dots of 16-row
-# blocks: ptxas spilled their 16 x 32 slices); 8 warps from a 64 x 64 accumulator (32 fp32 a thread)
-# or a 128 x 32 weight slice
+# bsr_mm tl.dot: a block's inner side is taken BK = 32 at a time (16 for fp32 FMA dots: ptxas
+# spilled their 16 x 32 slices, and with triton 3.7 the 128 x 32 ones); 8 warps from a 64 x 64
+# accumulator (32 fp32 a thread) or a 128 x 32 weight slice
 _BSR_DOT_K, _BSR_FMA_K, _BSR_WIDE = 32, 16, 64 * 64
 
 
@@ -318,7 +318,7 @@ def bsr_mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: tor
     precision = _dot_precision(val.dtype) if use_dot else None
     if use_dot:
         block_n = min(max(triton.next_power_of_2(n), 16), _MAX_BLOCK_N)
-        block_k = min(bi_p, _BSR_FMA_K if precision == "ieee" and bo_p == 16 else _BSR_DOT_K)
+        block_k = min(bi_p, _BSR_FMA_K if precision == "ieee" else _BSR_DOT_K)
     else:  # broadcast product [BO, BI, BLOCK_N]: keep it near _TILE elements
         block_n = min(triton.next_power_of_2(n), max(1, _TILE // (bo_p * bi_p)), _MAX_BLOCK_N)
         block_k = bi_p
