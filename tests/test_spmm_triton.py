@@ -403,7 +403,9 @@ def test_fp32_precision_of_either_api(legacy, precision):
         y = formats(w)["bsr16"](x, b, False).cpu()
         launches = recorded(lambda: formats(w)["bsr16"](x, b, False)) + recorded(
             lambda: formats(w)["nm"](x, b, False))
-    torch.testing.assert_close(y, expected(w, x, b, False), atol=2e-2, rtol=2e-2)
+    # tf32 keeps 10 mantissa bits of each input (on a GPU; the interpreter multiplies in fp32)
+    tol = TOL if precision == "ieee" else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y, expected(w, x, b, False), **tol)
     assert [(name, kw.get("PRECISION")) for name, _, kw in launches] == [
         ("_bsr_kernel", precision), ("_nm_dot_kernel" if precision == "tf32" else "_gather_kernel",
                                      precision if precision == "tf32" else None)]
