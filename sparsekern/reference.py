@@ -173,15 +173,16 @@ def power_threshold_backward(grad, w, t, theta=1.0):
 def hard_threshold(w, t, ste=True):
     """``w·1[|w| > t]``; backward dense straight-through (``ste``) or masked (GMP, SPEC §6)."""
     wf = w.float()
-    q = wf * (wf.abs() > broadcast_threshold(t, w))
-    if ste:
-        q = q.detach() + (wf - wf.detach())
-    return q.to(w.dtype)
+    tb = broadcast_threshold(t, w)
+    q = wf * (wf.abs() > tb)
+    passed = torch.ones_like(wf) if ste else ((wf.abs() > tb) | (tb == 0)).float()
+    return (q.detach() + (wf - wf.detach()) * passed).to(w.dtype)
 
 
 def hard_threshold_backward(grad, w, t):
-    """Masked gradient ``grad·1[|w| > t]`` (``ste=False``)."""
-    kept = w.float().abs() > broadcast_threshold(t, w)
+    """Masked gradient ``grad·1[|w| > t or t = 0]`` (``ste=False``; ``t = 0``: nothing pruned yet)."""
+    tb = broadcast_threshold(t, w)
+    kept = (w.float().abs() > tb) | (tb == 0)
     return (grad.float() * kept).to(w.dtype)
 
 

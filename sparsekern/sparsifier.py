@@ -1,4 +1,5 @@
-"""Training API: ``sparsify()`` swaps layers in place, ``Sparsifier`` drives thresholds per step."""
+"""Training API: ``sparsify()`` makes a model's weights sparse in place, ``Sparsifier`` drives them per step."""
+import gc
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
@@ -9,8 +10,10 @@ from torch import Tensor, nn
 import sparsekern as sk
 
 from .losses import AdaptiveSparsityLoss, erf_sparsity
-from .methods import ASL, MagnitudeMethod, MaskMethod, Method, method_class
-from .nn import SPARSE_LAYERS, SparseLayer
+from .methods import ASL, STR, MagnitudeMethod, MaskMethod, Method, method_class
+from .methods.base import FixedMask
+from .nn import SparseWeight, prunable_weights
+from .nn.layers import _State, disable, enable, holders
 
 
 def _check_sparsity(value, name: str = "sparsity") -> float:
@@ -80,27 +83,24 @@ def _check_scope(scope: str | None, method: Method) -> str | None:
     return scope
 
 
-def _swap(model: nn.Module, replace: dict[int, nn.Module]) -> None:
-    """Put ``replace[id(m)]`` wherever module ``m`` is registered in ``model`` (shared ones too)."""
-    for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if id(mod) in replace:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, replace[id(mod)])
-
-
 class Sparsifier:
-    """Drives the sparse layers of one model; returned by ``sparsify()``.
+    """Drives the sparse weights of one model; returned by ``sparsify()``.
 
     Call ``step()`` after every ``optimizer.step()``. Checkpoint ``state_dict()`` next to the
     model's and the optimizer's (thresholds live in the model's state_dict), and resume is exact.
-    ``scope``: see ``sparsify()``; None for learned-threshold methods (STR, ASL). ``scales``: each
-    layer's ``c_l`` in the global quantile (None unless ``scope="global"``). ``sparsity_loss``:
-    ASL's loss over the layers' ``r`` (``loss()``), else None.
+    ``layers``: ``{name: SparseWeight}`` (canonical ``weight``, the method's state,
+    ``effective_weight()``). ``dense``: ``{name: reason}`` of the prunable weights left dense
+    (excluded, or a kind the method cannot prune). ``scope``: see ``sparsify()``; None for
+    learned-threshold methods (STR, ASL). ``scales``: each layer's ``c_l`` in the global quantile
+    (None unless ``scope="global"``). ``sparsity_loss``: ASL's loss over the layers' ``r``
+    (``loss()``), else None.
     """
 
-    def __init__(self, model: nn.Module, method: Method, layers: dict[str, nn.Module],
+    def __init__(self, model: nn.Module, method: Method, layers: dict[str, SparseWeight],
                  schedule: Callable[[int], float] | None, final_sparsity: float | None, scope: str | None = None,
-                 sparsity_loss: AdaptiveSparsityLoss | None = None):
+                 sparsity_loss: AdaptiveSparsityLoss | None = None, *, min_density: float | None = None,
+                 dense: dict[str, str] | None = None, dense_weights: dict[str, Tensor] | None = None,
+                 holders: dict[str, list[tuple[nn.Module, str]]] | None = None):
         self.scope = _check_scope(scope, method)
         self.model, self.method, self.layers = model, method, layers
         self.sparsity_loss = sparsity_loss
@@ -108,9 +108,15 @@ class Sparsifier:
         self.r = {name: m.r for name, m in layers.items()} if isinstance(method, ASL) else {}
         self.schedule, self.final_sparsity = schedule, final_sparsity
         self.scales = [method.scale(m) for m in layers.values()] if self.scope == "global" else None
+        self.min_density = min_density
+        self.dense = dict(dense or {})
+        self._dense_weights = dict(dense_weights or {})
+        self._holders = holders or {name: [(sw.module, sw.pname)] for name, sw in layers.items()}
         self.step_count = 0
-        self._finalized = False
-        self._update()
+        self._finalized = self._frozen = False
+        self._dead: set[str] = set()  # layers already warned about (100 % sparse)
+        self._pending = None  # (flags on the host, CUDA event) of the last step's dead-layer check
+        self._update(0)
 
     def target(self, step: int | None = None) -> float | None:
         """Target sparsity at ``step`` (default: now); ASL: the requested sparsity (``sparsify``'s
@@ -125,43 +131,116 @@ class Sparsifier:
     def step(self) -> None:
         """Advance one optimizer step and recompute the thresholds from the updated weights:
         one selection call over all layers, results copied into the ``threshold`` buffers on
-        the weights' device. No host sync, so on accelerators a NaN weight is not raised here:
-        it makes the thresholds NaN (on CPU: ``FloatingPointError`` naming its index in ``layers``).
-        STARFIRE/N:M (``MaskMethod.update``): masks rebuilt in the era, frozen after it, pruned
-        weights zeroed in place (so call it after every ``optimizer.step()``)."""
+        the weights' device. No host sync (unless ``min_density`` is set), so on accelerators a
+        NaN weight is not raised here: it makes the thresholds NaN (on CPU: ``FloatingPointError``
+        naming its index in ``layers``). STARFIRE/N:M (``MaskMethod.update``): masks rebuilt in the
+        era, frozen after it, pruned weights zeroed in place (so call it after every
+        ``optimizer.step()``); after ``freeze()``: pruned weights zeroed in place. A step that
+        raises leaves the Sparsifier at the step it was."""
         if self._finalized:
             raise RuntimeError("Sparsifier.step() after finalize()")
+        self._update(self.step_count + 1)
         self.step_count += 1
-        self._update()
 
     @torch.no_grad()
-    def _update(self) -> None:
+    def _update(self, step: int) -> None:
+        layers = list(self.layers.values())
+        if self._frozen:
+            for sw in layers:
+                sw.weight.masked_fill_(~sw.mask, 0)
+            return
         if isinstance(self.method, MaskMethod):
-            self.method.update(list(self.layers.values()), self.step_count, self.target())
+            self.method.update(layers, step, self.target(step))
             return
         if not isinstance(self.method, MagnitudeMethod):
             return
-        layers = list(self.layers.values())
-        weights = [m.weight for m in layers]
-        s = self.target()
+        weights = [sw.param for sw in layers]
+        s = self.target(step)
         check_nan = weights[0].device.type == "cpu"  # reading the NaN flag back is free only there
         if s == 0.0:  # t = 0 keeps every nonzero (the quantile would prune the smallest |w|)
             thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
         elif self.scope == "global":
-            T = sk.global_magnitude_threshold(weights, s, scales=self.scales, check_nan=check_nan)
-            thresholds = [T if c == 1.0 else T / c for c in self.scales]
+            thresholds = self._global_thresholds(weights, s, check_nan)
         else:
+            if self.min_density is not None:
+                s = min(s, 1.0 - self.min_density)
             thresholds = sk.magnitude_thresholds(weights, s, check_nan=check_nan).unbind()
-        for layer, t in zip(layers, thresholds):
-            self.method.set_threshold(layer, t)
+        for sw, t in zip(layers, thresholds):
+            self.method.set_threshold(sw, t)
+        if s > 0.0:
+            self._check_dead(torch.stack([w.detach().abs().amax().float() <= t.to(w.device) if w.numel() else
+                                          torch.ones((), dtype=torch.bool, device=w.device)
+                                          for w, t in zip(weights, thresholds)]))
+
+    def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
+        """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers
+        that ``T`` would leave below density ``d`` are held at their own quantile ``1 − d`` and ``T``
+        is the quantile of the others at the sparsity that keeps the model-wide target (repeated
+        until no layer falls below ``d``: each round only adds held layers)."""
+        scales = self.scales
+        T = lambda idx, q: sk.global_magnitude_threshold([weights[i] for i in idx], q,  # noqa: E731
+                                                         scales=[scales[i] for i in idx], check_nan=check_nan)
+        if self.min_density is None:
+            t = T(range(len(weights)), s)
+            return [t if c == 1.0 else t / c for c in scales]
+        d = self.min_density
+        floor = sk.magnitude_thresholds(weights, 1.0 - d, check_nan=check_nan)
+        floor_host = floor.tolist()
+        n = [w.numel() for w in weights]
+        held: set[int] = set()
+        while True:
+            rest = [i for i in range(len(weights)) if i not in held]
+            if not rest:
+                return list(floor.unbind())
+            q = (s * sum(n) - (1.0 - d) * sum(n[i] for i in held)) / sum(n[i] for i in rest)
+            if q >= 1.0:
+                held.update(rest)
+                continue
+            t = T(rest, max(q, 0.0))
+            t_host = t.item()
+            new = [i for i in rest if t_host / scales[i] > floor_host[i]]
+            if not new:
+                out = list(floor.unbind())
+                for i in rest:
+                    out[i] = t if scales[i] == 1.0 else t / scales[i]
+                return out
+            held.update(new)
+
+    def _check_dead(self, flags: Tensor) -> None:
+        """Warn once per layer that is 100 % pruned. CPU: now; accelerators: the flags are copied
+        to the host without a sync and read at the next step."""
+        if flags.device.type == "cpu":
+            self._warn_dead(flags.tolist())
+            return
+        if self._pending is not None:
+            host, event = self._pending
+            event.synchronize()
+            self._warn_dead(host.tolist())
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event() if flags.device.type == "cuda" else None
+        if event is None:
+            self._pending = None
+            self._warn_dead(host.tolist())
+            return
+        event.record()
+        self._pending = (host, event)
+
+    def _warn_dead(self, flags: list[bool]) -> None:
+        dead = [name for name, f in zip(self.layers, flags) if f and name not in self._dead]
+        if dead:
+            self._dead.update(dead)
+            warnings.warn(f"sparsekern: {len(dead)} layer(s) are 100 % pruned (all weights zero): {dead}. "
+                          "sparsify(..., min_density=d) keeps at least a fraction d of every layer, or exclude= them",
+                          UserWarning, stacklevel=4)
 
     def loss(self) -> Tensor:
         """The sparsity loss to add to the task loss (0-d): ASL's ``AdaptiveSparsityLoss`` over
-        the layers' ``r`` (SPEC §4); a constant 0 for methods without one."""
+        the layers' ``r`` (SPEC §4); a constant 0 for methods without one and after ``freeze()``."""
         if self._finalized:
             raise RuntimeError("Sparsifier.loss() after finalize()")
-        if self.sparsity_loss is None:
-            return torch.zeros((), device=next(iter(self.layers.values())).weight.device)
+        if self.sparsity_loss is None or self._frozen:
+            return torch.zeros((), device=next(iter(self.layers.values())).param.device)
         return self.sparsity_loss(list(self.r.values()))
 
     def param_groups(self, model_or_params: "nn.Module | Iterable[Tensor]", lr: float,
@@ -182,52 +261,110 @@ class Sparsifier:
             groups.append({"params": list(learned.values()), "lr": lr / 100.0, "weight_decay": 0.0})
         return groups
 
+    def _effective(self, sw: SparseWeight) -> Tensor:
+        return sw.param if self._finalized else sw.effective_weight()
+
     @torch.no_grad()
     def sparsity(self) -> dict:
         """Attained sparsity (fraction of exact zeros in the effective weights):
-        ``{"overall": float, "layers": {name: float}}``. ASL adds ``"modelled"``, the same form
+        ``{"overall": float, "layers": {name: float}, "model": float, "dense": [names], "dead": [names]}``.
+        ``overall``: over the sparsified weights; ``model``: over **every** prunable weight of the
+        model, those left dense included (``dense``: their names; ``Sparsifier.dense`` says why);
+        ``dead``: sparsified weights that are 100 % zero. ASL adds ``"modelled"``, the same form
         with ``erf(r/√2)`` per layer (mean over channels) and their weight-count-weighted mean
         overall: the Gaussian model the loss optimises, which the attained sparsity only
         approximates (SPEC §4). Works after ``finalize()`` too."""
         zeros, total, per_layer = 0, 0, {}
-        for name, m in self.layers.items():
-            w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
+        for name, sw in self.layers.items():
+            w = self._effective(sw)
             z = int((w == 0).sum())
             per_layer[name] = z / max(w.numel(), 1)
             zeros, total = zeros + z, total + w.numel()
-        report = {"overall": zeros / max(total, 1), "layers": per_layer}
+        dense_zeros = sum(int((w == 0).sum()) for w in self._dense_weights.values())
+        dense_total = sum(w.numel() for w in self._dense_weights.values())
+        report = {"overall": zeros / max(total, 1), "layers": per_layer,
+                  "model": (zeros + dense_zeros) / max(total + dense_total, 1), "dense": list(self.dense),
+                  "dead": [n for n, f in per_layer.items() if f == 1.0 and self.layers[n].param.numel()]}
         if self.r:
             modelled = {name: erf_sparsity(r).item() for name, r in self.r.items()}
-            sizes = {name: m.weight.numel() for name, m in self.layers.items()}
+            sizes = {name: sw.param.numel() for name, sw in self.layers.items()}
             report["modelled"] = {"overall": sum(modelled[n] * sizes[n] for n in sizes) / max(total, 1),
                                   "layers": modelled}
         return report
 
+    @torch.no_grad()
+    def _bake(self) -> dict[str, Tensor]:
+        """Write each effective weight into its Parameter (in place: ties and optimizers keep
+        it) and drop the method's state; returns the canonical masks ``effective != 0``."""
+        effective = {name: sw.effective_weight().detach().clone() for name, sw in self.layers.items()}
+        masks = {}
+        for name, sw in self.layers.items():
+            sw.weight.copy_(effective[name])
+            masks[name] = effective[name] != 0
+            sw.drop_state()
+            for mod, pname in self._holders[name]:
+                disable(mod, pname)
+        return masks
+
+    def freeze(self) -> "Sparsifier":
+        """End pruning, keep fine-tuning with the mask fixed (ST-3's authors' last epochs): the
+        effective weights are written into the Parameters, each layer's state becomes a bool
+        ``mask`` (``effective != 0``), pruned weights get zero gradient and ``step()`` keeps them
+        exactly 0. Checkpoints: ``weight``, ``bias``, ``mask``; to resume, ``sparsify`` the fresh
+        model the same way, call ``freeze()``, then load the model's and the Sparsifier's state.
+        STR's ``s`` / ASL's ``r`` leave the model (``loss()`` is 0). Returns ``self``."""
+        if self._finalized:
+            raise RuntimeError("Sparsifier.freeze() after finalize()")
+        if self._frozen:
+            raise RuntimeError("Sparsifier.freeze(): already frozen")
+        masks = self._bake()
+        method = FixedMask()
+        layers = {}
+        for name, sw in self.layers.items():
+            new = SparseWeight(sw.module, sw.pname, sw.name, sw.transposed, method)
+            new.register_buffer("mask", masks[name])
+            for mod, pname in self._holders[name]:
+                enable(mod, pname, new)
+            layers[name] = new
+        self.layers, self._frozen = layers, True
+        return self
+
     def finalize(self) -> nn.Module:
-        """Replace every sparse layer by plain ``nn.Conv2d``/``nn.Linear`` with the effective
-        weight baked in (same outputs); returns the model. ``step()`` is refused afterwards."""
-        dense = {id(m): m.to_dense() for m in self.layers.values() if isinstance(m, SparseLayer)}
-        _swap(self.model, dense)
-        self.layers = {name: dense.get(id(m), m) for name, m in self.layers.items()}
-        self._finalized = True
+        """Write every effective weight into its Parameter (in place: tied weights stay tied, an
+        optimizer keeps them), drop the method's state and give every module its own class back:
+        a plain model with the zeros baked in (same outputs); returns it. ``step()`` is refused
+        afterwards."""
+        if not self._finalized:
+            self._bake()
+            self._finalized = True
         return self.model
 
     def state_dict(self) -> dict:
-        return {"method": self.method.name, "scope": self.scope, "step": self.step_count}
+        return {"method": self.method.name, "scope": self.scope, "step": self.step_count, "frozen": self._frozen}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the step counter (the thresholds come with the model's state_dict). Method and
-        scope must match (a checkpoint without ``scope`` predates it: per-layer for magnitude methods)."""
+        """Restore the step counter (the thresholds come with the model's state_dict). Method,
+        scope and frozen-ness must match (a checkpoint without ``scope`` predates it: per-layer for
+        magnitude methods; one without ``frozen`` was not frozen)."""
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"state_dict must be a dict from Sparsifier.state_dict(), got {state!r}")
         if state.get("method") != self.method.name:
             raise ValueError(f"state_dict is for method {state.get('method')!r}, this Sparsifier runs {self.method.name!r}")
         scope = state.get("scope", "layer" if isinstance(self.method, MagnitudeMethod) else None)
         if scope != self.scope:
             raise ValueError(f"state_dict is for scope {scope!r}, this Sparsifier runs {self.scope!r}")
-        self.step_count = int(state["step"])
+        if bool(state.get("frozen", False)) != self._frozen:
+            raise ValueError(f"state_dict frozen={state.get('frozen', False)}, this Sparsifier frozen={self._frozen}: "
+                             "call freeze() before loading a frozen checkpoint (and before the model's state_dict)")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"state_dict step must be an int >= 0, got {step!r}")
+        self.step_count = int(step)
 
     def __repr__(self) -> str:
+        state = "finalized" if self._finalized else "frozen" if self._frozen else f"target={self.target()}"
         return (f"Sparsifier(method={self.method.name}, layers={len(self.layers)}, step={self.step_count}, "
-                f"target={self.target()}, scope={self.scope})")
+                f"{state}, scope={self.scope})")
 
 
 def _excluded(exclude, model: nn.Module) -> Callable[[str, nn.Module], bool]:
@@ -241,12 +378,76 @@ def _excluded(exclude, model: nn.Module) -> Callable[[str, nn.Module], bool]:
     return lambda name, _: any(name == n or name.startswith(n + ".") for n in names)
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_weight(name: str, p: Tensor) -> None:
+    """The checks a weight passes before anything is changed (SPEC §0)."""
+    if isinstance(p, nn.parameter.UninitializedParameter):
+        raise ValueError(f"weight {name!r} is uninitialized (a lazy module): run a forward before sparsify()")
+    if p.dtype not in _DTYPES:
+        raise TypeError(f"weight {name!r} is {p.dtype}; sparsekern trains float32, float16 or bfloat16 weights")
+    if p.is_meta:
+        raise ValueError(f"weight {name!r} is on the meta device: materialise the model before sparsify()")
+    if p.numel() and not bool(torch.isfinite(p).all()):
+        raise FloatingPointError(f"weight {name!r} has NaN or infinite values")
+
+
+def _wrapped_by_ddp(params: list[Tensor]) -> bool:
+    """Whether a live ``DistributedDataParallel`` already holds one of ``params`` (it registered its
+    parameters when built, so Parameters added now would not be synchronised)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+    ids = {id(p) for p in params}
+    return any(isinstance(o, DistributedDataParallel) and any(id(p) in ids for p in o.module.parameters())
+               for o in gc.get_objects())
+
+
+class _FirstForward:
+    """Hooks on the model's first eager forward: warn about sparse weights it never read
+    through their module attribute (used another way, they would run dense)."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, SparseWeight]):
+        self.layers = layers
+        self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
+
+    def pre(self, module, args) -> None:
+        if not torch.compiler.is_compiling() and _State.reads is None:
+            _State.reads = set()
+
+    def post(self, module, args, out) -> None:
+        if torch.compiler.is_compiling() or _State.reads is None:
+            return
+        unread = [name for name, sw in self.layers.items() if id(sw) not in _State.reads
+                  and sw.module.__dict__.get("_sparsekern", {}).get(sw.pname) is sw]
+        _State.reads = None
+        for h in self.handles:
+            h.remove()
+        if unread:
+            warnings.warn(f"sparsekern: the first forward did not read these sparse weights through their module "
+                          f"attribute: {unread}. If the model uses them another way (module._parameters, a reference "
+                          "kept from before sparsify()), that use runs DENSE; if they are just unused in this forward, "
+                          "ignore this.", UserWarning, stacklevel=2)
+
+
 def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
              schedule: Callable[[int], float] | None = None,
-             exclude: Iterable[str] | Callable[[str, nn.Module], bool] = (), scope: str | None = None,
-             **options) -> Sparsifier:
-    """Swap every ``nn.Conv2d``/``nn.Linear`` of ``model`` (exact types; subclasses are left
-    alone) in place for its sparse layer, and return the ``Sparsifier`` that drives them.
+             exclude: Iterable[str] | Callable[[str, nn.Module], bool] = (),
+             include: Callable[[str, nn.Module], bool] | None = None, scope: str | None = None,
+             min_density: float | None = None, **options) -> Sparsifier:
+    """Make the weights of ``model`` sparse under ``method``, in place, and return the ``Sparsifier``
+    that drives them (docs/sparsify.md). Atomic: on any error the model is exactly as it was.
+
+    What is pruned: by default every ``nn.Linear`` (subclasses included), ``nn.Conv1d/2d/3d``
+    (grouped, depthwise), ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``;
+    its ``out_proj`` is a Linear) and transformers' ``Conv1D`` weight — never biases, norms or
+    embeddings; a Parameter tied to a pruned one (GPT-2's embedding = ``lm_head``) is pruned once
+    and every holder reads the same sparse weight. Each Parameter stays where it is (same object,
+    state_dict key ``weight``); its modules read the effective weight through their attribute, so
+    functional use (``F.linear(x, mod.weight)``, MHA) is sparse too. Weights a method cannot prune
+    stay dense with one warning listing them (``Sparsifier.dense``).
 
     method: ``"str"``, ``"st3"``, ``"st3_sigma"``, ``"feather"``, ``"gmp"``, ``"asl"``,
       ``"starfire"``, ``"nm"`` (SPEC §1–6); ``options`` go to it (STR: s_init, activation,
@@ -263,29 +464,48 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     schedule: callable step → target sparsity, e.g. ``CubicSchedule``; None = ``sparsity`` from
       step 0. Magnitude methods need ``sparsity`` or ``schedule``. STARFIRE and N:M ramp over their
       ``era`` instead (no ``schedule``/``scope``).
-    exclude: module names (a name excludes its whole subtree) or a predicate ``(name, module) →
-      bool``, e.g. ``lambda n, m: m.weight.numel() < 1000`` (ASL's authors skip layers with
-      fewer than 1000 weights).
+    exclude: module names (a name excludes its whole subtree; a tied Parameter is excluded when
+      any module holding it is) or a predicate ``(name, module) → bool``, e.g.
+      ``lambda n, m: m.weight.numel() < 1000`` (ASL's authors skip layers with fewer than 1000 weights).
+    include: None (the kinds above) or a predicate ``(name, module) → bool`` over every module
+      replacing that choice; a picked module of another kind (e.g. ``nn.Embedding``) contributes its
+      ≥ 2-D ``weight``.
     scope: where magnitude methods choose the threshold. ``"global"``: one exact quantile ``T``
       of ``|w|·c_l`` over all chosen layers, ``t_l = T / c_l`` (``c_l = 1``; ST-3σ: sqrt(sum of
       W_l's shape)), so layers end with different sparsities and the model meets the target;
       ``"layer"``: each layer meets the target (not for ``st3_sigma``). None = the paper's
       choice: ``"global"`` for st3, st3_sigma, feather; ``"layer"`` for gmp (uniform GMP).
       Ignored, with a warning, by ``str``.
-    The weight/bias Parameters are reused, so an existing optimizer still holds them; STR's new
+    min_density: magnitude methods only; None or d in [0, 1): every layer keeps at least a
+      fraction ``d`` of its weights — per layer the target is capped at ``1 − d``; globally, layers
+      that ``T`` would take below ``d`` are held at their own ``1 − d`` quantile and the others share
+      the rest of the model-wide target exactly (one host sync per step). Without it a layer can be
+      pruned to 100 %: ``step()`` then warns, naming it.
+    The weight/bias Parameters are kept, so an existing optimizer still holds them; STR's new
     ``s`` Parameters must be added to the optimizer (with weight decay), ASL's ``r`` too (at lr/100
-    without weight decay: ``Sparsifier.param_groups``).
+    without weight decay: ``Sparsifier.param_groups``). Under DDP: ``sparsify`` first, then wrap
+    (a model already in ``DistributedDataParallel`` is refused for str/asl, whose new Parameters
+    DDP would not synchronise).
     """
     cls = method_class(method)
     if sparsity is not None:
         sparsity = _check_sparsity(sparsity)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be callable step -> sparsity, got {type(schedule).__name__}")
+    if include is not None and not callable(include):
+        raise TypeError(f"include must be a predicate (name, module) -> bool, got {type(include).__name__}")
     scheduled_final = getattr(schedule, "final_sparsity", None)
     if None not in (sparsity, scheduled_final) and sparsity != scheduled_final:
         raise ValueError(f"sparsity={sparsity} disagrees with schedule.final_sparsity={scheduled_final}")
     final = sparsity if sparsity is not None else scheduled_final
     magnitude, masked = issubclass(cls, MagnitudeMethod), issubclass(cls, MaskMethod)
+    if min_density is not None:
+        if not magnitude:
+            raise ValueError(f"min_density applies to the magnitude methods (st3, st3_sigma, feather, gmp), "
+                             f"not {method!r}")
+        min_density = _check_sparsity(min_density, "min_density")
+        if min_density == 1.0:
+            raise ValueError("min_density must be < 1 (1 would prune nothing)")
     if magnitude and sparsity is None and schedule is None:
         raise ValueError(f"method {method!r} needs a target: pass sparsity= or schedule=")
     if masked and (schedule is not None or scope is not None):
@@ -306,24 +526,61 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
         final = meth.final_sparsity
         schedule = _RAMPS[meth.ramp](*meth.era, final)
 
-    if type(model) in SPARSE_LAYERS:
-        raise ValueError("model is itself a Conv2d/Linear and cannot be swapped in place; wrap it, "
-                         "e.g. nn.Sequential(model)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+        raise ValueError(f"model is a {type(model).__name__}: call sparsify(model) before wrapping it "
+                         "(then wrap the sparsified model)")
     skip = _excluded(exclude, model)
-    found: dict[int, tuple[str, nn.Module, bool]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if type(mod) in SPARSE_LAYERS:
-            first, _, excluded = found.get(id(mod), (name, mod, False))
-            found[id(mod)] = (first, mod, excluded or bool(skip(name, mod)))
-    if not found:
-        raise ValueError("model has no nn.Conv2d or nn.Linear layer to sparsify")
-    chosen = [(name, mod) for name, mod, excluded in found.values() if not excluded]
+    candidates = prunable_weights(model, include)
+    if not candidates:
+        raise ValueError("model has no weight to sparsify (Linear, Conv1d/2d/3d, MultiheadAttention, Conv1D)")
+    chosen, dense, dense_weights, where = [], {}, {}, {}
+    for name, mod, pname, transposed in candidates:
+        p = mod._parameters[pname]
+        where[name] = holders(model, p)
+        if any(skip(mname, m) for mname, m, _ in where[name]):
+            dense[name], dense_weights[name] = "excluded", p
+            continue
+        _check_weight(name, p)
+        w = p.t() if transposed else p
+        reason = meth.unsupported(w)
+        if reason is not None:
+            dense[name], dense_weights[name] = f"{meth.name}: {reason}", p
+            continue
+        chosen.append(SparseWeight(mod, pname, name, transposed, meth))
     if not chosen:
-        raise ValueError("every nn.Conv2d/nn.Linear of the model is excluded")
+        raise ValueError(f"every prunable weight of the model is left dense: {dense}")
+    unsupported = {n: r for n, r in dense.items() if r != "excluded"}
+    if unsupported:
+        warnings.warn(f"sparsify: {len(unsupported)} weight(s) stay dense, the method cannot prune them: "
+                      f"{unsupported}", UserWarning, stacklevel=2)
+    if isinstance(meth, (STR, ASL)) and _wrapped_by_ddp([sw.param for sw in chosen]):
+        raise ValueError(f"model is already wrapped in DistributedDataParallel: method {meth.name!r} adds learned "
+                         "Parameters that DDP would not synchronise; call sparsify(model) first, then wrap it")
+    pairs = [(sw.name, sw) for sw in chosen]
     if isinstance(meth, MaskMethod):
-        chosen = meth.select(chosen)
-    # built before the swap: a bad loss option leaves the model untouched
-    loss = meth.make_loss(model, dict(chosen)) if isinstance(meth, ASL) else None
-    layers = {name: SPARSE_LAYERS[type(mod)].from_dense(mod, meth) for name, mod in chosen}
-    _swap(model, {id(mod): layers[name] for name, mod in chosen})
-    return Sparsifier(model, meth, layers, schedule, final, scope, loss)
+        meth.select(pairs)
+    # built before any change: a bad loss option leaves the model untouched
+    loss = meth.make_loss(model, dict(pairs)) if isinstance(meth, ASL) else None
+    layer_holders = {sw.name: [(m, pn) for _, m, pn in where[sw.name]] for sw in chosen}
+    done: list[SparseWeight] = []
+    try:
+        for sw in chosen:
+            done.append(sw)
+            meth.init_state(sw)
+            for mod, pname in layer_holders[sw.name]:
+                enable(mod, pname, sw)
+        sp = Sparsifier(model, meth, dict(pairs), schedule, final, scope, loss, min_density=min_density,
+                        dense=dense, dense_weights=dense_weights, holders=layer_holders)
+    except BaseException:
+        for sw in done:  # undo: no state, own classes (weights are changed only by a Sparsifier step)
+            for name in list(sw.state):
+                if hasattr(sw.module, sw.prefix + name):
+                    delattr(sw.module, sw.prefix + name)
+            sw.state.clear()
+            for mod, pname in layer_holders[sw.name]:
+                disable(mod, pname)
+        raise
+    _FirstForward(model, sp.layers)
+    return sp

@@ -14,7 +14,6 @@ import sparsekern as sk
 from sparsekern.losses import AdaptiveSparsityLoss, erf_sparsity
 from sparsekern.methods import ASL
 from sparsekern.methods.asl import initial_r
-from sparsekern.nn import SparseConv2d, SparseLinear
 from utils import synthetic_images
 
 
@@ -189,7 +188,8 @@ def test_r_init_and_default_budget(s):
     model = _net()
     sp = sk.sparsify(model, "asl", sparsity=s)
     assert list(sp.layers) == LAYERS and sp.target() == s and sp.scope is None
-    assert [type(m) for m in sp.layers.values()] == [SparseConv2d] * 3 + [SparseLinear]
+    assert [type(m).__name__ for m in model if m in {sw.module for sw in sp.layers.values()}] == \
+        ["SparsifiedConv2d"] * 3 + ["SparsifiedLinear"]
     for m in sp.layers.values():
         assert isinstance(m.r, nn.Parameter) and m.r.shape == () and m.r.dtype == torch.float32
         assert math.erf(m.r.item() / math.sqrt(2)) == pytest.approx(0.6 * s, abs=1e-6)  # √2·erfinv(0.6 s)
@@ -297,7 +297,8 @@ def test_sparsity_reports_attained_and_modelled():
     with torch.no_grad():
         model[2].r.copy_(torch.linspace(-0.5, 2.0, 32))
     rep = sp.sparsity()
-    assert set(rep) == {"overall", "layers", "modelled"} and set(rep["modelled"]) == {"overall", "layers"}
+    assert set(rep) == {"overall", "layers", "model", "dense", "dead", "modelled"}
+    assert set(rep["modelled"]) == {"overall", "layers"}
     zeros = 0
     for name, m in sp.layers.items():
         w = m.effective_weight()
@@ -335,7 +336,7 @@ def test_finalize_bakes_the_hard_threshold():
     assert before["overall"] > 0.3
     effective = {name: m.effective_weight().detach() for name, m in sp.layers.items()}
     assert sp.finalize() is model
-    assert {type(m) for m in sp.layers.values()} == {nn.Conv2d, nn.Linear}
+    assert {type(sw.module) for sw in sp.layers.values()} == {nn.Conv2d, nn.Linear}
     assert set(model.state_dict()) == {f"{i}.{k}" for i in LAYERS for k in ("weight", "bias")}
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in effective.items())
     with torch.no_grad():
@@ -373,7 +374,7 @@ def test_resume_mid_training_is_bit_identical(one_thread):
     assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b))
     sa, sb = model.state_dict(), fresh.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert sp2.state_dict() == sp.state_dict() == {"method": "asl", "scope": None, "step": 8}
+    assert sp2.state_dict() == sp.state_dict() == {"method": "asl", "scope": None, "step": 8, "frozen": False}
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ OPS = ["str", "st3", "feather", "gmp"]  # one per forward op (st3_sigma's forwar
 def _prune_half(layer):
     """Put the method's threshold at ≈ the median |w| so the layer really prunes."""
     with torch.no_grad():
-        t = layer.weight.detach().abs().float().median()
+        t = layer.raw_weight.detach().abs().float().median()
         if hasattr(layer, "threshold"):
             layer.threshold.fill_(t)
         else:  # STR: sigmoid(s) = t
@@ -37,13 +37,15 @@ def _dense_conv(**kw):
 def test_conv_from_dense_to_dense_round_trip(method):
     dense = _dense_conv()
     layer = SparseConv2d.from_dense(dense, method)
-    assert layer.weight is dense.weight and layer.bias is dense.bias  # shared, so old optimizers still work
+    assert layer.raw_weight is dense.weight and layer.bias is dense.bias  # shared, so old optimizers still work
+    assert list(layer.parameters())[0] is dense.weight
     for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                  "padding_mode"):
         assert getattr(layer, attr) == getattr(dense, attr)
     _prune_half(layer)
     x = torch.randn(2, 4, 9, 9)
     w = layer.effective_weight()
+    assert torch.equal(layer.weight, w)  # the attribute is the effective weight, so functional use is sparse too
     assert w.shape == dense.weight.shape and (w == 0).float().mean() >= 0.4
     y = layer(x)
     torch.testing.assert_close(y, F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, dense.bias, 2, 0, 1, 2),
@@ -101,7 +103,7 @@ def test_method_state_layout():
 def test_keeps_dtype_and_state_stays_fp32(method, dtype):
     dense = nn.Linear(8, 4).to(dtype)
     layer = SparseLinear.from_dense(dense, method)
-    assert layer.weight.dtype == dtype and getattr(layer, STATE[method]).dtype == torch.float32
+    assert layer.raw_weight.dtype == dtype and getattr(layer, STATE[method]).dtype == torch.float32
     _prune_half(layer)
     y = layer(torch.randn(3, 8, dtype=dtype))
     assert y.dtype == dtype
@@ -131,7 +133,7 @@ def test_gradients_follow_the_method():
         layer(x).sum().backward()
         pruned = layer.effective_weight().detach() == 0
         dense_grad = torch.ones(4, 8).t() @ x  # ∂(sum of outputs)/∂W, shared by every method
-        grads[method] = (layer.weight.grad, pruned, dense_grad)
+        grads[method] = (layer.raw_weight.grad, pruned, dense_grad)
         if method == "str":
             assert layer.s.grad is not None and layer.s.grad.item() != 0
     g, pruned, dense = grads["str"]
@@ -168,7 +170,7 @@ def test_st3_sigma_forward_is_st3():
 
 def test_st3_zero_threshold_is_identity():
     layer = SparseConv2d.from_dense(_dense_conv(), "st3")
-    assert torch.equal(layer.effective_weight(), layer.weight)
+    assert torch.equal(layer.effective_weight(), layer.raw_weight)
 
 
 def _net(method, **opts):
@@ -251,4 +253,4 @@ def test_one_method_instance_serves_many_layers():
     meth = make_method("str", activation="exp")
     a, b = SparseLinear(3, 2, method=meth), SparseLinear(5, 4, method=meth)
     assert a.method is b.method and a.s is not b.s
-    assert torch.equal(a.effective_weight(), sk.str_threshold(a.weight, a.s, activation="exp"))
+    assert torch.equal(a.effective_weight(), sk.str_threshold(a.raw_weight, a.s, activation="exp"))

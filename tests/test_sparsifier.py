@@ -186,9 +186,10 @@ def test_nan_weight_raises_on_cpu(scope):
     model = _net()
     sp = sparsify(model, "gmp", sparsity=0.5, scope=scope)
     with torch.no_grad():
-        model[2].weight[0, 0, 0, 0] = math.nan
+        sp.layers["2"].param[0, 0, 0, 0] = math.nan  # the raw weight (model[2].weight is the effective one)
     with pytest.raises(FloatingPointError, match=r"tensors\[1\]"):
         sp.step()
+    assert sp.step_count == 0  # a step that raises does not advance
 
 
 def test_sparsity_report_and_zero_target():
@@ -196,7 +197,8 @@ def test_sparsity_report_and_zero_target():
     sp = sparsify(model, "st3", sparsity=0.0)
     assert all(torch.equal(m.effective_weight(), m.weight) for m in sp.layers.values())  # identity
     rep = sp.sparsity()
-    assert set(rep) == {"overall", "layers"} and set(rep["layers"]) == {"0", "2", "6"} and rep["overall"] == 0.0
+    assert set(rep) == {"overall", "layers", "model", "dense", "dead"} and set(rep["layers"]) == {"0", "2", "6"}
+    assert rep["overall"] == rep["model"] == 0.0 and rep["dense"] == rep["dead"] == []
     sp = sparsify(_net(), "gmp", sparsity=1.0)
     assert sp.sparsity()["overall"] == 1.0
 
@@ -208,13 +210,16 @@ def test_sparsify_swaps_in_place_and_shares_parameters():
     params = list(model.parameters())
     opt = _optimizer(model)  # built before the swap: must still train the sparse layers
     sp = sparsify(model, "gmp", sparsity=0.5)
-    assert [type(m) for m in model] == [SparseConv2d, nn.ReLU, SparseConv2d, nn.ReLU, nn.AdaptiveAvgPool2d,
-                                        nn.Flatten, SparseLinear]
+    modules = list(model)
+    assert [type(m).__name__ for m in model] == ["SparsifiedConv2d", "ReLU", "SparsifiedConv2d", "ReLU",
+                                                 "AdaptiveAvgPool2d", "Flatten", "SparsifiedLinear"]
+    assert all(isinstance(m, type(d)) for m, d in zip(model, _net()))  # subclasses of their own classes
     assert list(model.parameters()) == params and list(sp.layers) == ["0", "2", "6"]
-    before = model[0].weight.detach().clone()
+    before = sp.layers["0"].param.detach().clone()
     F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
-    assert not torch.equal(model[0].weight, before)
+    assert not torch.equal(sp.layers["0"].param, before)
+    assert torch.equal(model[0].weight, sp.layers["0"].effective_weight())
     assert set(model.state_dict()) == {f"{i}.{k}" for i in "026" for k in ("weight", "bias", "threshold")}
 
 
@@ -226,12 +231,13 @@ def test_exclude_shared_and_subclassed_modules():
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), shared, nn.ReLU(), shared,
                           MyLinear(4, 4), nn.Linear(4, 4))
     sp = sparsify(model, "st3", sparsity=0.5, exclude=["0.1", "5"])
-    assert type(model[0][0]) is SparseLinear and type(model[0][1]) is nn.Linear and type(model[5]) is nn.Linear
-    assert type(model[1]) is SparseLinear and model[1] is model[3]  # weight tying survives
-    assert type(model[4]) is MyLinear  # subclasses may have their own forward: left alone
-    assert list(sp.layers) == ["0.0", "1"]
+    assert type(model[0][0]).__name__ == "SparsifiedLinear" and type(model[0][1]) is nn.Linear
+    assert type(model[5]) is nn.Linear
+    assert type(model[1]).__name__ == "SparsifiedLinear" and model[1] is model[3]  # sharing survives
+    assert type(model[4]).__name__ == "SparsifiedMyLinear" and isinstance(model[4], MyLinear)  # subclasses too
+    assert list(sp.layers) == ["0.0", "1", "4"] and sp.dense == {"0.1": "excluded", "5": "excluded"}
     sp.finalize()
-    assert type(model[1]) is nn.Linear and model[1] is model[3]
+    assert type(model[1]) is nn.Linear and model[1] is model[3] and type(model[4]) is MyLinear
 
     model = _net()
     sp = sparsify(model, "gmp", sparsity=0.5, exclude="0")  # a single name, not its characters
@@ -286,7 +292,15 @@ def test_load_state_dict_of_another_method_or_scope():
     with pytest.raises(ValueError, match="scope 'layer'"):  # checkpoints without a scope were per layer
         sp.load_state_dict({"method": "st3", "step": 3})
     sp.load_state_dict({"method": "st3", "scope": "global", "step": 3})
-    assert sp.state_dict() == {"method": "st3", "scope": "global", "step": 3}
+    assert sp.state_dict() == {"method": "st3", "scope": "global", "step": 3, "frozen": False}
+    for bad in (-5, 3.7, True, "3"):
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            sp.load_state_dict({"method": "st3", "scope": "global", "step": bad})
+    with pytest.raises(ValueError, match="from Sparsifier.state_dict"):
+        sp.load_state_dict({"method": "st3"})
+    with pytest.raises(ValueError, match="call freeze"):
+        sp.load_state_dict({"method": "st3", "scope": "global", "step": 3, "frozen": True})
+    assert sp.step_count == 3
 
 
 # --- finalize -------------------------------------------------------------------------------------
@@ -354,14 +368,14 @@ def test_bad_inputs():
         sparsify(_net(), "st3", sparsity="0.5")
     with pytest.raises(ValueError, match="unknown method 'prune'; known: asl, feather, gmp, nm, st3, st3_sigma, starfire, str"):
         sparsify(_net(), "prune", sparsity=0.5)
-    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear"):
+    with pytest.raises(ValueError, match="no weight to sparsify"):
         sparsify(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), "st3", sparsity=0.5)
-    with pytest.raises(ValueError, match="excluded"):
+    with pytest.raises(ValueError, match="left dense.*excluded"):
         sparsify(_net(), "st3", sparsity=0.5, exclude=lambda n, m: True)
     with pytest.raises(ValueError, match="not modules"):
         sparsify(_net(), "st3", sparsity=0.5, exclude=["fc"])
-    with pytest.raises(ValueError, match="wrap it"):
-        sparsify(nn.Linear(3, 3), "st3", sparsity=0.5)
+    lin = nn.Linear(3, 3)  # a bare layer is a model too
+    assert list(sparsify(lin, "st3", sparsity=0.5).layers) == [""] and (lin.weight == 0).sum() >= 4
     with pytest.raises(ValueError, match="needs a target"):
         sparsify(_net(), "gmp")
     with pytest.raises(TypeError, match="schedule"):

@@ -129,6 +129,19 @@ def test_spec_power_and_hard_gradients():
     w.grad = None
     sk.hard_threshold(w, t, ste=True).backward(g)
     assert torch.equal(w.grad, g)
+    # t = 0: nothing is pruned yet, every weight gets its gradient, exact zeros included
+    z = torch.zeros(4, 3, requires_grad=True)
+    gz = make_weight((4, 3), torch.float32, seed=3)
+    sk.hard_threshold(z, 0.0, ste=False).backward(gz)
+    assert torch.equal(z.grad, gz)
+    w.grad = None  # per-channel t, one channel at 0: that row passes everything, the others are masked
+    tc = torch.full((9,), t)
+    tc[2] = 0.0
+    sk.hard_threshold(w, tc, ste=False).backward(g)
+    expected = g * kept
+    expected[2] = g[2]
+    assert torch.equal(w.grad, expected)
+    torch.testing.assert_close(w.grad, reference.hard_threshold_backward(g, w.detach(), tc), rtol=0, atol=0)
 
 
 def test_power_limits():

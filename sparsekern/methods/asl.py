@@ -61,8 +61,8 @@ class ASL(Method):
             param_budget = 1.0 - final_sparsity
         return cls(r_init=r_init, loss=loss, param_budget=param_budget, flop_budget=flop_budget, **options)
 
-    def make_loss(self, model: nn.Module, layers: dict[str, nn.Module]) -> AdaptiveSparsityLoss:
-        """The loss over ``layers`` (name → Conv/Linear of ``model``, in ``r`` order), with their
+    def make_loss(self, model: nn.Module, layers: dict) -> AdaptiveSparsityLoss:
+        """The loss over ``layers`` (name → ``SparseWeight`` of ``model``, in ``r`` order), with their
         weight counts and, when FLOPs enter it, their dense FLOPs at ``input_size``."""
         opts = self.loss_options
         flops = None
@@ -73,12 +73,12 @@ class ASL(Method):
             flops = [rows[name].dense_macs for name in layers]
         return AdaptiveSparsityLoss(params=[m.weight.numel() for m in layers.values()], flops=flops, **opts)
 
-    def init_state(self, layer: nn.Module) -> None:
+    def init_state(self, layer) -> None:
         w = layer.weight
         shape = w.shape[:1] if self.granularity == "channel" else ()
         layer.r = nn.Parameter(torch.full(shape, self.r_init, dtype=torch.float32, device=w.device))
 
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
+    def sparse_weight(self, layer) -> Tensor:
         return sk.asl_threshold(layer.weight, layer.r)
 
     def options(self) -> dict:

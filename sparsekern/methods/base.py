@@ -2,7 +2,9 @@
 from abc import ABC, abstractmethod
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..ops import masked_weight
 
 
 class Method(ABC):
@@ -21,12 +23,18 @@ class Method(ABC):
         return cls(**options)
 
     @abstractmethod
-    def init_state(self, layer: nn.Module) -> None:
-        """Register this method's parameters/buffers on ``layer`` (which already has ``weight``)."""
+    def init_state(self, layer) -> None:
+        """Register this method's parameters/buffers on ``layer`` (a ``SparseWeight``: canonical
+        ``weight [out, in, *kernel]``, ``register_buffer``, attribute assignment for Parameters)."""
 
     @abstractmethod
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
-        """The effective weight the forward uses: one threshold op on ``layer.weight``."""
+    def sparse_weight(self, layer) -> Tensor:
+        """The effective weight the forward uses: one op on ``layer.weight`` (canonical layout)."""
+
+    def unsupported(self, weight: Tensor) -> str | None:
+        """Why this method cannot prune a canonical ``weight`` (``sparsify`` leaves it dense and
+        warns), or None: every shape ``[out, in, *kernel]`` unless the method says."""
+        return None
 
     def options(self) -> dict:
         """Options shown in ``extra_repr``."""
@@ -50,13 +58,27 @@ class MagnitudeMethod(Method):
     scopes: tuple[str, ...] = ("global", "layer")
     default_scope = "global"
 
-    def scale(self, layer: nn.Module) -> float:
+    def scale(self, layer) -> float:
         """``c_l``, the multiplier of ``|w|`` in the global quantile (1 unless the method says)."""
         return 1.0
 
-    def init_state(self, layer: nn.Module) -> None:
+    def init_state(self, layer) -> None:
         layer.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=layer.weight.device))
 
     @staticmethod
-    def set_threshold(layer: nn.Module, t: Tensor) -> None:
+    def set_threshold(layer, t: Tensor) -> None:
         layer.threshold.copy_(t)
+
+
+class FixedMask(Method):
+    """Fine-tuning under a fixed mask (``Sparsifier.freeze()``): ``w·mask``; pruned weights get
+    zero gradient and ``Sparsifier.step()`` re-zeroes them (momentum or weight decay cannot regrow
+    them). Layer state: ``mask``, bool, the weight's canonical shape."""
+
+    name = "frozen"
+
+    def init_state(self, layer) -> None:
+        layer.register_buffer("mask", torch.ones(layer.weight.shape, dtype=torch.bool, device=layer.weight.device))
+
+    def sparse_weight(self, layer) -> Tensor:
+        return masked_weight(layer.weight, layer.mask)

@@ -1,7 +1,7 @@
 """Feather: power threshold with gradient scale θ on pruned weights (SPEC §3)."""
 import math
 
-from torch import Tensor, nn
+from torch import Tensor
 
 import sparsekern as sk
 
@@ -35,7 +35,7 @@ class Feather(MagnitudeMethod):
             theta = 0.5 if final_sparsity > 0.95 else 1.0
         return cls(p=p, theta=theta)
 
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
+    def sparse_weight(self, layer) -> Tensor:
         return sk.power_threshold(layer.weight, layer.threshold, p=self.p, theta=self.theta)
 
     def options(self) -> dict:

@@ -1,5 +1,5 @@
 """GMP: hard magnitude threshold, pruned weights get no gradient (SPEC §6)."""
-from torch import Tensor, nn
+from torch import Tensor
 
 import sparsekern as sk
 
@@ -15,5 +15,5 @@ class GMP(MagnitudeMethod):
     name = "gmp"
     default_scope = "layer"
 
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
+    def sparse_weight(self, layer) -> Tensor:
         return sk.hard_threshold(layer.weight, layer.threshold, ste=False)

@@ -1,7 +1,7 @@
 """ST-3 / ST-3σ: soft threshold with per-output-channel rescale and straight-through backward (SPEC §2)."""
 import math
 
-from torch import Tensor, nn
+from torch import Tensor
 
 import sparsekern as sk
 
@@ -18,7 +18,7 @@ class ST3(MagnitudeMethod):
             raise TypeError(f"rescale must be a bool, got {rescale!r}")
         self.rescale = rescale
 
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
+    def sparse_weight(self, layer) -> Tensor:
         return sk.st3_threshold(layer.weight, layer.threshold, rescale=self.rescale)
 
     def options(self) -> dict:
@@ -35,5 +35,5 @@ class ST3Sigma(ST3):
     name = "st3_sigma"
     scopes = ("global",)
 
-    def scale(self, layer: nn.Module) -> float:
+    def scale(self, layer) -> float:
         return math.sqrt(sum(layer.weight.shape))

@@ -1,11 +1,10 @@
 """STARFIRE structured pruning and N:M: masks rebuilt over a pruning era, then frozen (SPEC §5, §7)."""
 import math
 import numbers
-import warnings
 from abc import abstractmethod
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import sparsekern as sk
 
@@ -61,24 +60,24 @@ class MaskMethod(Method):
         self.ramp = ramp
         self.final_sparsity = final_sparsity
 
-    def select(self, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-        """The ``(name, Conv2d/Linear)`` pairs this method can prune (``sparsify`` asks before swapping)."""
-        return layers
+    def select(self, layers: list[tuple[str, "SparseWeight"]]) -> None:
+        """Called by ``sparsify`` with the chosen ``(name, SparseWeight)`` pairs before any state
+        exists (nothing here; STARFIRE resolves ``fc_inputs``)."""
 
     @abstractmethod
     def masks(self, weights: list[Tensor], sparsity: float) -> list[Tensor]:
         """One bool keep-mask per weight (same shape) at target ``sparsity`` in (0, 1]."""
 
-    def init_state(self, layer: nn.Module) -> None:
-        layer.register_buffer("mask", torch.ones_like(layer.weight, dtype=torch.bool))
+    def init_state(self, layer) -> None:
+        layer.register_buffer("mask", torch.ones(layer.weight.shape, dtype=torch.bool, device=layer.weight.device))
         if self.final_sparsity > 0:  # a shape or option the mask op refuses fails now, not at the era
             self.masks([layer.weight.detach()], self.final_sparsity)
 
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
+    def sparse_weight(self, layer) -> Tensor:
         return sk.masked_weight(layer.weight, layer.mask)
 
     @torch.no_grad()
-    def update(self, layers: list[nn.Module], step: int, sparsity: float) -> None:
+    def update(self, layers: list, step: int, sparsity: float) -> None:
         """After optimizer step ``step`` with target ``sparsity``: rebuild (in the era) and apply the masks."""
         start, end = self.era
         if step <= start:
@@ -92,7 +91,7 @@ class MaskMethod(Method):
         for layer in layers:
             layer.weight.masked_fill_(~layer.mask, 0)
 
-    def link_masks(self, layers: list[nn.Module]) -> None:
+    def link_masks(self, layers: list) -> None:
         """After each rebuild in the era: adjust masks that depend on other layers' (none here)."""
 
     def options(self) -> dict:
@@ -149,24 +148,28 @@ class Starfire(MaskMethod):
         self._fc_pairs: list[tuple[int, int]] = []  # (fc, conv) indices into the layer list
         super().__init__(sparsity, era, ramp)
 
-    def select(self, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    def unsupported(self, weight: Tensor) -> str | None:
+        if weight.dim() not in (2, 4) and math.prod(weight.shape[2:]) > 1:
+            return "STARFIRE's conv patterns are defined on R×S kernels (Conv2d); this kernel is not"
+        return None
+
+    def select(self, layers: list[tuple[str, "SparseWeight"]]) -> None:
         """Resolves ``fc_inputs`` to positions in ``layers`` (the order ``update`` gets them in)."""
         index = {name: i for i, (name, _) in enumerate(layers)}
         pairs = []
         for fc, conv in self.fc_inputs.items():
-            for name, kind in ((fc, nn.Linear), (conv, nn.Conv2d)):
+            for name, dims, kind in ((fc, 2, "Linear [out, in]"), (conv, 4, "Conv2d [K, C, R, S]")):
                 if name not in index:
                     raise ValueError(f"starfire: fc_inputs names {name!r}, not a sparsified layer "
                                      f"(those are {list(index)})")
-                if not isinstance(layers[index[name]][1], kind):
-                    raise ValueError(f"starfire: fc_inputs maps a Linear to a Conv2d; {name!r} is a "
-                                     f"{type(layers[index[name]][1]).__name__}")
+                if layers[index[name]][1].weight.dim() != dims:
+                    raise ValueError(f"starfire: fc_inputs maps a Linear to a Conv2d; {name!r} is not a {kind} "
+                                     f"(weight {tuple(layers[index[name]][1].weight.shape)})")
             sk.prune_fc_inputs(layers[index[conv]][1].weight.detach(), layers[index[fc]][1].weight.detach())
             pairs.append((index[fc], index[conv]))
         self._fc_pairs = pairs
-        return layers
 
-    def link_masks(self, layers: list[nn.Module]) -> None:
+    def link_masks(self, layers: list) -> None:
         for fc, conv in self._fc_pairs:
             layers[fc].mask &= sk.prune_fc_inputs(layers[conv].mask, layers[fc].weight)
 
@@ -242,15 +245,10 @@ class NM(MaskMethod):
                              f"(sparsity {meth.final_sparsity}); leave sparsity out for nm")
         return meth
 
-    def select(self, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-        ok = [(name, mod) for name, mod in layers if mod.weight.shape[1] % self.m == 0]
-        if len(ok) < len(layers):
-            skipped = [name for name, mod in layers if mod.weight.shape[1] % self.m]
-            if not ok:
-                raise ValueError(f"nm: no chosen layer has a reduction dim (in, C_in/groups) divisible by m={self.m}")
-            warnings.warn(f"nm: layers {skipped} have a reduction dim (in, C_in/groups) not divisible by "
-                          f"m={self.m}; they are left dense", UserWarning, stacklevel=3)
-        return ok
+    def unsupported(self, weight: Tensor) -> str | None:
+        if weight.shape[1] % self.m:
+            return f"reduction dim (in, C_in/groups) {weight.shape[1]} not divisible by m={self.m}"
+        return None
 
     def masks(self, weights: list[Tensor], sparsity: float) -> list[Tensor]:
         pruned = _round(self.m * sparsity)  # per group of m: 0 … m − n

@@ -38,12 +38,12 @@ class STR(Method):
         self.activation = activation
         self.granularity = granularity
 
-    def init_state(self, layer: nn.Module) -> None:
+    def init_state(self, layer) -> None:
         w = layer.weight
         shape = {"layer": (), "channel": w.shape[:1], "weight": w.shape}[self.granularity]
         layer.s = nn.Parameter(torch.full(shape, self.s_init, dtype=torch.float32, device=w.device))
 
-    def sparse_weight(self, layer: nn.Module) -> Tensor:
+    def sparse_weight(self, layer) -> Tensor:
         return sk.str_threshold(layer.weight, layer.s, activation=self.activation)
 
     def options(self) -> dict:

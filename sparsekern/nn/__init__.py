@@ -1,4 +1,6 @@
-"""Sparse drop-in layers (DESIGN.md: nn/)."""
-from .layers import SPARSE_LAYERS, SparseConv2d, SparseLayer, SparseLinear
+"""Sparse weights in any module (docs/sparsify.md) and the drop-in sparse layers."""
+from .layers import (SparseConv2d, SparseLayer, SparseLinear, SparseWeight, default_weights, prunable_weights,
+                     raw_weights, sparse_weights)
 
-__all__ = ["SparseConv2d", "SparseLinear", "SparseLayer", "SPARSE_LAYERS"]
+__all__ = ["SparseConv2d", "SparseLinear", "SparseLayer", "SparseWeight", "default_weights", "prunable_weights",
+           "raw_weights", "sparse_weights"]

@@ -93,7 +93,8 @@ def _hard(w: torch.Tensor, t: torch.Tensor, ste: bool) -> torch.Tensor:
 
 @define_op("hard_threshold_backward")
 def _hard_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return _k(w).hard_bwd(grad.contiguous(), w.contiguous(), t)
+    # t = 0 (before pruning starts) passes every gradient: exact zeros (a zero-initialised head) train
+    return _k(w).hard_bwd(grad.contiguous(), w.contiguous(), t.masked_fill(t == 0, -1.0))
 
 
 # --- autograd -----------------------------------------------------------------------------------
@@ -182,7 +183,9 @@ def power_threshold(w, t, p=3.0, theta=1.0):
 def hard_threshold(w, t, ste=True):
     """Hard threshold ``w·1[|w| > t]`` (SPEC §6).
 
-    ste=True: dense straight-through backward; ste=False: pruned weights get zero gradient (GMP).
+    ste=True: dense straight-through backward; ste=False: pruned weights get zero gradient (GMP):
+    ``∂w = g·1[|w| > t or t = 0]`` — where ``t = 0`` nothing is pruned yet and every weight, exact
+    zeros included, gets its gradient (a zero-initialised layer still trains).
     """
     check_weight(w)
     return _hard(w, as_threshold(t, w), bool(ste))
