@@ -1,5 +1,6 @@
 """Training API: ``sparsify()`` makes a model's weights sparse in place, ``Sparsifier`` drives them per step."""
 import gc
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
@@ -162,9 +163,8 @@ class Sparsifier:
         elif self.scope == "global":
             thresholds = self._global_thresholds(weights, s, check_nan)
         else:
-            if self.min_density is not None:
-                s = min(s, 1.0 - self.min_density)
-            thresholds = sk.magnitude_thresholds(weights, s, check_nan=check_nan).unbind()
+            levels = s if self.min_density is None else [min(s, f) for f in self._floor_levels(weights)]
+            thresholds = sk.magnitude_thresholds(weights, levels, check_nan=check_nan).unbind()
         for sw, t in zip(layers, thresholds):
             self.method.set_threshold(sw, t)
         if s > 0.0:
@@ -174,25 +174,26 @@ class Sparsifier:
 
     def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
         """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers
-        that ``T`` would leave below density ``d`` are held at their own quantile ``1 − d`` and ``T``
-        is the quantile of the others at the sparsity that keeps the model-wide target (repeated
-        until no layer falls below ``d``: each round only adds held layers)."""
+        that ``T`` would leave with fewer than ``ceil(d·n_l)`` weights are held at the threshold
+        keeping exactly that many, and ``T`` is the quantile of the others at the sparsity that
+        keeps the model-wide target (repeated until no layer falls below: each round only adds
+        held layers)."""
         scales = self.scales
         T = lambda idx, q: sk.global_magnitude_threshold([weights[i] for i in idx], q,  # noqa: E731
                                                          scales=[scales[i] for i in idx], check_nan=check_nan)
         if self.min_density is None:
             t = T(range(len(weights)), s)
             return [t if c == 1.0 else t / c for c in scales]
-        d = self.min_density
-        floor = sk.magnitude_thresholds(weights, 1.0 - d, check_nan=check_nan)
+        floor = sk.magnitude_thresholds(weights, self._floor_levels(weights), check_nan=check_nan)
         floor_host = floor.tolist()
         n = [w.numel() for w in weights]
+        kept = [math.ceil(self.min_density * k) for k in n]
         held: set[int] = set()
         while True:
             rest = [i for i in range(len(weights)) if i not in held]
             if not rest:
                 return list(floor.unbind())
-            q = (s * sum(n) - (1.0 - d) * sum(n[i] for i in held)) / sum(n[i] for i in rest)
+            q = (s * sum(n) - sum(n[i] - kept[i] for i in held)) / sum(n[i] for i in rest)
             if q >= 1.0:
                 held.update(rest)
                 continue
@@ -205,6 +206,15 @@ class Sparsifier:
                     out[i] = t if scales[i] == 1.0 else t / scales[i]
                 return out
             held.update(new)
+
+    def _floor_levels(self, weights: list[Tensor]) -> list[float]:
+        """Per layer, the quantile level whose threshold keeps exactly ``ceil(min_density·n)``
+        weights (``|w| > t``, no ties): the sorted value at index ``n − 1 − ceil(d·n)``."""
+        levels = []
+        for w in weights:
+            n = w.numel()
+            levels.append(max(0.0, (n - 1 - math.ceil(self.min_density * n)) / (n - 1)) if n > 1 else 0.0)
+        return levels
 
     def _check_dead(self, flags: Tensor) -> None:
         """Warn once per layer that is 100 % pruned. CPU: now; accelerators: the flags are copied
@@ -476,10 +486,10 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
       ``"layer"``: each layer meets the target (not for ``st3_sigma``). None = the paper's
       choice: ``"global"`` for st3, st3_sigma, feather; ``"layer"`` for gmp (uniform GMP).
       Ignored, with a warning, by ``str``.
-    min_density: magnitude methods only; None or d in [0, 1): every layer keeps at least a
-      fraction ``d`` of its weights — per layer the target is capped at ``1 − d``; globally, layers
-      that ``T`` would take below ``d`` are held at their own ``1 − d`` quantile and the others share
-      the rest of the model-wide target exactly (one host sync per step). Without it a layer can be
+    min_density: magnitude methods only; None or d in [0, 1): every layer keeps at least
+      ``ceil(d·n_l)`` of its ``n_l`` weights (fewer only on ties of |w|) — per layer the target is
+      capped there; globally, layers that ``T`` would take below are held there and the others
+      share the rest of the model-wide target exactly (one host sync per step). Without it a layer can be
       pruned to 100 %: ``step()`` then warns, naming it.
     The weight/bias Parameters are kept, so an existing optimizer still holds them; STR's new
     ``s`` Parameters must be added to the optimizer (with weight decay), ASL's ``r`` too (at lr/100
@@ -555,6 +565,10 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     if unsupported:
         warnings.warn(f"sparsify: {len(unsupported)} weight(s) stay dense, the method cannot prune them: "
                       f"{unsupported}", UserWarning, stacklevel=2)
+    zero = [sw.name for sw in chosen if sw.param.numel() and not bool(sw.param.any())]
+    if zero and isinstance(meth, STR):
+        warnings.warn(f"sparsify: weight(s) {zero} are all zero: under 'str' a weight with |w| <= g(s) gets no "
+                      "gradient, so they would never train; initialise them or exclude= them", UserWarning, stacklevel=2)
     if isinstance(meth, (STR, ASL)) and _wrapped_by_ddp([sw.param for sw in chosen]):
         raise ValueError(f"model is already wrapped in DistributedDataParallel: method {meth.name!r} adds learned "
                          "Parameters that DDP would not synchronise; call sparsify(model) first, then wrap it")
