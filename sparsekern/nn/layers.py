@@ -35,7 +35,7 @@ def raw_weights():
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 family): a Linear with weight ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    return _base_class(module).__name__ == "Conv1D" and hasattr(module, "nf") and "weight" in module._parameters
 
 
 def default_weights(module: nn.Module) -> list[tuple[str, bool]] | None:
