@@ -424,11 +424,11 @@ class _FirstForward:
         self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
 
     def pre(self, module, args) -> None:
-        if not torch.compiler.is_compiling() and _State.reads is None:
+        if not torch.compiler.is_compiling() and not _State.raw and _State.reads is None:
             _State.reads = set()
 
     def post(self, module, args, out) -> None:
-        if torch.compiler.is_compiling() or _State.reads is None:
+        if torch.compiler.is_compiling() or _State.raw or _State.reads is None:
             return
         unread = [name for name, sw in self.layers.items() if id(sw) not in _State.reads
                   and sw.module.__dict__.get("_sparsekern", {}).get(sw.pname) is sw]

@@ -109,9 +109,7 @@ def test_macs_scale_with_exact_zeros_of_plain_and_sparse_layers():
     assert sk.count_flops(model, (3, 8, 8)).macs == report.macs
 
 
-@pytest.mark.parametrize("name", ["encoder_layer", pytest.param("gpt2", marks=pytest.mark.xfail(
-    strict=True, reason="sk.nn.prunable_weights drops transformers' Conv1D once sparsify swapped its class "
-                        "(SparsifiedConv1D fails default_weights' class-name check)"))])
+@pytest.mark.parametrize("name", ["encoder_layer", "gpt2"])
 def test_sparsified_attention_weights_and_transposed_conv1d_count_their_density(name):
     """Sparse weights where they live: MHA's functional ``in_proj_weight``, GPT-2's ``Conv1D``
     (``[in, out]``) and the ``lm_head`` tied to the wte Embedding; ``macs`` = dense·nonzero/params."""
