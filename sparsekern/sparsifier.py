@@ -167,10 +167,10 @@ class Sparsifier:
             thresholds = sk.magnitude_thresholds(weights, levels, check_nan=check_nan).unbind()
         for sw, t in zip(layers, thresholds):
             self.method.set_threshold(sw, t)
-        if s > 0.0:
-            self._check_dead(torch.stack([w.detach().abs().amax().float() <= t.to(w.device) if w.numel() else
-                                          torch.ones((), dtype=torch.bool, device=w.device)
-                                          for w, t in zip(weights, thresholds)]))
+        if s > 0.0:  # a layer is dead when its largest |w| is at or below its threshold
+            top = torch._foreach_norm([w.detach() for w in weights], float("inf"))
+            self._check_dead(torch.stack([(a.float() <= t) & (w.numel() > 0)
+                                          for a, t, w in zip(top, thresholds, weights)]))
 
     def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
         """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers
