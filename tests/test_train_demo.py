@@ -49,7 +49,7 @@ def test_gmp_reaches_its_target_in_one_epoch(demo):
 def test_nm_is_2_4_with_the_first_conv_dense(demo):
     nm = next(r for r in demo[0]["rows"] if r["method"] == "nm")
     assert nm["sparsified_layers"] == ["2", "6"] and nm["sparsity_per_layer"] == {"2": 0.5, "6": 0.5}
-    assert any("left dense" in n for n in nm["notes"])
+    assert any("stay dense" in n and "not divisible by m=4" in n for n in nm["notes"])
 
 
 def test_files_written(demo):
