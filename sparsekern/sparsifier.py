@@ -73,6 +73,11 @@ class LinearSchedule(CubicSchedule):
 _RAMPS = {"cubic": CubicSchedule, "linear": LinearSchedule}
 
 
+#: STR/ASL learn their thresholds; every this many steps ``step()`` thresholds each weight once
+#: more (no_grad) to warn about layers at 100 % (magnitude methods check every step, from max |w|).
+LEARNED_DEAD_CHECK_EVERY = 50
+
+
 def _check_scope(scope: str | None, method: Method) -> str | None:
     """The scope a Sparsifier for ``method`` runs with (None: the method's default)."""
     if not isinstance(method, MagnitudeMethod):
@@ -153,7 +158,10 @@ class Sparsifier:
         if isinstance(self.method, MaskMethod):
             self.method.update(layers, step, self.target(step))
             return
-        if not isinstance(self.method, MagnitudeMethod):
+        if not isinstance(self.method, MagnitudeMethod):  # STR, ASL: learned thresholds
+            if step % LEARNED_DEAD_CHECK_EVERY == 0:
+                self._check_dead(torch.stack([~(sw.effective_weight() != 0).any() & (sw.param.numel() > 0)
+                                              for sw in layers]))
             return
         weights = [sw.param for sw in layers]
         s = self.target(step)

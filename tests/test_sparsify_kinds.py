@@ -220,6 +220,8 @@ def test_a_layer_pruned_to_100_percent_warns_and_min_density_prevents_it():
     assert rep["overall"] == pytest.approx(0.7, abs=2 / n)  # the model-wide target still holds
     sp = sk.sparsify(_mobile(), "gmp", sparsity=0.9, min_density=0.25)  # per layer: capped at 0.75
     assert all(s == pytest.approx(0.75, abs=0.02) for s in sp.sparsity()["layers"].values())
+    with pytest.warns(UserWarning, match=r"100 % pruned.*'0', '1', '3'"):  # learned: checked every 50 steps
+        sk.sparsify(_mobile(), "str", s_init=5.0)  # sigmoid(5) = 0.993 > every |w|
     with pytest.raises(ValueError, match="min_density applies"):
         sk.sparsify(_mobile(), "str", min_density=0.1)
     with pytest.raises(ValueError, match="min_density must be < 1"):
