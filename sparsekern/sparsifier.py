@@ -561,6 +561,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
             dense[name], dense_weights[name] = "excluded", p
             continue
         _check_weight(name, p)
+        if any(pn in m.__dict__.get("_sparsekern", {}) for _, m, pn in where[name]):
+            raise ValueError(f"weight {name!r} is already sparse (another sparsify() call): finalize() that "
+                             "Sparsifier first, or exclude= it")
         w = p.t() if transposed else p
         reason = meth.unsupported(w)
         if reason is not None:
@@ -587,22 +590,21 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     loss = meth.make_loss(model, dict(pairs)) if isinstance(meth, ASL) else None
     layer_holders = {sw.name: [(m, pn) for _, m, pn in where[sw.name]] for sw in chosen}
     done: list[SparseWeight] = []
+    enabled: list[tuple[nn.Module, str]] = []
     try:
         for sw in chosen:
             done.append(sw)
             meth.init_state(sw)
             for mod, pname in layer_holders[sw.name]:
                 enable(mod, pname, sw)
+                enabled.append((mod, pname))
         sp = Sparsifier(model, meth, dict(pairs), schedule, final, scope, loss, min_density=min_density,
                         dense=dense, dense_weights=dense_weights, holders=layer_holders)
-    except BaseException:
-        for sw in done:  # undo: no state, own classes (weights are changed only by a Sparsifier step)
-            for name in list(sw.state):
-                if hasattr(sw.module, sw.prefix + name):
-                    delattr(sw.module, sw.prefix + name)
-            sw.state.clear()
-            for mod, pname in layer_holders[sw.name]:
-                disable(mod, pname)
+    except BaseException:  # undo: no state, own classes (weights change only in a Sparsifier step)
+        for sw in done:
+            sw.drop_state()
+        for mod, pname in enabled:
+            disable(mod, pname)
         raise
     _FirstForward(model, sp.layers)
     return sp

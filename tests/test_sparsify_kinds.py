@@ -261,6 +261,26 @@ def test_bad_option_after_candidates_leaves_the_model_untouched():
     assert before[0] == after[0] and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
 
 
+def test_sparsify_twice_or_onto_a_taken_attribute_is_refused_untouched():
+    model = _mobile()
+    sp = sk.sparsify(model, "gmp", sparsity=0.5)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="'0' is already sparse"):
+        sk.sparsify(model, "st3", sparsity=0.5)
+    after = _snapshot(model)
+    assert before[0] == after[0] and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    sp.finalize()
+    sk.sparsify(model, "st3", sparsity=0.5)  # a finalized model can be sparsified again
+
+    model = _mobile()
+    model[3].register_buffer("mask", torch.ones(3))  # the user's own buffer, where nm keeps its mask
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="'3' already has an attribute 'mask'"):
+        sk.sparsify(model, "nm", era=(0, 2))
+    after = _snapshot(model)
+    assert before[0] == after[0] and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_freeze_keeps_the_mask_through_fine_tuning(method):
     torch.manual_seed(0)

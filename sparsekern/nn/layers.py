@@ -125,8 +125,14 @@ class SparseWeight:
         p = self.param
         return p.t() if self.transposed else p
 
-    def register_buffer(self, name: str, value: Tensor, persistent: bool = True) -> None:
-        self.module.register_buffer(self.prefix + name, value, persistent=persistent)
+    def _claim(self, name: str) -> None:
+        if name not in self.state and hasattr(self.module, self.prefix + name):
+            raise ValueError(f"{type(self.module).__name__} {self.name!r} already has an attribute "
+                             f"{self.prefix + name!r}, where sparsekern would keep its {name!r} state")
+
+    def register_buffer(self, name: str, value: Tensor) -> None:
+        self._claim(name)
+        self.module.register_buffer(self.prefix + name, value)
         self.state.append(name)
 
     def __getattr__(self, name: str):
@@ -137,15 +143,17 @@ class SparseWeight:
     def __setattr__(self, name: str, value) -> None:
         if name in self._own:
             raise AttributeError(f"SparseWeight.{name} is fixed")
+        self._claim(name)
+        setattr(self.module, self.prefix + name, value)
         if name not in self.state:
             self.state.append(name)
-        setattr(self.module, self.prefix + name, value)
 
     def effective_weight(self) -> Tensor:
         """The weight the forward uses, canonical layout, differentiable (the method's op)."""
         return self.method.sparse_weight(self)
 
     def drop_state(self) -> None:
+        """Remove the method's state from the module (what ``register_buffer``/assignment added)."""
         for name in self.state:
             delattr(self.module, self.prefix + name)
         self.state.clear()
