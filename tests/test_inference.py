@@ -360,6 +360,176 @@ def test_convert_guard_never_keeps_a_slower_layer():
         torch.testing.assert_close(conv(x), expect, **TOL)
 
 
+# --- layers read from outside their forward stay dense (issue 13, item 8) -------------------------
+
+SPARSE_TYPES = (CSRLinear, BSRLinear, NMLinear, CSRConv1x1, BSRConv1x1, NMConv1x1, CSRConv2d, CKConv2d)
+
+
+def dense_rows(report):
+    return {r.name: r.note for r in report if r.format == "dense"}
+
+
+def encoder_layer(batch_first):
+    return prune_(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first), 0.6).eval()
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_convert_keeps_transformer_encoder_layer_readers_dense(example):
+    """MHA hands out_proj.weight to F.multi_head_attention_forward; a batch-first encoder layer's
+    eval fast path hands linear1/linear2's weights to one fused op (and leaves that path when a
+    module has hooks: the probe must not use hooks). All three stay dense, with or without
+    example_input, and the layer computes as before on both paths (no grad: fast path; grad:
+    Python path). Swapping them failed with AttributeError: 'CSRLinear' object has no attribute 'weight'."""
+    layer = encoder_layer(batch_first=True)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expect = layer(x)
+    conv, report = sk.inference.convert(layer, min_speedup=0.0, example_input=x if example else None, reps=1,
+                                        return_report=True)
+    dense = dense_rows(report)
+    assert set(dense) == {"self_attn.out_proj", "linear1", "linear2"}, report
+    assert "MultiheadAttention" in dense["self_attn.out_proj"] and "fast path" in dense["linear1"], report
+    assert all(type(conv.get_submodule(n)) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+               for n in dense)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expect, **TOL)
+    torch.testing.assert_close(conv(x).detach(), expect, **TOL)  # grad enabled: the Python path
+
+
+def test_convert_sequence_first_encoder_layer_converts_its_feed_forward():
+    """Not batch-first: no fast path, linear1/linear2 run their own forward and convert; out_proj
+    (read by MHA) stays dense."""
+    layer = encoder_layer(batch_first=False)
+    x = torch.randn(5, 2, 32)
+    with torch.no_grad():
+        expect = layer(x)
+        conv, report = sk.inference.convert(layer, min_speedup=0.0, example_input=x, reps=1, return_report=True)
+        assert set(dense_rows(report)) == {"self_attn.out_proj"}, report
+        assert isinstance(conv.linear1, SPARSE_TYPES) and isinstance(conv.linear2, SPARSE_TYPES)
+        torch.testing.assert_close(conv(x), expect, **TOL)
+
+
+def weight_of(module):
+    """A helper reading a child's weight (not visible as ``self.<child>.weight`` in the caller)."""
+    return module.weight
+
+
+def tf_pad(x, conv):
+    """TensorFlow "SAME" padding from the conv's own attributes (transformers' MobileNetV2)."""
+    (sh, sw), (kh, kw), (dh, dw) = conv.stride, conv.kernel_size, conv.dilation
+    ph = max((math.ceil(x.shape[-2] / sh) - 1) * sh + (kh - 1) * dh + 1 - x.shape[-2], 0)
+    pw = max((math.ceil(x.shape[-1] / sw) - 1) * sw + (kw - 1) * dw + 1 - x.shape[-1], 0)
+    return nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class SwinLike(nn.Module):
+    """torchvision swin's shifted_window_attention reads ``F.linear(x, self.qkv.weight, ...)``
+    (qkv's forward never runs); ``gate`` is read the same way through a helper; ``fc`` runs and
+    is also read through the helper; ``scaled`` overrides forward; ``proj`` and ``out`` are plain."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.gate = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.fc, self.scaled, self.out = nn.Linear(16, 16), ScaledLinear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+        h = self.proj(torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1) @ v)
+        h = self.fc(h) + nn.functional.linear(h, weight_of(self.gate)) + nn.functional.linear(h, weight_of(self.fc))
+        return self.out(self.scaled(h))
+
+
+class TFPadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.unbatched = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.pw(tf_pad(self.conv(tf_pad(x, self.conv)), self.pw))
+        return torch.stack([self.unbatched(img) for img in h])  # [C, H, W] inputs
+
+
+def test_convert_keeps_layers_read_from_outside_dense():
+    """Each layer whose weight something other than its own forward reads stays dense, the
+    reader named; a parent reading other attributes (TF padding: stride, kernel_size, dilation)
+    keeps a layer dense only where the sparse module would give it another value (CSRConv1x1's int
+    stride), a KxK conv (tuples, as nn.Conv2d) converts; a forward-overriding subclass and a conv
+    fed unbatched inputs stay dense; outputs unchanged."""
+    model = prune_(SwinLike(), 0.6).eval()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        expect = model(x)
+        conv, report = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1, return_report=True)
+        dense = dense_rows(report)
+        assert set(dense) == {"qkv", "gate", "fc", "scaled"}, report
+        assert "SwinLike.forward reads self.qkv.weight" in dense["qkv"], report
+        assert "weight_of" in dense["gate"] and "weight_of" in dense["fc"], report
+        assert "overrides Linear.forward" in dense["scaled"], report
+        assert isinstance(conv.proj, SPARSE_TYPES) and isinstance(conv.out, SPARSE_TYPES)
+        torch.testing.assert_close(conv(x), expect, **TOL)
+
+        net = prune_(TFPadNet(), 0.6).eval()
+        x = torch.randn(2, 4, 9, 9)
+        expect = net(x)
+        conv, report = sk.inference.convert(net, min_speedup=0.0, example_input=x, reps=1, return_report=True)
+        dense = dense_rows(report)
+        assert set(dense) == {"pw", "unbatched"}, report
+        assert ".stride" in dense["pw"] and "CSRConv1x1" in dense["pw"], report
+        assert "[N, C, H, W]" in dense["unbatched"], report
+        assert isinstance(conv.conv, (CSRConv2d, CKConv2d))
+        torch.testing.assert_close(conv(x), expect, **TOL)
+
+
+def test_convert_without_example_sees_readers_in_the_source():
+    """No example_input: an ancestor's forward that reads ``self.<path>.weight`` keeps that layer
+    dense (the source is read, nothing runs); the rest converts."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):
+            q, k, v = nn.functional.linear(x, self.attn.qkv.weight, self.attn.qkv.bias).chunk(3, -1)
+            return self.proj(torch.softmax(q @ k.transpose(-2, -1), -1) @ v)
+
+    model = prune_(nn.Sequential(Block(), nn.Linear(16, 4)), 0.6).eval()
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        expect = model(x)
+        conv, report = sk.inference.convert(model, min_speedup=0.0, reps=1, return_report=True)
+        dense = dense_rows(report)
+        assert list(dense) == ["0.attn.qkv"] and "Block.forward reads self.attn.qkv.weight" in dense["0.attn.qkv"]
+        assert isinstance(conv[0].proj, SPARSE_TYPES) and isinstance(conv[1], SPARSE_TYPES)
+        torch.testing.assert_close(conv(x), expect, **TOL)
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_convert_transformers_conv1d(example):
+    """transformers' Conv1D (GPT-2: ``x @ weight + bias``, weight ``[in, out]``) converts as a
+    Linear of the transposed weight; a module shared by two parents is replaced in both."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    shared = Conv1D(24, 16)  # nf = out, nx = in
+    model = prune_(nn.Sequential(shared, nn.ReLU(), Conv1D(8, 24)), 0.7).eval()
+    outer = nn.ModuleDict({"a": model, "b": nn.Sequential(shared)})
+    outer.forward = lambda x: model(x) + outer["b"](x)[..., :8]
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expect = outer(x)
+        conv, report = sk.inference.convert(outer, min_speedup=0.0, example_input=x if example else None, reps=1,
+                                            return_report=True)
+        assert [r.kind for r in report] == ["Conv1D", "Conv1D"] and not dense_rows(report), report
+        assert isinstance(model[0], SPARSE_TYPES) and model[0] is outer["b"][0] and isinstance(model[2], SPARSE_TYPES)
+        torch.testing.assert_close(conv(x), expect, **TOL)
+
+
 @pytest.mark.parametrize("make", [
     lambda: CSRLinear.from_dense(prune_(nn.Linear(24, 10), 0.7)),
     lambda: NMLinear.from_dense(nn.Linear(24, 10), n=4, m=4),

@@ -16,15 +16,46 @@ Per layer (input shape captured by running ``example_input`` through the model):
    (times: the minimum over both rounds). So no converted layer measured slower than dense
    ×``min_speedup``.
 
-What each layer kind can become (CPU, fp32): Linear and 1×1 conv: csr, block, nm; KxK conv
-(groups 1, zero padding): csr (direct sparse conv) and ck (kernel skipping). Grouped / depthwise
-convs, other dtypes and layers not run by ``example_input`` stay dense. On CUDA (unverified, no
-GPU here) a Linear with an exactly 2:4 fp16/bf16 weight of a shape torch's semi-structured
+What each layer kind can become (CPU, fp32): Linear (transformers' ``Conv1D``, stored ``[in, out]``,
+as a Linear) and 1×1 conv: csr, block, nm; KxK conv (groups 1, zero padding): csr (direct sparse
+conv) and ck (kernel skipping). Grouped / depthwise convs, other dtypes and layers not run by
+``example_input`` stay dense.
+
+**Layers read from outside.** A converted module has no dense ``weight`` (and a 1×1 conv's has an
+int ``stride``, no ``kernel_size``), so a layer that something else reads stays dense, the reason
+in the report:
+
+* its ``weight`` is read functionally on some path, seen without running the model: torch's
+  ``nn.MultiheadAttention.out_proj`` (its weight goes to ``F.multi_head_attention_forward``; its
+  own forward never runs) and a batch-first ``nn.TransformerEncoderLayer``'s ``linear1`` /
+  ``linear2`` (its eval fast path passes their weights to one fused op); for other classes, an
+  ancestor whose ``forward`` source reads ``self.<path>.weight`` (``F.linear(x, self.qkv.weight)``,
+  T5's ``self.wo.weight.dtype``), whichever branch the example takes;
+* with ``example_input``, the model runs once (eval, no grad) with each candidate's class swapped
+  for a recording subclass (not hooks: torch's encoder layer leaves its fast path when a module
+  has hooks, so a hook would see another path than inference takes). A candidate is converted
+  only if its own forward ran and every attribute read from outside its forward exists on the
+  sparse module with the same value: ``weight`` never does (the point of converting is not to
+  keep a dense copy, and a reader may compute with it), so such a layer stays dense, the reader
+  named; other attributes are compared per candidate format (MobileNetV2's TF padding reads
+  ``conv.stride`` / ``kernel_size`` / ``dilation``: its KxK convs convert, its 1×1 convs, whose
+  sparse modules hold an int ``stride``, stay dense);
+* a Linear / Conv2d subclass that overrides ``forward`` (or ``_conv_forward``) stays dense: the
+  sparse module would run ``nn.Linear``'s computation, not its own.
+
+Without ``example_input`` only the static checks apply: readers reached through function
+arguments or other names cannot be seen, so pass ``example_input`` for third-party models.
+
+On CUDA (unverified, no GPU here) a Linear with an exactly 2:4 fp16/bf16 weight of a shape torch's semi-structured
 kernels take (``supports_semi_structured``) may become a :class:`SemiStructuredLinear` (compute
 capability >= 8.0), and block / nm once the Triton kernels are wired in
 (``sparsekern.ops.spmm.KERNELS.triton``).
 """
+import inspect
 import math
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -108,9 +139,32 @@ class ConversionReport(list):
         return "\n".join(rows)
 
 
+def _hf_conv1d_class(m):
+    """transformers' ``Conv1D`` class if ``m`` is one (``x @ weight + bias``, weight ``[in, out]``),
+    else None; found by name so that transformers need not be imported."""
+    for cls in type(m).__mro__:
+        if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+            return cls
+    return None
+
+
+def _linear_view(m):
+    """``m`` as an ``nn.Linear`` for the cost model and the builders: itself, or for a
+    transformers ``Conv1D`` a Linear holding its weight transposed (``[out, in]``) and its bias."""
+    if isinstance(m, nn.Linear) or _hf_conv1d_class(m) is None:
+        return m
+    w = m.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+    if m.bias is not None:
+        lin.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
+    return lin.eval()
+
+
 def layer_kind(m):
-    """``"Linear"``, ``"Conv1x1"``, ``"Conv2d"`` (KxK, direct) or None (stays dense)."""
-    if isinstance(m, nn.Linear):
+    """``"Linear"`` (``nn.Linear`` or transformers' ``Conv1D``), ``"Conv1x1"``, ``"Conv2d"`` (KxK,
+    direct) or None (stays dense)."""
+    if isinstance(m, nn.Linear) or (_hf_conv1d_class(m) is not None and m.weight.dim() == 2):
         return "Linear"
     if supports_conv1x1(m):
         return "Conv1x1"
@@ -136,6 +190,7 @@ def rank_formats(module, input_shape, formats=None):
     ``nn.Conv2d``) for an input of ``input_shape``, fastest predicted first; always includes
     ``dense``. ``formats``: the sparse formats allowed (default: all of :data:`FORMATS`)."""
     kind = layer_kind(module)
+    module = _linear_view(module)
     w = module.weight.detach()
     allowed = _device_formats(w) & set(FORMATS if formats is None else formats)
     if kind is None:
@@ -211,42 +266,208 @@ def _time_pair(a, b, x, reps):
     return best
 
 
-def _input_shapes(model, candidates, example_input):
-    """Each candidate's first input shape when ``model(example_input)`` runs (eval, no grad)."""
-    shapes, hooks = {}, []
-    for name, m in candidates:
-        def hook(mod, args, name=name):
-            shapes.setdefault(name, tuple(args[0].shape))
-        hooks.append(m.register_forward_pre_hook(hook))
+def _overridden(m):
+    """Why ``m``'s computation is not the one a sparse module would run (a subclass overriding
+    ``forward``), or None."""
+    conv1d = _hf_conv1d_class(m)
+    base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d if isinstance(m, nn.Conv2d) else conv1d
+    methods = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+    changed = [f for f in methods if getattr(type(m), f) is not getattr(base, f)]
+    if changed:
+        return f"{type(m).__name__} overrides {base.__name__}.{changed[0]}: a sparse module would not run it"
+    return None
+
+
+def _functional_readers(model):
+    """``{id(module): note}``: layers whose weight is read without their forward on some path:
+    torch's known cases (``nn.MultiheadAttention.out_proj``, a batch-first
+    ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``), and for other classes an
+    ancestor whose ``forward`` source reads ``self.<path>.weight`` (a path not taken by
+    ``example_input``, or no ``example_input`` at all)."""
+    out = {}
+    modules = dict(model.named_modules())
+    for name, mod in modules.items():
+        if isinstance(mod, nn.MultiheadAttention) and isinstance(getattr(mod, "out_proj", None), nn.Module):
+            out[id(mod.out_proj)] = ("kept dense: nn.MultiheadAttention reads out_proj.weight functionally "
+                                     "(F.multi_head_attention_forward; out_proj's forward never runs)")
+        if isinstance(mod, nn.TransformerEncoderLayer) and mod.self_attn.batch_first:
+            for attr in ("linear1", "linear2"):
+                child = getattr(mod, attr, None)
+                if isinstance(child, nn.Module):
+                    out[id(child)] = (f"kept dense: nn.TransformerEncoderLayer's fast path (eval, batch_first) "
+                                      f"reads {attr}.weight functionally")
+    for name, mod in modules.items():
+        if not name or id(mod) in out or not (isinstance(mod, (nn.Linear, nn.Conv2d)) or _hf_conv1d_class(mod)):
+            continue
+        parts = name.split(".")
+        for i in range(len(parts)):
+            ancestor, path = modules.get(".".join(parts[:i])), ".".join(parts[i:])
+            reader = _source_reader(type(ancestor), path) if ancestor is not None else None
+            if reader:
+                out[id(mod)] = f"kept dense: {reader} reads self.{path}.weight"
+                break
+    return out
+
+
+_SOURCES = {}
+
+
+def _source_reader(cls, path):
+    """The ``forward`` (``Class.forward``) in ``cls``'s MRO, outside torch, whose source reads
+    ``self.<path>.weight``, or None."""
+    pattern = re.compile(rf"\bself\.{re.escape(path)}\.weight\b")
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] == "torch" or "forward" not in klass.__dict__:
+            continue
+        if klass not in _SOURCES:
+            try:
+                _SOURCES[klass] = inspect.getsource(klass.__dict__["forward"])
+            except (OSError, TypeError):  # no source (built in, generated, a REPL)
+                _SOURCES[klass] = ""
+        if pattern.search(_SOURCES[klass]):
+            return f"{klass.__qualname__}.forward"
+    return None
+
+
+@dataclass
+class _Seen:
+    """What the probe forward saw of one candidate."""
+    ran: bool = False
+    input_shape: tuple = None
+    depth: int = 0
+    reads: dict = field(default_factory=dict)  # attribute read from outside its forward -> reader
+
+
+def _reader(frame):
+    code = frame.f_code
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"
+
+
+def _is_state(module, name):
+    """Whether ``module.name`` is data (instance attribute, parameter, buffer or property), not a method."""
+    d = object.__getattribute__(module, "__dict__")
+    if name in d or name in d.get("_parameters", ()) or name in d.get("_buffers", ()):
+        return True
+    for klass in type(module).__mro__:
+        if name in klass.__dict__:
+            return isinstance(klass.__dict__[name], property)
+    return False
+
+
+_PROBES = {}
+
+
+def _probe_class(cls):
+    """``cls`` with a forward that records its runs and input shape, and a ``__getattribute__`` that
+    records data attributes read while its forward is not running (by whom); cached per class."""
+    if cls not in _PROBES:
+        def forward(self, *args, **kwargs):
+            seen = _Probe.seen[id(self)]
+            seen.ran = True
+            if seen.input_shape is None and args and isinstance(args[0], torch.Tensor):
+                seen.input_shape = tuple(args[0].shape)
+            seen.depth += 1
+            try:
+                return cls.forward(self, *args, **kwargs)
+            finally:
+                seen.depth -= 1
+
+        def __getattribute__(self, name):
+            if not name.startswith("_") and name != "training":  # the mode: converted modules are eval-only
+                seen = _Probe.seen.get(id(self))
+                if seen is not None and seen.depth == 0 and name not in seen.reads and _is_state(self, name):
+                    seen.reads[name] = _reader(sys._getframe(1))
+            return cls.__getattribute__(self, name)
+
+        _PROBES[cls] = type(f"_Probe{cls.__name__}", (cls,), {"forward": forward, "__getattribute__": __getattribute__,
+                                                              "__module__": cls.__module__})
+    return _PROBES[cls]
+
+
+class _Probe:
+    seen = {}  # id(module) -> _Seen, during a probe
+
+
+def _probe(model, candidates, example_input):
+    """``{name: _Seen}`` of each candidate when ``model(example_input)`` runs (eval, no grad), each
+    candidate's class swapped for its :func:`_probe_class` meanwhile (not hooks: module docstring)."""
+    seen = {id(m): _Seen() for _, m in candidates}
     was_training = model.training
     model.eval()
+    swapped = []
     try:
+        for _, m in candidates:
+            if id(m) in _Probe.seen:
+                continue  # a module listed twice
+            cls = type(m)
+            try:
+                m.__class__ = _probe_class(cls)
+            except TypeError:  # a class that cannot be subclassed or reassigned: not observed (stays dense)
+                seen[id(m)].reads["__class__"] = f"{cls.__qualname__} (its class cannot be swapped to observe it)"
+                continue
+            _Probe.seen[id(m)] = seen[id(m)]
+            swapped.append((m, cls))
         with torch.no_grad():
             model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     finally:
-        for h in hooks:
-            h.remove()
+        for m, cls in swapped:
+            m.__class__ = cls
+            _Probe.seen.pop(id(m), None)
         model.train(was_training)
-    return shapes
+    return {name: seen[id(m)] for name, m in candidates}
 
 
-def _set_module(model, name, new):
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+def _replace_everywhere(model, old, new):
+    """Put ``new`` wherever ``old`` is registered in ``model`` (a module shared by two parents)."""
+    for parent in model.modules():
+        for attr, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, attr, new)
 
 
-def _choose(m, row, cands, x, min_speedup, reps):
-    """Measure the top sparse candidates vs dense, confirm the fastest; returns the module or None."""
+_MISSING = object()
+
+
+def _differs(a, b):
+    """Whether a reader of ``a`` could see something else in ``b`` (tensors: values, dtype, device)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (type(a) in (torch.Tensor, nn.Parameter) and type(b) in (torch.Tensor, nn.Parameter)):
+            return True
+        return a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b)
+    try:
+        return not bool(a == b)
+    except Exception:  # noqa: BLE001 (any comparison failure: not the same)
+        return True
+
+
+def _incompatible(dense, sparse, reads):
+    """The attributes read from outside ``dense``'s forward that ``sparse`` lacks or holds differently."""
+    return [n for n in reads if _differs(getattr(dense, n), getattr(sparse, n, _MISSING))]
+
+
+def _choose(m, row, cands, x, min_speedup, reps, reads=None):
+    """Measure the top sparse candidates vs dense, confirm the fastest; returns the module or None.
+    ``reads``: attributes of ``m`` read from outside its forward (reader); a candidate that lacks
+    one or holds it differently is not used."""
     dense_pred = next(c.predicted_ms for c in cands if c.format == "dense")
-    trials = []
+    trials, refused = [], {}
     with torch.no_grad():
-        for c in [c for c in cands if c.format != "dense"][:TOP_K]:
+        for c in [c for c in cands if c.format != "dense"]:
+            if len(trials) == TOP_K:
+                break
             sparse = c.build().eval()
+            bad = _incompatible(m, sparse, reads or {})
+            if bad:
+                what = ", ".join(f".{n} (read by {reads[n]})" for n in bad)
+                refused.setdefault(what, []).append(type(sparse).__name__)
+                continue
             td, ts = _time_pair(m, sparse, x, reps)
             trials.append((td / ts, td, ts, c, sparse))
         if not trials:
             row.note = "no sparse format for this layer on this device"
+            if refused:
+                row.note = "kept dense: " + "; ".join(f"{what}: {', '.join(sorted(set(cls)))} would differ"
+                                                      for what, cls in refused.items())
             return None
         speedup, td, ts, c, sparse = max(trials, key=lambda t: t[0])
         if speedup >= min_speedup:  # confirm against noise: a second measurement must agree
@@ -265,17 +486,24 @@ def _choose(m, row, cands, x, min_speedup, reps):
 
 
 def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, return_report=False):
-    """Replace each ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (in place) by the sparse inference
-    module that the cost model ranks best and a measurement confirms at least ``min_speedup``×
-    faster than the dense layer on this device (module docstring); others stay dense.
+    """Replace each ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``) of ``model`` (in
+    place) by the sparse inference module that the cost model ranks best and a measurement
+    confirms at least ``min_speedup``× faster than the dense layer on this device (module
+    docstring); others stay dense, never an error for a layer it cannot take.
 
     example_input: a tensor (or tuple of positional arguments) run once through ``model`` to
-    capture each layer's input shape; measurements use random inputs of those shapes. Without
-    it, Linear layers are measured at ``[1, in]`` and convs at ``[1, C, 14, 14]``; layers not run
-    by ``example_input`` stay dense. formats: the sparse formats allowed (subset of
-    ``("csr", "block", "nm", "ck", "2:4")``; default all). Returns the model, or ``(model,
-    report)`` with ``return_report``: a :class:`ConversionReport` (format, density, measured
-    times and speedup, predicted speedup per layer). Converted modules are eval-only.
+    capture each layer's input shape and what reads the layers from outside their forward;
+    measurements use random inputs of those shapes. Layers not run by ``example_input``, or whose
+    ``weight`` (or another attribute a sparse module lacks) is read from outside their forward, stay
+    dense. Without it, Linear layers are measured at ``[1, in]`` and convs at ``[1, C, 14, 14]``,
+    and only the static checks keep layers dense (torch's known functional readers:
+    ``nn.MultiheadAttention.out_proj``, a batch-first ``nn.TransformerEncoderLayer``'s
+    linear1/linear2; an ancestor's ``forward`` source reading ``self.<path>.weight``; a subclass
+    overriding ``forward``), so pass it for third-party models. formats: the sparse formats
+    allowed (subset of ``("csr", "block", "nm", "ck", "2:4")``; default all). Returns the model, or
+    ``(model, report)`` with ``return_report``: a :class:`ConversionReport` (format, density,
+    measured times and speedup, predicted speedup per layer; a dense layer's note says why).
+    Converted modules are eval-only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
@@ -287,8 +515,10 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
         unknown = set(formats) - set(FORMATS[1:])
         if unknown:
             raise ValueError(f"convert: unknown formats {sorted(unknown)}; choose from {FORMATS[1:]}")
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    shapes = _input_shapes(model, candidates, example_input) if example_input is not None else None
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d)) or _hf_conv1d_class(m) is not None]
+    seen = _probe(model, candidates, example_input) if example_input is not None else None
+    functional = _functional_readers(model)
     report = ConversionReport()
     for name, m in candidates:
         kind = layer_kind(m)
@@ -297,24 +527,43 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
         row = LayerReport(name, kind or "Conv2d", (), density, "dense")
         report.append(row)
         if kind is None:
-            row.note = "conv with groups > 1 or non-zero/string padding"
+            row.note = "conv with groups > 1 or non-zero/string padding" if isinstance(m, nn.Conv2d) else \
+                f"{type(m).__name__} weight of shape {tuple(w.shape)}"
+            continue
+        if _hf_conv1d_class(m) is not None:
+            row.kind = "Conv1D"
+        note = _overridden(m) or functional.get(id(m))
+        if note:
+            row.note = note
             continue
         if not _device_formats(w):
             row.note = f"dtype {w.dtype}: no sparse kernels on {w.device.type}"
             continue
-        if shapes is not None:
-            if name not in shapes:
+        reads = {}
+        if seen is not None:
+            s = seen[name]
+            if "weight" in s.reads:
+                row.note = f"kept dense: .weight read outside its forward by {s.reads['weight']}"
+                continue
+            if "__class__" in s.reads:
+                row.note = f"kept dense: not observed, {s.reads['__class__']}"
+                continue
+            if not s.ran:
                 row.note = "not run by example_input"
                 continue
-            row.input_shape = shapes[name]
+            reads = s.reads
+            if kind != "Linear" and len(s.input_shape or ()) != 4:
+                row.note = f"input {s.input_shape}: the sparse convs take [N, C, H, W]"
+                continue
+            row.input_shape = s.input_shape
         else:
-            row.input_shape = (1, m.in_features) if kind == "Linear" else \
-                (1, m.in_channels, DEFAULT_CONV_HW, DEFAULT_CONV_HW)
+            row.input_shape = (1, w.shape[1]) if kind == "Linear" and isinstance(m, nn.Linear) else \
+                (1, w.shape[0]) if kind == "Linear" else (1, m.in_channels, DEFAULT_CONV_HW, DEFAULT_CONV_HW)
         x = torch.randn(row.input_shape, device=w.device, dtype=w.dtype)
-        sparse = _choose(m, row, rank_formats(m, row.input_shape, formats), x, min_speedup, reps)
+        sparse = _choose(m, row, rank_formats(m, row.input_shape, formats), x, min_speedup, reps, reads)
         if sparse is not None:
             if name:
-                _set_module(model, name, sparse)
+                _replace_everywhere(model, m, sparse)
             else:
                 model = sparse
     return (model, report) if return_report else model
