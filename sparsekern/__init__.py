@@ -12,7 +12,8 @@ from . import nn  # noqa: E402  (layers call the ops above)
 from . import inference  # noqa: E402
 from .flops import FlopReport, count_flops
 from .losses import AdaptiveSparsityLoss
-from .sparsifier import CubicSchedule, Sparsifier, sparsify
+from .schedules import CubicSchedule
+from .sparsifier import Sparsifier, sparsify
 
 __version__ = "0.1.0"
 

@@ -8,69 +8,16 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-import sparsekern as sk
-
+from .flops import count_flops
 from .losses import AdaptiveSparsityLoss, erf_sparsity
 from .methods import ASL, STR, MagnitudeMethod, MaskMethod, Method, method_class
 from .methods.base import FixedMask
 from .nn import SparseWeight, prunable_weights
 from .nn.layers import _State, disable, enable, holders
+from .ops import global_magnitude_threshold, magnitude_thresholds
+from .schedules import CubicSchedule, LinearSchedule, check_sparsity  # noqa: F401  (public here too)
 
 
-def _check_sparsity(value, name: str = "sparsity") -> float:
-    """``value`` as a float in [0, 1]; TypeError/ValueError naming ``name`` otherwise (SPEC §0)."""
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
-
-
-class CubicSchedule:
-    """Zhu & Gupta cubic ramp (SPEC §7): ``s(t) = s_f + (s_i − s_f)·(1 − (t − t0)/(t1 − t0))³``
-    for ``t0 ≤ t ≤ t1``, ``s_i`` before, ``s_f`` after; ``t`` counts optimizer steps."""
-
-    def __init__(self, start_step: int, end_step: int, final_sparsity: float, initial_sparsity: float = 0.0):
-        if not (isinstance(start_step, numbers.Integral) and isinstance(end_step, numbers.Integral)
-                and 0 <= start_step < end_step):
-            raise ValueError(f"need integers 0 <= start_step < end_step, got {start_step!r}, {end_step!r}")
-        self.start_step, self.end_step = int(start_step), int(end_step)
-        self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
-        self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
-
-    def __call__(self, step: int) -> float:
-        if step <= self.start_step:
-            return self.initial_sparsity
-        if step >= self.end_step:
-            return self.final_sparsity
-        frac = (step - self.start_step) / (self.end_step - self.start_step)
-        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
-
-    def __repr__(self) -> str:
-        return (f"CubicSchedule(start_step={self.start_step}, end_step={self.end_step}, "
-                f"final_sparsity={self.final_sparsity}, initial_sparsity={self.initial_sparsity})")
-
-
-class LinearSchedule(CubicSchedule):
-    """Linear ramp: ``s(t) = s_i + (s_f − s_i)·(t − t0)/(t1 − t0)`` for ``t0 ≤ t ≤ t1``, ``s_i``
-    before, ``s_f`` after (STARFIRE's ``ramp="linear"``, SPEC §5)."""
-
-    def __call__(self, step: int) -> float:
-        if step <= self.start_step:
-            return self.initial_sparsity
-        if step >= self.end_step:
-            return self.final_sparsity
-        frac = (step - self.start_step) / (self.end_step - self.start_step)
-        return self.initial_sparsity + (self.final_sparsity - self.initial_sparsity) * frac
-
-    def __repr__(self) -> str:
-        return "Linear" + super().__repr__().removeprefix("Cubic")
-
-
-_RAMPS = {"cubic": CubicSchedule, "linear": LinearSchedule}
 
 
 #: STR/ASL learn their thresholds; every this many steps ``step()`` thresholds each weight once
@@ -132,7 +79,7 @@ class Sparsifier:
         step = self.step_count if step is None else step
         if self.schedule is None:
             return self.final_sparsity
-        return _check_sparsity(self.schedule(step), f"schedule({step})")
+        return check_sparsity(self.schedule(step), f"schedule({step})")
 
     def step(self) -> None:
         """Advance one optimizer step and recompute the thresholds from the updated weights:
@@ -172,7 +119,7 @@ class Sparsifier:
             thresholds = self._global_thresholds(weights, s, check_nan)
         else:
             levels = s if self.min_density is None else [min(s, f) for f in self._floor_levels(weights)]
-            thresholds = sk.magnitude_thresholds(weights, levels, check_nan=check_nan).unbind()
+            thresholds = magnitude_thresholds(weights, levels, check_nan=check_nan).unbind()
         for sw, t in zip(layers, thresholds):
             self.method.set_threshold(sw, t)
         if s > 0.0:  # a layer is dead when its largest |w| is at or below its threshold
@@ -187,12 +134,12 @@ class Sparsifier:
         keeps the model-wide target (repeated until no layer falls below: each round only adds
         held layers)."""
         scales = self.scales
-        T = lambda idx, q: sk.global_magnitude_threshold([weights[i] for i in idx], q,  # noqa: E731
+        T = lambda idx, q: global_magnitude_threshold([weights[i] for i in idx], q,  # noqa: E731
                                                          scales=[scales[i] for i in idx], check_nan=check_nan)
         if self.min_density is None:
             t = T(range(len(weights)), s)
             return [t if c == 1.0 else t / c for c in scales]
-        floor = sk.magnitude_thresholds(weights, self._floor_levels(weights), check_nan=check_nan)
+        floor = magnitude_thresholds(weights, self._floor_levels(weights), check_nan=check_nan)
         floor_host = floor.tolist()
         n = [w.numel() for w in weights]
         kept = [math.ceil(self.min_density * k) for k in n]
@@ -507,7 +454,7 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     """
     cls = method_class(method)
     if sparsity is not None:
-        sparsity = _check_sparsity(sparsity)
+        sparsity = check_sparsity(sparsity)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be callable step -> sparsity, got {type(schedule).__name__}")
     if include is not None and not callable(include):
@@ -521,7 +468,7 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
         if not magnitude:
             raise ValueError(f"min_density applies to the magnitude methods (st3, st3_sigma, feather, gmp), "
                              f"not {method!r}")
-        min_density = _check_sparsity(min_density, "min_density")
+        min_density = check_sparsity(min_density, "min_density")
         if min_density == 1.0:
             raise ValueError("min_density must be < 1 (1 would prune nothing)")
     if magnitude and sparsity is None and schedule is None:
@@ -542,7 +489,7 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     scope = _check_scope(scope, meth)
     if isinstance(meth, MaskMethod):
         final = meth.final_sparsity
-        schedule = _RAMPS[meth.ramp](*meth.era, final)
+        schedule = meth.schedule()
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -587,7 +534,13 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     if isinstance(meth, MaskMethod):
         meth.select(pairs)
     # built before any change: a bad loss option leaves the model untouched
-    loss = meth.make_loss(model, dict(pairs)) if isinstance(meth, ASL) else None
+    loss = None
+    if isinstance(meth, ASL):
+        size, flops = meth.flop_input_size(), None
+        if size is not None:
+            rows = {row.name: row for row in count_flops(model, size).rows}
+            flops = [rows[name].dense_macs for name, _ in pairs]
+        loss = meth.make_loss(dict(pairs), flops)
     layer_holders = {sw.name: [(m, pn) for _, m, pn in where[sw.name]] for sw in chosen}
     done: list[SparseWeight] = []
     enabled: list[tuple[nn.Module, str]] = []

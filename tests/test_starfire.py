@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import sparsekern as sk
 from sparsekern import reference as ref
 from sparsekern.methods import NM, Starfire
+from sparsekern.methods import starfire as starfire_module
 from sparsekern.sparsifier import CubicSchedule, LinearSchedule, sparsify
 from utils import synthetic_images
 
@@ -325,11 +326,12 @@ def test_mask_op_errors_surface_at_sparsify_and_leave_the_model_untouched(monkey
     def refuse(w, block, sparsity):
         raise ValueError(f"block {block} does not fit {tuple(w.shape)}")
 
-    monkeypatch.setattr(sk, "block_mask", refuse)
+    monkeypatch.setattr(starfire_module, "block_mask", refuse)
     model = _net()
+    keys = set(model.state_dict())
     with pytest.raises(ValueError, match="block 3 does not fit"):  # not only once the era starts
         sparsify(model, "starfire", sparsity=0.5, era=(100, 200), fc="block", block=3)
-    assert type(model[0]) is nn.Conv2d and type(model[8]) is nn.Linear
+    assert type(model[0]) is nn.Conv2d and type(model[8]) is nn.Linear and set(model.state_dict()) == keys
 
 
 def test_fc_inputs_drop_inputs_of_dead_channels(one_thread):

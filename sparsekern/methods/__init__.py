@@ -1,10 +1,11 @@
 """Sparse-training methods, by name. Each: the state a layer holds, the op its forward calls."""
 from .asl import ASL
-from .base import MagnitudeMethod, Method
+from .base import FixedMask, MagnitudeMethod, MaskMethod, Method
 from .feather import Feather
 from .gmp import GMP
 from .st3 import ST3, ST3Sigma
-from .starfire import NM, MaskMethod, Starfire
+from .nm import NM
+from .starfire import Starfire
 from .str_ import STR
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (STR, ST3, ST3Sigma, Feather, GMP, ASL, Starfire, NM)}
@@ -27,5 +28,5 @@ def make_method(method: "str | Method", **options) -> Method:
     return method_class(method)(**options)
 
 
-__all__ = ["METHODS", "Method", "MagnitudeMethod", "MaskMethod", "STR", "ST3", "ST3Sigma", "Feather", "GMP", "ASL",
+__all__ = ["METHODS", "Method", "MagnitudeMethod", "MaskMethod", "FixedMask", "STR", "ST3", "ST3Sigma", "Feather", "GMP", "ASL",
            "Starfire", "NM", "method_class", "make_method"]

@@ -5,9 +5,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-import sparsekern as sk
-
 from ..losses import AdaptiveSparsityLoss
+from ..ops import asl_threshold
 from .base import Method
 
 _GRANULARITIES = ("layer", "channel")
@@ -19,7 +18,7 @@ def initial_r(sparsity: float) -> float:
 
 
 class ASL(Method):
-    """``sk.asl_threshold(weight, r)``: ``w·1[|w| > clamp(r, 0, 5)·σ + 1e-6]``, σ the weight's
+    """``asl_threshold(weight, r)``: ``w·1[|w| > clamp(r, 0, 5)·σ + 1e-6]``, σ the weight's
     (detached) std; dense straight-through gradient for ``w``, paper Eq. 18 for ``r``.
 
     Layer state: ``r``, an fp32 Parameter of shape ``()`` (``granularity="layer"``, the paper's)
@@ -61,17 +60,21 @@ class ASL(Method):
             param_budget = 1.0 - final_sparsity
         return cls(r_init=r_init, loss=loss, param_budget=param_budget, flop_budget=flop_budget, **options)
 
-    def make_loss(self, model: nn.Module, layers: dict) -> AdaptiveSparsityLoss:
-        """The loss over ``layers`` (name → ``SparseWeight`` of ``model``, in ``r`` order), with their
-        weight counts and, when FLOPs enter it, their dense FLOPs at ``input_size``."""
+    def flop_input_size(self):
+        """One sample's shape to count the layers' dense FLOPs at, or None when FLOPs do not
+        enter the loss (ValueError when they do and ``input_size`` was not given)."""
         opts = self.loss_options
-        flops = None
-        if opts["flop_budget"] is not None or (opts["mode"] == "wavg" and opts["contribution"] == "flops"):
-            if self.input_size is None:
-                raise ValueError("asl: FLOPs in the loss need input_size= (one sample's shape) to count them")
-            rows = {row.name: row for row in sk.count_flops(model, self.input_size).rows}
-            flops = [rows[name].dense_macs for name in layers]
-        return AdaptiveSparsityLoss(params=[m.weight.numel() for m in layers.values()], flops=flops, **opts)
+        if opts["flop_budget"] is None and not (opts["mode"] == "wavg" and opts["contribution"] == "flops"):
+            return None
+        if self.input_size is None:
+            raise ValueError("asl: FLOPs in the loss need input_size= (one sample's shape) to count them")
+        return self.input_size
+
+    def make_loss(self, layers: dict, flops: list[int] | None) -> AdaptiveSparsityLoss:
+        """The loss over ``layers`` (name → ``SparseWeight``, in ``r`` order) with their weight
+        counts and ``flops``, their dense FLOPs (needed when ``flop_input_size()`` is not None)."""
+        return AdaptiveSparsityLoss(params=[m.weight.numel() for m in layers.values()], flops=flops,
+                                    **self.loss_options)
 
     def init_state(self, layer) -> None:
         w = layer.weight
@@ -79,7 +82,7 @@ class ASL(Method):
         layer.r = nn.Parameter(torch.full(shape, self.r_init, dtype=torch.float32, device=w.device))
 
     def sparse_weight(self, layer) -> Tensor:
-        return sk.asl_threshold(layer.weight, layer.r)
+        return asl_threshold(layer.weight, layer.r)
 
     def options(self) -> dict:
         return {"r_init": self.r_init, "granularity": self.granularity}

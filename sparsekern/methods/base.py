@@ -1,10 +1,12 @@
 """What every sparse-training method provides to the layers and to the Sparsifier."""
+import numbers
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
 
 from ..ops import masked_weight
+from ..schedules import RAMPS
 
 
 class Method(ABC):
@@ -82,3 +84,76 @@ class FixedMask(Method):
 
     def sparse_weight(self, layer) -> Tensor:
         return masked_weight(layer.weight, layer.mask)
+
+
+def _check_era(era) -> tuple[int, int]:
+    if not (isinstance(era, (tuple, list)) and len(era) == 2
+            and all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in era)
+            and 0 <= era[0] < era[1]):
+        raise ValueError(f"era must be (start_step, end_step), integers with 0 <= start_step < end_step, got {era!r}")
+    return int(era[0]), int(era[1])
+
+
+class MaskMethod(Method):
+    """Methods whose layers carry a persistent bool buffer ``mask`` (shape of ``weight``), rebuilt
+    by mask ops over a pruning era ``(start, end)`` of optimizer steps, then frozen (SPEC §5).
+
+    The Sparsifier's target ramps 0 → ``final_sparsity`` over the era (``ramp``: ``"cubic"``,
+    SPEC §7, or ``"linear"``) and calls ``update`` after every optimizer step ``t``:
+    ``t ≤ start``: nothing (mask all True); ``start < t ≤ end``: each mask is rebuilt from the
+    current weights at the target, ANDed with the old one; ``t > end``: frozen. From ``t > start``
+    the pruned weights are also zeroed in place each step, undoing what momentum and weight decay
+    did to them in ``optimizer.step()``: a pruned weight stays exactly 0 and, being the smallest
+    magnitude, stays pruned. Forward ``masked_weight(weight, mask)``: pruned weights are zero
+    in the forward and get zero gradient (no straight-through).
+    """
+
+    def __init__(self, final_sparsity: float, era, ramp: str):
+        if era is None:
+            raise ValueError(f"method {self.name!r} needs era=(start_step, end_step), the pruning era in optimizer steps")
+        self.era = _check_era(era)
+        if ramp not in RAMPS:
+            raise ValueError(f"ramp must be one of {tuple(RAMPS)}, got {ramp!r}")
+        self.ramp = ramp
+        self.final_sparsity = final_sparsity
+
+    def select(self, layers: list[tuple[str, "SparseWeight"]]) -> None:
+        """Called by ``sparsify`` with the chosen ``(name, SparseWeight)`` pairs before any state
+        exists (nothing here; STARFIRE resolves ``fc_inputs``)."""
+
+    @abstractmethod
+    def masks(self, weights: list[Tensor], sparsity: float) -> list[Tensor]:
+        """One bool keep-mask per weight (same shape) at target ``sparsity`` in (0, 1]."""
+
+    def init_state(self, layer) -> None:
+        layer.register_buffer("mask", torch.ones(layer.weight.shape, dtype=torch.bool, device=layer.weight.device))
+        if self.final_sparsity > 0:  # a shape or option the mask op refuses fails now, not at the era
+            self.masks([layer.weight.detach()], self.final_sparsity)
+
+    def sparse_weight(self, layer) -> Tensor:
+        return masked_weight(layer.weight, layer.mask)
+
+    @torch.no_grad()
+    def update(self, layers: list, step: int, sparsity: float) -> None:
+        """After optimizer step ``step`` with target ``sparsity``: rebuild (in the era) and apply the masks."""
+        start, end = self.era
+        if step <= start:
+            return
+        if step <= end and sparsity > 0:
+            for layer in layers:  # score pruned weights as 0, not where the optimizer moved them
+                layer.weight.masked_fill_(~layer.mask, 0)
+            for layer, mask in zip(layers, self.masks([m.weight for m in layers], sparsity)):
+                layer.mask &= mask
+            self.link_masks(layers)
+        for layer in layers:
+            layer.weight.masked_fill_(~layer.mask, 0)
+
+    def link_masks(self, layers: list) -> None:
+        """After each rebuild in the era: adjust masks that depend on other layers' (none here)."""
+
+    def schedule(self):
+        """The target over optimizer steps: ``ramp`` from 0 to ``final_sparsity`` over the era."""
+        return RAMPS[self.ramp](*self.era, self.final_sparsity)
+
+    def options(self) -> dict:
+        return {"era": self.era, "ramp": self.ramp}

@@ -3,13 +3,12 @@ import math
 
 from torch import Tensor
 
-import sparsekern as sk
-
+from ..ops import power_threshold
 from .base import MagnitudeMethod
 
 
 class Feather(MagnitudeMethod):
-    """``sk.power_threshold(weight, threshold, p, theta)``.
+    """``power_threshold(weight, threshold, p, theta)``.
 
     p: exponent (> 0; 1 = soft, ∞ = hard threshold). theta ∈ [0, 1]: gradient scale of pruned
     weights. Through ``sparsify()``, ``theta=None`` picks the authors' rule: 0.5 if the final
@@ -36,7 +35,7 @@ class Feather(MagnitudeMethod):
         return cls(p=p, theta=theta)
 
     def sparse_weight(self, layer) -> Tensor:
-        return sk.power_threshold(layer.weight, layer.threshold, p=self.p, theta=self.theta)
+        return power_threshold(layer.weight, layer.threshold, p=self.p, theta=self.theta)
 
     def options(self) -> dict:
         return {"p": self.p, "theta": self.theta}

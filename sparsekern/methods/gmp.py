@@ -1,13 +1,12 @@
 """GMP: hard magnitude threshold, pruned weights get no gradient (SPEC §6)."""
 from torch import Tensor
 
-import sparsekern as sk
-
+from ..ops import hard_threshold
 from .base import MagnitudeMethod
 
 
 class GMP(MagnitudeMethod):
-    """``sk.hard_threshold(weight, threshold, ste=False)``: ``w·1[|w| > t]`` with masked gradient.
+    """``hard_threshold(weight, threshold, ste=False)``: ``w·1[|w| > t]`` with masked gradient.
 
     Uniform per-layer pruning (``scope="layer"``, Zhu & Gupta) is the default; ``"global"`` too.
     """
@@ -16,4 +15,4 @@ class GMP(MagnitudeMethod):
     default_scope = "layer"
 
     def sparse_weight(self, layer) -> Tensor:
-        return sk.hard_threshold(layer.weight, layer.threshold, ste=False)
+        return hard_threshold(layer.weight, layer.threshold, ste=False)

@@ -3,13 +3,12 @@ import math
 
 from torch import Tensor
 
-import sparsekern as sk
-
+from ..ops import st3_threshold
 from .base import MagnitudeMethod
 
 
 class ST3(MagnitudeMethod):
-    """``sk.st3_threshold(weight, threshold, rescale)``; ``threshold = 0`` is the identity."""
+    """``st3_threshold(weight, threshold, rescale)``; ``threshold = 0`` is the identity."""
 
     name = "st3"
 
@@ -19,7 +18,7 @@ class ST3(MagnitudeMethod):
         self.rescale = rescale
 
     def sparse_weight(self, layer) -> Tensor:
-        return sk.st3_threshold(layer.weight, layer.threshold, rescale=self.rescale)
+        return st3_threshold(layer.weight, layer.threshold, rescale=self.rescale)
 
     def options(self) -> dict:
         return {"rescale": self.rescale}

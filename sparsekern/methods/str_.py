@@ -5,15 +5,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-import sparsekern as sk
-
+from ..ops import str_threshold
 from .base import Method
 
 _GRANULARITIES = ("layer", "channel", "weight")
 
 
 class STR(Method):
-    """``sk.str_threshold(weight, s, activation)``: ``sign(w)·max(|w| − g(s), 0)``.
+    """``str_threshold(weight, s, activation)``: ``sign(w)·max(|w| − g(s), 0)``.
 
     Layer state: ``s``, an fp32 Parameter: shape ``()`` for ``granularity="layer"`` (the paper's
     default), ``[K_out]`` for ``"channel"``, ``weight.shape`` for ``"weight"``, filled with ``s_init``.
@@ -44,7 +43,7 @@ class STR(Method):
         layer.s = nn.Parameter(torch.full(shape, self.s_init, dtype=torch.float32, device=w.device))
 
     def sparse_weight(self, layer) -> Tensor:
-        return sk.str_threshold(layer.weight, layer.s, activation=self.activation)
+        return str_threshold(layer.weight, layer.s, activation=self.activation)
 
     def options(self) -> dict:
         return {"s_init": self.s_init, "activation": self.activation, "granularity": self.granularity}
