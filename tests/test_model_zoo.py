@@ -339,13 +339,18 @@ def test_sparse_training(zoo, method):
         sp = sk.sparsify(model, method, **kwargs)
         check_ties(zoo, model, sparse=True)
         opt = torch.optim.SGD(sp.param_groups(model, lr=0.05, weight_decay=1e-4), lr=0.05, momentum=0.9)
+        params = [p for group in opt.param_groups for p in group["params"]]
         for _ in range(STEPS):
             loss = zoo.loss(model, zoo.batch) + sp.loss()
             assert torch.isfinite(loss), (zoo.name, method, loss)
             opt.zero_grad()
             loss.backward()
+            # batch-2 BatchNorm in a tiny MobileNetV2 (1×1 maps) gives 1e5..1e22 gradients once ASL
+            # prunes a layer to ~99 %: clipped, so every run trains sane weights
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sp.step()
+        assert torch.isfinite(zoo.loss(model, zoo.batch)), (zoo.name, method)
     ours = [str(w.message) for w in caught if "sparsekern" in str(w.message) or "sparsify" in str(w.message)]
     check_ties(zoo, model, sparse=True)
 
@@ -444,8 +449,8 @@ def check_convert(zoo, method, model, final):
     """convert(min_speedup=0: every layer it may take is converted) → each converted layer equals
     its dense layer on the input it gets in the model (fp32 tolerance), and the model's outputs
     are as close to the exact (float64) outputs as the dense fp32 model's are (deep tiny nets
-    with batch-2 BatchNorm statistics amplify rounding: MobileNetV2's logits move by 1e-3
-    relative when one layer sums in another order)."""
+    with batch-2 BatchNorm statistics amplify rounding: MobileNetV2's fp32 logits are ~3e-5
+    relative off the float64 ones, ~100× the other models', so one fixed tolerance would not do)."""
     exact = run_eval(zoo, copy.deepcopy(model).double(),
                      batch={k: v.double() if v.is_floating_point() else v for k, v in zoo.batch.items()})
     dense = dict(model.named_modules())
