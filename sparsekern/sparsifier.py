@@ -2,6 +2,8 @@
 import gc
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -195,9 +197,8 @@ class Sparsifier:
         dead = [name for name, f in zip(self.layers, flags) if f and name not in self._dead]
         if dead:
             self._dead.update(dead)
-            warnings.warn(f"sparsekern: {len(dead)} layer(s) are 100 % pruned (all weights zero): {dead}. "
-                          "sparsify(..., min_density=d) keeps at least a fraction d of every layer, or exclude= them",
-                          UserWarning, stacklevel=4)
+            _warn(f"sparsekern: {len(dead)} layer(s) are 100 % pruned (all weights zero): {dead}. "
+                  "sparsify(..., min_density=d) keeps at least a fraction d of every layer, or exclude= them")
 
     def loss(self) -> Tensor:
         """The sparsity loss to add to the task loss (0-d): ASL's ``AdaptiveSparsityLoss`` over
@@ -332,6 +333,17 @@ class Sparsifier:
                 f"{state}, scope={self.scope})")
 
 
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside sparsekern and torch (the user's line)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: _warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 def _excluded(exclude, model: nn.Module) -> Callable[[str, nn.Module], bool]:
     if callable(exclude):
         return exclude
@@ -391,10 +403,10 @@ class _FirstForward:
         for h in self.handles:
             h.remove()
         if unread:
-            warnings.warn(f"sparsekern: the first forward did not read these sparse weights through their module "
-                          f"attribute: {unread}. If the model uses them another way (module._parameters, a reference "
-                          "kept from before sparsify()), that use runs DENSE; if they are just unused in this forward, "
-                          "ignore this.", UserWarning, stacklevel=2)
+            _warn(f"sparsekern: the first forward did not read these sparse weights through their module "
+                  f"attribute: {unread}. If the model uses them another way (module._parameters, a reference "
+                  "kept from before sparsify()), that use runs DENSE; if they are just unused in this forward, "
+                  "ignore this.")
 
 
 def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
