@@ -1,6 +1,6 @@
 """``python -m bench``: every op family (threshold, select, bound, masks, spmm) and the
 training-step overhead of every method, sparsekern vs eager PyTorch and ``torch.compile``, on the
-present device (CUDA if available). Prints a summary table and the DESIGN.md targets (PASS/FAIL),
+present device (CUDA if available). Prints a summary table and the targets (docs/benchmarks.md) (PASS/FAIL),
 writes ``<out>/<device>-<date>[-<suite>].json`` (schema: ``bench/report.py``), a Markdown report
 next to it and PNG plots (speedup vs size per op; the spmm crossover map).
 

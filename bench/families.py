@@ -4,7 +4,7 @@ Every ``run_<family>(ctx)`` returns result rows in the schema of ``bench/report.
 run metadata, which ``__main__`` adds). Providers of one case are timed side by side
 (``harness.time_steps``: warmup, compilation included, then round-robin calls) unless the family's
 own ``bench_case`` (masks, spmm: owned by their modules) times them. ``BASELINES`` names the
-provider each family's speedups are relative to; ``TARGETS`` are the DESIGN.md targets.
+provider each family's speedups are relative to; ``TARGETS`` are the targets (docs/benchmarks.md).
 """
 import dataclasses
 import math
@@ -432,7 +432,7 @@ CUDA_TARGETS = [
 
 
 def targets(rows, device):
-    """``[{target, status, value, text}]`` (DESIGN.md): every mask case ≥ 10× eager and, on CPU,
+    """``[{target, status, value, text}]`` (docs/benchmarks.md): every mask case ≥ 10× eager and, on CPU,
     the fixed TARGETS, sparse Linear at batch 64 never < 0.95× dense (``convert()``, with its
     dense fallback; provider "convert"), no layer of the converted ResNet-50 < 0.95× dense; on
     CUDA, CUDA_TARGETS and every fused op ≥ 80 % of copy bandwidth and ≥ 1× compile. Status

@@ -1,7 +1,7 @@
 """Shared benchmark machinery: cases, inputs, providers, timing, peak memory, run metadata.
 
 Used by ``python -m bench`` (``bench/__main__.py``) and the pytest-benchmark files
-(``bench/bench_*.py``). Providers (DESIGN.md §8): ``eager`` = ``sparsekern.reference.<op>``,
+(``bench/bench_*.py``). Providers (docs/benchmarks.md): ``eager`` = ``sparsekern.reference.<op>``,
 ``compile`` = ``torch.compile(reference.<op>)``, ``sparsekern`` = ``sparsekern.<op>``.
 
 Peak memory (:func:`peak_extra_bytes`) is the memory one forward+backward call needs on top of

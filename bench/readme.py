@@ -36,7 +36,7 @@ def section(doc, results_path, readme_path):
         rows = [r for r in doc["rows"] if r["family"] == family]
         lines += ["", f"**{report.FAMILY_TITLES.get(family, family)}**", "", report.compact_table(rows)]
     if doc.get("targets"):
-        lines += ["", "Targets (DESIGN.md):", ""] + [f"- {t['text']}" for t in doc["targets"]]
+        lines += ["", "Targets ([docs/benchmarks.md](docs/benchmarks.md)):", ""] + [f"- {t['text']}" for t in doc["targets"]]
     for png in ("speedup", "spmm-crossover"):
         path = f"{os.path.splitext(results_path)[0]}-{png}.png"
         if os.path.exists(path):

@@ -201,7 +201,7 @@ def markdown(doc, plots=()):
         rows = [r for r in doc["rows"] if r["family"] == family]
         lines += ["", f"## {family}", "", FAMILY_TITLES.get(family, ""), "", family_table(rows)]
     if doc.get("targets"):
-        lines += ["", "## Targets (DESIGN.md)", ""] + [f"- {t['text']}" for t in doc["targets"]]
+        lines += ["", "## Targets (docs/benchmarks.md)", ""] + [f"- {t['text']}" for t in doc["targets"]]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """sparsekern: fused kernels for sparse training and sparse inference in PyTorch.
 
-See README.md for the API; the math of every op is in SPEC.md (section cited per function).
+See README.md for the API; the math of every op is in docs/methods.md (SPEC §n, cited per function).
 """
 from . import _ext, reference  # noqa: F401  (_ext loads the C++ kernels or warns)
 from .ops import asl_threshold, gaussian_bound, gaussian_bounds

@@ -1,7 +1,7 @@
-"""Eager-PyTorch reference of every sparsekern op, written straight from SPEC.md.
+"""Eager-PyTorch reference of every sparsekern op, written straight from the math (docs/methods.md, SPEC §n).
 
 This module is the test oracle and the "eager" benchmark baseline: plain, unfused PyTorch with
-the autograd behaviour SPEC.md prescribes. All threshold math runs in fp32 whatever the storage
+the autograd behaviour the math prescribes. All threshold math runs in fp32 whatever the storage
 dtype (SPEC §0); results are cast back to the weight's dtype.
 
 Shapes: ``w`` is any weight, dim 0 is the output channel (``K = w.shape[0]``, ``K = 1`` for a

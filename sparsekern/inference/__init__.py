@@ -1,4 +1,4 @@
-"""Sparse inference: eval-only sparse modules and ``convert`` (DESIGN.md, issue 6).
+"""Sparse inference: eval-only sparse modules and ``convert`` (README "Quickstart: sparse inference").
 
 ``convert(model, min_speedup=1.0)`` swaps each ``nn.Linear`` / ``nn.Conv2d`` for the sparse
 module (csr, block, nm or ck format) that a cost model ranks best and a short measurement

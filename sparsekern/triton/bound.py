@@ -1,4 +1,4 @@
-"""Triton kernels for the bound family (SPEC.md §4): Gaussian bounds and the ASL bound.
+"""Triton kernels for the bound family (SPEC §4: docs/methods.md): Gaussian bounds and the ASL bound.
 
 Three launchers with the signatures and preconditions of the C++ kernels
 (``torch.ops.sparsekern_C.<name>``, contract in ``csrc/cpu/bound.cpp`` and

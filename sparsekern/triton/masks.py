@@ -1,4 +1,4 @@
-"""Triton kernels for the masks family (SPEC.md §5).
+"""Triton kernels for the masks family (SPEC §5: docs/methods.md).
 
 Four launchers with the signatures and preconditions of the C++ kernels
 (``torch.ops.sparsekern_C.<name>``, contract in ``sparsekern/ops/masks.py``): contiguous

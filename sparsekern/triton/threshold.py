@@ -1,4 +1,4 @@
-"""Triton kernels for the threshold family (SPEC.md §1–3, §6).
+"""Triton kernels for the threshold family (SPEC §1–3, §6: docs/methods.md).
 
 Seven launchers with the same signatures and preconditions as the C++ kernels
 (``torch.ops.sparsekern_C.<name>``): ``w`` / ``grad`` contiguous fp32/fp16/bf16 of any shape,
