@@ -350,3 +350,19 @@ def test_conv_kinds_and_what_each_method_supports():
         sp = sk.sparsify(m, method, **_kw(method))
         assert list(sp.layers) == ["0", "1", "3", "5", "6"]
         _train(m, sp, x, steps=1)
+
+
+def test_include_replaces_the_default_choice():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    sp = sk.sparsify(model, "gmp", sparsity=0.5, include=lambda n, m: isinstance(m, (nn.Embedding, nn.Linear)))
+    assert list(sp.layers) == ["0", "1", "3"]
+    ids = torch.randint(0, 10, (2, 5))
+    assert torch.equal(model[0](ids), F.embedding(ids, sp.layers["0"].effective_weight()))
+    assert (model[0].weight == 0).float().mean() == 0.5
+    plain = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    with pytest.raises(ValueError, match=r"include picks '1' \(LayerNorm\), which has no ≥ 2-D 'weight'"):
+        sk.sparsify(plain, "gmp", sparsity=0.5, include=lambda n, m: n == "1")
+    assert type(plain[0]) is nn.Linear
+    with pytest.raises(TypeError, match="include must be a predicate"):
+        sk.sparsify(plain, "gmp", sparsity=0.5, include=["0"])
