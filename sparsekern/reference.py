@@ -30,6 +30,24 @@ def _rows(x, k):
     return x.reshape(k, x.numel() // k if k else 0)
 
 
+def std(x, dim=None):
+    """Unbiased std of fp32 ``x`` (all of it, or along ``dim`` with the dim kept), in fp32.
+
+    ``torch.std`` in fp32 overflows (inf, NaN) once its sums pass the fp32 range (|x| ≳ 1e34 over
+    many elements) although σ (≤ √2·max|x|) fits: ``x`` is first scaled by the power of two
+    ``2^-e`` that brings ``max|x|`` into [0.5, 1) (``e ≥ 0``: never scaled up) and σ scaled back.
+    Power-of-two scaling is exact short of subnormals, so ordinary weights get torch's σ bit for
+    bit. A NaN or inf gives NaN.
+    """
+    if x.numel() == 0:  # nothing to scale (amax of nothing is an error): NaN, as torch.std
+        return x.std() if dim is None else x.std(dim, keepdim=True)
+    top = x.abs().amax() if dim is None else x.abs().amax(dim, keepdim=True)
+    e = torch.frexp(top).exponent.clamp(min=0)
+    scale = torch.ldexp(torch.ones_like(top), -e)
+    y = x * scale
+    return (y.std() if dim is None else y.std(dim, keepdim=True)) / scale
+
+
 def broadcast_threshold(t, w):
     """``t`` (number or tensor, see module doc) as an fp32 tensor broadcastable to ``w``."""
     t = torch.as_tensor(t, device=w.device).float()
@@ -107,21 +125,49 @@ def soft_threshold_backward(grad, w, t, activation="identity"):
 # --- SPEC §2: soft threshold with per-channel rescale (ST-3) -----------------------------------
 
 def st3_scale(w, t):
-    """Per-output-channel rescale ``1.01 / (ρ + 0.01)`` of SPEC §2, fp32 ``[K]``."""
+    """Per-output-channel rescale ``1.01 / (ρ + 0.01)`` of SPEC §2, fp32 ``[K]``.
+
+    The means of ``|w|`` and of the kept ``|w|`` are summed in float64 and rounded to fp32 (an
+    fp32 sum overflows for huge weights although the mean fits), ρ in fp32. A channel with a kept
+    infinite weight gets ρ = 1, the limit of ρ as that weight grows (both means are dominated by
+    it), so scale 1 instead of ``inf/inf = NaN`` over the whole channel; a NaN weight gives NaN.
+    """
     k = _channels(w)
     a = w.float().abs()
-    kept = a > broadcast_threshold(t, w)
-    rho = (_rows(a * kept, k).mean(1) + 1e-6) / (_rows(a, k).mean(1) + 1e-6)
+    kept = torch.where(a > broadcast_threshold(t, w), a, 0.0)
+    n = a.numel() // k if k else 0
+    mean_all = (_rows(a, k).sum(1, dtype=torch.float64) / n).float()
+    mean_kept = (_rows(kept, k).sum(1, dtype=torch.float64) / n).float()
+    rho = (mean_kept + 1e-6) / (mean_all + 1e-6)
+    rho = torch.where(mean_kept.isinf() & mean_all.isinf(), 1.0, rho)
     return 1.01 / (rho + 0.01)
 
 
-def st3_threshold(w, t, rescale=True):
-    """ST-3 forward ``scale_o·sign(w)·max(|w| − t, 0)``; dense straight-through backward (SPEC §2)."""
-    wf = w.float()
+def st3_threshold_forward(w, t, rescale=True):
+    """ST-3 forward ``scale_o·sign(w)·max(|w| − t, 0)`` in w's dtype (SPEC §2), no autograd."""
+    wf = w.detach().float()
     q = torch.sign(wf) * torch.relu(wf.abs() - broadcast_threshold(t, w))
     if rescale:
         q = st3_scale(w, t).reshape(_channel_view(w)) * q
-    return (q.detach() + (wf - wf.detach())).to(w.dtype)
+    return q.to(w.dtype)
+
+
+# Straight-through estimators are autograd Functions, not ``q.detach() + (w − w.detach())``: that
+# sum is ``inf − inf = NaN`` in the forward for an infinite weight.
+class _ST3Threshold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, t, rescale):
+        return st3_threshold_forward(w, t, rescale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def st3_threshold(w, t, rescale=True):
+    """ST-3 (SPEC §2): :func:`st3_threshold_forward`; dense straight-through backward
+    (``∂L/∂w = grad`` for every weight; no gradient to t)."""
+    return _ST3Threshold.apply(w, t, rescale)
 
 
 # --- SPEC §3: power threshold (Feather) --------------------------------------------------------
@@ -170,13 +216,32 @@ def power_threshold_backward(grad, w, t, theta=1.0):
 
 # --- SPEC §6: hard threshold (GMP) --------------------------------------------------------------
 
+def hard_threshold_forward(w, t):
+    """``w·1[|w| > t]`` in w's dtype (SPEC §6), no autograd."""
+    wf = w.detach().float()
+    return (wf * (wf.abs() > broadcast_threshold(t, w))).to(w.dtype)
+
+
+class _HardThreshold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, t, ste):
+        ctx.ste = ste
+        if not ste:
+            ctx.save_for_backward(w, t)
+        return hard_threshold_forward(w, t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.ste:
+            return grad, None, None
+        w, t = ctx.saved_tensors
+        return hard_threshold_backward(grad, w, t), None, None
+
+
 def hard_threshold(w, t, ste=True):
-    """``w·1[|w| > t]``; backward dense straight-through (``ste``) or masked (GMP, SPEC §6)."""
-    wf = w.float()
-    tb = broadcast_threshold(t, w)
-    q = wf * (wf.abs() > tb)
-    passed = torch.ones_like(wf) if ste else ((wf.abs() > tb) | (tb == 0)).float()
-    return (q.detach() + (wf - wf.detach()) * passed).to(w.dtype)
+    """``w·1[|w| > t]`` (:func:`hard_threshold_forward`); backward dense straight-through
+    (``ste``) or masked (GMP, SPEC §6: :func:`hard_threshold_backward`); no gradient to t."""
+    return _HardThreshold.apply(w, torch.as_tensor(t, dtype=torch.float32, device=w.device), ste)
 
 
 def hard_threshold_backward(grad, w, t):
@@ -275,10 +340,11 @@ def magnitude_thresholds(tensors, sparsities, interpolation="linear"):
 def gaussian_bound(w, sparsity):
     """Gaussian bound ``σ·√2·erfinv(s)`` (SPEC §4, ASL paper Eq. 3): 0-d fp32.
 
-    σ = unbiased std of w in fp32 (eager ``std``), the product in float64 rounded once to fp32.
-    ``s = 1`` gives +inf (every weight pruned, also for σ = 0); a NaN or inf weight gives NaN.
+    σ = unbiased std of w in fp32 (:func:`std`: eager ``std``, safe from fp32 overflow), the
+    product in float64 rounded once to fp32. ``s = 1`` gives +inf (every weight pruned, also for
+    σ = 0); a NaN or inf weight gives NaN.
     """
-    sigma = w.detach().float().std()
+    sigma = std(w.detach().float())
     if sparsity == 1:
         return torch.where(sigma.isnan(), sigma, math.inf)
     c = math.sqrt(2) * torch.erfinv(torch.tensor(float(sparsity), dtype=torch.float64, device=w.device))
@@ -333,9 +399,9 @@ def _group_sigma(w, r):
     output channel for one r per channel), shaped to broadcast against w; detached."""
     wf = w.detach().float()
     if r.numel() == 1:
-        return wf.std()
+        return std(wf)
     k = _channels(w)
-    return _rows(wf, k).std(1).reshape(_channel_view(w))
+    return std(_rows(wf, k), 1).reshape(_channel_view(w))
 
 
 def asl_bound(w, r):
@@ -358,8 +424,9 @@ def asl_threshold_backward(grad, w, r):
     """
     r = torch.as_tensor(r, device=w.device).detach().float()
     wf, gf = w.detach().float(), grad.float()
-    q = wf * (wf.abs() > asl_bound(w, r) + 1e-6)
-    total = reduce_to_threshold(gf * (q - wf), r, w)
+    # g·(ŵ − w): 0 where kept, −g·w where pruned (a select: no inf·0 = NaN from either side)
+    contrib = torch.where(wf.abs() > asl_bound(w, r) + 1e-6, 0.0, gf * -wf)
+    total = reduce_to_threshold(contrib, r, w)
     active = (r > 0) & (r < 5)
     return torch.where(active, total / torch.where(active, r, 1.0), 0.0)
 
@@ -432,8 +499,9 @@ def ck_mask(w, sparsity, group="in"):
     """CK mask (SPEC §5, paper Alg. 1) of ``w`` ``[K, C, R, S]``: kernel score ``max |w|`` over
     ``R×S``; per input channel (``"in"``: its ``K`` kernels) or per output filter (``"out"``:
     its ``C`` kernels) prune the ``round(n·s)`` lowest-scoring kernels whole."""
-    k, c = w.shape[:2]
-    score = w.detach().float().abs().reshape(k, c, -1).amax(-1)  # [K, C]
+    k, c, r, s = w.shape
+    a = w.detach().float().abs().reshape(k, c, r * s)
+    score = a.amax(-1) if r * s else a.new_zeros(k, c)  # [K, C]; empty kernels: nothing to score
     if group == "in":
         kept = keep_top(score.t(), k - spec_round(k * sparsity)).t()
     else:
@@ -443,7 +511,10 @@ def ck_mask(w, sparsity, group="in"):
 
 def intra_ck_sparsity(rs, sparsity, window_fraction):
     """CK sparsity of :func:`intra_mask`: ``1 − (1 − s)/d_w`` (clamped to [0, 1]) where
-    ``d_w = (RS − round(RS·f·s))/RS`` is the window step's actual density; 0 if ``d_w = 0``."""
+    ``d_w = (RS − round(RS·f·s))/RS`` is the window step's actual density; 0 if ``d_w = 0`` or
+    the kernels are empty (``RS = 0``: nothing to prune, the mask is empty)."""
+    if rs == 0:
+        return 0.0
     d_w = window_keep(rs, window_fraction * sparsity) / rs
     return min(max(1.0 - (1.0 - sparsity) / d_w, 0.0), 1.0) if d_w > 0 else 0.0
 

@@ -361,6 +361,57 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(r.grad, gr)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_huge_and_infinite_values_agree_with_the_math(backend):
+    """Issue 14 (SPARSEKERN_NO_EXT=1 serves CPU with the reference): σ of weights up to 3.4e38
+    is representable, but fp32 sums overflow: torch's fp32 ``std`` (the reference) gave inf/NaN,
+    and C++ gave NaN once a first block's fp32 lane sum for its mean overflowed. Both now give
+    the float64 σ, the ASL bound and mask from it; and the reference's ASL ∂r no longer turns
+    ``g·(ŵ − w)`` into ``inf·0 = NaN`` for a kept weight with an infinite gradient."""
+    k, dev = _backend(backend)
+    for shape in [(8,), (5000,), (3, 70_001)]:
+        w = torch.full(shape, 3e38)
+        w[..., ::2] = -1e38
+        w[..., 1::5] = 2e36
+        exp = w.double().std().float()
+        bounds, nan_index = k.gaussian_bounds([w, w * 1e-30], [1.0, 1.0])
+        torch.testing.assert_close(bounds, torch.stack([exp, exp * 1e-30]), atol=0, rtol=1e-6)
+        assert nan_index.item() == -1
+        for r in ([0.5], [0.0]):
+            rt = torch.tensor(r)
+            b = (rt.clamp(0, 5) * exp).float() + 1e-6
+            assert torch.equal(k.asl_fwd(w, rt), w * (w.abs() > b))
+    w = torch.tensor([[0.1, -0.1, 5.0, 0.2], [1.0, 2.0, -3.0, 0.5]])
+    g = torch.tensor([[-1.0, 2.0, math.inf, 1.0], [1.0, 1.0, 1.0, 1.0]])  # inf·(ŵ − w) for a kept w is 0
+    r = torch.tensor([2.0, 0.5])
+    exp = reference.asl_threshold_backward(g[1:], w[1:], r[1:])
+    out = k.asl_bwd(g, w, r)
+    assert out[0].item() == pytest.approx(-(-1.0 * 0.1 + 2.0 * -0.1 + 1.0 * 0.2) / 2.0, rel=1e-6)
+    torch.testing.assert_close(out[1:], exp, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["False", "True", 0, 1, None])
+def test_check_nan_must_be_a_bool(bad):
+    """Issue 14: a truthy string was taken as True; now a TypeError naming the flag."""
+    with pytest.raises(TypeError, match="check_nan must be a bool"):
+        sk.gaussian_bound(W, 0.5, check_nan=bad)
+    with pytest.raises(TypeError, match="check_nan must be a bool"):
+        sk.gaussian_bounds([W, W], 0.5, check_nan=bad)
+
+
+def test_meta_tensors_give_shapes():
+    """Issue 14: meta tensors raised ``Tensor.item() cannot be called on meta tensors`` from the
+    NaN check of the Gaussian bounds; now shapes only (the check is skipped: no value to read).
+    ASL already worked on meta (its r check is an async assert there)."""
+    w = torch.empty(16, 8, 3, 3, device="meta")
+    b = sk.gaussian_bound(w, 0.9)
+    assert b.device.type == "meta" and b.shape == () and b.dtype == torch.float32
+    bs = sk.gaussian_bounds([w, torch.empty(7, device="meta", dtype=torch.float16)], [0.5, 0.1])
+    assert bs.device.type == "meta" and bs.shape == (2,) and bs.dtype == torch.float32
+    out = sk.asl_threshold(w, torch.full((16,), 0.5, device="meta"))
+    assert out.device.type == "meta" and out.shape == w.shape
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 W = make_weight((4, 3), torch.float32)

@@ -110,6 +110,21 @@ def test_kernels_nan_and_empty(backend):
     assert k.nm_mask(e, 2, 4).shape == e.shape and k.kernel_mask(e, 2, 0, False).shape == e.shape
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 0, 0), (4, 3, 0, 3), (4, 3, 3, 0), (0, 3, 3, 3), (4, 0, 3, 3)])
+def test_empty_kernels(shape):
+    """Issue 14: intra_mask of a conv with R·S = 0 raised ZeroDivisionError (its CK sparsity
+    divides by R·S); every conv mask of an empty weight is the empty mask, for every option."""
+    w = torch.empty(shape)
+    for group in ("in", "out"):
+        for s in (0.0, 0.5, 1.0):
+            for mask in (sk.intra_mask(w, s, group=group), sk.intra_mask(w, s, window_fraction=1.0, group=group),
+                         R.intra_mask(w, s, group=group), torch.ops.sparsekern.intra_mask(w, s, 0.5, group),
+                         sk.window_mask(w, s), sk.ck_mask(w, s, group=group), R.ck_mask(w, s, group),
+                         R.window_mask(w, s), M.REFERENCE_KERNELS.kernel_mask(w, 0, 0, group == "out")):
+                assert mask.dtype == torch.bool and mask.shape == w.shape
+    assert R.intra_ck_sparsity(0, 0.5, 0.5) == 0.0
+
+
 # --- mask properties (public API, SPEC §5) ----------------------------------------------------------
 
 def test_nm_counts_and_top_magnitudes():

@@ -367,6 +367,27 @@ def test_bad_per_tensor_inputs(args, exc, match):
         sk.magnitude_thresholds(*args)
 
 
+@pytest.mark.parametrize("bad", ["False", "True", 0, 1, None])
+def test_check_nan_must_be_a_bool(bad):
+    """Issue 14: a truthy string was taken as True; now a TypeError naming the flag."""
+    with pytest.raises(TypeError, match="check_nan must be a bool"):
+        sk.global_magnitude_threshold([W], 0.5, check_nan=bad)
+    with pytest.raises(TypeError, match="check_nan must be a bool"):
+        sk.magnitude_thresholds([W], 0.5, check_nan=bad)
+
+
+def test_meta_tensors_give_shapes():
+    """Issue 14: meta tensors (shapes without data, as torch.compile's fake tensors) raised
+    ``Tensor.item() cannot be called on meta tensors`` from the NaN check; now the result's
+    shape, dtype and device, like the ops' fake kernels, and the check is skipped (no value)."""
+    ts = [torch.empty(6, 5, 3, 3, device="meta"), torch.empty(7, device="meta", dtype=torch.bfloat16)]
+    t = sk.global_magnitude_threshold(ts, 0.5, scales=[1.0, 2.0])
+    assert t.device.type == "meta" and t.shape == () and t.dtype == torch.float32
+    v = sk.magnitude_thresholds(ts, [0.5, 0.1], interpolation="nearest")
+    assert v.device.type == "meta" and v.shape == (2,) and v.dtype == torch.float32
+    assert sk.global_magnitude_threshold(ts, 0.5, check_nan=False).device.type == "meta"
+
+
 # --- registration ---------------------------------------------------------------------------------
 
 def test_opcheck():

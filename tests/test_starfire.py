@@ -365,3 +365,33 @@ def test_fc_inputs_drop_inputs_of_dead_channels(one_thread):
     sp2 = sparsify(model2, "starfire", sparsity=0.5, era=(0, 6), conv3x3="ck")
     _train(model2, sp2, _optimizer(model2), x, y, 8, torch.Generator().manual_seed(0))
     assert model2[4].mask[:, 16:32].any()
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("starfire", {"sparsity": 0.5}), ("starfire", {"sparsity": 0.5, "fc": "block", "block": 2}),
+    ("nm", {"n": 2, "m": 4})])
+@pytest.mark.parametrize("layer", ["2", "8"])
+def test_nan_weight_raises_naming_the_layer(method, kw, layer):
+    """Issue 14: STARFIRE and N:M kept training on a NaN weight (its mask ranks NaN first) where
+    the magnitude methods raise. On CPU, from the first step past the era's start (in the era
+    and after it), ``step()`` raises FloatingPointError naming the layer before anything changes:
+    weights, masks and the step count are as they were. Before the era nothing is checked."""
+    model = _net()
+    sp = sparsify(model, method, era=(1, 4), exclude=["0"] if method == "nm" else (), **kw)
+    sp.step()  # step 1 = start: nothing happens yet
+    for step in (1, 5):  # in the era, then after it (masks frozen)
+        while sp.step_count < step:
+            sp.step()
+        with torch.no_grad():
+            sp.layers[layer].param.view(-1)[3] = math.nan
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for _ in range(2):
+            with pytest.raises(FloatingPointError, match=f"weight '{layer}' contains NaN"):
+                sp.step()
+            assert sp.step_count == step
+            after = model.state_dict()
+            assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)
+        with torch.no_grad():
+            sp.layers[layer].param.view(-1)[3] = 0.25
+        sp.step()  # fixed: trains on
+        assert sp.step_count == step + 1

@@ -299,6 +299,20 @@ def test_threshold_check_off_the_cpu_reads_no_value(name, kind):
     assert not HOST_READS & set(log.ops), log.ops
 
 
+@pytest.mark.parametrize("bad", ["False", "True", "", 0, 1, None, torch.tensor(False), 0.0])
+def test_bool_flags_must_be_bools(bad):
+    """Issue 14: ``ste``/``rescale`` are bools; anything else (``"False"`` is truthy) is a
+    TypeError naming the flag, before any work (the weight is untouched)."""
+    w = W.clone().requires_grad_()
+    for op, flag in ((sk.hard_threshold, "ste"), (sk.st3_threshold, "rescale")):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            op(w, 0.1, **{flag: bad})
+    assert torch.equal(w.detach(), W) and w.grad is None
+    for flag in (True, False):  # real bools still work
+        sk.hard_threshold(w, 0.1, ste=flag)
+        sk.st3_threshold(w, 0.1, rescale=flag)
+
+
 def test_bad_str_and_power_args():
     with pytest.raises(ValueError, match="s contains NaN"):
         sk.str_threshold(W, torch.tensor(float("nan")))

@@ -128,7 +128,8 @@ struct Lanes64 {
   }
 };
 
-// Mean of len <= kBlock elements (fp32 lanes added up in double), rounded to fp32.
+// Mean of len <= kBlock elements (fp32 lanes added up in double), rounded to fp32. Lanes that
+// overflow (64 terms of |x| ≳ 5e36) are summed again in double: the mean of fp32 values fits.
 template <class S>
 SK_INLINE float block_mean(const typename S::raw* x, int64_t len) {
   Lanes ls;
@@ -140,6 +141,10 @@ SK_INLINE float block_mean(const typename S::raw* x, int64_t len) {
   }
   double sum = ls.sum();
   for (; j < len; ++j) sum += S::load(x[j]);
+  if (!(std::fabs(sum) <= std::numeric_limits<double>::max())) {  // inf or NaN: redo (an inf/NaN stays)
+    sum = 0.0;
+    for (j = 0; j < len; ++j) sum += S::load(x[j]);
+  }
   return float(sum / double(len));
 }
 

@@ -14,7 +14,9 @@
 //     use two passes: per-tile partial sums in parallel, then a parallel elementwise pass.
 //   * sums (st3 means, soft_bwd's grad_t) use 16 fp32 lanes flushed to double every 1024
 //     elements, over fixed tiles combined in a fixed order: the result does not depend on the
-//     thread count or on memory alignment (bit-identical on every call).
+//     thread count or on memory alignment (bit-identical on every call). A block whose lanes
+//     overflow (huge |w|) is summed again in double, so st3's means of fp32 data never overflow;
+//     a kept infinite weight gives its channel scale 1 (the limit of ρ), not NaN.
 //   * on x86-64 Linux/GCC every leaf is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
 //     the baseline, picked at load time (target_clones): the distributed build needs no -march.
 // Agreeing with the reference where a last-bit difference would flip a mask or be amplified:
@@ -92,7 +94,9 @@ SK_INLINE void for_each_run(const float* t, int64_t begin, int64_t n, int64_t in
 // Sums of a(j) and b(j) over [j0, j1) into two doubles, deterministically: per block of 1024,
 // f(j, a, b) fills two buffers (a plain loop the compiler vectorizes), the buffers are added
 // into 16 fp32 lanes by index offset, and the lanes are flushed to double in a fixed order.
-// The result depends neither on the ISA nor on the alignment of the data.
+// The result depends neither on the ISA nor on the alignment of the data. A block whose fp32
+// lanes overflow (64 terms of |w| ≳ 5e36 each; the double sum holds any fp32 data) or meet an
+// inf/NaN is summed again directly in double (one test per block, off the vector loop).
 SK_INLINE void lanes_add(Lanes8& acc, const float* p) {
   Lanes8 v;
   std::memcpy(&v, p, sizeof v);
@@ -131,6 +135,16 @@ SK_INLINE void lane_sum2(int64_t j0, int64_t j1, F&& f, double& out_a, double& o
       f(b0 + j, a, b);
       sa += a;
       sb += b;
+    }
+    if (!(std::fabs(sa) <= std::numeric_limits<double>::max() &&
+          std::fabs(sb) <= std::numeric_limits<double>::max())) {  // inf or NaN
+      sa = sb = 0.0;
+      for (j = 0; j < len; ++j) {
+        float a, b;
+        f(b0 + j, a, b);
+        sa += a;
+        sb += b;
+      }
     }
     da += sa;
     db += sb;
@@ -346,10 +360,13 @@ SK_CLONES void soft_bwd_tiles_leaf(const typename S::raw* g, const typename S::r
   }
 }
 
+// A kept infinite weight makes both means inf: ρ = 1, its limit as that weight grows (both
+// means are dominated by it), instead of inf/inf = NaN over the whole channel. NaN stays NaN.
 SK_INLINE float st3_scale(double sum_all, double sum_kept, int64_t inner) {
   const float mean_all = float(sum_all / double(inner));
   const float mean_kept = float(sum_kept / double(inner));
-  const float rho = (mean_kept + 1e-6f) / (mean_all + 1e-6f);
+  const float rho = std::isinf(mean_kept) && std::isinf(mean_all) ? 1.f
+                                                                  : (mean_kept + 1e-6f) / (mean_all + 1e-6f);
   return 1.01f / (rho + 0.01f);
 }
 
@@ -365,7 +382,7 @@ SK_CLONES void st3_rows_leaf(const typename S::raw* w, const float* t, typename 
     double sa, sk;
     lane_sum2(int64_t(0), inner, [&](int64_t j, float& a, float& k) SK_LAMBDA_INLINE {
       a = std::fabs(S::load(wr[j]));
-      k = a * float(a > thr_at<M>(tr, j, tc));
+      k = a > thr_at<M>(tr, j, tc) ? a : 0.f;  // a select: an inf weight at t = inf is not inf·0
     }, sa, sk);
     const float scale = st3_scale(sa, sk, inner);
     SK_SIMD for (int64_t j = 0; j < inner; ++j) {
@@ -383,7 +400,8 @@ SK_CLONES void st3_single_leaf(const typename S::raw* w, const float* t, typenam
     const float x = S::load(w[j]);
     const float a = std::fabs(x);
     const float thr = M == kScalar ? t[0] : t[j];
-    const float rho = (a * float(a > thr) + 1e-6f) / (a + 1e-6f);
+    // kept: (a + 1e-6)/(a + 1e-6) = 1, also for a = inf (not inf/inf); NaN: pruned, NaN
+    const float rho = a > thr ? 1.f : 1e-6f / (a + 1e-6f);
     const float scale = rescale ? 1.01f / (rho + 0.01f) : 1.f;
     out[j] = S::store(scale * (sign_of(x) * relu(a - thr)));
   }
@@ -403,7 +421,7 @@ SK_CLONES void st3_stats_leaf(const typename S::raw* w, const float* t, double* 
     const float tc = M == kScalar ? t[0] : (M == kChannel ? t[row] : 0.f);
     lane_sum2(int64_t(0), len, [&](int64_t j, float& a, float& k) SK_LAMBDA_INLINE {
       a = std::fabs(S::load(wp[j]));
-      k = a * float(a > thr_at<M>(tp, j, tc));
+      k = a > thr_at<M>(tp, j, tc) ? a : 0.f;
     }, part_all[ti], part_kept[ti]);
   }
 }

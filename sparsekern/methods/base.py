@@ -135,10 +135,21 @@ class MaskMethod(Method):
 
     @torch.no_grad()
     def update(self, layers: list, step: int, sparsity: float) -> None:
-        """After optimizer step ``step`` with target ``sparsity``: rebuild (in the era) and apply the masks."""
+        """After optimizer step ``step`` with target ``sparsity``: rebuild (in the era) and apply the masks.
+
+        From ``step > start`` a NaN weight raises ``FloatingPointError`` naming the layer on CPU
+        (where reading the flag is free), before anything changes, as the magnitude methods'
+        thresholds do. Elsewhere nothing is read back (no host sync): the masks rank NaN above
+        every number, so a NaN weight stays kept and shows in the forward.
+        """
         start, end = self.era
         if step <= start:
             return
+        for layer in layers:
+            w = layer.weight
+            if w.device.type == "cpu" and bool(torch.isnan(w).any()):
+                raise FloatingPointError(f"weight {layer.name!r} contains NaN: its mask is undefined "
+                                         f"(step {step}; nothing was changed)")
         if step <= end and sparsity > 0:
             for layer in layers:  # score pruned weights as 0, not where the optimizer moved them
                 layer.weight.masked_fill_(~layer.mask, 0)

@@ -4,6 +4,7 @@ import math
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import _ext
 
@@ -74,6 +75,20 @@ def check_weight(w, name="w"):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {w.dtype}")
+
+
+def check_bool(x, name):
+    """Raise ``TypeError`` unless ``x`` is a bool (a string such as ``"False"`` is truthy: never
+    taken as a flag); returns it."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(x).__name__} {x!r}")
+    return x
+
+
+def has_values(t):
+    """Whether ``t`` holds data that may be read back: False on meta and for fake tensors
+    (torch.compile tracing, ``FakeTensorMode``), where only shapes exist."""
+    return t.device.type != "meta" and not isinstance(t, FakeTensor) and not is_compiling()
 
 
 def check_number(x, name, lo=-math.inf, hi=math.inf):

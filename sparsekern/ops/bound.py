@@ -30,8 +30,8 @@ from types import SimpleNamespace
 import torch
 
 from .. import reference
-from ._common import (KernelFamily, as_threshold, check_number, check_per_tensor, check_tensors, check_weight,
-                      define_op, is_compiling)
+from ._common import (KernelFamily, as_threshold, check_bool, check_number, check_per_tensor, check_tensors,
+                      check_weight, define_op, has_values)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -63,7 +63,7 @@ def _first_nan(values):
 
 
 def _ref_gaussian_bounds(tensors, multipliers):
-    sigma = torch.stack([t.float().std() for t in tensors])
+    sigma = torch.stack([reference.std(t.float()) for t in tensors])
     c = torch.tensor(multipliers, dtype=torch.float64, device=sigma.device)
     bounds = torch.where(c.isinf() & ~sigma.isnan(), math.inf, (sigma.double() * c).float())
     return bounds, _first_nan(sigma)
@@ -128,7 +128,7 @@ def _check_std_size(t, name):
 
 
 def _raise_on_nan(nan_index, names, check_nan):
-    if check_nan and not is_compiling():
+    if check_nan and has_values(nan_index):  # meta / fake (compile): shapes only, nothing to read
         i = int(nan_index)
         if i >= 0:
             raise FloatingPointError(f"{names(i)} contains NaN or inf: its standard deviation is undefined")
@@ -140,11 +140,13 @@ def gaussian_bound(w, sparsity, check_nan=True):
     w: fp32/fp16/bf16, any shape, ≥ 2 elements; σ = its unbiased std rounded to fp32 (C++:
     double accumulation; Triton: fp32 partial moments). sparsity: in [0, 1] (1 gives inf).
     Returns a 0-d fp32 tensor on w's device. A NaN or inf weight raises FloatingPointError (on
-    CUDA a host sync; ``check_nan=False`` skips it and returns NaN; skipped under torch.compile).
+    CUDA a host sync; ``check_nan=False``, a bool, skips it and returns NaN; skipped under
+    torch.compile and on meta tensors, which give the result's shape only).
     No autograd (σ is treated as a constant). For the exact bound see
     :func:`sparsekern.magnitude_thresholds`.
     """
     check_weight(w)
+    check_bool(check_nan, "check_nan")
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     _check_std_size(w, "w")
     bounds, nan_index = _gaussian_bounds([w.detach()], [sparsity])
@@ -160,6 +162,7 @@ def gaussian_bounds(tensors, sparsities, check_nan=True):
     call's bit for bit. NaN handling as :func:`gaussian_bound`, naming ``tensors[i]``.
     """
     tensors = check_tensors(tensors)
+    check_bool(check_nan, "check_nan")
     sparsities = check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
     for i, t in enumerate(tensors):
         _check_std_size(t, f"tensors[{i}]")

@@ -33,7 +33,7 @@ def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
     k, c, r, s = w.shape
     a = w.float().abs().reshape(k * c, r * s)
     wm = reference.keep_top(a, window_keep)
-    score = torch.where(wm, a, 0.0).amax(1).reshape(k, c)
+    score = torch.where(wm, a, 0.0).amax(1).reshape(k, c) if r * s else a.new_zeros(k, c)
     alive = reference.keep_top(score, ck_keep) if by_out else reference.keep_top(score.t(), ck_keep).t()
     return (wm.reshape(k, c, r * s) & alive[:, :, None]).reshape(w.shape)
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import reference
-from ._common import KernelFamily, check_number, check_per_tensor, check_tensors, define_op, is_compiling
+from ._common import KernelFamily, check_bool, check_number, check_per_tensor, check_tensors, define_op, has_values
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -95,7 +95,7 @@ def _check_interpolation(interpolation):
 
 
 def _raise_on_nan(nan_index, check_nan):
-    if check_nan and not is_compiling():
+    if check_nan and has_values(nan_index):  # meta / fake (compile): shapes only, nothing to read
         i = int(nan_index)
         if i >= 0:
             raise FloatingPointError(f"tensors[{i}] contains NaN (|w|·c is NaN): no threshold exists")
@@ -116,9 +116,11 @@ def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="li
 
     A NaN in any |w|·c raises FloatingPointError naming the tensor index. On CUDA the check reads
     one int64 back (a host sync); ``check_nan=False`` keeps the call asynchronous and returns NaN
-    instead. Under torch.compile the check is skipped (the value is NaN).
+    instead (``check_nan`` must be a bool). Under torch.compile the check is skipped (the value is
+    NaN); meta tensors give the result's shape, dtype and device only.
     """
     tensors = check_tensors(tensors)
+    check_bool(check_nan, "check_nan")
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     if scales is None:
         scales = [1.0] * len(tensors)
@@ -141,6 +143,7 @@ def magnitude_thresholds(tensors, sparsities, interpolation="linear", check_nan=
     NaN handling as in :func:`global_magnitude_threshold`.
     """
     tensors = check_tensors(tensors)
+    check_bool(check_nan, "check_nan")
     sparsities = check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
     _check_interpolation(interpolation)
     for i, t in enumerate(tensors):

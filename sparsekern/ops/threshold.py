@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import reference
-from ._common import KernelFamily, as_threshold, check_number, check_weight, define_op
+from ._common import KernelFamily, as_threshold, check_bool, check_number, check_weight, define_op
 
 
 def _ref_soft_bwd(grad, w, t, act, t_grad):
@@ -30,10 +30,10 @@ def _ref_soft_bwd(grad, w, t, act, t_grad):
 REFERENCE_KERNELS = SimpleNamespace(
     soft_fwd=lambda w, t, act: reference.soft_threshold(w, reference.activate(t, reference.ACTIVATIONS[act])),
     soft_bwd=_ref_soft_bwd,
-    st3_fwd=lambda w, t, rescale: reference.st3_threshold(w, t, rescale),
+    st3_fwd=lambda w, t, rescale: reference.st3_threshold_forward(w, t, rescale),
     power_fwd=lambda w, t, p: reference.power_threshold(w, t, p),
     power_bwd=lambda grad, w, t, theta: reference.power_threshold_backward(grad, w, t, theta),
-    hard_fwd=lambda w, t: reference.hard_threshold(w, t, ste=False),
+    hard_fwd=lambda w, t: reference.hard_threshold_forward(w, t),
     hard_bwd=lambda grad, w, t: reference.hard_threshold_backward(grad, w, t),
 )
 
@@ -160,11 +160,14 @@ def str_threshold(w, s, activation="sigmoid"):
 def st3_threshold(w, t, rescale=True):
     """ST-3 (SPEC §2): ``scale_o·sign(w)·max(|w| − t, 0)``, per-channel rescale in the kernel.
 
-    w: ``[K, ...]``; t ≥ 0 per layer / ``[K]`` / ``w.shape`` (t = 0: identity).
+    w: ``[K, ...]``; t ≥ 0 per layer / ``[K]`` / ``w.shape`` (t = 0: identity). rescale: bool.
+    A channel with a kept infinite weight gets scale 1 (ρ's limit; not inf/inf = NaN) on CPU;
+    the Triton kernel still gives that channel NaN.
     Backward: dense straight-through (``∂w = g`` for every weight); t gets no gradient.
     """
     check_weight(w)
-    return _st3(w, as_threshold(t, w), bool(rescale))
+    rescale = check_bool(rescale, "rescale")
+    return _st3(w, as_threshold(t, w), rescale)
 
 
 def power_threshold(w, t, p=3.0, theta=1.0):
@@ -183,9 +186,10 @@ def power_threshold(w, t, p=3.0, theta=1.0):
 def hard_threshold(w, t, ste=True):
     """Hard threshold ``w·1[|w| > t]`` (SPEC §6).
 
-    ste=True: dense straight-through backward; ste=False: pruned weights get zero gradient (GMP):
+    ste (a bool) True: dense straight-through backward; False: pruned weights get zero gradient (GMP):
     ``∂w = g·1[|w| > t or t = 0]`` — where ``t = 0`` nothing is pruned yet and every weight, exact
     zeros included, gets its gradient (a zero-initialised layer still trains).
     """
     check_weight(w)
-    return _hard(w, as_threshold(t, w), bool(ste))
+    ste = check_bool(ste, "ste")
+    return _hard(w, as_threshold(t, w), ste)
