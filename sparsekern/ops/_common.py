@@ -173,3 +173,12 @@ def check_per_tensor(values, n, name, lo, hi):
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries; expected {n} (one per tensor)")
     return [check_number(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(values)]
+
+
+def raise_on_nan(nan_index, check_nan, what):
+    """Raise ``FloatingPointError(f"{what(i)}")`` when the kernel's NaN flag ``nan_index`` (0-d,
+    ``-1`` = none) names tensor ``i``; nothing to read on meta / fake tensors (shapes only)."""
+    if check_nan and has_values(nan_index):
+        i = int(nan_index)
+        if i >= 0:
+            raise FloatingPointError(what(i))

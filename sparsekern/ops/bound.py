@@ -31,7 +31,7 @@ import torch
 
 from .. import reference
 from ._common import (KernelFamily, as_threshold, check_bool, check_number, check_per_tensor, check_tensors,
-                      check_weight, define_op, has_values)
+                      check_weight, define_op, raise_on_nan)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -127,13 +127,6 @@ def _check_std_size(t, name):
         raise ValueError(f"{name} has {t.numel()} element(s): the unbiased std needs at least 2")
 
 
-def _raise_on_nan(nan_index, names, check_nan):
-    if check_nan and has_values(nan_index):  # meta / fake (compile): shapes only, nothing to read
-        i = int(nan_index)
-        if i >= 0:
-            raise FloatingPointError(f"{names(i)} contains NaN or inf: its standard deviation is undefined")
-
-
 def gaussian_bound(w, sparsity, check_nan=True):
     """Gaussian bound ``σ·√2·erfinv(s)`` of one layer (SPEC §4, ASL paper Eq. 3), one fused pass.
 
@@ -150,7 +143,7 @@ def gaussian_bound(w, sparsity, check_nan=True):
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     _check_std_size(w, "w")
     bounds, nan_index = _gaussian_bounds([w.detach()], [sparsity])
-    _raise_on_nan(nan_index, lambda i: "w", check_nan)
+    raise_on_nan(nan_index, check_nan, lambda i: "w contains NaN or inf: its standard deviation is undefined")
     return bounds.reshape(())
 
 
@@ -167,7 +160,7 @@ def gaussian_bounds(tensors, sparsities, check_nan=True):
     for i, t in enumerate(tensors):
         _check_std_size(t, f"tensors[{i}]")
     bounds, nan_index = _gaussian_bounds(tensors, sparsities)
-    _raise_on_nan(nan_index, lambda i: f"tensors[{i}]", check_nan)
+    raise_on_nan(nan_index, check_nan, lambda i: f"tensors[{i}] contains NaN or inf: its standard deviation is undefined")
     return bounds
 
 

@@ -22,7 +22,8 @@ from types import SimpleNamespace
 import torch
 
 from .. import reference
-from ._common import KernelFamily, check_bool, check_number, check_per_tensor, check_tensors, define_op, has_values
+from ._common import (KernelFamily, check_bool, check_number, check_per_tensor, check_tensors, define_op,
+                      raise_on_nan)
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -94,11 +95,8 @@ def _check_interpolation(interpolation):
             f"interpolation must be one of {reference.INTERPOLATIONS}, got {interpolation!r}")
 
 
-def _raise_on_nan(nan_index, check_nan):
-    if check_nan and has_values(nan_index):  # meta / fake (compile): shapes only, nothing to read
-        i = int(nan_index)
-        if i >= 0:
-            raise FloatingPointError(f"tensors[{i}] contains NaN (|w|·c is NaN): no threshold exists")
+def _nan_message(i: int) -> str:
+    return f"tensors[{i}] contains NaN (|w|·c is NaN): no threshold exists"
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -130,7 +128,7 @@ def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="li
     if not any(t.numel() for t in tensors):
         raise ValueError("tensors hold no elements")
     value, nan_index = _global(tensors, sparsity, scales, interpolation)
-    _raise_on_nan(nan_index, check_nan)
+    raise_on_nan(nan_index, check_nan, _nan_message)
     return value
 
 
@@ -150,5 +148,5 @@ def magnitude_thresholds(tensors, sparsities, interpolation="linear", check_nan=
         if t.numel() == 0:
             raise ValueError(f"tensors[{i}] is empty: its quantile is undefined")
     values, nan_index = _each(tensors, sparsities, interpolation)
-    _raise_on_nan(nan_index, check_nan)
+    raise_on_nan(nan_index, check_nan, _nan_message)
     return values
