@@ -42,7 +42,6 @@ BATCHES = (1, 64)
 FEATURES = 4096
 #: (batch, sparsity, baseline) -> minimum speedup of sparsekern, Linear 4096² (issue 6)
 TARGETS = {(64, 0.9, "dense"): 4.0, (64, 0.95, "dense"): 7.0, (64, 0.9, "torch_csr"): 1.5}
-CONV_SPARSITIES = (0.7, 0.8, 0.9, 0.95)
 CONV_TARGET = (0.9, 2.5)  # 3×3 256→256 56×56 batch 1: ≥ 2.5× dense at 90 %
 #: After convert(), no layer slower than this fraction of dense (issue 6).
 MIN_LAYER_SPEEDUP = 0.95
@@ -226,18 +225,6 @@ def bench_point(spec, sparsity, seed=0, budget_s=0.5, min_reps=7, max_reps=100):
             "vs_dense": stats["dense"]["median_s"] / s, "vs_torch_csr": stats["torch_csr"]["median_s"] / s}
 
 
-def bench_case(batch, sparsity):
-    """Linear 4096², ``[batch, 4096]`` input: row with ``batch``, ``sparsity``, ``load`` and the
-    providers' stats (:func:`bench_point`)."""
-    return bench_point(linear_spec(batch), sparsity)
-
-
-def bench_conv(sparsity, seed=0):
-    """3×3 conv 256→256, padding 1, input [1, 256, 56, 56] (:data:`TARGET_CONV`): F.conv2d vs
-    torch CSR vs CSRConv2d."""
-    return bench_point(TARGET_CONV, sparsity, seed=seed)
-
-
 def crossover(specs, sparsities=SPARSITIES, progress=True, **timing):
     """:func:`bench_point` for every spec × sparsity (tqdm progress bar); ``timing``: the
     ``budget_s``/``min_reps``/``max_reps`` of :func:`bench_point`."""
@@ -326,19 +313,6 @@ def plot_crossover(rows, path, title="sparsekern speedup (fp32, CPU)"):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def conv_table(rows):
-    lines = ["| sparsity | dense ms | sparsekern ms | vs dense | other load (CPUs) |", "|---|---|---|---|---|"]
-    for r in rows:
-        d, s = r["dense"]["median_s"], r["sparsekern"]["median_s"]
-        lines.append(f"| {r['sparsity']:.0%} | {d * 1e3:.3f} | {s * 1e3:.3f} | {d / s:.1f}× | {r['load']:.1f} |")
-    r = next((r for r in rows if r["sparsity"] == CONV_TARGET[0]), None)
-    if r is None:
-        return lines
-    x = r["dense"]["median_s"] / r["sparsekern"]["median_s"]
-    return lines + ["", f"- 3×3 conv, {CONV_TARGET[0]:.0%}: ≥ {CONV_TARGET[1]}× dense — measured {x:.1f}× "
-                        f"({'PASS' if x >= CONV_TARGET[1] else 'FAIL'})"]
 
 
 def table(rows):
@@ -497,11 +471,6 @@ def check_targets(rows, model=None):
                     "text": f"- {name} — " + ("not measured" if value is None else f"measured {value:.2f}×")
                     + f" ({status})"})
     return out
-
-
-def targets(rows):
-    """Markdown lines of the Linear 4096² targets measured in ``rows``."""
-    return [t["text"] for t in check_targets(rows)[:len(TARGETS)] if t["status"] != "NOT MEASURED"]
 
 
 # --- script ---------------------------------------------------------------------------------------

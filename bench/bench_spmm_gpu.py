@@ -62,50 +62,32 @@ def make_weights(out_f, in_f, sparsity, dtype, gen, device="cuda"):
     return {k: v.to(device=device, dtype=dtype) for k, v in ws.items()}
 
 
-def to_bsr(w, block):
-    """(rowptr int64, col int32, val [nnzb, block, block]) of w [out, in]: nonzero blocks."""
-    (o, i), (br, bc) = w.shape, (-(-w.shape[0] // block), -(-w.shape[1] // block))
-    padded = w.new_zeros(br * block, bc * block)
-    padded[:o, :i] = w
-    blocks = padded.view(br, block, bc, block).transpose(1, 2)
-    keep = blocks.ne(0).flatten(2).any(2)
-    rowptr = torch.cat([keep.new_zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
-    nz = keep.nonzero()
-    return rowptr, nz[:, 1].to(torch.int32), blocks[nz[:, 0], nz[:, 1]].contiguous()
-
-
-def to_nm(w, n, m):
-    """(val [out, in·n/m], idx uint8) of w [out, in] with exactly n nonzeros in every group of m."""
-    o, i = w.shape
-    groups = w.reshape(o, i // m, m)
-    pos = groups.ne(0).to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n].sort(-1).values
-    return groups.gather(2, pos).reshape(o, -1).contiguous(), pos.reshape(o, -1).to(torch.uint8)
-
-
 def providers(ws, bias, sparsity, dtype_name):
     """name -> (x -> y, its weight) for the providers that apply to this case."""
-    from sparsekern.ops.spmm import csr_from_dense
+    from sparsekern.inference.formats import bsr_from_dense, csr_from_dense, nm_from_dense
     from sparsekern.triton import spmm as T
 
     w, out_f = ws["unstructured"], ws["unstructured"].shape[0]
     b = bias.to(w.dtype)
 
-    def as_cols(x):  # x [B, in] -> [in, B], as ops.spmm.csr_linear does
+    def cast(*tensors):  # the builders take fp32: their values back in w's dtype (exact for fp16/bf16)
+        return [t.to(w.dtype) if t.is_floating_point() else t for t in tensors]
+
+    def as_cols(x):  # x [B, in] -> [in, B], as inference.functional.sparse_linear does
         return x.reshape(-1, 1) if x.shape[0] == 1 else x.t().contiguous()
 
     csr = w.to_sparse_csr()
-    rowptr, col, val = csr_from_dense(w.float())
-    val = val.to(w.dtype)
+    rowptr, col, val = cast(*csr_from_dense(w.float()))
     fns = {
         "dense": (lambda x: F.linear(x, w, b), w),
         "torch_csr": (lambda x: (csr @ x.t()).t() + b, w),
         "sk_csr": (lambda x: T.csr_mm(rowptr, col, val, bias, as_cols(x), out_f, True), w),
     }
-    bsr = to_bsr(ws["block"], BSR_BLOCK)
+    bsr = cast(*bsr_from_dense(ws["block"].float(), (BSR_BLOCK, BSR_BLOCK)))
     fns["sk_bsr"] = (lambda x: T.bsr_mm(*bsr, bias, as_cols(x), out_f, True), ws["block"])
     if "nm" in ws:
         n, m = NM[sparsity]
-        nm = to_nm(ws["nm"], n, m)
+        nm = cast(*nm_from_dense(ws["nm"].float(), n, m))
         fns["sk_nm"] = (lambda x: T.nm_mm(*nm, bias, as_cols(x), n, m, out_f, True), ws["nm"])
         if (n, m) == (2, 4) and dtype_name != "fp32":
             try:

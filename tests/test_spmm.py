@@ -1,5 +1,6 @@
 """spmm family: the CSR, block (BSR), N:M and CK kernels (C++ and reference) against dense
-F.linear / F.conv2d, the format builders, opcheck, torch.compile, bad inputs."""
+F.linear / F.conv2d, the format builders and their inverses (``sparsekern.inference.formats``), the
+layers on the ops (``sparsekern.inference.functional``), opcheck, torch.compile, bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,12 +8,31 @@ import torch.nn.functional as F
 import sparsekern  # noqa: F401  (registers torch.ops.sparsekern.*)
 from sparsekern import reference
 import sparsekern as sk
+from sparsekern.inference import formats, functional
+from sparsekern.inference.formats import bsr_from_dense, ck_from_dense, csr_from_dense, nm_from_dense, nm_pattern
 from sparsekern.ops import spmm
-from sparsekern.ops.spmm import (REFERENCE_KERNELS, bsr_from_dense, ck_from_dense, csr_conv1x1, csr_from_dense,
-                                 csr_linear, nm_from_dense, nm_pattern)
+from sparsekern.ops.spmm import REFERENCE_KERNELS
 from utils import kernel_backend
 
 TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _no_bias(bias, val):
+    return bias if bias is not None else val.new_empty(0)
+
+
+def csr_linear(x, rowptr, col, val, bias, out_features):
+    """:func:`functional.sparse_linear` with a CSR weight (as ``CSRLinear``)."""
+    b = _no_bias(bias, val)
+    return functional.sparse_linear(x, lambda xt, tr: spmm.csr_mm(rowptr, col, val, b, xt, out_features, tr),
+                                    out_features)
+
+
+def csr_conv1x1(x, rowptr, col, val, bias, out_features, stride=1):
+    """:func:`functional.sparse_conv1x1` with a CSR weight ``[out, in]`` (as ``CSRConv1x1``)."""
+    b = _no_bias(bias, val)
+    return functional.sparse_conv1x1(x, lambda xs, tr: spmm.csr_mm(rowptr, col, val, b, xs, out_features, tr),
+                                     out_features, stride)
 
 
 def sparse_weight(out, inp, density, seed=0):
@@ -52,6 +72,7 @@ def test_csr_from_dense_roundtrip_and_empty_rows():
     assert rowptr.dtype == torch.int64 and col.dtype == torch.int32 and val.dtype == torch.float32
     assert rowptr[-1] == val.numel() == int((w != 0).sum())
     torch.testing.assert_close(reference.csr_to_dense(rowptr, col, val, w.shape), w, rtol=0, atol=0)
+    assert torch.equal(formats.csr_to_dense(rowptr, col, val, w.shape), w)  # the modules' weight_dense
 
 
 @pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 5)])
@@ -66,7 +87,7 @@ def test_csr_linear_leading_dims(lead):
 @pytest.mark.parametrize("n,per_call", [(0, None), (1, None), (3, None), (5, 2)])  # images per kernel call
 def test_csr_conv1x1(stride, n, per_call, monkeypatch):
     if per_call:
-        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
+        monkeypatch.setattr(functional, "conv_group", lambda n, image_bytes: per_call)
     w, b = sparse_weight(24, 13, 0.3).reshape(24, 13, 1, 1), torch.randn(24)
     x = torch.randn(n, 13, 9, 7)
     y = csr_conv1x1(x, *csr_from_dense(w.reshape(24, 13)), b, 24, stride)
@@ -144,13 +165,13 @@ def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
     x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
     if per_call:
-        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
+        monkeypatch.setattr(functional, "conv_group", lambda n, image_bytes: per_call)
     args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
     cache = {}
-    y = spmm.csr_conv2d(x, *args, cache=cache)
+    y = functional.csr_conv2d(x, *args, cache=cache)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
     torch.testing.assert_close(y, expect, **TOL)
-    y = spmm.csr_conv2d(x.flip(0), *args, cache=cache)  # reused offsets and buffers
+    y = functional.csr_conv2d(x.flip(0), *args, cache=cache)  # reused offsets and buffers
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -194,10 +215,11 @@ def test_bsr_from_dense_layout():
     assert rowptr[-1] == val.shape[0] == col.numel()
     assert (val != 0).sum() == (w != 0).sum()
     torch.testing.assert_close(reference.bsr_to_dense(rowptr, col, val, w.shape), w, rtol=0, atol=0)
+    assert torch.equal(formats.bsr_to_dense(rowptr, col, val, w.shape), w)
     # a block-pruned weight fills its blocks
     bw = torch.randn(32, 32) * sk.block_mask(torch.randn(32, 32), 4, 0.75)
-    assert spmm.block_fill(bw, (4, 4)) == 1.0 and spmm.block_fill(bw, (2, 2)) == 1.0
-    assert spmm.block_fill(bw, (8, 8)) < 1.0
+    assert formats.block_fill(bw, (4, 4)) == 1.0 and formats.block_fill(bw, (2, 2)) == 1.0
+    assert formats.block_fill(bw, (8, 8)) < 1.0
 
 
 # --- N:M ------------------------------------------------------------------------------------------
@@ -214,6 +236,7 @@ def test_nm_mm_matches_dense(kern, out, inp, n, nm, transpose_out):
     val, idx = nm_from_dense(w, k, m)
     assert val.shape == idx.shape == (out, inp // m * k) and idx.dtype == torch.uint8
     torch.testing.assert_close(reference.nm_to_dense(val, idx, k, m, inp), w, rtol=0, atol=0)
+    assert torch.equal(formats.nm_to_dense(val, idx, k, m, inp), w)
     for bias in (torch.randn(out), torch.empty(0)):
         y = kern.nm_mm(val, idx, bias, x, k, m, out, transpose_out)
         expect = w @ x + (bias[:, None] if bias.numel() else 0)
@@ -262,15 +285,16 @@ def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
     x = torch.randn(batch, inp, h, w + 2)[..., 1:-1]  # non-contiguous
     monkeypatch.setattr(spmm, "_k", lambda x: kern)
     if per_call:
-        monkeypatch.setattr(spmm, "conv_group", lambda n, image_bytes: per_call)
+        monkeypatch.setattr(functional, "conv_group", lambda n, image_bytes: per_call)
     rowptr, chan, val = ck_from_dense(wt)
     assert val.shape[1] == k[0] * k[1] and rowptr[2] == rowptr[1]
+    assert torch.equal(formats.ck_to_dense(rowptr, chan, val, wt.shape), wt)
     args = (rowptr, chan, val, bias, out, k, stride, padding, dilation)
     cache = {}
-    y = spmm.ck_conv2d(x, *args, cache=cache)
+    y = functional.ck_conv2d(x, *args, cache=cache)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
     torch.testing.assert_close(y, expect, **TOL)
-    y = spmm.ck_conv2d(x.flip(0), *args, cache=cache)
+    y = functional.ck_conv2d(x.flip(0), *args, cache=cache)
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -287,9 +311,9 @@ def test_new_ops_large_multithreaded():  # many parallel_for chunks
     wt = torch.randn(300, 64, 3, 3)
     wt = wt * sk.ck_mask(wt, 0.8)
     x = torch.randn(3, 64, 20, 20)  # grid of row blocks × column chunks over the stacked images
-    y = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    y = functional.ck_conv2d(x, *ck_from_dense(wt), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
-    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(300, -1)), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
+    y = functional.csr_conv2d(x, *csr_from_dense(wt.reshape(300, -1)), None, 300, (3, 3), (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(y, F.conv2d(x, wt, padding=1), **TOL)
 
 
@@ -306,7 +330,7 @@ def test_new_ops_opcheck():
     torch.testing.assert_close(torch.ops.sparsekern.nm_mm(val, idx, torch.empty(0), x, 2, 4, 9, False), wn @ x, **TOL)
     wt = torch.randn(6, 4, 3, 3)
     rowptr, chan, val = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
-    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 5, 5)
+    taps = functional.conv_taps((3, 3), (1, 1), (1, 1), 5, 5)
     torch.library.opcheck(torch.ops.sparsekern.ck_conv,
                           (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))
 
@@ -314,7 +338,7 @@ def test_new_ops_opcheck():
 def test_new_ops_compile_fullgraph():
     w = sparse_weight(16, 8, 0.3)
     rowptr, col, val = bsr_from_dense(w, (4, 2))
-    f = torch.compile(lambda x: spmm.sparse_linear(
+    f = torch.compile(lambda x: functional.sparse_linear(
         x, lambda xt, tr: spmm._bsr_mm(rowptr, col, val, torch.empty(0), xt, 16, tr), 16), fullgraph=True, backend="eager")
     x = torch.randn(4, 8)
     torch.testing.assert_close(f(x), F.linear(x, w), **TOL)
@@ -323,17 +347,17 @@ def test_new_ops_compile_fullgraph():
 def test_conv2d_empty_batch():
     wt = sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
     x = torch.randn(0, 3, 6, 5)
-    y = spmm.csr_conv2d(x, *csr_from_dense(wt.reshape(4, -1)), None, 4, (3, 3), (2, 2), (1, 1), (1, 1))
+    y = functional.csr_conv2d(x, *csr_from_dense(wt.reshape(4, -1)), None, 4, (3, 3), (2, 2), (1, 1), (1, 1))
     assert y.shape == (0, 4, 3, 3)
-    y = spmm.ck_conv2d(x, *ck_from_dense(wt), None, 4, (3, 3), (1, 1), (0, 0), (1, 1))
+    y = functional.ck_conv2d(x, *ck_from_dense(wt), None, 4, (3, 3), (1, 1), (0, 0), (1, 1))
     assert y.shape == (0, 4, 4, 3)
 
 
 def test_conv_group():
-    assert spmm.conv_group(256, spmm.CONV_GROUP_BYTES // 16) == 16
-    assert spmm.conv_group(20, spmm.CONV_GROUP_BYTES // 16) == 10  # two equal calls, not 16 + 4
-    assert spmm.conv_group(3, spmm.CONV_GROUP_BYTES * 4) == 1
-    assert spmm.conv_group(5, 1) == 5
+    assert functional.conv_group(256, functional.CONV_GROUP_BYTES // 16) == 16
+    assert functional.conv_group(20, functional.CONV_GROUP_BYTES // 16) == 10  # two equal calls, not 16 + 4
+    assert functional.conv_group(3, functional.CONV_GROUP_BYTES * 4) == 1
+    assert functional.conv_group(5, 1) == 5
 
 
 #: Positions of val, bias and x in each spmm op's arguments.
@@ -354,7 +378,7 @@ def _op_cases():
             ("csr_conv", (rowptr, (col * 3).int(), val, e, torch.randn(8 * 3 + 6), 6, 9, 7, 3, 2)),
             ("bsr_mm", (*bsr_from_dense(w, (2, 3)), e, x, 9, False)),
             ("nm_mm", (*nm_from_dense(wn, 2, 4), e, x, 2, 4, 9, True)),
-            ("ck_conv", (*ck, spmm.conv_taps((3, 3), (1, 1), (1, 1), 5, 5), torch.randn(6),
+            ("ck_conv", (*ck, functional.conv_taps((3, 3), (1, 1), (1, 1), 5, 5), torch.randn(6),
                          torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))]
 
 
@@ -404,7 +428,7 @@ def test_new_ops_bad_inputs():
         ops.nm_mm(val, idx.int(), e, torch.randn(8, 3), 2, 4, 4, False)
     wt = torch.randn(3, 2, 3, 3)
     rowptr, chan, val = ck_from_dense(wt)
-    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 4, 4)
+    taps = functional.conv_taps((3, 3), (1, 1), (1, 1), 4, 4)
     x = torch.randn(2 * 16 + 2)
     torch.testing.assert_close(ops.ck_conv(rowptr, chan, val, taps, e, x, 8, 3, 16, 1, 4, 2),
                                reference.ck_conv(rowptr, chan, val, taps, e, x, 8, 3, 16, 1, 4, 2), **TOL)
@@ -428,9 +452,9 @@ def test_registered_ops_on_meta_tensors():
     x, e = torch.randn(8, 5), torch.empty(0)
     wc = torch.randn(4, 3, 3, 3) * sk.ck_mask(torch.randn(4, 3, 3, 3), 0.5)
     rowptr, chan, val = ck_from_dense(wc)
-    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 6, 6)
+    taps = functional.conv_taps((3, 3), (1, 1), (1, 1), 6, 6)
     crowptr, ccol, cval = csr_from_dense(wc.reshape(4, -1))
-    off = spmm.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
+    off = functional.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
     flat = torch.randn(3 * 36 + 14)
     cases = [
         (torch.ops.sparsekern.csr_mm, (*csr_from_dense(w), e, x, 12, True)),
@@ -451,9 +475,9 @@ def _dtype_cases():
     x, b = torch.randn(8, 5), torch.randn(12)
     wc = torch.randn(4, 3, 3, 3) * sk.ck_mask(torch.randn(4, 3, 3, 3), 0.5)
     crowptr, ccol, cval = csr_from_dense(wc.reshape(4, -1))
-    off = spmm.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
+    off = functional.conv_offsets(ccol, (3, 3), (1, 1), (1, 1), 3, 6, 6)
     flat, bc = torch.randn(3 * 36 + 14), torch.randn(4)
-    taps = spmm.conv_taps((3, 3), (1, 1), (1, 1), 6, 6)
+    taps = functional.conv_taps((3, 3), (1, 1), (1, 1), 6, 6)
     return {"csr_mm": [*csr_from_dense(w), b, x, 12, True],
             "bsr_mm": [*bsr_from_dense(w, (4, 4)), b, x, 12, False],
             "nm_mm": [*nm_from_dense(w * sk.nm_mask(w, 2, 4), 2, 4), b, x, 2, 4, 12, True],

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern import reference
-from sparsekern.ops.spmm import ck_from_dense, conv_offsets, conv_taps, csr_from_dense
+from sparsekern.inference.formats import ck_from_dense, csr_from_dense
+from sparsekern.inference.functional import conv_offsets, conv_taps
 from sparsekern.triton import _common, aot
 from sparsekern.triton import spmm as T
 from utils import TOL as DTYPE_TOL, TRITON_DEVICE
@@ -113,7 +114,7 @@ def test_csr_mm_matches_dense(out, inp, n, density, transpose_out, has_bias):
 
 @pytest.mark.parametrize("lead", [(1,), (5,)])
 def test_csr_mm_matches_reference_linear_layout(lead):
-    """Inputs as ``ops.spmm.csr_linear`` builds them: x [B, in] transposed to [in, B]."""
+    """Inputs as ``inference.functional.sparse_linear`` builds them: x [B, in] transposed to [in, B]."""
     w, b = sparse_weight(24, 45, 0.2), torch.randn(24)
     xt = torch.randn(*lead, 45).reshape(-1, 45).t().contiguous()
     args = (*csr_from_dense(w), b, xt, 24, True)
@@ -123,7 +124,7 @@ def test_csr_mm_matches_reference_linear_layout(lead):
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_csr_conv_matches_reference_and_conv2d(stride, padding, dilation, density):
-    """Inputs as ``ops.spmm.csr_conv2d`` builds them (zero-padded flat image, wide rows)."""
+    """Inputs as ``inference.functional.csr_conv2d`` builds them (zero-padded flat image, wide rows)."""
     c, o, k, h, w_ = 5, 11, 3, 7, 6
     w = sparse_weight(o, c * k * k, density).reshape(o, c, k, k)
     b, img = torch.randn(o), torch.randn(1, c, h, w_)

@@ -2,7 +2,8 @@
 
 ``convert(model, min_speedup=1.0)`` swaps each ``nn.Linear`` / ``nn.Conv2d`` for the sparse
 module (csr, block, nm or ck format) that a cost model ranks best and a short measurement
-confirms faster than dense; kernels in ``sparsekern.ops.spmm``.
+confirms faster than dense. Weight formats: ``formats``; the layers on the spmm ops
+(``sparsekern.ops.spmm``): ``functional``.
 """
 from .convert import Candidate, ConversionReport, LayerReport, convert, rank_formats
 from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,

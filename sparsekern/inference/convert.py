@@ -64,6 +64,8 @@ from torch import nn
 
 from ..ops import spmm
 from ..ops._common import check_number
+from .formats import block_fill, nm_pattern
+from .functional import conv_geometry
 from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
                       NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
                       supports_semi_structured)
@@ -201,8 +203,8 @@ def rank_formats(module, input_shape, formats=None):
         dense_cols, regime = cols, "mv" if cols == 1 else "mm"
     else:
         images = shape[0]
-        hq, wq, h_out, w_out = spmm.conv_geometry(shape[2], shape[3], module.kernel_size, module.stride,
-                                                  module.padding, module.dilation)
+        hq, wq, h_out, w_out = conv_geometry(shape[2], shape[3], module.kernel_size, module.stride,
+                                             module.padding, module.dilation)
         dense_cols = images * h_out * w_out
         cols = dense_cols if kind == "Conv1x1" else images * h_out * wq  # direct conv: wide rows
         regime = "mm" if kind == "Conv1x1" else "conv"
@@ -223,11 +225,11 @@ def rank_formats(module, input_shape, formats=None):
         cands.append(Candidate("csr", {}, predict(nnz, costs["csr"], cols), lambda: builders[0].from_dense(module)))
     if "block" in allowed and builders[1] is not None:
         for bo, bi in BLOCK_SHAPES:
-            stored = nnz / spmm.block_fill(w2, (bo, bi))
+            stored = nnz / block_fill(w2, (bo, bi))
             cands.append(Candidate("block", {"block": (bo, bi)}, predict(stored, costs["block"](bo, bi), cols),
                                    lambda b=(bo, bi): builders[1].from_dense(module, block=b)))
     if "nm" in allowed and builders[2] is not None:
-        pattern = spmm.nm_pattern(w2)
+        pattern = nm_pattern(w2)
         if pattern is not None:
             n, m = pattern
             cands.append(Candidate("nm", {"n": n, "m": m}, predict(w2.numel() * n / m, costs["nm"], cols),

@@ -1,7 +1,8 @@
 """Eval-only inference modules holding a sparse weight (fp32), one class per (format, layer kind).
 
-Formats (``sparsekern.ops.spmm``): ``csr`` (CSR over output rows), ``block`` (block CSR,
-``block=(bo, bi)``), ``nm`` (N:M compressed along ``in``), ``ck`` (kernel skipping, KxK convs).
+Formats (``formats.py``; the ops: ``sparsekern.ops.spmm``, through ``functional.py``): ``csr`` (CSR
+over output rows), ``block`` (block CSR, ``block=(bo, bi)``), ``nm`` (N:M compressed along
+``in``), ``ck`` (kernel skipping, KxK convs).
 Layer kinds: ``Linear`` (replaces ``nn.Linear``), ``Conv1x1`` (a 1×1 ``nn.Conv2d``, padding 0,
 groups 1, any stride) and ``Conv2d`` (any ``nn.Conv2d`` with groups 1 and zero padding: direct
 sparse convolution)::
@@ -17,8 +18,8 @@ format.
 import torch
 from torch import nn
 
-from .. import reference
 from ..ops import spmm
+from . import formats, functional
 
 
 def _pair(v):
@@ -89,7 +90,7 @@ class _CSR:
     format = "csr"
 
     def _encode(self, w):
-        rowptr, col, val = spmm.csr_from_dense(w.reshape(w.shape[0], -1))
+        rowptr, col, val = formats.csr_from_dense(w.reshape(w.shape[0], -1))
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def _mm(self, x, transpose_out):
@@ -99,14 +100,14 @@ class _CSR:
     def weight_dense(self):
         """The dense weight ``[out, in]`` (``[out, C·R·S]`` for a KxK conv), zeros restored."""
         shape = (self.out_features, self.in_features * self.taps_per_kernel)
-        return reference.csr_to_dense(self.rowptr, self.col, self.val, shape)
+        return formats.csr_to_dense(self.rowptr, self.col, self.val, shape)
 
 
 class _BSR:
     format = "block"
 
     def _encode(self, w):
-        rowptr, col, val = spmm.bsr_from_dense(w, self.block)
+        rowptr, col, val = formats.bsr_from_dense(w, self.block)
         return {"rowptr": rowptr, "col": col, "val": val}
 
     def _mm(self, x, transpose_out):
@@ -115,7 +116,7 @@ class _BSR:
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
-        return reference.bsr_to_dense(self.rowptr, self.col, self.val, (self.out_features, self.in_features))
+        return formats.bsr_to_dense(self.rowptr, self.col, self.val, (self.out_features, self.in_features))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -126,7 +127,7 @@ class _NM:
     format = "nm"
 
     def _encode(self, w):
-        val, idx = spmm.nm_from_dense(w, self.n, self.m)
+        val, idx = formats.nm_from_dense(w, self.n, self.m)
         return {"val": val, "idx": idx, "nm": torch.tensor([self.n, self.m])}
 
     def _mm(self, x, transpose_out):
@@ -135,7 +136,7 @@ class _NM:
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
-        return reference.nm_to_dense(self.val, self.idx, self.n, self.m, self.in_features)
+        return formats.nm_to_dense(self.val, self.idx, self.n, self.m, self.in_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -157,7 +158,7 @@ class _Linear(_Sparse):
 
     def forward(self, x):
         self._check(x, -1)
-        return spmm.sparse_linear(x, self._mm, self.out_features)
+        return functional.sparse_linear(x, self._mm, self.out_features)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -184,7 +185,7 @@ class _Conv1x1(_Linear):
 
     def forward(self, x):
         self._check(x, 1, ndim=4)
-        return spmm.sparse_conv1x1(x, self._mm, self.out_features, self.stride)
+        return functional.sparse_conv1x1(x, self._mm, self.out_features, self.stride)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size=(1, 1), stride={self.stride}, "
@@ -193,8 +194,8 @@ class _Conv1x1(_Linear):
 
 class _ConvKxK(_Sparse):
     """KxK convolution (groups 1, zero padding): x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']``
-    as ``F.conv2d`` (``spmm.conv2d``: offsets/taps and zero-padded input buffers cached per weight,
-    input size and thread; one opaque op under torch.compile)."""
+    as ``F.conv2d`` (``functional.conv2d``: offsets/taps and zero-padded input buffers cached per
+    weight, input size and thread; one opaque op under torch.compile)."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1):
         """weight: fp32 ``[out, C, R, S]``; bias ``[out]`` or None; stride/padding/dilation: int
@@ -216,8 +217,8 @@ class _ConvKxK(_Sparse):
     def forward(self, x):
         self._check(x, 1, ndim=4)
         b = self._buffers
-        return spmm.conv2d(self.format, x, b["rowptr"], b[self._index], b["val"], b["bias"], self.out_features,
-                           self.kernel_size, self.stride, self.padding, self.dilation)
+        return functional.conv2d(self.format, x, b["rowptr"], b[self._index], b["val"], b["bias"],
+                                 self.out_features, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
@@ -280,15 +281,13 @@ class CKConv2d(_ConvKxK):
     _index = "chan"
 
     def _encode(self, w):
-        rowptr, chan, val = spmm.ck_from_dense(w)
+        rowptr, chan, val = formats.ck_from_dense(w)
         return {"rowptr": rowptr, "chan": chan, "val": val}
 
     def weight_dense(self):
         """The dense weight ``[out, C, R, S]``, zeros restored."""
-        rows = torch.repeat_interleave(torch.arange(self.out_features), self.rowptr.diff())
-        w = self.val.new_zeros(self.out_features, self.in_features, *self.kernel_size)
-        w[rows, self.chan.long()] = self.val.reshape(-1, *self.kernel_size)
-        return w
+        return formats.ck_to_dense(self.rowptr, self.chan, self.val,
+                                   (self.out_features, self.in_features, *self.kernel_size))
 
 
 def semi_structured_backend():

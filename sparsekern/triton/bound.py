@@ -8,8 +8,8 @@ Three launchers with the signatures and preconditions of the C++ kernels
     asl_fwd(w, r) -> w·1[|w| > b]          asl_bwd(grad, w, r) -> grad_r fp32 [G]
 
 Moments of a ``[G, C]`` view (one row per group sharing an r; one row per tensor for the
-Gaussian bounds): programs own BLOCK_R rows and a split of the columns (the threshold family's
-``_tiling``); per tile, the row mean, then the squared deviations from it, merged over the
+Gaussian bounds): programs own BLOCK_R rows and a split of the columns (``_common.tiling``, as
+the threshold family); per tile, the row mean, then the squared deviations from it, merged over the
 program's tiles with Chan's formula in fp32 into a partial ``(count, mean, M2)`` per
 ``(row, split)``. Consumers merge a row's partials in one fixed-order reduction, so results are
 deterministic. Nothing is read back to the host. Unlike the C++ kernels (double fallback), fp32
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import ROW_WARPS, finish_rows, row_tile, sum_partials, tile_rows, tiling
 from ._common import wrap as _wrap
-from .threshold import _NUM_WARPS, _TILE, _tile_rows, _tiling
 
 
 @triton.jit
@@ -28,16 +28,13 @@ def _moments_kernel(x_ptr, part_ptr, R, C, n_split, iters, row0, row_stride, pla
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """part[k, row0 + r, split] (k = 0, 1, 2: count, mean, M2; ``plane`` elements apart, rows
     ``row_stride`` apart) over this program's columns of row r of the [R, C] view of x."""
-    rows, split = _tile_rows(n_split, BLOCK_R)
-    row_mask = rows < R
-    col0 = split.to(tl.int64) * iters * BLOCK_C
+    rows, row_mask, split, col0 = tile_rows(R, n_split, iters, BLOCK_R, BLOCK_C)
     cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_R,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for it in range(iters):
-        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mask, offs = row_tile(rows, row_mask, col0, it, C, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         nb = tl.sum(mask.to(tl.float32), axis=1)
         mb = tl.sum(x, axis=1) / tl.maximum(nb, 1.0)
         d = tl.where(mask, x - mb[:, None], 0.0)
@@ -95,14 +92,10 @@ def _gaussian_kernel(part_ptr, c_ptr, bound_ptr, sigma_ptr, L, S, plane,
 def _asl_fwd_kernel(w_ptr, r_ptr, part_ptr, out_ptr, R, C, n_split, iters,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_P2: tl.constexpr):
     """out = w·1[|w| > clamp(r, 0, 5)·σ + 1e-6] over this program's tiles."""
-    rows, split = _tile_rows(n_split, BLOCK_R)
-    row_mask = rows < R
+    rows, row_mask, _, col0 = tile_rows(R, n_split, iters, BLOCK_R, BLOCK_C)
     b = _row_bound(r_ptr, part_ptr, rows, row_mask, R, n_split, SPLIT_P2)
-    col0 = split.to(tl.int64) * iters * BLOCK_C
     for it in range(iters):
-        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        offs = rows[:, None] * C + cols[None, :]
+        mask, offs = row_tile(rows, row_mask, col0, it, C, BLOCK_C)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = w * (tl.abs(w) > b).to(tl.float32)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -112,15 +105,11 @@ def _asl_fwd_kernel(w_ptr, r_ptr, part_ptr, out_ptr, R, C, n_split, iters,
 def _asl_dot_kernel(g_ptr, w_ptr, r_ptr, part_ptr, dot_ptr, R, C, n_split, iters,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_P2: tl.constexpr):
     """dot[r, split] = Σ grad·w over the pruned (|w| <= b) elements of this program's tiles."""
-    rows, split = _tile_rows(n_split, BLOCK_R)
-    row_mask = rows < R
+    rows, row_mask, split, col0 = tile_rows(R, n_split, iters, BLOCK_R, BLOCK_C)
     b = _row_bound(r_ptr, part_ptr, rows, row_mask, R, n_split, SPLIT_P2)
-    col0 = split.to(tl.int64) * iters * BLOCK_C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for it in range(iters):
-        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        offs = rows[:, None] * C + cols[None, :]
+        mask, offs = row_tile(rows, row_mask, col0, it, C, BLOCK_C)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc += tl.where(tl.abs(w) > b, 0.0, g * w)
@@ -133,12 +122,10 @@ def _asl_grad_r_kernel(dot_ptr, r_ptr, gr_ptr, R, n_split,
     """grad_r = -(Σ_splits dot) / r where 0 < r < 5, else 0 (paper Eq. 18)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    s = tl.arange(0, SPLIT_P2)
-    p = tl.load(dot_ptr + rows[:, None] * n_split + s[None, :],
-                mask=row_mask[:, None] & (s < n_split)[None, :], other=0.0)
+    dot = sum_partials(dot_ptr, rows, row_mask, n_split, SPLIT_P2)
     r = tl.load(r_ptr + rows, mask=row_mask, other=1.0)
     active = (r > 0.0) & (r < 5.0)
-    gr = tl.where(active, -tl.math.div_rn(tl.sum(p, axis=1), tl.where(active, r, 1.0)), 0.0)
+    gr = tl.where(active, -tl.math.div_rn(dot, tl.where(active, r, 1.0)), 0.0)
     tl.store(gr_ptr + rows, gr, mask=row_mask)
 
 
@@ -152,27 +139,20 @@ def _dense(t):
     return t if dense else t.contiguous()
 
 
-def _finish_rows(rows, n_split):
-    """(BLOCK_R, SPLIT_P2, grid) of a kernel that merges ``n_split`` partials for each row."""
-    split_p2 = triton.next_power_of_2(n_split)
-    block_r = min(max(1, _TILE // split_p2), triton.next_power_of_2(rows))
-    return block_r, split_p2, (triton.cdiv(rows, block_r),)
-
-
 def gaussian_bounds(tensors, multipliers):
     """σ_i·c_i per tensor (SPEC §4, Gaussian bound) and the first tensor whose σ is NaN (or -1)."""
     dev = tensors[0].device
     L = len(tensors)
-    tilings = [_tiling(1, t.numel()) for t in tensors]
-    S = max(tiling[2] for tiling in tilings)
+    tilings = [tiling(1, t.numel()) for t in tensors]
+    S = max(tg[2] for tg in tilings)
     part = torch.zeros((3, L, S), dtype=torch.float32, device=dev)
     for i, (t, (block_r, block_c, n_split, iters, grid)) in enumerate(zip(tensors, tilings)):
         _wrap(_moments_kernel)[grid](_dense(t), part, 1, t.numel(), n_split, iters, i, S, L * S,
-                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ROW_WARPS)
     bounds = torch.empty(L, dtype=torch.float32, device=dev)
     sigma = torch.empty(L, dtype=torch.float32, device=dev)
     c = torch.tensor(multipliers, dtype=torch.float64, device=dev)
-    block_r, split_p2, grid = _finish_rows(L, S)
+    block_r, split_p2, grid = finish_rows(L, S)
     _wrap(_gaussian_kernel)[grid](part, c, bounds, sigma, L, S, L * S,
                                   BLOCK_R=block_r, SPLIT_P2=split_p2, num_warps=4)
     first = torch.where(sigma.isnan(), torch.arange(L, device=dev), L).min()
@@ -181,10 +161,10 @@ def gaussian_bounds(tensors, multipliers):
 
 def _group_moments(w, groups):
     """Partial moments of the [groups, n / groups] view of w and its tiling."""
-    block_r, block_c, n_split, iters, grid = _tiling(groups, w.numel() // groups)
+    block_r, block_c, n_split, iters, grid = tiling(groups, w.numel() // groups)
     part = torch.empty((3, groups, n_split), dtype=torch.float32, device=w.device)
     _wrap(_moments_kernel)[grid](w, part, groups, w.numel() // groups, n_split, iters, 0, n_split,
-                                 groups * n_split, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+                                 groups * n_split, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ROW_WARPS)
     return part, (block_r, block_c, n_split, iters, grid)
 
 
@@ -197,7 +177,7 @@ def asl_fwd(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     part, (block_r, block_c, n_split, iters, grid) = _group_moments(w, groups)
     _wrap(_asl_fwd_kernel)[grid](w, r, part, out, groups, w.numel() // groups, n_split, iters,
                                  BLOCK_R=block_r, BLOCK_C=block_c,
-                                 SPLIT_P2=triton.next_power_of_2(n_split), num_warps=_NUM_WARPS)
+                                 SPLIT_P2=triton.next_power_of_2(n_split), num_warps=ROW_WARPS)
     return out
 
 
@@ -212,8 +192,8 @@ def asl_bwd(grad: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     dot = torch.empty((groups, n_split), dtype=torch.float32, device=w.device)
     _wrap(_asl_dot_kernel)[grid](grad, w, r, part, dot, groups, w.numel() // groups, n_split, iters,
                                  BLOCK_R=block_r, BLOCK_C=block_c, SPLIT_P2=split_p2,
-                                 num_warps=_NUM_WARPS)
-    fin_r, split_p2, fin_grid = _finish_rows(groups, n_split)
+                                 num_warps=ROW_WARPS)
+    fin_r, split_p2, fin_grid = finish_rows(groups, n_split)
     _wrap(_asl_grad_r_kernel)[fin_grid](dot, r, grad_r, groups, n_split,
                                         BLOCK_R=fin_r, SPLIT_P2=split_p2, num_warps=4)
     return grad_r

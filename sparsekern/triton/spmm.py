@@ -53,6 +53,24 @@ def _blocks_of(n_rows, rows_per_block):
 
 
 @triton.jit
+def _columns(col_block, n_cols, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
+    """(columns, in range) of column block ``col_block`` (int64 when the output needs it)."""
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        cols = cols.to(tl.int64)
+    return cols, cols < n_cols
+
+
+@triton.jit
+def _store_rows(y_ptr, acc, bias_ptr, rows, r_ok, cols, c_ok, stride_yo, stride_yn, HAS_BIAS: tl.constexpr):
+    """y[rows, cols] = acc (+ bias[rows]), in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows[:, None] * stride_yo + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
                    n_rows, n_in, n_out, ldx, row_len, nm_n, nm_m, wp, wv, stride_yo, stride_yq,
                    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
@@ -66,10 +84,7 @@ def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
     """
     row_block, col_block = _blocks_of(n_rows, ROWS)
     row0 = row_block.to(tl.int64) * ROWS
-    q = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    if INT64:
-        q = q.to(tl.int64)
-    q_ok = q < n_out
+    q, q_ok = _columns(col_block, n_out, BLOCK_N, INT64)
     if FMT == 2:
         xq = ((q // wv) * wp + q % wv).to(tl.int64)
     else:
@@ -104,11 +119,7 @@ def _gather_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr,
             acc += tl.sum(v[:, None] * xt, axis=0)
         out = tl.where(r_idx[:, None] == r, acc[None, :], out)
     rows = row0 + r_idx
-    r_ok = rows < n_rows
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rows[:, None] * stride_yo + q[None, :] * stride_yq,
-             out.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & q_ok[None, :])
+    _store_rows(y_ptr, out, bias_ptr, rows, rows < n_rows, q, q_ok, stride_yo, stride_yq, HAS_BIAS)
 
 
 @triton.jit
@@ -120,10 +131,7 @@ def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_
     """y[br·bo + i, cols] = bias + Σ_b val[b, i, :] @ x[col[b]·bi : col[b]·bi + bi, cols], each
     block's inner side BK at a time (BI = BK: the whole block at once)."""
     br, col_block = _blocks_of(n_rows, bo)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    if INT64:
-        cols = cols.to(tl.int64)
-    c_ok = cols < n
+    cols, c_ok = _columns(col_block, n, BLOCK_N, INT64)
     oi = tl.arange(0, BO)
     kk = tl.arange(0, BK)
     start = tl.load(rowptr_ptr + br)
@@ -144,11 +152,8 @@ def _bsr_kernel(rowptr_ptr, col_ptr, val_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_
             else:
                 acc += tl.sum(w.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
     rows = br.to(tl.int64) * bo + oi
-    r_ok = (oi < bo) & (rows < n_rows)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rows[:, None] * stride_yo + cols[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+    _store_rows(y_ptr, acc, bias_ptr, rows, (oi < bo) & (rows < n_rows), cols, c_ok, stride_yo, stride_yn,
+                HAS_BIAS)
 
 
 @triton.jit
@@ -164,10 +169,7 @@ def _nm_dot_kernel(val_ptr, idx_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n_col
     row_block, col_block = _blocks_of(n_rows, BO)
     rows = row_block.to(tl.int64) * BO + tl.arange(0, BO)
     r_ok = rows < n_rows
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    if INT64:
-        cols = cols.to(tl.int64)
-    c_ok = cols < n_cols
+    cols, c_ok = _columns(col_block, n_cols, BLOCK_N, INT64)
     p = tl.arange(0, MP)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BO, BLOCK_N], dtype=tl.float32)
@@ -186,10 +188,7 @@ def _nm_dot_kernel(val_ptr, idx_ptr, bias_ptr, x_ptr, y_ptr, n_rows, n_in, n_col
         xt = tl.load(x_ptr + xin[:, None] * n_cols + cols[None, :], mask=x_ok[:, None] & c_ok[None, :],
                      other=0.0)
         acc = tl.dot(tl.reshape(w, [BO, BK]), xt, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rows[:, None] * stride_yo + cols[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+    _store_rows(y_ptr, acc, bias_ptr, rows, r_ok, cols, c_ok, stride_yo, stride_yn, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- host helpers

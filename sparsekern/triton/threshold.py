@@ -14,12 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import ROW_WARPS, finish_rows, row_tile, sum_partials, tile_rows, tiling
 from ._common import wrap as _wrap
 
 _BLOCK = 2048  # elements per program of the elementwise kernels
-_TILE = 2048  # elements per [BLOCK_R, BLOCK_C] tile of the row kernels
-_NUM_WARPS = 8
-_TARGET_PROGRAMS = 1024  # programs a row-reduction launch aims for (about one wave on an H100)
+_NUM_WARPS = 8  # of the elementwise kernels
 _SCALAR, _CHANNEL, _ELEMENT = 0, 1, 2  # threshold modes (T_MODE)
 
 
@@ -69,6 +68,17 @@ def _act(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _times_act_grad(x, t, ACT: tl.constexpr):
+    """x·g'(t): x (identity), x·σ(t)(1 − σ(t)) (sigmoid) or x·e^t (exp)."""
+    if ACT == 1:
+        s = tl.sigmoid(t)
+        x = x * (s * (1.0 - s))
+    elif ACT == 2:
+        x = x * tl.exp(t)
+    return x
+
+
+@triton.jit
 def _sign(w):
     return tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
 
@@ -77,14 +87,6 @@ def _sign(w):
 def _shrink(w, thr):
     """sign(w) * max(|w| - thr, 0); NaN propagates as in torch.clamp."""
     return _sign(w) * tl.maximum(tl.abs(w) - thr, 0.0, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _tile_rows(n_split, BLOCK_R: tl.constexpr):
-    """(rows, split) of this program in a grid of row_blocks * n_split programs."""
-    pid = tl.program_id(0)
-    rows = (pid // n_split).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return rows, pid % n_split
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -115,12 +117,7 @@ def _masked_grad_kernel(grad_ptr, w_ptr, t_ptr, gw_ptr, gt_ptr, n, inner, theta,
     keep = tl.abs(w) > _act(t, ACT)
     tl.store(gw_ptr + offs, (g * tl.where(keep, 1.0, theta)).to(gw_ptr.dtype.element_ty), mask=mask)
     if WRITE_GT:
-        gt = -(g * _sign(w) * keep.to(tl.float32))
-        if ACT == 1:
-            s = tl.sigmoid(t)
-            gt = gt * (s * (1.0 - s))
-        elif ACT == 2:
-            gt = gt * tl.exp(t)
+        gt = _times_act_grad(-(g * _sign(w) * keep.to(tl.float32)), t, ACT)
         tl.store(gt_ptr + offs, gt, mask=mask)
 
 
@@ -129,15 +126,11 @@ def _soft_bwd_rows_kernel(grad_ptr, w_ptr, t_ptr, gw_ptr, part_ptr, R, C, n_spli
                           ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """[R, C] view, row r uses t[r]: gw = grad * 1[|w| > g(t)] and
     part[r, split] = sum over this program's columns of grad * sign(w) * 1[|w| > g(t)]."""
-    rows, split = _tile_rows(n_split, BLOCK_R)
-    row_mask = rows < R
+    rows, row_mask, split, col0 = tile_rows(R, n_split, iters, BLOCK_R, BLOCK_C)
     thr = _act(tl.load(t_ptr + rows, mask=row_mask, other=0.0), ACT)[:, None]
-    col0 = split.to(tl.int64) * iters * BLOCK_C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for it in range(iters):
-        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        offs = rows[:, None] * C + cols[None, :]
+        mask, offs = row_tile(rows, row_mask, col0, it, C, BLOCK_C)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         keep = (tl.abs(w) > thr).to(tl.float32)
@@ -152,17 +145,9 @@ def _soft_t_grad_kernel(part_ptr, t_ptr, gt_ptr, R, n_split,
     """gt[r] = -g'(t[r]) * sum_s part[r, s]."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    s = tl.arange(0, SPLIT_P2)
-    p = tl.load(part_ptr + rows[:, None] * n_split + s[None, :],
-                mask=row_mask[:, None] & (s < n_split)[None, :], other=0.0)
-    gt = -tl.sum(p, axis=1)
+    gt = -sum_partials(part_ptr, rows, row_mask, n_split, SPLIT_P2)
     t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
-    if ACT == 1:
-        sg = tl.sigmoid(t)
-        gt = gt * (sg * (1.0 - sg))
-    elif ACT == 2:
-        gt = gt * tl.exp(t)
-    tl.store(gt_ptr + rows, gt, mask=row_mask)
+    tl.store(gt_ptr + rows, _times_act_grad(gt, t, ACT), mask=row_mask)
 
 
 @triton.jit
@@ -170,15 +155,11 @@ def _st3_sums_kernel(w_ptr, t_ptr, part_ptr, K, inner, n_split, iters,
                      T_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """part[0, r, split] = sum |w| * 1[|w| > t], part[1, r, split] = sum |w| over this program's
     columns of row r of the [K, inner] view."""
-    rows, split = _tile_rows(n_split, BLOCK_R)
-    row_mask = rows < K
-    col0 = split.to(tl.int64) * iters * BLOCK_C
+    rows, row_mask, split, col0 = tile_rows(K, n_split, iters, BLOCK_R, BLOCK_C)
     kept = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for it in range(iters):
-        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < inner)[None, :]
-        offs = rows[:, None] * inner + cols[None, :]
+        mask, offs = row_tile(rows, row_mask, col0, it, inner, BLOCK_C)
         a = tl.abs(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         t = _t_tile(t_ptr, rows, row_mask, offs, mask, T_MODE)
         kept += tl.where(a > t, a, 0.0)
@@ -193,25 +174,18 @@ def _st3_apply_kernel(w_ptr, t_ptr, part_ptr, out_ptr, K, inner, n_split, iters,
                       T_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                       SPLIT_P2: tl.constexpr):
     """out = scale_r * sign(w) * max(|w| - t, 0), scale_r from row r's partial sums (SPEC §2)."""
-    rows, split = _tile_rows(n_split, BLOCK_R)
-    row_mask = rows < K
-    s = tl.arange(0, SPLIT_P2)
-    psrc = part_ptr + rows[:, None] * n_split + s[None, :]
-    pmask = row_mask[:, None] & (s < n_split)[None, :]
+    rows, row_mask, _, col0 = tile_rows(K, n_split, iters, BLOCK_R, BLOCK_C)
     # IEEE divisions (GPU `/` is approximate): t = 0 keeps every |w| > 0, rho is exactly 1 and
     # the layer is exactly the identity (SPEC §2).
     n_inner = tl.cast(inner, tl.float32)  # inner may arrive as constexpr 1
-    sum_kept = tl.sum(tl.load(psrc, mask=pmask, other=0.0), axis=1)
-    sum_all = tl.sum(tl.load(psrc + K * n_split, mask=pmask, other=0.0), axis=1)
+    sum_kept = sum_partials(part_ptr, rows, row_mask, n_split, SPLIT_P2)
+    sum_all = sum_partials(part_ptr + K * n_split, rows, row_mask, n_split, SPLIT_P2)
     mean_kept = tl.math.div_rn(sum_kept, n_inner)
     mean_all = tl.math.div_rn(sum_all, n_inner)
     rho = tl.math.div_rn(mean_kept + 1e-6, mean_all + 1e-6)
     scale = tl.math.div_rn(1.01, rho + 0.01)[:, None]
-    col0 = split.to(tl.int64) * iters * BLOCK_C
     for it in range(iters):
-        cols = col0 + it * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < inner)[None, :]
-        offs = rows[:, None] * inner + cols[None, :]
+        mask, offs = row_tile(rows, row_mask, col0, it, inner, BLOCK_C)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         t = _t_tile(t_ptr, rows, row_mask, offs, mask, T_MODE)
         tl.store(out_ptr + offs, (scale * _shrink(w, t)).to(out_ptr.dtype.element_ty), mask=mask)
@@ -305,28 +279,15 @@ def _flat_meta(n):
     return (triton.cdiv(n, _BLOCK),), meta
 
 
-def _tiling(rows, cols):
-    """Tile a row-major [rows, cols] view: programs own BLOCK_R rows and `iters` consecutive blocks
-    of BLOCK_C columns (their split); returns (BLOCK_R, BLOCK_C, n_split, iters, grid).
-
-    BLOCK_C is the power of two that pads the view least while keeping tiles full (e.g. 32 for the
-    9·2^k columns of 3x3 convs, where the next power of two would leave 44 % of the lanes idle)."""
-    rows_p2 = triton.next_power_of_2(rows)
-    hi = min(triton.next_power_of_2(cols), _TILE)
-    lo = min(hi, max(32, _TILE // rows_p2))
-
-    def padded(bc):
-        br = min(_TILE // bc, rows_p2)
-        return triton.cdiv(rows, br) * br * triton.cdiv(cols, bc) * bc
-
-    candidates = (lo << i for i in range((hi // lo).bit_length()))  # powers of two lo..hi
-    block_c = min(candidates, key=lambda bc: (padded(bc), -bc))
-    block_r = min(_TILE // block_c, rows_p2)
-    row_blocks = triton.cdiv(rows, block_r)
-    col_blocks = triton.cdiv(cols, block_c)
-    iters = triton.cdiv(col_blocks, min(col_blocks, max(1, _TARGET_PROGRAMS // row_blocks)))
-    n_split = triton.cdiv(col_blocks, iters)
-    return block_r, block_c, n_split, iters, (row_blocks * n_split,)
+def _elementwise(kernel, w, t, *args, **constexprs):
+    """A new tensor like w from one launch of an elementwise kernel over w's elements with
+    threshold t: ``kernel(w, t, out, n, inner, *args, T_MODE, **constexprs)``."""
+    out = torch.empty_like(w)
+    n, inner, mode = _layout(w, t)
+    if n:
+        grid, meta = _flat_meta(n)
+        _wrap(kernel)[grid](w, t, out, n, inner, *args, T_MODE=mode, **constexprs, **meta)
+    return out
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -334,13 +295,7 @@ def _tiling(rows, cols):
 
 def soft_fwd(w: torch.Tensor, t: torch.Tensor, act: int) -> torch.Tensor:
     """STR forward (SPEC §1): sign(w) * max(|w| - g(t), 0); act 0/1/2: g = id/sigmoid/exp."""
-    out = torch.empty_like(w)
-    n, inner, mode = _layout(w, t)
-    if n == 0:
-        return out
-    grid, meta = _flat_meta(n)
-    _wrap(_soft_fwd_kernel)[grid](w, t, out, n, inner, T_MODE=mode, ACT=act, **meta)
-    return out
+    return _elementwise(_soft_fwd_kernel, w, t, ACT=act)
 
 
 def soft_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, act: int, t_grad: bool):
@@ -365,14 +320,13 @@ def soft_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, act: int, t_g
         return grad_w, grad_t
     # t_j is shared by the j-th contiguous run of n / numel(t) elements: reduce rows of that view.
     rows = t.numel()
-    block_r, block_c, n_split, iters, grid = _tiling(rows, n // rows)
+    block_r, block_c, n_split, iters, grid = tiling(rows, n // rows)
     part = torch.empty((rows, n_split), dtype=torch.float32, device=w.device)
     _wrap(_soft_bwd_rows_kernel)[grid](
         grad, w, t, grad_w, part, rows, n // rows, n_split, iters,
-        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
-    split_p2 = triton.next_power_of_2(n_split)
-    fin_r = min(max(1, _TILE // split_p2), triton.next_power_of_2(rows))
-    _wrap(_soft_t_grad_kernel)[(triton.cdiv(rows, fin_r),)](
+        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ROW_WARPS)
+    fin_r, split_p2, fin_grid = finish_rows(rows, n_split)
+    _wrap(_soft_t_grad_kernel)[fin_grid](
         part, t, grad_t, rows, n_split, ACT=act, BLOCK_R=fin_r, SPLIT_P2=split_p2, num_warps=4)
     return grad_w, grad_t
 
@@ -387,9 +341,9 @@ def st3_fwd(w: torch.Tensor, t: torch.Tensor, rescale: bool) -> torch.Tensor:
     if n == 0:
         return out
     k = n // inner
-    block_r, block_c, n_split, iters, grid = _tiling(k, inner)
+    block_r, block_c, n_split, iters, grid = tiling(k, inner)
     part = torch.empty((2, k, n_split), dtype=torch.float32, device=w.device)
-    meta = dict(T_MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    meta = dict(T_MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ROW_WARPS)
     _wrap(_st3_sums_kernel)[grid](w, t, part, k, inner, n_split, iters, **meta)
     _wrap(_st3_apply_kernel)[grid](
         w, t, part, out, k, inner, n_split, iters, SPLIT_P2=triton.next_power_of_2(n_split), **meta)
@@ -398,13 +352,7 @@ def st3_fwd(w: torch.Tensor, t: torch.Tensor, rescale: bool) -> torch.Tensor:
 
 def power_fwd(w: torch.Tensor, t: torch.Tensor, p: float) -> torch.Tensor:
     """Feather forward (SPEC §3): sign(w) * (|w|^p - t^p)^(1/p) if |w| > t else 0."""
-    out = torch.empty_like(w)
-    n, inner, mode = _layout(w, t)
-    if n == 0:
-        return out
-    grid, meta = _flat_meta(n)
-    _wrap(_power_fwd_kernel)[grid](w, t, out, n, inner, float(p), T_MODE=mode, **meta)
-    return out
+    return _elementwise(_power_fwd_kernel, w, t, float(p))
 
 
 def _masked_grad(grad, w, t, theta):
@@ -426,13 +374,7 @@ def power_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, theta: float
 
 def hard_fwd(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Hard threshold (SPEC §6): w * 1[|w| > t]."""
-    out = torch.empty_like(w)
-    n, inner, mode = _layout(w, t)
-    if n == 0:
-        return out
-    grid, meta = _flat_meta(n)
-    _wrap(_hard_fwd_kernel)[grid](w, t, out, n, inner, T_MODE=mode, **meta)
-    return out
+    return _elementwise(_hard_fwd_kernel, w, t)
 
 
 def hard_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

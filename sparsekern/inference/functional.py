@@ -1,0 +1,263 @@
+"""The layers of the inference modules on top of the spmm ops (``sparsekern.ops.spmm``).
+
+* :func:`sparse_linear` / :func:`sparse_conv1x1`: ``F.linear`` / a 1×1 ``F.conv2d`` given one of
+  the matmul ops with its weight bound (``mm(x [in, n], transpose_out)``); a 1×1 conv runs groups
+  of images (:func:`conv_group`) side by side in one call.
+* :func:`csr_conv2d` / :func:`ck_conv2d`: a KxK convolution (groups 1, zero padding) by direct
+  sparse convolution (``csr_conv`` / ``ck_conv``): groups of images are copied into a zero-padded
+  buffer of stride phases (:func:`conv_geometry`) and convolved at stride 1 over the phases.
+* :func:`conv2d`: the modules' KxK convolution, with a cache of offsets / taps and input buffers
+  per weight, input size and thread (:func:`direct_conv_cache`); under torch.compile one opaque op
+  ``sparsekern::<fmt>_conv2d``.
+"""
+import threading
+from typing import List, Optional
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..ops.spmm import ck_conv, csr_conv
+
+
+def sparse_linear(x, mm, out_features):
+    """``x·Wᵀ + b`` (``F.linear``) given ``mm(xt [in, n], transpose_out) -> W·xt + b`` (one of
+    the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1 transposes
+    ``x`` once to ``[in, B]``."""
+    in_features = x.shape[-1]
+    if x.numel() == in_features and in_features:  # batch 1: a column already
+        return mm(x.reshape(in_features, 1), True).view(*x.shape[:-1], out_features)
+    return mm(x.reshape(-1, in_features).t().contiguous(), True).view(*x.shape[:-1], out_features)
+
+
+#: Input bytes one batched conv call reads (direct KxK and 1×1): a group's input is still in L2
+#: (from its copy) when the kernel reads it. Whole batches of 256 16×16×64 images in one call
+#: (21 MB) ran 1.5× slower than groups of 16 (AMD EPYC, bench/results/spmm-formats-amd-epyc.md).
+CONV_GROUP_BYTES = 1 << 20
+
+
+def conv_group(n_img, image_bytes):
+    """Images per kernel call of :func:`sparse_conv1x1`, :func:`csr_conv2d` and :func:`ck_conv2d`
+    for a batch of ``n_img`` images of ``image_bytes`` input bytes each (zero-padded phases for a
+    KxK conv): as many as fit :data:`CONV_GROUP_BYTES` (at least one), as equal groups."""
+    calls = -(-n_img // max(1, CONV_GROUP_BYTES // max(1, image_bytes)))
+    return -(-n_img // calls) if n_img else 1
+
+
+def sparse_conv1x1(x, mm, out_features, stride=1):
+    """1×1 convolution (padding 0, groups 1) given ``mm`` as in :func:`sparse_linear`:
+    ``x [N, in, H, W]`` → ``[N, out, H', W']``: one call ``W·[x[i] … x[i+g-1]]`` per group of
+    ``g`` images (:func:`conv_group`: as many as fit :data:`CONV_GROUP_BYTES`, so the input a
+    call reads stays in cache), their ``g·H'·W'`` pixels side by side."""
+    if stride != 1:
+        x = x[:, :, ::stride, ::stride]
+    n, c, h, w = x.shape
+    if n <= 1:
+        return mm(x.reshape(c, n * h * w), False).view(n, out_features, h, w)
+    g = conv_group(n, c * h * w * x.element_size())
+    out = x.new_empty(n, out_features, h, w)
+    for i in range(0, n, g):
+        xi = x[i:i + g]
+        y = mm(xi.transpose(0, 1).reshape(c, xi.shape[0] * h * w), False)
+        out[i:i + g] = y.view(out_features, xi.shape[0], h, w).transpose(0, 1)
+    return out
+
+
+# --- direct KxK convolution -----------------------------------------------------------------------
+
+#: Input channels per reduction slab of ``csr_conv`` (their rows of a column tile stay in L1).
+SLAB_CHANNELS = 32
+
+
+def conv_geometry(h, w, kernel_size, stride, padding, dilation):
+    """The direct convolution's layout for an ``h×w`` input: ``(hq, wq, h_out, w_out)``. The
+    zero-padded image ``[C, Hp, Wp]`` is stored as stride phases ``[C, sh, sw, hq, wq]``
+    (phase ``(a, b)`` holds padded pixels ``(a + sh·i, b + sw·j)``; ``hq = ⌈Hp/sh⌉``), so a
+    strided convolution is a stride-1 one over the phases; outputs are wide rows of ``wq``."""
+    (r_, s_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    h_out, w_out = (hp - dh * (r_ - 1) - 1) // sh + 1, (wp - dw * (s_ - 1) - 1) // sw + 1
+    if hp - dh * (r_ - 1) <= 0 or wp - dw * (s_ - 1) <= 0:
+        raise ValueError(f"conv2d: input {h}×{w} (padded {hp}×{wp}) is smaller than the dilated kernel")
+    return -(-hp // sh), -(-wp // sw), h_out, w_out
+
+
+def conv_taps(kernel_size, stride, dilation, hq, wq):
+    """Offsets (int32 ``[R·S]``) of a kernel's taps within one channel's phases
+    ``[sh, sw, hq, wq]`` (:func:`conv_geometry`): tap ``(r, s)`` reads phase
+    ``(r·dil_h mod sh, s·dil_w mod sw)`` shifted by ``(r·dil_h div sh, s·dil_w div sw)`` (the CK
+    format's ``taps``; stride 1: ``r·dil_h·wq + s·dil_w``)."""
+    (sh, sw), (dh, dw) = stride, dilation
+    r = torch.arange(kernel_size[0])[:, None] * dh
+    s = torch.arange(kernel_size[1])[None, :] * dw
+    off = ((r % sh) * sw + s % sw) * (hq * wq) + (r // sh) * wq + s // sw
+    return off.reshape(-1).to(torch.int32)
+
+
+def _check_int32(fn, channels, stride, hq, wq):
+    """The size of one channel's phases ``sh·sw·hq·wq``, ValueError unless ``channels`` of them
+    have int32 offsets."""
+    plane = stride[0] * stride[1] * hq * wq
+    if channels * plane >= 2 ** 31:
+        raise ValueError(f"{fn}: an input of {channels} channels of {hq}×{wq} pixels per phase is "
+                         "too large for int32 offsets")
+    return plane
+
+
+def conv_offsets(col, kernel_size, stride, dilation, channels, hq, wq):
+    """Flat input offsets (int32 ``[nnz]``) of the nonzeros of a CSR conv weight ``[out, C·R·S]``
+    in the phase layout ``[C, sh, sw, hq, wq]`` of :func:`conv_geometry`: ``c·plane + taps[r·S + s]``."""
+    plane = _check_int32("conv2d", channels, stride, hq, wq)
+    col = col.long()
+    rs = kernel_size[0] * kernel_size[1]
+    taps = conv_taps(kernel_size, stride, dilation, hq, wq).long()
+    return ((col // rs) * plane + taps[col % rs]).to(torch.int32)
+
+
+def _phase_copies(x, scratch, geometry, stride, padding):
+    """``(destination, source)`` view pairs that copy a batch ``x [N, C, H, W]`` into the
+    phases of ``scratch`` ``[C, sh, sw, N·hq, wq]`` (:func:`conv_geometry`, images stacked in
+    each phase); the rest of ``scratch`` stays zero."""
+    hq, wq = geometry[:2]
+    (sh, sw), (ph, pw) = stride, padding
+    n_img, c, h, w = x.shape
+    ph6 = scratch[:c * sh * sw * n_img * hq * wq].view(c, sh, sw, n_img, hq, wq)
+
+    def span(a, step, pad, size):  # first phase index, count, first source index
+        i0 = max(0, -(-(pad - a) // step))
+        i1 = (pad + size - 1 - a) // step
+        return i0, i1 - i0 + 1, a + step * i0 - pad
+
+    pairs = []
+    for a in range(sh):
+        i0, ni, r0 = span(a, sh, ph, h)
+        for b in range(sw):
+            j0, nj, c0 = span(b, sw, pw, w)
+            if ni > 0 and nj > 0:
+                pairs.append((ph6[:, a, b, :, i0:i0 + ni, j0:j0 + nj],
+                              x[:, :, r0:r0 + sh * (ni - 1) + 1:sh, c0:c0 + sw * (nj - 1) + 1:sw].transpose(0, 1)))
+    return pairs
+
+
+def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache):
+    """The batch loop of :func:`csr_conv2d` / :func:`ck_conv2d`: groups of ``g`` images
+    (:func:`conv_group`) stacked in one zero-padded tall image of stride phases ``[C, sh, sw,
+    g·hq, wq]`` (image ``i`` holds phase rows ``i·hq ..``), each group one kernel call
+    ``run(buf, idx, g·hq, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
+    wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and dropped).
+    ``cache`` maps ``g`` to ``(idx, buf)``: ``idx = index(g·hq, wq)`` (offsets or taps) and the
+    buffer, whose padding stays zero."""
+    n_img, c, h, w = x.shape
+    (sh, sw), size_of = stride, x.element_size()
+    hq, wq, h_out, w_out = conv_geometry(h, w, kernel_size, stride, padding, dilation)
+    if n_img == 0:
+        return x.new_empty(0, out_features, h_out, w_out)
+    g = conv_group(n_img, c * sh * sw * hq * wq * size_of)
+    out = None if g >= n_img else x.new_empty(n_img, out_features, h_out, w_out)  # None: one call
+    for i in range(0, n_img, g):
+        xi = x[i:i + g]
+        gi = xi.shape[0]
+        if gi not in cache:  # slack: the last wide row reads past the image
+            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw)
+            cache[gi] = (index(gi * hq, wq), buf)
+        idx, buf = cache[gi]
+        for dst, src in _phase_copies(xi, buf, (hq, wq), stride, padding):
+            dst.copy_(src)
+        y = run(buf, idx, gi * hq, ((gi - 1) * hq + h_out) * wq, wq, w_out)  # [out, rows, w_out]
+        y = y.unfold(1, h_out, hq).permute(1, 0, 3, 2)  # [gi, out, h_out, w_out]: image j at rows j·hq..
+        if out is None:
+            return y.contiguous()
+        out[i:i + gi] = y
+    return out
+
+
+def _bias(bias, val):
+    return bias if bias is not None else val.new_empty(0)
+
+
+def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
+    """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
+    ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Groups of images are
+    copied into a zero-padded buffer of stride phases (:func:`conv_geometry`, images stacked as in
+    :func:`_direct_conv2d`) and convolved directly, one ``csr_conv`` call per group, at stride 1
+    over the phases, in wide rows: only the strided outputs are computed. ``cache``: a dict kept
+    by the caller for this input's ``(C, H, W)`` (and thread): the :func:`conv_offsets` and
+    buffers per group size, reused by later calls."""
+    b = _bias(bias, val)
+
+    def index(hq, wq):
+        return conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
+
+    def run(buf, offsets, hq, n, wq, w_out):
+        slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
+        return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out)
+
+    return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
+                          {} if cache is None else cache)
+
+
+def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
+    """:func:`csr_conv2d` with a CK weight (``formats.ck_from_dense``): ``x [N, C, H, W]`` →
+    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size."""
+    b = _bias(bias, val)
+
+    def index(hq, wq):
+        _check_int32("ck_conv2d", x.shape[1], stride, hq, wq)
+        return conv_taps(kernel_size, stride, dilation, hq, wq)
+
+    def run(buf, taps, hq, n, wq, w_out):
+        plane = stride[0] * stride[1] * hq * wq
+        return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out)
+
+    return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
+                          {} if cache is None else cache)
+
+
+# --- the inference modules' KxK convolution --------------------------------------------------------
+
+_DIRECT_CACHES = WeakIdKeyDictionary()  # a weight's val -> {(thread, dtype, device, C, H, W): cache}
+
+
+def direct_conv_cache(val, x):
+    """The :func:`csr_conv2d` / :func:`ck_conv2d` cache of the weight whose values are ``val``
+    for inputs shaped like ``x``, per thread (each call writes its buffers). It lives as long as
+    ``val``: a new weight tensor (``.to()``, ``load_state_dict``) starts empty."""
+    per = _DIRECT_CACHES.get(val)
+    if per is None:
+        per = _DIRECT_CACHES[val] = {}
+    return per.setdefault((threading.get_ident(), x.dtype, x.device) + tuple(x.shape[1:]), {})
+
+
+_CONV2D = {"csr": csr_conv2d, "ck": ck_conv2d}
+
+
+def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+    h_out, w_out = conv_geometry(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)[2:]
+    return x.new_empty(x.shape[0], out_features, h_out, w_out)
+
+
+def _conv2d_op(fmt):
+    def impl(x: torch.Tensor, rowptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+             bias: Optional[torch.Tensor], out_features: int, kernel_size: List[int], stride: List[int],
+             padding: List[int], dilation: List[int]) -> torch.Tensor:
+        geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
+        return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x))
+
+    op = torch.library.custom_op(f"sparsekern::{fmt}_conv2d", impl, mutates_args=())
+    op.register_fake(_fake_conv2d)
+    return op
+
+
+_CONV2D_OPS = {fmt: _conv2d_op(fmt) for fmt in _CONV2D}
+
+
+def conv2d(fmt, x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+    """The KxK convolution of the inference modules, weight in format ``fmt``: ``"csr"``
+    (:func:`csr_conv2d`, ``idx = col``) or ``"ck"`` (:func:`ck_conv2d`, ``idx = chan``), with the
+    weight's :func:`direct_conv_cache`. Under torch.compile / export: the op
+    ``sparsekern::<fmt>_conv2d``, opaque to the compiler (the caches stay in its implementation;
+    its fake kernel gives the output shape)."""
+    if torch.compiler.is_compiling():
+        return _CONV2D_OPS[fmt](x, rowptr, idx, val, bias, out_features, list(kernel_size), list(stride),
+                                list(padding), list(dilation))
+    return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation,
+                        direct_conv_cache(val, x))
