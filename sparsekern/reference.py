@@ -618,7 +618,7 @@ def csr_to_dense(rowptr, col, val, shape):
 def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
     """``z[o, j] = bias[o] + Σ val[i]·x[off[i] + j]`` over row ``o``'s nonzeros, ``j < n``, kept
     as ``y[o, h, c] = z[o, h·wp + c]`` for ``c < wv``: ``[out, n / wp, wv]`` (the direct sparse
-    convolution of ``sparsekern.ops.spmm.csr_conv2d``; ``slab`` only blocks the kernel's loops)."""
+    convolution of ``sparsekern.inference.functional.csr_conv2d``; ``slab`` only blocks the kernel's loops)."""
     rows = torch.repeat_interleave(torch.arange(out_features, device=val.device), rowptr.diff())
     cols = x[off.long()[:, None] + torch.arange(n, device=x.device)]
     y = x.new_zeros(out_features, n).index_add_(0, rows, val[:, None] * cols)

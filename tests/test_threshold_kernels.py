@@ -216,12 +216,7 @@ def test_nan_weights_stay_nan(backend):
                                    rtol=TOL[torch.float32][1], equal_nan=True)
 
 
-_TRITON_ST3_INF = pytest.param("triton", marks=pytest.mark.xfail(
-    reason="sparsekern/triton/threshold.py (_st3_apply_kernel) still computes rho = inf/inf for a "
-           "kept infinite weight; not in this change's files", strict=False))
-
-
-@pytest.mark.parametrize("backend", ["cpp", _TRITON_ST3_INF, "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 def test_st3_infinite_weight(backend):
     """Issue 14: one kept infinite weight made its whole output channel NaN (the rescale's
     ρ = inf/inf). ρ → 1 as that weight grows (it dominates both channel means), so the channel

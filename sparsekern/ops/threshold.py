@@ -161,8 +161,7 @@ def st3_threshold(w, t, rescale=True):
     """ST-3 (SPEC §2): ``scale_o·sign(w)·max(|w| − t, 0)``, per-channel rescale in the kernel.
 
     w: ``[K, ...]``; t ≥ 0 per layer / ``[K]`` / ``w.shape`` (t = 0: identity). rescale: bool.
-    A channel with a kept infinite weight gets scale 1 (ρ's limit; not inf/inf = NaN) on CPU;
-    the Triton kernel still gives that channel NaN.
+    A channel with a kept infinite weight gets scale 1 (ρ's limit; not inf/inf = NaN).
     Backward: dense straight-through (``∂w = g`` for every weight); t gets no gradient.
     """
     check_weight(w)

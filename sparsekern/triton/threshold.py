@@ -183,6 +183,8 @@ def _st3_apply_kernel(w_ptr, t_ptr, part_ptr, out_ptr, K, inner, n_split, iters,
     mean_kept = tl.math.div_rn(sum_kept, n_inner)
     mean_all = tl.math.div_rn(sum_all, n_inner)
     rho = tl.math.div_rn(mean_kept + 1e-6, mean_all + 1e-6)
+    # a kept infinite weight makes both means inf: rho = 1, its limit (not inf/inf = NaN)
+    rho = tl.where((mean_kept == float("inf")) & (mean_all == float("inf")), 1.0, rho)
     scale = tl.math.div_rn(1.01, rho + 0.01)[:, None]
     for it in range(iters):
         mask, offs = row_tile(rows, row_mask, col0, it, inner, BLOCK_C)
