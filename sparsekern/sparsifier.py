@@ -101,8 +101,7 @@ class Sparsifier:
     def _update(self, step: int) -> None:
         layers = list(self.layers.values())
         if self._frozen:
-            for sw in layers:
-                sw.weight.masked_fill_(~sw.mask, 0)
+            FixedMask.zero_pruned(layers)
             return
         if isinstance(self.method, MaskMethod):
             self.method.update(layers, step, self.target(step))
@@ -174,22 +173,18 @@ class Sparsifier:
         return levels
 
     def _check_dead(self, flags: Tensor) -> None:
-        """Warn once per layer that is 100 % pruned. CPU: now; accelerators: the flags are copied
-        to the host without a sync and read at the next step."""
-        if flags.device.type == "cpu":
+        """Warn once per layer that is 100 % pruned. CUDA: the flags are copied to the host without
+        a sync and read at the next step; elsewhere: now."""
+        if flags.device.type != "cuda":  # CPU (other devices: read now too)
             self._warn_dead(flags.tolist())
             return
         if self._pending is not None:
             host, event = self._pending
             event.synchronize()
             self._warn_dead(host.tolist())
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=torch.cuda.is_available())
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags, non_blocking=True)
-        event = torch.cuda.Event() if flags.device.type == "cuda" else None
-        if event is None:
-            self._pending = None
-            self._warn_dead(host.tolist())
-            return
+        event = torch.cuda.Event()
         event.record()
         self._pending = (host, event)
 
