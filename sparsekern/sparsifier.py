@@ -518,20 +518,21 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
         if any(pn in m.__dict__.get("_sparsekern", {}) for _, m, pn in where[name]):
             raise ValueError(f"weight {name!r} is already sparse (another sparsify() call): finalize() that "
                              "Sparsifier first, or exclude= it")
-        w = p.t() if transposed else p
-        reason = meth.unsupported(w)
+        sw = SparseWeight(mod, pname, name, transposed, meth)
+        reason = meth.unsupported(sw.weight)
         if reason is not None:
             dense[name], dense_weights[name] = f"{meth.name}: {reason}", p
             continue
-        chosen.append(SparseWeight(mod, pname, name, transposed, meth))
+        chosen.append(sw)
     if not chosen:
         raise ValueError(f"every prunable weight of the model is left dense: {dense}")
     unsupported = {n: r for n, r in dense.items() if r != "excluded"}
     if unsupported:
         warnings.warn(f"sparsify: {len(unsupported)} weight(s) stay dense, the method cannot prune them: "
                       f"{unsupported}", UserWarning, stacklevel=2)
-    zero = [sw.name for sw in chosen if sw.param.numel() and not bool(sw.param.any())]
-    if zero and isinstance(meth, STR):
+    zero = [] if not isinstance(meth, STR) else [sw.name for sw in chosen
+                                                  if sw.param.numel() and not bool(sw.param.any())]
+    if zero:
         warnings.warn(f"sparsify: weight(s) {zero} are all zero: under 'str' a weight with |w| <= g(s) gets no "
                       "gradient, so they would never train; initialise them or exclude= them", UserWarning, stacklevel=2)
     if isinstance(meth, (STR, ASL)) and _wrapped_by_ddp([sw.param for sw in chosen]):
