@@ -1,7 +1,8 @@
-"""Shared plumbing of the op layer: op definition, device dispatch, input validation."""
+"""Shared plumbing of the op layer: op definition (:func:`define`), input validation."""
 import importlib
 import math
 import warnings
+from types import SimpleNamespace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -16,6 +17,56 @@ except ImportError:  # e.g. macOS: no Triton, CPU ops still work
     HAS_TRITON = False
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: The ``sparsekern`` op namespace. Schemas are defined here, from Python; the C++ library
+#: (loaded by ``_ext`` first) registers the CPU kernels of the same ops with
+#: ``TORCH_LIBRARY_IMPL(sparsekern, CPU, m)``.
+LIB = torch.library.Library("sparsekern", "FRAGMENT")
+
+#: op name -> ``SimpleNamespace(family, reference, cuda, cpp)``: its Python implementations and
+#: whether the C++ library implements it on CPU (the tests call each implementation).
+IMPLS = {}
+
+
+def define(schema, family, *, reference, fake, cuda=None, cpp=False):
+    """Define the op ``sparsekern::<schema>`` and register its implementations.
+
+    ``reference`` at ``CompositeExplicitAutograd``: the kernel of every device without its own
+    (CPU without the C++ library or with ``SPARSEKERN_NO_EXT=1``, CUDA without Triton, ...);
+    ``cuda`` (the Triton launch) at ``CUDA`` when Triton imports; ``fake`` for meta / fake
+    tensors (torch.compile, export). ``cpp``: the C++ library registers the CPU kernel (see
+    :func:`check_cpp`). Returns the op's default overload (autograd, if any, is registered by
+    the caller with ``torch.library.register_autograd(..., lib=LIB)``).
+    """
+    name = schema[:schema.index("(")]
+    LIB.define(schema)
+    LIB.impl(name, reference, "CompositeExplicitAutograd")
+    if cuda is not None and HAS_TRITON:
+        LIB.impl(name, cuda, "CUDA")
+    torch.library.register_fake(f"sparsekern::{name}", fake, lib=LIB)
+    IMPLS[name] = SimpleNamespace(family=family, reference=reference, cuda=cuda, cpp=cpp)
+    return getattr(torch.ops.sparsekern, name).default
+
+
+def has_cpp(name):
+    """Whether op ``name`` has a CPU kernel of its own (the C++ library's)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{name}", "CPU")
+
+
+def check_cpp(family):
+    """Warn (once) if the loaded C++ library lacks the CPU kernel of one of ``family``'s ops
+    (a library built before the family existed): on CPU they run the reference."""
+    missing = [n for n, i in IMPLS.items() if i.family == family and i.cpp and not has_cpp(n)]
+    if _ext.LOADED and missing:
+        warnings.warn(
+            f"sparsekern: the C++ library has no {family} kernels ({', '.join(missing)}; built before "
+            f"csrc/cpu/{family}.cpp was added?); {family} ops fall back to the eager reference on CPU. "
+            "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+
+
+def triton_module(family):
+    """``sparsekern.triton.<family>`` (imported on first use: only CUDA tensors launch Triton)."""
+    return importlib.import_module(f"sparsekern.triton.{family}")
 
 
 def define_op(name):
