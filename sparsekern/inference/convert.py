@@ -49,7 +49,7 @@ arguments or other names cannot be seen, so pass ``example_input`` for third-par
 On CUDA (unverified, no GPU here) a Linear with an exactly 2:4 fp16/bf16 weight of a shape torch's semi-structured
 kernels take (``supports_semi_structured``) may become a :class:`SemiStructuredLinear` (compute
 capability >= 8.0), and block / nm once the Triton kernels are wired in
-(``sparsekern.ops.spmm.KERNELS.triton``).
+(``sparsekern.ops._common.HAS_TRITON``).
 """
 import inspect
 import math
@@ -62,8 +62,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import spmm
-from ..ops._common import check_number
+from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
 from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
@@ -180,7 +179,7 @@ def _device_formats(w):
     if w.device.type == "cpu":
         return {"csr", "block", "nm", "ck"} if w.dtype == torch.float32 else set()
     if w.device.type == "cuda":  # UNVERIFIED: written without a GPU
-        fmts = {"block", "nm"} if spmm.KERNELS.triton and w.dtype == torch.float32 else set()
+        fmts = {"block", "nm"} if HAS_TRITON and w.dtype == torch.float32 else set()
         if w.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(w.device) >= (8, 0):
             fmts.add("2:4")
         return fmts

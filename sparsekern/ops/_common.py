@@ -28,24 +28,30 @@ LIB = torch.library.Library("sparsekern", "FRAGMENT")
 IMPLS = {}
 
 
-def define(schema, family, *, reference, fake, cuda=None, cpp=False):
-    """Define the op ``sparsekern::<schema>`` and register its implementations.
+def define(schema, family, *, reference, fake, cuda=None, cpp=False, backward=None, setup_context=None):
+    """Define the op ``sparsekern::<schema>`` of ``family`` and register its implementations.
 
     ``reference`` at ``CompositeExplicitAutograd``: the kernel of every device without its own
     (CPU without the C++ library or with ``SPARSEKERN_NO_EXT=1``, CUDA without Triton, ...);
     ``cuda`` (the Triton launch) at ``CUDA`` when Triton imports; ``fake`` for meta / fake
     tensors (torch.compile, export). ``cpp``: the C++ library registers the CPU kernel (see
-    :func:`check_cpp`). Returns the op's default overload (autograd, if any, is registered by
-    the caller with ``torch.library.register_autograd(..., lib=LIB)``).
+    :func:`check_cpp`). ``backward`` / ``setup_context``: ``torch.library.register_autograd``'s;
+    without them backpropagating through the op raises (never a silent zero gradient).
+    Returns the op's default overload.
     """
     name = schema[:schema.index("(")]
     LIB.define(schema)
     LIB.impl(name, reference, "CompositeExplicitAutograd")
     if cuda is not None and HAS_TRITON:
         LIB.impl(name, cuda, "CUDA")
-    torch.library.register_fake(f"sparsekern::{name}", fake, lib=LIB)
+    op = getattr(torch.ops.sparsekern, name).default
+    torch.library.register_fake(op, fake, lib=LIB)
+    if backward is None:
+        def backward(ctx, *grads):
+            raise RuntimeError(f"sparsekern::{name} has no autograd formula: it is not differentiable")
+    torch.library.register_autograd(op, backward, setup_context=setup_context, lib=LIB)
     IMPLS[name] = SimpleNamespace(family=family, reference=reference, cuda=cuda, cpp=cpp)
-    return getattr(torch.ops.sparsekern, name).default
+    return op
 
 
 def has_cpp(name):

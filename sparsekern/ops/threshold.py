@@ -19,71 +19,7 @@ full-size mask is saved.
 import torch
 
 from .. import reference
-from ._common import LIB, as_threshold, check_bool, check_cpp, check_number, check_weight, define, triton_module
-
-
-def _tk():
-    return triton_module("threshold")
-
-
-def _like(w, *args):
-    return w.new_empty(w.shape)
-
-
-def _soft_bwd_fake(grad, w, t, act, t_grad):
-    return w.new_empty(w.shape), t.new_empty(t.shape if t_grad else (0,))
-
-
-def _ref_soft_bwd(grad, w, t, act, t_grad):
-    gw, gt = reference.soft_threshold_backward(grad.contiguous(), w.contiguous(), t, reference.ACTIVATIONS[act])
-    return gw, gt if t_grad else t.new_empty(0)
-
-
-def _cuda_soft_bwd(grad, w, t, act, t_grad):
-    return _tk().soft_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), act, t_grad)
-
-
-def _cuda_hard_bwd(grad, w, t):
-    # t = 0 (before pruning starts) passes every gradient: exact zeros (a zero-initialised head) train
-    return _tk().hard_bwd(grad.contiguous(), w.contiguous(), t.masked_fill(t == 0, -1.0))
-
-
-_soft = define(
-    "soft_threshold(Tensor w, Tensor t) -> Tensor", "threshold", cpp=True, fake=_like,
-    reference=lambda w, t: reference.soft_threshold(w.contiguous(), t),
-    cuda=lambda w, t: _tk().soft_fwd(w.contiguous(), t.contiguous(), 0))
-_str = define(
-    "str_threshold(Tensor w, Tensor s, str activation) -> Tensor", "threshold", cpp=True, fake=_like,
-    reference=lambda w, s, activation: reference.str_threshold(w.contiguous(), s, activation),
-    cuda=lambda w, s, activation: _tk().soft_fwd(w.contiguous(), s.contiguous(),
-                                                  reference.ACTIVATIONS.index(activation)))
-_soft_bwd = define(
-    "soft_threshold_backward(Tensor grad, Tensor w, Tensor t, SymInt act, bool t_grad) -> (Tensor, Tensor)",
-    "threshold", cpp=True, fake=_soft_bwd_fake, reference=_ref_soft_bwd, cuda=_cuda_soft_bwd)
-_st3 = define(
-    "st3_threshold(Tensor w, Tensor t, bool rescale) -> Tensor", "threshold", cpp=True, fake=_like,
-    reference=lambda w, t, rescale: reference.st3_threshold_forward(w.contiguous(), t, rescale),
-    cuda=lambda w, t, rescale: _tk().st3_fwd(w.contiguous(), t.contiguous(), rescale))
-_power = define(
-    "power_threshold(Tensor w, Tensor t, float p, float theta) -> Tensor", "threshold", cpp=True, fake=_like,
-    reference=lambda w, t, p, theta: reference.power_threshold_forward(w.contiguous(), t, p),
-    cuda=lambda w, t, p, theta: _tk().power_fwd(w.contiguous(), t.contiguous(), p))
-_power_bwd = define(
-    "power_threshold_backward(Tensor grad, Tensor w, Tensor t, float theta) -> Tensor", "threshold",
-    cpp=True, fake=lambda grad, w, t, theta: _like(w),
-    reference=lambda grad, w, t, theta: reference.power_threshold_backward(grad.contiguous(), w.contiguous(), t,
-                                                                           theta),
-    cuda=lambda grad, w, t, theta: _tk().power_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), theta))
-_hard = define(
-    "hard_threshold(Tensor w, Tensor t, bool ste) -> Tensor", "threshold", cpp=True, fake=_like,
-    reference=lambda w, t, ste: reference.hard_threshold_forward(w.contiguous(), t),
-    cuda=lambda w, t, ste: _tk().hard_fwd(w.contiguous(), t.contiguous()))
-_hard_bwd = define(
-    "hard_threshold_backward(Tensor grad, Tensor w, Tensor t) -> Tensor", "threshold", cpp=True,
-    fake=lambda grad, w, t: _like(w),
-    reference=lambda grad, w, t: reference.hard_threshold_backward(grad.contiguous(), w.contiguous(), t),
-    cuda=_cuda_hard_bwd)
-check_cpp("threshold")
+from ._common import as_threshold, check_bool, check_cpp, check_number, check_weight, define, triton_module
 
 
 # --- autograd -----------------------------------------------------------------------------------
@@ -115,10 +51,76 @@ def _hard_backward(ctx, grad):
     return (grad if ctx.args[0] else _hard_bwd(grad, w, t)), None, None
 
 
-for _op, _backward, _setup in [(_soft, _soft_backward, _save_wt), (_str, _soft_backward, _save_wt),
-                               (_st3, _st3_backward, lambda ctx, inputs, output: None),
-                               (_power, _power_backward, _save_wt), (_hard, _hard_backward, _save_wt)]:
-    torch.library.register_autograd(_op, _backward, setup_context=_setup, lib=LIB)
+
+# --- ops ----------------------------------------------------------------------------------------
+
+def _tk():
+    return triton_module("threshold")
+
+
+def _like(w, *args):
+    return w.new_empty(w.shape)
+
+
+def _soft_bwd_fake(grad, w, t, act, t_grad):
+    return w.new_empty(w.shape), t.new_empty(t.shape if t_grad else (0,))
+
+
+def _ref_soft_bwd(grad, w, t, act, t_grad):
+    gw, gt = reference.soft_threshold_backward(grad.contiguous(), w.contiguous(), t, reference.ACTIVATIONS[act])
+    return gw, gt if t_grad else t.new_empty(0)
+
+
+def _cuda_soft_bwd(grad, w, t, act, t_grad):
+    return _tk().soft_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), act, t_grad)
+
+
+def _cuda_hard_bwd(grad, w, t):
+    # t = 0 (before pruning starts) passes every gradient: exact zeros (a zero-initialised head) train
+    return _tk().hard_bwd(grad.contiguous(), w.contiguous(), t.masked_fill(t == 0, -1.0))
+
+
+_soft = define(
+    "soft_threshold(Tensor w, Tensor t) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t: reference.soft_threshold(w.contiguous(), t),
+    cuda=lambda w, t: _tk().soft_fwd(w.contiguous(), t.contiguous(), 0),
+    backward=_soft_backward, setup_context=_save_wt)
+_str = define(
+    "str_threshold(Tensor w, Tensor s, str activation) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, s, activation: reference.str_threshold(w.contiguous(), s, activation),
+    cuda=lambda w, s, activation: _tk().soft_fwd(w.contiguous(), s.contiguous(),
+                                                  reference.ACTIVATIONS.index(activation)),
+    backward=_soft_backward, setup_context=_save_wt)
+_soft_bwd = define(
+    "soft_threshold_backward(Tensor grad, Tensor w, Tensor t, SymInt act, bool t_grad) -> (Tensor, Tensor)",
+    "threshold", cpp=True, fake=_soft_bwd_fake, reference=_ref_soft_bwd, cuda=_cuda_soft_bwd)
+_st3 = define(
+    "st3_threshold(Tensor w, Tensor t, bool rescale) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t, rescale: reference.st3_threshold_forward(w.contiguous(), t, rescale),
+    cuda=lambda w, t, rescale: _tk().st3_fwd(w.contiguous(), t.contiguous(), rescale),
+    backward=_st3_backward, setup_context=lambda ctx, inputs, output: None)
+_power = define(
+    "power_threshold(Tensor w, Tensor t, float p, float theta) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t, p, theta: reference.power_threshold_forward(w.contiguous(), t, p),
+    cuda=lambda w, t, p, theta: _tk().power_fwd(w.contiguous(), t.contiguous(), p),
+    backward=_power_backward, setup_context=_save_wt)
+_power_bwd = define(
+    "power_threshold_backward(Tensor grad, Tensor w, Tensor t, float theta) -> Tensor", "threshold",
+    cpp=True, fake=lambda grad, w, t, theta: _like(w),
+    reference=lambda grad, w, t, theta: reference.power_threshold_backward(grad.contiguous(), w.contiguous(), t,
+                                                                           theta),
+    cuda=lambda grad, w, t, theta: _tk().power_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), theta))
+_hard = define(
+    "hard_threshold(Tensor w, Tensor t, bool ste) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t, ste: reference.hard_threshold_forward(w.contiguous(), t),
+    cuda=lambda w, t, ste: _tk().hard_fwd(w.contiguous(), t.contiguous()),
+    backward=_hard_backward, setup_context=_save_wt)
+_hard_bwd = define(
+    "hard_threshold_backward(Tensor grad, Tensor w, Tensor t) -> Tensor", "threshold", cpp=True,
+    fake=lambda grad, w, t: _like(w),
+    reference=lambda grad, w, t: reference.hard_threshold_backward(grad.contiguous(), w.contiguous(), t),
+    cuda=_cuda_hard_bwd)
+check_cpp("threshold")
 
 
 # --- public API ---------------------------------------------------------------------------------
