@@ -49,8 +49,7 @@ def kernel_backend(name, family="threshold"):
     from sparsekern.ops._common import IMPLS, has_cpp
 
     ops = {op: impl for op, impl in IMPLS.items() if impl.family == family}
-    if not ops:  # TODO(migration): families still on KernelFamily
-        return _old_kernel_backend(name, family)
+    assert ops, f"no ops in family {family}"
     if name == "cpp":
         from sparsekern import _ext
 
@@ -64,17 +63,6 @@ def kernel_backend(name, family="threshold"):
     kind = "cuda" if name == "triton" else "reference"
     return SimpleNamespace(**{op: getattr(impl, kind) for op, impl in ops.items()}), \
         TRITON_DEVICE if name == "triton" else "cpu"
-
-
-def _old_kernel_backend(name, family):
-    import importlib
-    kernels = importlib.import_module(f"sparsekern.ops.{family}").KERNELS
-    if name == "cpp":
-        assert kernels.has_c, f"the C++ library has no {family} kernels: rebuild it"
-        return torch.ops.sparsekern_C, "cpu"
-    if name == "triton":
-        return importlib.import_module(f"sparsekern.triton.{family}"), TRITON_DEVICE
-    return kernels.reference, "cpu"
 
 
 def make_weight(shape, dtype, device="cpu", seed=0):

@@ -75,53 +75,6 @@ def triton_module(family):
     return importlib.import_module(f"sparsekern.triton.{family}")
 
 
-def define_op(name):
-    """Register ``sparsekern::<name>`` from a Python body (schema inferred from annotations).
-
-    With Triton the op is a ``torch.library.triton_op`` so torch.compile sees the Triton
-    kernels it launches; the body doubles as the fake kernel, so it must only allocate and
-    dispatch (no data-dependent Python).
-    """
-    def deco(fn):
-        if HAS_TRITON:
-            return torch.library.triton_op(f"sparsekern::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"sparsekern::{name}", fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-
-    return deco
-
-
-class KernelFamily:
-    """The kernel namespaces of one op family, all implementing the family's contract.
-
-    ``family(device)`` gives Triton (``sparsekern.triton.<name>``) on CUDA, the C++ library
-    (``torch.ops.sparsekern_C``) on CPU and meta (its fake kernels: shapes without data), else
-    ``reference``. ``c_fakes`` maps the family's C++
-    ops to fake kernels (needed when a CPU op body is traced). A library built before the family
-    existed lacks those ops: the CPU path then falls back to ``reference``, with a warning.
-    """
-
-    def __init__(self, name, reference, c_fakes, has_triton=True):
-        self.name, self.reference, self.triton = name, reference, has_triton and HAS_TRITON
-        self.has_c = _ext.LOADED and all(hasattr(torch.ops.sparsekern_C, op) for op in c_fakes)
-        if _ext.LOADED and not self.has_c:
-            warnings.warn(
-                f"sparsekern: the C++ library has no {name} kernels (built before csrc/cpu/{name}.cpp "
-                f"was added?); {name} ops fall back to the eager reference on CPU. Rebuild with "
-                "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-        if self.has_c:
-            for op, fn in c_fakes.items():
-                torch.library.register_fake(f"sparsekern_C::{op}")(fn)
-
-    def __call__(self, device):
-        if device.type == "cuda" and self.triton:
-            return importlib.import_module(f"sparsekern.triton.{self.name}")
-        if device.type in ("cpu", "meta") and self.has_c:  # meta: the C ops' fake kernels
-            return torch.ops.sparsekern_C
-        return self.reference
-
-
 def is_compiling():
     return torch.compiler.is_compiling()
 
