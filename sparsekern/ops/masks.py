@@ -65,21 +65,26 @@ def _cuda_block(w, block, sparsity):
 
 # --- ops ----------------------------------------------------------------------------------------
 
-_nm = define("nm_mask(Tensor w, SymInt n, SymInt m) -> Tensor", "masks", cpp=True, fake=_bool_like,
-             reference=reference.nm_mask, cuda=lambda w, n, m: _tm().nm_mask(w.contiguous(), n, m))
-_window = define("window_mask(Tensor w, float sparsity, SymInt? max_nonzero) -> Tensor", "masks", cpp=True,
-                 fake=_bool_like, reference=reference.window_mask, cuda=_cuda_window)
-_ck = define("ck_mask(Tensor w, float sparsity, str group) -> Tensor", "masks", cpp=True, fake=_bool_like,
-             reference=reference.ck_mask, cuda=_cuda_ck)
-_intra = define("intra_mask(Tensor w, float sparsity, float window_fraction, str group) -> Tensor", "masks",
-                cpp=True, fake=_bool_like, reference=reference.intra_mask, cuda=_cuda_intra)
-_block = define("block_mask(Tensor w, SymInt block, float sparsity) -> Tensor", "masks", cpp=True,
-                fake=_bool_like, reference=reference.block_mask, cuda=_cuda_block)
-_fc_inputs = define("prune_fc_inputs(Tensor conv, Tensor fc_weight) -> Tensor", "masks",
-                    fake=reference.prune_fc_inputs, reference=reference.prune_fc_inputs)
-_pack = define("pack_mask(Tensor mask) -> Tensor", "masks", fake=reference.pack_mask, reference=reference.pack_mask)
-_unpack = define("unpack_mask(Tensor packed, SymInt[] shape) -> Tensor", "masks", fake=reference.unpack_mask,
-                 reference=reference.unpack_mask)
+def _define_mask(schema, **kwargs):
+    """:func:`define` for a masks op with a bool / uint8 result (no gradient: autograd falls through)."""
+    return define(schema, "masks", float_outputs=False, **kwargs)
+
+
+_nm = _define_mask("nm_mask(Tensor w, SymInt n, SymInt m) -> Tensor", cpp=True, fake=_bool_like,
+                   reference=reference.nm_mask, cuda=lambda w, n, m: _tm().nm_mask(w.contiguous(), n, m))
+_window = _define_mask("window_mask(Tensor w, float sparsity, SymInt? max_nonzero) -> Tensor", cpp=True,
+                       fake=_bool_like, reference=reference.window_mask, cuda=_cuda_window)
+_ck = _define_mask("ck_mask(Tensor w, float sparsity, str group) -> Tensor", cpp=True, fake=_bool_like,
+                   reference=reference.ck_mask, cuda=_cuda_ck)
+_intra = _define_mask("intra_mask(Tensor w, float sparsity, float window_fraction, str group) -> Tensor",
+                      cpp=True, fake=_bool_like, reference=reference.intra_mask, cuda=_cuda_intra)
+_block = _define_mask("block_mask(Tensor w, SymInt block, float sparsity) -> Tensor", cpp=True,
+                      fake=_bool_like, reference=reference.block_mask, cuda=_cuda_block)
+_fc_inputs = _define_mask("prune_fc_inputs(Tensor conv, Tensor fc_weight) -> Tensor",
+                          fake=reference.prune_fc_inputs, reference=reference.prune_fc_inputs)
+_pack = _define_mask("pack_mask(Tensor mask) -> Tensor", fake=reference.pack_mask, reference=reference.pack_mask)
+_unpack = _define_mask("unpack_mask(Tensor packed, SymInt[] shape) -> Tensor", fake=reference.unpack_mask,
+                       reference=reference.unpack_mask)
 
 
 def _masked_backward(ctx, grad):
