@@ -24,8 +24,6 @@ else the reference (``sparsekern.reference``); ``x`` may have any strides.
 TypeError naming them otherwise, on every device). :func:`csr_mm`, :func:`csr_conv`,
 :func:`bsr_mm`, :func:`nm_mm` and :func:`ck_conv` check the dtypes and call the op.
 """
-import torch
-
 from .. import reference
 from ._common import FLOAT_DTYPES, check_cpp, define, triton_module
 

@@ -16,8 +16,6 @@ channel / weight); the public functions below validate and normalise their argum
 adapters below), the reference elsewhere. Backward recomputes the mask from ``(w, t)``; no
 full-size mask is saved.
 """
-import torch
-
 from .. import reference
 from ._common import as_threshold, check_bool, check_cpp, check_number, check_weight, define, triton_module
 
