@@ -112,6 +112,29 @@ def test_kernels_nan_and_empty(backend):
     assert k.nm_mask(e, 2, 4).shape == e.shape and k.intra_mask(e, 0.5, 0.5, "in").shape == e.shape
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_weights(backend, dtype):
+    """Each implementation of the ops takes any strides (the C++ ones copy to contiguous
+    themselves): transposed / strided views give the masks of their contiguous copies."""
+    k, dev = _backend(backend)
+    conv = _weight((12, 10, 3, 3), dtype, ties=True).to(dev).transpose(0, 1)  # [10, 12, 3, 3]
+    lin = _weight((9, 24), dtype, seed=1).to(dev)[:, ::2]  # [9, 12], strided
+    cc, lc = conv.contiguous(), lin.contiguous()
+    assert not conv.is_contiguous() and not lin.is_contiguous()
+    _eq(k.nm_mask(lin, 2, 4), R.nm_mask(lc, 2, 4))
+    _eq(k.nm_mask(conv, 1, 4), R.nm_mask(cc, 1, 4))
+    _eq(k.window_mask(conv, 0.5, None), R.window_mask(cc, 0.5))
+    _eq(k.ck_mask(conv, 0.4, "out"), R.ck_mask(cc, 0.4, "out"))
+    _eq(k.intra_mask(conv, 0.7, 0.5, "in"), R.intra_mask(cc, 0.7, 0.5, "in"))
+    _eq(k.block_mask(lin, 3, 0.5), R.block_mask(lc, 3, 0.5))
+    mask = R.nm_mask(lc, 2, 4)
+    out = k.masked_weight(lin, mask.t().contiguous().t())
+    assert out.is_contiguous() and torch.equal(out.cpu(), R.masked_weight(lc, mask).cpu())
+    torch.library.opcheck(torch.ops.sparsekern.window_mask, (conv.cpu(), 0.5, None))
+    torch.library.opcheck(torch.ops.sparsekern.masked_weight, (lin.cpu(), mask.cpu()))
+
+
 @pytest.mark.parametrize("shape", [(4, 3, 0, 0), (4, 3, 0, 3), (4, 3, 3, 0), (0, 3, 3, 3), (4, 0, 3, 3)])
 def test_empty_kernels(shape):
     """Issue 14: intra_mask of a conv with R·S = 0 raised ZeroDivisionError (its CK sparsity
