@@ -123,6 +123,10 @@ print("ok")
 def test_library_without_a_family_falls_back_with_one_warning():
     """A library built before a family existed (simulated: the masks ops report no CPU kernel)
     gives one RuntimeWarning naming that family, none for the others."""
+    from sparsekern import _ext
+
+    if not _ext.LOADED:
+        pytest.skip(f"C++ kernels not loaded: {_ext.ERROR}")
     out = _run("""
 import warnings
 import torch
