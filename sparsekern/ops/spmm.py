@@ -37,7 +37,7 @@ from ._common import FLOAT_DTYPES, KernelFamily, define_op
 #: The kernel contract implemented by ``sparsekern.reference`` (no C++ library, or not CPU).
 REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv,
                                     bsr_mm=reference.bsr_mm, nm_mm=reference.nm_mm,
-                                    ck_conv=reference.ck_conv)
+                                    ck_conv=reference.ck_conv, bitmap_mm=reference.bitmap_mm)
 
 
 def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
@@ -56,6 +56,7 @@ KERNELS = KernelFamily("spmm", REFERENCE_KERNELS, {
     "nm_mm": _fake_nm_mm,
     "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv:
         x.new_empty((out_features, n // wp, wv)),
+    "bitmap_mm": lambda rowptr, mask, val, bias, x, out_features: x.new_empty((x.shape[0], out_features)),
 })
 
 
@@ -151,3 +152,34 @@ def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, 
     """``torch.ops.sparsekern.ck_conv`` (C++ directly in eager CPU mode)."""
     op = _op("ck_conv", _ck_conv, val, bias, x)
     return op(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
+
+
+# --- bitmap_mm: bf16 / fp16 weights (csrc/cpu/spmm_bf16.cpp) ---------------------------------------
+
+def _bitmap_kernels(x):
+    """The C++ library on CPU / meta, else the reference (no Triton kernel yet)."""
+    k = _k(x)
+    return k if hasattr(k, "bitmap_mm") else REFERENCE_KERNELS
+
+
+def _check_bitmap(val, bias, x):
+    if val.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"bitmap_mm: val must be bfloat16 or float16, got {val.dtype}")
+    check_dtypes("bitmap_mm", val, bias, x)
+
+
+@define_op("bitmap_mm")
+def _bitmap_mm(rowptr: torch.Tensor, mask: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
+               x: torch.Tensor, out_features: int) -> torch.Tensor:
+    _check_bitmap(val, bias, x)
+    return _bitmap_kernels(x).bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
+
+
+def bitmap_mm(rowptr, mask, val, bias, x, out_features):
+    """``torch.ops.sparsekern.bitmap_mm``: ``x [B, in] · Wᵀ + bias`` → ``[B, out]`` for a bitmap
+    bf16/fp16 weight (``inference.formats.bitmap_from_dense``), fp32 accumulation (C++ directly
+    in eager CPU mode)."""
+    if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
+        _check_bitmap(val, bias, x)
+        return _bitmap_kernels(x).bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
+    return _bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
