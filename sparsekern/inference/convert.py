@@ -18,8 +18,14 @@ Per layer (input shape captured by running ``example_input`` through the model):
 
 What each layer kind can become (CPU, fp32): Linear (transformers' ``Conv1D``, stored ``[in, out]``,
 as a Linear) and 1×1 conv: csr, block, nm; KxK conv (groups 1, zero padding): csr (direct sparse
-conv) and ck (kernel skipping). Grouped / depthwise convs, other dtypes and layers not run by
-``example_input`` stay dense.
+conv) and ck (kernel skipping). CPU, bf16 / fp16: Linear can become bitmap
+(:class:`BitmapLinear`, for decode). Grouped / depthwise convs, bf16 / fp16 convs and layers not
+run by ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
+and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``).
+
+**The batch matters**: each format is measured at the layer's input shape, and the best format
+at batch 1 (a mat-vec) is not the best at batch 64. Pass ``example_input`` with the batch the
+model will run, or ``batch_size=``; without either, convert warns and measures batch 1.
 
 **Layers read from outside.** A converted module has no dense ``weight`` (and a 1×1 conv's has an
 int ``stride``, no ``kernel_size``), so a layer that something else reads stays dense, the reason
@@ -68,12 +74,12 @@ from ..ops._common import check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
 from .fuse import batchnorm_pairs, fold_batchnorm, replace_maxpools
-from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
+from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
                       NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
                       supports_semi_structured)
 
 #: Formats ``convert`` can choose from (``formats=`` restricts the sparse ones).
-FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4")
+FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4", "bitmap")
 
 #: Block shapes ``(bo, bi)`` the cost model considers for the block format.
 BLOCK_SHAPES = ((4, 4), (8, 8), (16, 16), (4, 1), (1, 8))
@@ -88,6 +94,9 @@ COST_NS = {
            "block": lambda bo, bi: 0.021 if bo >= 4 else 0.033 if bo == 2 else 0.06},
     "conv": {"dense": 0.013, "csr": 0.04, "ck": 0.038},
 }
+#: bf16 / fp16 Linear (CPU): nanoseconds per weight (stored or not: the bitmap kernel's work is
+#: per column group) per row of x, by regime; AMD EPYC (AVX2), 1 thread, 11008×4096 at batch 1.
+COST_NS_16 = {"mv": {"dense": 0.22, "bitmap": 0.15}, "mm": {"dense": 0.02, "bitmap": 0.1}}
 #: Fixed microseconds per call (module, dispatch: the sparse modules call the C++ kernels
 #: directly) and per image (a direct conv's copy into its padded buffer; one kernel call per
 #: group of images).
@@ -180,7 +189,7 @@ def layer_kind(m):
 def _device_formats(w):
     """The sparse formats with fast kernels for ``w``'s device and dtype."""
     if w.device.type == "cpu":
-        return {"csr", "block", "nm", "ck"} if w.dtype == torch.float32 else set()
+        return {"csr", "block", "nm", "ck"} if w.dtype == torch.float32 else {"bitmap"}
     if w.device.type == "cuda":  # UNVERIFIED: written without a GPU
         fmts = {"block", "nm"} if spmm.KERNELS.triton and w.dtype == torch.float32 else set()
         if w.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(w.device) >= (8, 0):
@@ -211,6 +220,8 @@ def rank_formats(module, input_shape, formats=None):
         cols = dense_cols if kind == "Conv1x1" else images * h_out * wq  # direct conv: wide rows
         regime = "mm" if kind == "Conv1x1" else "conv"
     costs = COST_NS[regime]
+    if w.dtype != torch.float32 and kind == "Linear":
+        costs = COST_NS_16[regime]
 
     def predict(stored, c, c_cols, sparse=True):  # ms
         over = OVERHEAD_US["sparse" if sparse else "dense"] + (OVERHEAD_US["image"] * images if sparse else 0)
@@ -240,6 +251,9 @@ def rank_formats(module, input_shape, formats=None):
         kernels = int((w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).sum())
         stored = kernels * module.kernel_size[0] * module.kernel_size[1]
         cands.append(Candidate("ck", {}, predict(stored, costs["ck"], cols), lambda: CKConv2d.from_dense(module)))
+    if "bitmap" in allowed and kind == "Linear":
+        cands.append(Candidate("bitmap", {}, predict(w.numel(), costs["bitmap"], cols),
+                               lambda: BitmapLinear.from_dense(module)))
     if "2:4" in allowed and kind == "Linear" and supports_semi_structured(w):  # UNVERIFIED (CUDA)
         cands.append(Candidate("2:4", {}, cands[0].predicted_ms * 0.7,
                                lambda: SemiStructuredLinear.from_dense(module)))
