@@ -189,7 +189,9 @@ def layer_kind(m):
 def _device_formats(w):
     """The sparse formats with fast kernels for ``w``'s device and dtype."""
     if w.device.type == "cpu":
-        return {"csr", "block", "nm", "ck"} if w.dtype == torch.float32 else {"bitmap"}
+        if w.dtype == torch.float32:
+            return {"csr", "block", "nm", "ck"}
+        return {"bitmap"} if w.dtype in (torch.bfloat16, torch.float16) else set()
     if w.device.type == "cuda":  # UNVERIFIED: written without a GPU
         fmts = {"block", "nm"} if spmm.KERNELS.triton and w.dtype == torch.float32 else set()
         if w.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(w.device) >= (8, 0):
