@@ -13,7 +13,8 @@
 //
 // Bytes per weight: 1/8 (mask) + 2·density (values), vs 2 for dense bf16: 0.56× at 50 %,
 // 0.36× at 70 %. The AVX2 path expands each group of 8 columns from its packed values with
-// one permute (a 256-entry table per mask byte) and a lane mask, and multiplies the dense x
+// one byte shuffle (a 256-entry table per mask byte: placement, zeros and, for bf16, the
+// conversion to fp32 at once; fp16: then vcvtph2ps), and multiplies the dense x
 // segment (converted to fp32 once per call): the work is per column group, independent of the
 // density, and shared by up to 4 rows of x. The offsets of the 8 groups of a 64-bit mask word
 // are popcounts of its prefixes, so consecutive groups do not wait on each other. Without AVX2
@@ -36,20 +37,27 @@ namespace sparsekern {
 namespace cpu {
 namespace {
 
-// Per mask byte: the permutation (lane j <- packed value rank(j), 3 bits per lane, lane j at
-// bit 3j: vpermps reads only an index's low 3 bits, so a variable shift unpacks it) and the
-// kept lanes (-1 / 0 bytes, sign-extended). 3 KB: stays in L1 beside x and the value stream.
+// Per mask byte, byte shuffles (vpshufb) that expand a group's packed 16-bit values (16 bytes,
+// value k at bytes 2k, 2k+1) in one instruction, zeros where the mask bit is clear:
+//   bf16[m]: 32 bytes for a 256-bit register holding the 16 bytes in both halves; fp32 lane j
+//     (half j / 4) = bytes (zero, zero, 2·rank(j), 2·rank(j) + 1): the bf16 → fp32 conversion is
+//     the placement in the high half of the lane;
+//   f16[m]: 16 bytes; 16-bit lane j = value rank(j) (then vcvtph2ps).
+// 12 KB: stays in L1 beside x and the value stream.
 struct ExpandTable {
-  uint32_t perm[256];
-  alignas(8) int8_t keep[256][8];
+  alignas(32) uint8_t bf16[256][32];
+  alignas(16) uint8_t f16[256][16];
   ExpandTable() {
     for (int m = 0; m < 256; ++m) {
       int k = 0;
-      perm[m] = 0;
       for (int j = 0; j < 8; ++j) {
         const bool on = (m >> j) & 1;
-        if (on) perm[m] |= uint32_t(k) << (3 * j);
-        keep[m][j] = on ? -1 : 0;
+        uint8_t* b = bf16[m] + 4 * j;  // half j / 4, byte 4·(j % 4) of that half
+        b[0] = b[1] = 0x80;
+        b[2] = on ? uint8_t(2 * k) : 0x80;
+        b[3] = on ? uint8_t(2 * k + 1) : 0x80;
+        f16[m][2 * j] = on ? uint8_t(2 * k) : 0x80;
+        f16[m][2 * j + 1] = on ? uint8_t(2 * k + 1) : 0x80;
         k += on;
       }
     }
@@ -94,7 +102,6 @@ __attribute__((target("avx2,fma,f16c,bmi2,popcnt"))) bool row_avx2(
   __m256 a[NB][NA];
   for (int b = 0; b < NB; ++b)
     for (int q = 0; q < NA; ++q) a[b][q] = _mm256_setzero_ps();
-  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
   for (int64_t g0 = 0; g0 < G; g0 += 8) {
     uint64_t word;
     std::memcpy(&word, mk + g0, 8);
@@ -102,14 +109,16 @@ __attribute__((target("avx2,fma,f16c,bmi2,popcnt"))) bool row_avx2(
     for (int k = 0; k < 8; ++k) {
       const unsigned m = unsigned(word >> (8 * k)) & 0xFFu;
       const int64_t o = off + int64_t(_mm_popcnt_u64(_bzhi_u64(word, 8 * k)));
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(val + o));
-      __m256 v;
-      if (BF) v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-      else v = _mm256_cvtph_ps(raw);
-      const __m256i perm = _mm256_srlv_epi32(_mm256_set1_epi32(int(kExpand.perm[m])), shifts);
-      const __m256 keep = _mm256_castsi256_ps(_mm256_cvtepi8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.keep[m]))));
-      const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep);
+      __m256 w;
+      if (BF) {
+        const __m256i raw = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(val + o)));
+        w = _mm256_castsi256_ps(_mm256_shuffle_epi8(
+            raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.bf16[m]))));
+      } else {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(val + o));
+        w = _mm256_cvtph_ps(_mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.f16[m]))));
+      }
       const float* xp = xf + 8 * (g0 + k);
       for (int b = 0; b < NB; ++b)
         a[b][k % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + b * ldx), a[b][k % NA]);
