@@ -88,6 +88,13 @@ struct v16s {
 };
 static_assert(alignof(v16s) == 4 && alignof(v8x2) == 4, "unaligned vector loads");
 
+// Whether V's 64-column tiles fit the registers: 8 accumulators of 4 × 16 lanes are 8 zmm of
+// 32 with AVX-512, but 16 ymm of 16 with v8x2 (spills): v8x2 tiles are at most 32 columns.
+template <typename V>
+constexpr bool kWide = false;
+template <>
+constexpr bool kWide<v16s> = true;
+
 SK_INLINE bool wide512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
@@ -201,18 +208,18 @@ SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float*
                          const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
                          int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
   alignas(64) float buf[kRowBlock * kTile];
-  for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
-    const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
-    for (int64_t n0 = 0; n0 < n;) {
-      const int64_t left = n - n0;
-      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+  for (int64_t n0 = 0; n0 < n;) {  // column tiles outer: a tile's slice of x stays in L2
+    const int64_t left = n - n0;
+    const int64_t w = left >= 64 && kWide<V> ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+    for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
+      const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
       if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
       else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
       else if (w == 16) rows_tile<V, 1>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
       else rows_tail(rowptr, col, val, bias, x, ldx, r0, r1, n0, w, buf);
       store_tile(buf, y, out, n, transpose_out, r0, rows, n0, w);
-      n0 += w;
     }
+    n0 += w;
   }
 }
 
@@ -312,7 +319,11 @@ struct SlabStep {
   const float* val;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
+    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
+      int64_t i2 = i;
+      slab_tile<V, 2>(off, val, i2, e, limit, x + n0, a);
+      slab_tile<V, 2>(off, val, i, e, limit, x + n0 + 32, a + 32);
+    } else if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
     else if (w == 32) slab_tile<V, 2>(off, val, i, e, limit, x + n0, a);
     else if (w == 16) slab_tile<V, 1>(off, val, i, e, limit, x + n0, a);
     else slab_tail(off, val, i, e, limit, x + n0, w, a);
@@ -539,7 +550,7 @@ SK_INLINE void nm_leaf_t(const float* val, const uint8_t* idx, int64_t len, int6
     const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
     for (int64_t n0 = 0; n0 < n;) {
       const int64_t left = n - n0;
-      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+      const int64_t w = left >= 64 && kWide<V> ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
       if (w == 64) nm_tile<V, 4, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
       else if (w == 32) nm_tile<V, 2, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
       else if (w == 16) nm_tile<V, 1, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
@@ -659,7 +670,11 @@ struct CKStep {
   int64_t nt, plane;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
+      int64_t i2 = i;
+      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i2, e, limit, x + n0, a);
+      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0 + 32, a + 32);
+    } else if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else if (w == 32) ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else if (w == 16) ck_tile<V, 1, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else ck_tail(chan, val, taps, nt, plane, i, e, limit, x + n0, w, a);
