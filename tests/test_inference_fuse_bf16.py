@@ -292,3 +292,28 @@ def test_convert_transformers_llama_bf16_end_to_end():
     # each layer rounds once to bf16 from an fp32 sum (as torch's bf16 linear): equal within bf16
     # rounding propagated through 2 layers (logits are O(1))
     torch.testing.assert_close(out, ref, atol=2 ** -6, rtol=2 ** -6)
+
+
+def test_converted_folded_model_compiles_and_exports():
+    model = _calibrated(TinyResNet())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    x = torch.randn(1, 16, 12, 12)
+    conv = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1)
+    assert any(getattr(m, "format", None) in ("csr", "ck", "block", "nm") for m in conv.modules())
+    with torch.no_grad():
+        eager = conv(x)
+        torch.testing.assert_close(eager, model(x), **FP32)
+        torch.testing.assert_close(torch.compile(conv, fullgraph=True, backend="eager")(x), eager, atol=0, rtol=0)
+        torch.testing.assert_close(torch.export.export(conv, (x,)).module()(x), eager, atol=0, rtol=0)
+
+
+def test_convert_leaves_model_untouched_when_the_probe_forward_fails():
+    model = _calibrated(TinyResNet())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError):
+        sk.inference.convert(model, example_input=torch.randn(1, 5, 12, 12), reps=1)  # 5 channels, not 16
+    assert isinstance(model[1], nn.BatchNorm2d) and type(model[3]) is nn.MaxPool2d
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -560,14 +560,15 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
                       "(Linear [1, in], Conv2d [1, C, 14, 14]) and its format chosen for that batch; pass "
                       "example_input (a batch as the model will run) or batch_size=", stacklevel=2)
     batch = batch_size or 1
-    pairs, fold_note = batchnorm_pairs(model) if fold_bn else ([], "")
-    folded = fold_batchnorm(model, pairs)
-    if fast_pool:
-        replace_maxpools(model)
     candidates = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Linear, nn.Conv2d)) or _hf_conv1d_class(m) is not None]
     seen = _probe(model, candidates, example_input) if example_input is not None else None
     functional = _functional_readers(model)
+    # the model changes only from here on (the probe forward above may raise)
+    pairs = batchnorm_pairs(model)[0] if fold_bn else []
+    folded = fold_batchnorm(model, pairs)
+    if fast_pool:
+        replace_maxpools(model)
     report = ConversionReport()
     for name, m in candidates:
         kind = layer_kind(m)
