@@ -21,6 +21,8 @@ from torch import nn
 def batchnorm_pairs(model):
     """``(pairs, note)``: the ``[(conv name, bn name)]`` of ``model`` that :func:`fold_batchnorm`
     folds (module docstring), and why none could be looked for (``""`` if traced)."""
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        return [], ""  # nothing to fold: the model is not traced (tracing runs its forward's Python)
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # noqa: BLE001 (any tracing failure: nothing is folded)
