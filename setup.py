@@ -4,7 +4,7 @@
 
 torch must already be installed (it is imported here, at build time, but is deliberately not a
 build requirement: build isolation would download a multi-GB CUDA torch). The C++ kernels are
-one shared library, ``sparsekern/_C*.so``, that registers ``torch.ops.sparsekern_C.*`` and is
+one shared library, ``sparsekern/_C*.so``, that registers the CPU kernels of ``torch.ops.sparsekern.*`` and is
 loaded with ``torch.ops.load_library`` (see ``sparsekern/_ext.py``); ``sparsekern/_build_info.py``
 records the torch it was built against. There are only CPU sources (the CUDA kernels are
 Triton, compiled at run time), so a CUDA build of torch needs no CUDA toolkit here, and a toolkit

@@ -1,8 +1,11 @@
-"""Loads the compiled CPU kernels (``sparsekern/_C*.so``, ops under ``torch.ops.sparsekern_C``).
+"""Loads the compiled CPU kernels (``sparsekern/_C*.so``): the CPU kernels of the
+``torch.ops.sparsekern.*`` ops, registered with ``TORCH_LIBRARY_IMPL(sparsekern, CPU, m)``
+before ``sparsekern.ops`` defines their schemas (the dispatcher checks each kernel's C++
+signature against its schema at definition).
 
 If the library is missing or fails to load (e.g. built against another torch), import still
-works: a warning names the build and runtime torch versions and the ops fall back to
-``sparsekern.reference``. ``SPARSEKERN_NO_EXT=1`` skips loading on purpose.
+works: a warning names the build and runtime torch versions and the ops fall back to their
+reference implementations. ``SPARSEKERN_NO_EXT=1`` skips loading on purpose.
 """
 import glob
 import os

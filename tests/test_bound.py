@@ -22,6 +22,10 @@ BACKENDS = ["cpp", "triton", "reference"]
 SHAPES = [(2,), (7,), (769,), (64, 32, 3, 3), (5, 123, 123)]
 
 
+#: The sparsity whose Gaussian multiplier √2·erfinv(s) is 1 (to double rounding): bounds = σ.
+S1 = math.erf(1 / math.sqrt(2))
+
+
 def _backend(name):
     return kernel_backend(name, "bound")
 
@@ -68,7 +72,7 @@ def test_gaussian_bounds_kernel(backend, dtype):
     k, dev = _backend(backend)
     ws = [make_weight(s, dtype, dev, seed=i) * (i + 1) for i, s in enumerate(SHAPES)]
     ss = [0.0, 0.3, 0.5, 0.9, 0.999]
-    bounds, nan_index = k.gaussian_bounds(ws, [sqrt2_erfinv(s) for s in ss])
+    bounds, nan_index = k.gaussian_bounds(ws, ss)
     exp = reference.gaussian_bounds([w.cpu() for w in ws], ss)
     assert bounds.dtype == torch.float32 and bounds.shape == (len(ws),) and int(nan_index) == -1
     # Triton: fp32 moments (sum order); holds on a GPU too, div.full acts at second order (utils.TOL)
@@ -84,14 +88,14 @@ def test_gaussian_bounds_special(backend):
     k, dev = _backend(backend)
     ok = make_weight((50,), torch.float32, dev)
     const = torch.full((9,), 0.25, device=dev)
-    bounds, nan_index = k.gaussian_bounds([ok, const, const], [math.inf, math.inf, 0.0])
+    bounds, nan_index = k.gaussian_bounds([ok, const, const], [1.0, 1.0, 0.0])
     assert bounds.cpu().tolist() == [math.inf, math.inf, 0.0] and int(nan_index) == -1
     for bad in (float("nan"), float("inf")):
         x = ok.clone()
         x[7] = bad
-        bounds, nan_index = k.gaussian_bounds([ok, x, x], [1.0, 1.0, math.inf])
+        bounds, nan_index = k.gaussian_bounds([ok, x, x], [S1, S1, 1.0])
         assert int(nan_index) == 1 and bounds[1:].isnan().all()
-    assert int(k.gaussian_bounds([ok, ok[:1]], [1.0, 1.0])[1]) == 1
+    assert int(k.gaussian_bounds([ok, ok[:1]], [S1, S1])[1]) == 1
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
@@ -101,7 +105,7 @@ def test_gaussian_bounds_extreme_values(backend):
     k, dev = _backend(backend)
     x = make_weight((70_001,), torch.float32, dev)
     ws = [x * 1e30, x * 1e-30, x + 1000.0, torch.cat([torch.zeros(5000, device=dev), x])]
-    bounds, _ = k.gaussian_bounds(ws, [1.0] * len(ws))
+    bounds, _ = k.gaussian_bounds(ws, [S1] * len(ws))
     exp = torch.stack([w.double().std() for w in ws]).float()
     torch.testing.assert_close(bounds, exp, atol=0, rtol=2e-7)
 
@@ -118,12 +122,12 @@ def test_asl_kernels(backend, shape, dtype, mode):
     k, dev = _backend(backend)
     w = make_weight(shape, dtype, dev)
     r = _r_values(shape[0], mode).to(dev)
-    out = k.asl_fwd(w, r)
+    out = k.asl_threshold(w, r)
     _assert_mask(out, w, r)
     g = make_weight(shape, dtype, dev, seed=3)
-    grad_r = k.asl_bwd(g, w, r)
+    grad_r = k.asl_threshold_backward(g, w, r)
     _check_grad_r(grad_r, g, w, out, r)
-    assert torch.equal(k.asl_bwd(g, w, r).cpu(), grad_r.cpu()), "grad_r must be deterministic"
+    assert torch.equal(k.asl_threshold_backward(g, w, r).cpu(), grad_r.cpu()), "grad_r must be deterministic"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,9 +139,9 @@ def test_asl_long_and_many_rows(backend, shape):
     g = make_weight(shape, torch.float32, dev, seed=4)
     for r in (torch.tensor([1.2]), _r_values(shape[0], "channel")):
         r = r.to(dev)
-        out = k.asl_fwd(w, r)
+        out = k.asl_threshold(w, r)
         _assert_mask(out, w, r)
-        _check_grad_r(k.asl_bwd(g, w, r), g, w, out, r)
+        _check_grad_r(k.asl_threshold_backward(g, w, r), g, w, out, r)
 
 
 @pytest.mark.filterwarnings("ignore:std.*degrees of freedom:UserWarning")
@@ -147,8 +151,8 @@ def test_asl_empty(backend):
     for shape, groups in [((0,), 1), ((0, 3), 0), ((4, 0), 4), ((4, 0), 1)]:
         w = torch.empty(shape, device=dev)
         r = torch.full((groups,), 0.5, device=dev)
-        assert k.asl_fwd(w, r).shape == shape
-        grad_r = k.asl_bwd(w, w, r)
+        assert k.asl_threshold(w, r).shape == shape
+        grad_r = k.asl_threshold_backward(w, w, r)
         assert grad_r.shape == (groups,) and bool((grad_r == 0).all())
 
 
@@ -183,10 +187,10 @@ def test_asl_formula_clamp_edges_and_ties(backend, dtype):
              [(-3.0, 0.0), (0.0, 0.0), (0.5, 0.5), (1.5, 1.5), (5.0, 5.0), (7.0, 5.0)]] + [(tie, 1.0)]
     for r, cut in cases:
         r = r.to(dev)
-        out = k.asl_fwd(w, r)
+        out = k.asl_threshold(w, r)
         kept = wd.abs() > cut
         assert torch.equal(out.cpu(), (wd * kept).to(dtype)), (r, out)
-        grad_r = k.asl_bwd(g, w, r).cpu()
+        grad_r = k.asl_threshold_backward(g, w, r).cpu()
         rv = r.item()
         exp = float((gd * (wd * kept - wd)).sum() / rv) if 0 < rv < 5 else 0.0
         assert grad_r.shape == (1,)
@@ -194,10 +198,10 @@ def test_asl_formula_clamp_edges_and_ties(backend, dtype):
     # per channel: each row is its own group with σ = 1
     w3 = _sigma_one(dtype, k=3).to(dev)
     r3 = torch.tensor([0.0, 1.5, 6.0], device=dev)
-    out = k.asl_fwd(w3, r3).cpu()
+    out = k.asl_threshold(w3, r3).cpu()
     kept = w3.cpu().double().abs() > torch.tensor([0.0, 1.5, 5.0])[:, None] + 1e-6
     assert torch.equal(out, (w3.cpu().double() * kept).to(dtype))
-    grad_r = k.asl_bwd(w3, w3, r3).cpu()
+    grad_r = k.asl_threshold_backward(w3, w3, r3).cpu()
     assert grad_r[0] == 0 and grad_r[2] == 0 and grad_r[1].item() == pytest.approx(-2.0 / 1.5, rel=1e-6)
 
 
@@ -251,6 +255,19 @@ def test_sqrt2_erfinv():
     got = torch.tensor([sqrt2_erfinv(float(x)) for x in xs], dtype=torch.float64)
     torch.testing.assert_close(got, exp, atol=0, rtol=1e-12)
     assert sqrt2_erfinv(0.0) == 0.0 and sqrt2_erfinv(1.0) == math.inf
+
+
+def test_cpp_multiplier_equals_python():
+    """The C++ op computes √2·erfinv(s) itself (csrc/cpu/bound.cpp: AS241 and two Newton steps,
+    the double operations of :func:`sqrt2_erfinv`): with σ = 1 exactly the bounds are the fp32
+    multipliers, equal to the Python ones over a grid of sparsities (both branches, near 0, ½, 1)."""
+    k, dev = _backend("cpp")
+    ss = sorted({j / 1000 for j in range(1001)} | {1e-300, 1e-12, 1e-6, 0.425, 0.5 + 1e-12, 0.85, 0.925,
+                                                   1 - 1e-6, 1 - 1e-12, 1 - 2 ** -52, S1})
+    x = torch.tensor([-1.0, 0.0, 1.0])  # unbiased σ = 1
+    got, _ = k.gaussian_bounds([x] * len(ss), ss)
+    want = torch.tensor([sqrt2_erfinv(s) for s in ss], dtype=torch.float64).float()
+    assert torch.equal(got, want), [(s, g, w) for s, g, w in zip(ss, got.tolist(), want.tolist()) if g != w]
 
 
 def test_exact_and_bisection_references():
@@ -374,18 +391,18 @@ def test_huge_and_infinite_values_agree_with_the_math(backend):
         w[..., ::2] = -1e38
         w[..., 1::5] = 2e36
         exp = w.double().std().float()
-        bounds, nan_index = k.gaussian_bounds([w, w * 1e-30], [1.0, 1.0])
+        bounds, nan_index = k.gaussian_bounds([w, w * 1e-30], [S1, S1])
         torch.testing.assert_close(bounds, torch.stack([exp, exp * 1e-30]), atol=0, rtol=1e-6)
         assert nan_index.item() == -1
         for r in ([0.5], [0.0]):
             rt = torch.tensor(r)
             b = (rt.clamp(0, 5) * exp).float() + 1e-6
-            assert torch.equal(k.asl_fwd(w, rt), w * (w.abs() > b))
+            assert torch.equal(k.asl_threshold(w, rt), w * (w.abs() > b))
     w = torch.tensor([[0.1, -0.1, 5.0, 0.2], [1.0, 2.0, -3.0, 0.5]])
     g = torch.tensor([[-1.0, 2.0, math.inf, 1.0], [1.0, 1.0, 1.0, 1.0]])  # inf·(ŵ − w) for a kept w is 0
     r = torch.tensor([2.0, 0.5])
     exp = reference.asl_threshold_backward(g[1:], w[1:], r[1:])
-    out = k.asl_bwd(g, w, r)
+    out = k.asl_threshold_backward(g, w, r)
     assert out[0].item() == pytest.approx(-(-1.0 * 0.1 + 2.0 * -0.1 + 1.0 * 0.2) / 2.0, rel=1e-6)
     torch.testing.assert_close(out[1:], exp, atol=0, rtol=1e-6)
 

@@ -3,6 +3,7 @@ machine has. The full build against a CUDA torch wheel runs in `make matrix-torc
 import os
 import runpy
 import subprocess
+import sys
 
 import pytest
 import setuptools
@@ -71,3 +72,87 @@ def test_configure_with_cuda_torch_and_broken_toolkit(setup_py, tmp_path, monkey
     cache = (build / "CMakeCache.txt").read_text()
     assert "CMAKE_CUDA_COMPILER" not in cache
     assert "Torch_DIR" not in cache  # torch's CMake package (which probes CUDA) is not used
+
+
+# --- the op surface: one namespace, C++ CPU kernels of the Python-defined ops -------------------
+
+def _run(code, **env):
+    """Run ``code`` in a fresh interpreter (the op registrations are per process); its stdout."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests"), **env})
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_every_op_has_its_cpu_kernel_from_cpp():
+    """With the library built, each op the C++ library implements has a CPU kernel of its own
+    (TORCH_LIBRARY_IMPL(sparsekern, CPU)); the others (pack_mask, ...) run the reference; no op
+    lives in another namespace (no ``sparsekern_C``)."""
+    from sparsekern import _ext
+    from sparsekern.ops._common import IMPLS, has_cpp
+
+    if not _ext.LOADED:
+        pytest.skip(f"C++ kernels not loaded: {_ext.ERROR}")
+    cpp = {name for name, impl in IMPLS.items() if impl.cpp}
+    assert {"hard_threshold", "csr_mm", "nm_mask", "window_mask", "gaussian_bounds",
+            "global_magnitude_threshold"} <= cpp
+    assert {name for name in IMPLS if has_cpp(name)} == cpp
+    names = torch._C._dispatch_get_all_op_names()
+    assert not [n for n in names if n.startswith("sparsekern_C::")]
+    assert {n.split("::")[1].split(".")[0] for n in names if n.startswith("sparsekern::")} == set(IMPLS)
+
+
+def test_no_ext_runs_the_reference_on_cpu():
+    """``SPARSEKERN_NO_EXT=1``: no op has a CPU kernel, every one runs its reference
+    implementation (CompositeExplicitAutograd), without a warning."""
+    out = _run("""
+import warnings
+warnings.simplefilter("error")
+import torch, sparsekern as sk
+from sparsekern import reference as R
+from sparsekern.ops._common import IMPLS, has_cpp
+assert not sk._ext.LOADED and not [n for n in IMPLS if has_cpp(n)]
+w = torch.randn(8, 4, 3, 3)
+assert torch.equal(sk.hard_threshold(w, 0.5), R.hard_threshold_forward(w, torch.tensor([0.5])))
+assert torch.equal(sk.window_mask(w, 0.5), R.window_mask(w, 0.5))
+print("ok")
+""", SPARSEKERN_NO_EXT="1")
+    assert out.strip() == "ok"
+
+
+def test_library_without_a_family_falls_back_with_one_warning():
+    """A library built before a family existed (simulated: the masks ops report no CPU kernel)
+    gives one RuntimeWarning naming that family, none for the others."""
+    out = _run("""
+import warnings
+import torch
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+masks = ("sparsekern::nm_mask", "sparsekern::window_mask", "sparsekern::ck_mask", "sparsekern::intra_mask",
+         "sparsekern::block_mask", "sparsekern::masked_weight")
+torch._C._dispatch_has_kernel_for_dispatch_key = lambda op, key: op not in masks and has(op, key)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import sparsekern
+msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+print(len(msgs), sparsekern._ext.LOADED, "no masks kernels" in msgs[0] if msgs else None)
+""")
+    assert out.split() == ["1", "True", "True"], out
+
+
+def test_cpp_kernel_signature_must_match_the_schema():
+    """The C++ CPU kernels are registered before the Python schemas exist (``_ext`` loads the
+    library first); a schema that does not match a kernel's C++ signature fails loudly at
+    definition, naming the op and both signatures."""
+    from sparsekern import _ext
+
+    if not _ext.LOADED:
+        pytest.skip(f"C++ kernels not loaded: {_ext.ERROR}")
+    out = _run("""
+import glob, torch
+torch.ops.load_library(glob.glob("sparsekern/_C*.so")[0])
+try:
+    torch.library.Library("sparsekern", "FRAGMENT").define("hard_threshold(Tensor w, Tensor t) -> Tensor")
+except RuntimeError as e:
+    print(str(e).splitlines()[0], "|", "sparsekern::hard_threshold" in str(e))
+""")
+    assert "doesn't match the expected function schema. | True" in out, out

@@ -1,6 +1,7 @@
-"""Masks family (SPEC §5): kernels (C++, Triton, reference fallback) equal to ``sparsekern.reference``
-bit for bit, the mask properties the SPEC prescribes, the op surface (validation, opcheck,
-autograd, torch.compile). Kernel contract: ``sparsekern/ops/masks.py``."""
+"""Masks family (SPEC §5): every implementation of the ops (C++, Triton, reference fallback) equal
+to ``sparsekern.reference`` bit for bit, the C++ counts equal to the Python ones, the mask
+properties the SPEC prescribes, the op surface (validation, opcheck, autograd, torch.compile).
+Schemas: ``sparsekern/ops/masks.py``."""
 import math
 import os
 import subprocess
@@ -11,7 +12,6 @@ import torch
 
 import sparsekern as sk
 from sparsekern import reference as R
-from sparsekern.ops import masks as M
 from utils import DTYPES, kernel_backend
 
 BACKENDS = ["cpp", "triton", "reference"]
@@ -43,20 +43,26 @@ def test_cpp_lanes_of_other_isas(isa):
     code = """
 import math, torch, sparsekern
 from sparsekern import reference as R
-from sparsekern.ops import masks as M
-C = torch.ops.sparsekern_C
+ops = torch.ops.sparsekern
 for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5), (33, 64, 1, 1),
                               (64, 3, 3, 3)]):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     w = (w * 1.5).round() / 2 if seed % 2 else w
     w.view(-1)[3] = math.nan
     rs, k, c = shape[2] * shape[3], shape[0], shape[1]
-    for wk in range(rs + 1):
-        for ck, by_out in ((k, False), (k // 2, False), (k // 10, False), (k - 3, False), (c // 3, True)):
-            assert torch.equal(C.kernel_mask(w, wk, ck, by_out), M._ref_kernel_mask(w, wk, ck, by_out))
+    for wk in range(rs + 1):  # every window keep, alone and with CK cuts (intra)
+        s = (rs - wk) / rs
+        assert torch.equal(ops.window_mask(w, s, None), R.window_mask(w, s))
+        for s_all, group in ((0.5, "in"), (0.9, "in"), (0.3, "out")):
+            f = min(1.0, s / s_all)
+            assert torch.equal(ops.intra_mask(w, s_all, f, group), R.intra_mask(w, s_all, f, group))
+    for g, group in ((k, "in"), (c, "out")):
+        for keep in (g // 2, g // 10, max(g - 3, 0), c // 3):
+            s = (g - keep) / g
+            assert torch.equal(ops.ck_mask(w, s, group), R.ck_mask(w, s, group))
     for n, m in ((2, 4), (1, 8), (3, 4)):
         if c % m == 0:
-            assert torch.equal(C.nm_mask(w, n, m), R.nm_mask(w, n, m))
+            assert torch.equal(ops.nm_mask(w, n, m), R.nm_mask(w, n, m))
 """
     env = {**os.environ, "SPARSEKERN_MASKS_ISA": isa, "PYTHONPATH": REPO}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
@@ -80,22 +86,18 @@ def test_kernels_equal_reference(backend, dtype, ties):
         _eq(k.nm_mask(lin, n, m), R.nm_mask(lin, n, m))
         if conv.shape[1] % m == 0:
             _eq(k.nm_mask(conv, n, m), R.nm_mask(conv, n, m))
-    kk, c = conv.shape[:2]
     for s in sparsities:
-        _eq(k.kernel_mask(conv, 9 - R.spec_round(9 * s), kk, False), R.window_mask(conv, s))
-        _eq(k.kernel_mask(conv, 9, kk - R.spec_round(kk * s), False), R.ck_mask(conv, s))
-        _eq(k.kernel_mask(conv, 9, c - R.spec_round(c * s), True), R.ck_mask(conv, s, "out"))
+        _eq(k.window_mask(conv, s, None), R.window_mask(conv, s))
+        _eq(k.ck_mask(conv, s, "in"), R.ck_mask(conv, s))
+        _eq(k.ck_mask(conv, s, "out"), R.ck_mask(conv, s, "out"))
     for s, f in [(0.5, 0.5), (0.9, 0.5), (0.8, 1.0), (1.0, 0.5)][: 4 if big else 2]:
-        s_ck = R.intra_ck_sparsity(9, s, f)
-        for group, g in (("in", kk), ("out", c)):
-            got = k.kernel_mask(conv, R.window_keep(9, f * s), g - R.spec_round(g * s_ck), group == "out")
-            _eq(got, R.intra_mask(conv, s, f, group))
+        for group in ("in", "out"):
+            _eq(k.intra_mask(conv, s, f, group), R.intra_mask(conv, s, f, group))
     for block in (1, 2, 3, 4) if big else (1, 3):
-        nb = math.ceil(lin.shape[0] / block) * math.ceil(lin.shape[1] / block)
         for s in (0.0, 0.5, 0.95, 1.0) if big else (0.5, 1.0):
-            _eq(k.block_mask(lin, block, nb - R.spec_round(nb * s)), R.block_mask(lin, block, s))
+            _eq(k.block_mask(lin, block, s), R.block_mask(lin, block, s))
     mask = R.nm_mask(lin, 2, 4)
-    out = k.masked_fwd(lin, mask)
+    out = k.masked_weight(lin, mask)
     assert out.dtype == dtype and torch.equal(out.cpu(), R.masked_weight(lin, mask).cpu())
 
 
@@ -105,9 +107,32 @@ def test_kernels_nan_and_empty(backend):
     w = _weight((4, 8, 3, 3)).to(dev)
     w[0, 0, 0, 0] = w[1, 2, 1, 1] = math.nan
     _eq(k.nm_mask(w, 1, 4), R.nm_mask(w, 1, 4))
-    _eq(k.kernel_mask(w, 3, 2, False), M._ref_kernel_mask(w, 3, 2, False))
+    _eq(k.intra_mask(w, 5 / 6, 0.8, "in"), R.intra_mask(w, 5 / 6, 0.8, "in"))  # window keep 3, CK keep 2
     e = torch.empty(0, 8, 3, 3, device=dev)
-    assert k.nm_mask(e, 2, 4).shape == e.shape and k.kernel_mask(e, 2, 0, False).shape == e.shape
+    assert k.nm_mask(e, 2, 4).shape == e.shape and k.intra_mask(e, 0.5, 0.5, "in").shape == e.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_weights(backend, dtype):
+    """Each implementation of the ops takes any strides (the C++ ones copy to contiguous
+    themselves): transposed / strided views give the masks of their contiguous copies."""
+    k, dev = _backend(backend)
+    conv = _weight((12, 10, 3, 3), dtype, ties=True).to(dev).transpose(0, 1)  # [10, 12, 3, 3]
+    lin = _weight((9, 24), dtype, seed=1).to(dev)[:, ::2]  # [9, 12], strided
+    cc, lc = conv.contiguous(), lin.contiguous()
+    assert not conv.is_contiguous() and not lin.is_contiguous()
+    _eq(k.nm_mask(lin, 2, 4), R.nm_mask(lc, 2, 4))
+    _eq(k.nm_mask(conv, 1, 4), R.nm_mask(cc, 1, 4))
+    _eq(k.window_mask(conv, 0.5, None), R.window_mask(cc, 0.5))
+    _eq(k.ck_mask(conv, 0.4, "out"), R.ck_mask(cc, 0.4, "out"))
+    _eq(k.intra_mask(conv, 0.7, 0.5, "in"), R.intra_mask(cc, 0.7, 0.5, "in"))
+    _eq(k.block_mask(lin, 3, 0.5), R.block_mask(lc, 3, 0.5))
+    mask = R.nm_mask(lc, 2, 4)
+    out = k.masked_weight(lin, mask.t().contiguous().t())
+    assert out.is_contiguous() and torch.equal(out.cpu(), R.masked_weight(lc, mask).cpu())
+    torch.library.opcheck(torch.ops.sparsekern.window_mask, (conv.cpu(), 0.5, None))
+    torch.library.opcheck(torch.ops.sparsekern.masked_weight, (lin.cpu(), mask.cpu()))
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 0, 0), (4, 3, 0, 3), (4, 3, 3, 0), (0, 3, 3, 3), (4, 0, 3, 3)])
@@ -115,14 +140,50 @@ def test_empty_kernels(shape):
     """Issue 14: intra_mask of a conv with R·S = 0 raised ZeroDivisionError (its CK sparsity
     divides by R·S); every conv mask of an empty weight is the empty mask, for every option."""
     w = torch.empty(shape)
+    ref = kernel_backend("reference", "masks")[0]
     for group in ("in", "out"):
         for s in (0.0, 0.5, 1.0):
             for mask in (sk.intra_mask(w, s, group=group), sk.intra_mask(w, s, window_fraction=1.0, group=group),
                          R.intra_mask(w, s, group=group), torch.ops.sparsekern.intra_mask(w, s, 0.5, group),
                          sk.window_mask(w, s), sk.ck_mask(w, s, group=group), R.ck_mask(w, s, group),
-                         R.window_mask(w, s), M.REFERENCE_KERNELS.kernel_mask(w, 0, 0, group == "out")):
+                         R.window_mask(w, s), ref.window_mask(w, s, 0), ref.ck_mask(w, 1.0, group)):
                 assert mask.dtype == torch.bool and mask.shape == w.shape
     assert R.intra_ck_sparsity(0, 0.5, 0.5) == 0.0
+
+
+def _grid(n):
+    """Sparsities where ``n·s`` is a half or a whole (``j / 2n``: SPEC round's ties), their
+    neighbouring doubles, and round decimals."""
+    grid = {j / (2 * n) for j in range(2 * n + 1)} | {j / 20 for j in range(21)} | {1 / 3, 2 / 3, 0.999}
+    return sorted(grid | {math.nextafter(x, 0.0) for x in grid if x > 0} | {math.nextafter(x, 1.0) for x in grid
+                                                                             if x < 1})
+
+
+def test_cpp_counts_equal_python():
+    """The C++ ops derive their counts from the sparsities (csrc/cpu/common.h: spec_round,
+    keep_count, window_keep, intra_ck_sparsity) exactly as the Python reference does, over a grid
+    of sizes and sparsities including SPEC round's halves: distinct |w|, so equal masks are equal
+    counts."""
+    _backend("cpp")
+    ops = torch.ops.sparsekern
+    for shape in [(3, 2, 1, 1), (2, 3, 1, 3), (4, 3, 2, 2), (5, 7, 3, 3), (3, 4, 2, 5), (17, 2, 5, 5), (1, 13, 1, 7)]:
+        w = _weight(shape, seed=sum(shape))
+        k, c, rs = shape[0], shape[1], shape[2] * shape[3]
+        for s in _grid(rs):
+            assert (ops.window_mask(w, s, None).reshape(-1, rs).sum(1) == R.window_keep(rs, s)).all(), (shape, s)
+            assert (ops.window_mask(w, s, 2).reshape(-1, rs).sum(1) == R.window_keep(rs, s, 2)).all(), (shape, s)
+        for group, g, dim in (("in", k, 0), ("out", c, 1)):
+            for s in _grid(g):
+                alive = ops.ck_mask(w, s, group).reshape(k, c, rs).any(2)
+                assert (alive.sum(dim) == g - R.spec_round(g * s)).all(), (shape, group, s)
+            for s in _grid(2 * g)[::3]:
+                for f in (0.25, 0.5, 0.7, 1.0):
+                    _eq(ops.intra_mask(w, s, f, group), R.intra_mask(w, s, f, group))
+    for shape, block in [((5, 7), 2), ((9, 4), 3), ((3, 3), 1), ((13, 11), 4)]:
+        w = _weight(shape, seed=shape[0])
+        nb = math.ceil(shape[0] / block) * math.ceil(shape[1] / block)
+        for s in _grid(nb):
+            _eq(ops.block_mask(w, block, s), R.block_mask(w, block, s))
 
 
 # --- mask properties (public API, SPEC §5) ----------------------------------------------------------
@@ -151,9 +212,11 @@ def test_ck_cut_every_keep(ties, shape):
     _backend("cpp")
     w = _weight(shape, ties=ties)
     w.view(-1)[5] = math.nan
-    for by_out, g in ((False, shape[0]), (True, shape[1])):
+    for group, g in (("in", shape[0]), ("out", shape[1])):
         for keep in range(g + 1):
-            _eq(torch.ops.sparsekern_C.kernel_mask(w, 9, keep, by_out), M._ref_kernel_mask(w, 9, keep, by_out))
+            s = (g - keep) / g
+            assert g - R.spec_round(g * s) == keep
+            _eq(torch.ops.sparsekern.ck_mask(w, s, group), R.ck_mask(w, s, group))
 
 
 def test_lower_index_wins_ties():
@@ -223,10 +286,8 @@ def test_block_mask_large_ties_in_parallel(block):
     torch.set_num_threads(2)
     try:
         w = _weight((520 * block, 520 * block + 3), ties=True)  # > 2^18 blocks, partial edge blocks
-        nb = math.ceil(w.shape[0] / block) * math.ceil(w.shape[1] / block)
         for s in (0.3, 0.5, 0.9):
-            keep = nb - R.spec_round(nb * s)
-            _eq(torch.ops.sparsekern_C.block_mask(w, block, keep), R.block_mask_keep(w, block, keep))
+            _eq(torch.ops.sparsekern.block_mask(w, block, s), R.block_mask(w, block, s))
     finally:
         torch.set_num_threads(n)
 

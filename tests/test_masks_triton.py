@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from sparsekern import reference as R
-from sparsekern.ops import masks as M
 from sparsekern.triton import _common
-from utils import DTYPES, kernel_backend
-
-T, DEV = kernel_backend("triton", "masks")
+from sparsekern.triton import masks as T
+from utils import DTYPES, TRITON_DEVICE as DEV
 # the interpreter is slow: 16-bit weights with heavy ties only
 CASES = [pytest.param(d, t, id=f"{str(d)[6:]}-{'ties' if t else 'randn'}")
          for d in DTYPES for t in (False, True) if t or d == torch.float32]
@@ -26,6 +24,17 @@ def _weight(shape, dtype, ties, nans=(), seed=0):
     w = (w * 1.5).round() / 2 if ties else w
     w.view(-1)[list(nans)] = math.nan
     return w.to(dtype).to(DEV)
+
+
+def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
+    """The launcher ``kernel_mask``'s contract from the reference: window keep per R×S kernel,
+    then the CK keep per group of kernels scored by their max kept |w| (AND of both)."""
+    k, c, r, s = w.shape
+    a = w.float().abs().reshape(k * c, r * s)
+    wm = R.keep_top(a, window_keep)
+    score = torch.where(wm, a, 0.0).amax(1).reshape(k, c) if r * s else a.new_zeros(k, c)
+    alive = R.keep_top(score, ck_keep) if by_out else R.keep_top(score.t(), ck_keep).t()
+    return (wm.reshape(k, c, r * s) & alive[:, :, None]).reshape(w.shape)
 
 
 def _eq(got, want):
@@ -58,7 +67,7 @@ def test_kernels_over_64(dtype, ties):
         w = _weight(shape, dtype, ties, nans=(7, 100), seed=i)
         k, c, rs = shape[0], shape[1], shape[2] * shape[3]
         for window_keep, ck_keep, by_out in _kernel_cases(k, c, rs):
-            want = M._ref_kernel_mask(w.cpu(), window_keep, ck_keep, by_out)
+            want = _ref_kernel_mask(w.cpu(), window_keep, ck_keep, by_out)
             _eq(T.kernel_mask(w, window_keep, ck_keep, by_out), want)
         s, f = 0.7, 0.5
         s_ck = R.intra_ck_sparsity(rs, s, f)
@@ -78,12 +87,12 @@ def test_groups_over_4096_radix_select(ties):
     w = _weight((1, 2, 65, 65), torch.bfloat16, ties, nans=(4, 4300), seed=1)
     for window_keep, ck_keep, by_out in ((0, 1, False), (1, 1, True), (2113, 1, True),
                                          (4224, 2, True), (4300, 0, True)):
-        want = M._ref_kernel_mask(w.cpu(), window_keep, ck_keep, by_out)
+        want = _ref_kernel_mask(w.cpu(), window_keep, ck_keep, by_out)
         _eq(T.kernel_mask(w, window_keep, ck_keep, by_out), want)
     for shape, by_out in (((4100, 2, 1, 1), False), ((2, 4100, 1, 1), True)):
         w = _weight(shape, torch.float16, ties, nans=(0, 4101), seed=2)
         for ck_keep in (0, 1, 2050, 4099):
-            want = M._ref_kernel_mask(w.cpu(), 1, ck_keep, by_out)
+            want = _ref_kernel_mask(w.cpu(), 1, ck_keep, by_out)
             _eq(T.kernel_mask(w, 1, ck_keep, by_out), want)
 
 

@@ -5,6 +5,7 @@ sorted fp32 magnitudes ``|w|·c`` (neither sparsekern.reference nor ``np.quantil
 interpolation changed in numpy 2.4: before, it ran in fp64).
 """
 import importlib.util
+import math
 import os
 import warnings
 
@@ -112,8 +113,7 @@ def _check_global(k, dev, tensors, qs, scales=None, methods=METHODS):
     sc = scales or [1.0] * len(ts)
     for q in qs:
         for m in methods:
-            k0, k1, gamma = reference.quantile_ranks(n, q, m)
-            value, nan = k.select_global(ts, sc, k0, k1, gamma, m == "linear")
+            value, nan = k.global_magnitude_threshold(ts, q, sc, m)
             assert value.shape == () and value.dtype == torch.float32 and value.device.type == dev
             assert nan.dtype == torch.int64 and int(nan) == -1
             assert_same(value.cpu(), expected_quantile(tensors, q, scales, m))
@@ -172,12 +172,31 @@ def test_select_each(backend):
     k, dev = _backend(backend)
     ts = make_list(7, [1, 2, 999, 20000, 33000], kind="ties") + make_list(8, [17, 40000])
     for q in [0.0, 0.5, 0.93, 1.0]:
-        plans = [reference.quantile_ranks(t.numel(), q, "linear") for t in ts]
-        k0, k1, g = map(list, zip(*plans))
-        values, nan = k.select_each(ts, k0, k1, g, True)
+        values, nan = k.magnitude_thresholds(ts, [q] * len(ts), "linear")
         assert values.shape == (len(ts),) and values.dtype == torch.float32 and int(nan) == -1
         for v, t in zip(values, ts):
             assert_same(v, expected_quantile([t], q))
+
+
+def test_cpp_ranks_equal_python():
+    """The C++ ops' ranks (csrc/cpu/common.h quantile_ranks: virtual index (n−1)·q in double,
+    floor / ceil / round half to even) equal reference.quantile_ranks': over a grid of sizes and
+    quantiles including exact halves of the virtual index, on distinct keys (equal values are
+    equal ranks and weights), against the sort-based reference implementation."""
+    k, dev = _backend("cpp")
+    ref = _backend("reference")[0]
+    for n in (1, 2, 3, 4, 5, 7, 10, 33, 1000, 20001):
+        x = (torch.randperm(n, generator=torch.Generator().manual_seed(n)) + 1).float()
+        halves = range(2 * n - 1) if n <= 33 else range(1, 2 * n - 2, 97)
+        qs = {j / (2 * (n - 1)) for j in halves} if n > 1 else set()
+        qs |= {0.0, 0.1, 1 / 3, 0.5, 0.999, 1.0}
+        qs |= {math.nextafter(q, 0.0) for q in qs if q > 0} | {math.nextafter(q, 1.0) for q in qs if q < 1}
+        for q in sorted(qs):
+            for m in METHODS:
+                assert_same(k.global_magnitude_threshold([x], q, [1.0], m)[0],
+                            ref.global_magnitude_threshold([x], q, [1.0], m)[0])
+            assert_same(k.magnitude_thresholds([x, x[: n // 2 + 1]], [q, q], "nearest")[0][1],
+                        ref.magnitude_thresholds([x, x[: n // 2 + 1]], [q, q], "nearest")[0][1])
 
 
 TRITON_CASES = {
@@ -205,8 +224,7 @@ def test_triton_neighbour_in_next_bucket_and_each():
     x[5] = 1.0000001
     _check_global(k, dev, [x[:50], x[50:]], [59 / 120, 59.5 / 120, 60 / 120])
     ts = [t.to(dev) for t in make_list(10, [1, 50, 333], kind="ties")]
-    plans = [reference.quantile_ranks(t.numel(), 0.6, "linear") for t in ts]
-    values, nan = k.select_each(ts, *map(list, zip(*plans)), True)
+    values, nan = k.magnitude_thresholds(ts, [0.6] * len(ts), "linear")
     assert int(nan) == -1
     for v, t in zip(values.cpu(), ts):
         assert_same(v, expected_quantile([t], 0.6))
@@ -219,7 +237,7 @@ def test_triton_many_tensors_grouped():
     scales = [1.0 if i % 3 else 0.5 + i for i in range(19)]
     _check_global(k, dev, ts, [0.0, 0.35, 1.0], scales, methods=("linear",))
     ts[17] = torch.tensor([float("nan")])
-    value, nan = k.select_global([t.to(dev) for t in ts], scales, 0, 1, 0.5, True)
+    value, nan = k.global_magnitude_threshold([t.to(dev) for t in ts], 0.5, scales, "linear")
     assert int(nan) == 17 and torch.isnan(value)
 
 
@@ -232,9 +250,9 @@ def test_nan_index(backend):
         ts[0][0] = float("inf")
         ts[nan_at][7] = payload
         ts = [t.to(dev) for t in ts]
-        value, nan = k.select_global(ts, [1.0] * 3, 5, 6, 0.5, True)
+        value, nan = k.global_magnitude_threshold(ts, 0.5, [1.0] * 3, "linear")
         assert int(nan) == nan_at and torch.isnan(value)
-        values, nan = k.select_each(ts, [5] * 3, [6] * 3, [0.5] * 3, True)
+        values, nan = k.magnitude_thresholds(ts, [0.3] * 3, "linear")
         assert int(nan) == nan_at and torch.isnan(values[nan_at]) and not torch.isnan(values[0])
 
 

@@ -11,7 +11,6 @@ import sparsekern as sk
 from sparsekern.inference import formats, functional
 from sparsekern.inference.formats import bsr_from_dense, ck_from_dense, csr_from_dense, nm_from_dense, nm_pattern
 from sparsekern.ops import spmm
-from sparsekern.ops.spmm import REFERENCE_KERNELS
 from utils import kernel_backend
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -43,7 +42,7 @@ def sparse_weight(out, inp, density, seed=0):
 
 @pytest.fixture(params=["cpp", "reference"])
 def kern(request):
-    return kernel_backend("cpp")[0] if request.param == "cpp" else REFERENCE_KERNELS
+    return kernel_backend(request.param, "spmm")[0]
 
 
 # (out, in, n): odd shapes, n = 1 (mat-vec), n crossing the 64/32/16/tail column tiles
@@ -118,9 +117,9 @@ def test_compile_fullgraph():
 
 def test_bad_inputs():
     rowptr, col, val = csr_from_dense(sparse_weight(4, 3, 0.5))
-    ops = kernel_backend("cpp")[0]
-    with pytest.raises(RuntimeError, match="float32"):
-        ops.csr_mm(rowptr, col, val, torch.empty(0), torch.randn(3, 2, dtype=torch.float64), 4, True)
+    ops = kernel_backend("cpp", "spmm")[0]
+    with pytest.raises(RuntimeError, match="float32"):  # one dtype, but the C++ kernels take fp32 only
+        ops.csr_mm(rowptr, col, val.half(), torch.empty(0), torch.randn(3, 2, dtype=torch.float16), 4, True)
     with pytest.raises(RuntimeError, match="rowptr"):
         ops.csr_mm(rowptr, col, val, torch.empty(0), torch.randn(3, 2), 5, True)
     with pytest.raises(RuntimeError, match="bias"):
@@ -163,7 +162,7 @@ def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
     wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
     bias = torch.randn(out) if has_bias else None
     x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
-    monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    monkeypatch.setattr(functional, "csr_conv", kern.csr_conv)
     if per_call:
         monkeypatch.setattr(functional, "conv_group", lambda n, image_bytes: per_call)
     args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
@@ -180,14 +179,15 @@ def test_csr_conv_opcheck_and_bounds():
     off = (col * 3).int()
     x = torch.randn(4 * 3 + 6)
     torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 6, 6, 7, 3, 2))
+    ops = kernel_backend("cpp", "spmm")[0]  # the C++ kernel's checks
     for slab, wp, wv in ((4, 3, 2), (100, 6, 6), (1, 2, 0)):
         torch.testing.assert_close(
-            torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 6, 6, slab, wp, wv),
+            ops.csr_conv(rowptr, off, val, torch.empty(0), x, 6, 6, slab, wp, wv),
             reference.csr_conv(rowptr, off, val, torch.empty(0), x, 6, 6, slab, wp, wv), **TOL)
     with pytest.raises(RuntimeError, match="reads past"):
-        torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, x.numel() - int(off.max()) + 1, 6, 9, 1, 1)
+        ops.csr_conv(rowptr, off, val, torch.empty(0), x, x.numel() - int(off.max()) + 1, 6, 9, 1, 1)
     with pytest.raises(RuntimeError, match="dividing n"):
-        torch.ops.sparsekern_C.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6, 9, 3, 2)
+        ops.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6, 9, 3, 2)
 
 
 # --- block CSR ------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
     wt[1] = 0  # an output channel with no kernel
     bias = torch.randn(out) if has_bias else None
     x = torch.randn(batch, inp, h, w + 2)[..., 1:-1]  # non-contiguous
-    monkeypatch.setattr(spmm, "_k", lambda x: kern)
+    monkeypatch.setattr(functional, "ck_conv", kern.ck_conv)
     if per_call:
         monkeypatch.setattr(functional, "conv_group", lambda n, image_bytes: per_call)
     rowptr, chan, val = ck_from_dense(wt)
@@ -361,8 +361,7 @@ def test_conv_group():
 
 
 #: Positions of val, bias and x in each spmm op's arguments.
-ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_conv": (2, 3, 4),
-           "ck_conv": (2, 4, 5)}
+ARG_POS = spmm.ARG_POS
 
 
 def _op_cases():
@@ -383,31 +382,30 @@ def _op_cases():
 
 
 @pytest.mark.parametrize("case", range(6))
-def test_eager_fast_path_equals_registered_op(case):
-    """spmm.<op> calls the C++ op directly in eager CPU mode (no registered-op dispatch; fake
-    tensors too), the registered op off CPU and under compile; both give identical results."""
+def test_public_function_equals_registered_op(case):
+    """spmm.<op> checks the dtypes and calls the registered op (no eager fast path): identical
+    results in eager mode, on fake tensors (the op's fake kernel) and under torch.compile."""
     name, args = _op_cases()[case]
-    val, bias, x = (args[i] for i in ARG_POS[name])
-    fast, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
-    assert spmm._op(name, registered, val, bias, x) is getattr(kernel_backend("cpp", "spmm")[0], name)
-    assert spmm._op(name, registered, val, bias, x.to("meta")) is registered
-    grad_x = x.detach().requires_grad_()
-    assert spmm._op(name, registered, val, bias, grad_x) is registered  # no silent backward
-    y = fast(*args)
+    fn, registered = getattr(spmm, name), getattr(torch.ops.sparsekern, name)
+    y = fn(*args)
     assert torch.equal(y, registered(*args))
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the C++ op's fake kernel
-        fake = fast(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = fn(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
     assert fake.shape == y.shape
-    compiled = torch.compile(lambda *a: fast(*a), fullgraph=True, backend="eager")
+    compiled = torch.compile(lambda *a: fn(*a), fullgraph=True, backend="eager")
     assert torch.equal(compiled(*args), y)
+    val, bias, x = (args[i] for i in ARG_POS[name])
+    grad_x = x.detach().requires_grad_()  # no autograd formula: an error, not a silent no-gradient
+    with pytest.raises(RuntimeError, match="autograd"):
+        fn(*(grad_x if a is x else a for a in args)).sum().backward()
 
 
 def test_new_ops_bad_inputs():
     ops = kernel_backend("cpp", "spmm")[0]
     rowptr, col, val = bsr_from_dense(sparse_weight(8, 6, 0.5), (4, 2))
     e = torch.empty(0)
-    with pytest.raises(RuntimeError, match="float32"):
-        ops.bsr_mm(rowptr, col, val, e, torch.randn(6, 2, dtype=torch.float64), 8, True)
+    with pytest.raises(RuntimeError, match="float32"):  # one dtype, but the C++ kernels take fp32 only
+        ops.bsr_mm(rowptr, col, val.half(), e, torch.randn(6, 2, dtype=torch.float16), 8, True)
     with pytest.raises(RuntimeError, match="rowptr"):
         ops.bsr_mm(rowptr, col, val, e, torch.randn(6, 2), 9, True)
     with pytest.raises(RuntimeError, match="block column"):

@@ -1,7 +1,8 @@
-"""Every threshold kernel backend (C++, Triton, reference fallback) against ``sparsekern.reference``.
+"""Every implementation of the threshold ops (C++, Triton, reference fallback) against
+``sparsekern.reference``.
 
-The kernel contract is documented in ``sparsekern/ops/threshold.py``: contiguous ``w``, flat
-fp32 ``t`` (per layer, per output channel or per weight), math in fp32.
+The ops' schemas are documented in ``sparsekern/ops/threshold.py``: flat fp32 ``t`` (per layer,
+per output channel or per weight), math in fp32.
 """
 import decimal
 import math
@@ -48,11 +49,11 @@ def _case(backend, shape, dtype, mode, ties=True):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_hard_and_st3(backend, shape, dtype, mode):
     k, w, t = _case(backend, shape, dtype, mode)
-    _close(k.hard_fwd(w, t), reference.hard_threshold(w, t, ste=False), dtype, atol=0, rtol=0)
+    _close(k.hard_threshold(w, t, False), reference.hard_threshold(w, t, ste=False), dtype, atol=0, rtol=0)
     g = make_weight(shape, dtype, w.device, seed=3)
-    _close(k.hard_bwd(g, w, t), reference.hard_threshold_backward(g, w, t), dtype, atol=0, rtol=0)
+    _close(k.hard_threshold_backward(g, w, t), reference.hard_threshold_backward(g, w, t), dtype, atol=0, rtol=0)
     for rescale in (True, False):
-        _close(k.st3_fwd(w, t, rescale), reference.st3_threshold(w, t, rescale), dtype)
+        _close(k.st3_threshold(w, t, rescale), reference.st3_threshold(w, t, rescale), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,18 +65,19 @@ def test_soft(backend, shape, dtype, mode, act):
     k, w, t = _case(backend, shape, dtype, mode, ties=act == 0)
     s = _inv_act(t, act)
     thr = reference.activate(s, ACTS[act])
-    _close(k.soft_fwd(w, s, act), reference.soft_threshold(w, thr), dtype)
+    fwd = k.soft_threshold(w, s) if act == 0 else k.str_threshold(w, s, ACTS[act])
+    _close(fwd, reference.soft_threshold(w, thr), dtype)
     g = make_weight(shape, dtype, w.device, seed=3)
-    gw, gs = k.soft_bwd(g, w, s, act, True)
+    gw, gs = k.soft_threshold_backward(g, w, s, act, True)
     ew, es = reference.soft_threshold_backward(g, w, s, ACTS[act])
     _close(gw, ew, dtype)
     # grad_s sums up to ~75k fp32 terms; summation order differs between backends (and on a GPU,
     # g'(s) from ex2.approx + div.full: a few ulp, far below this; see utils.TOL).
     assert gs.dtype == torch.float32
     torch.testing.assert_close(gs.cpu(), es.cpu(), atol=1e-4 * math.sqrt(max(w.numel(), 1)), rtol=1e-5)
-    gw2, gs2 = k.soft_bwd(g, w, s, act, False)
+    gw2, gs2 = k.soft_threshold_backward(g, w, s, act, False)
     assert torch.equal(gw2.cpu(), gw.cpu()) and gs2.numel() == 0
-    assert torch.equal(k.soft_bwd(g, w, s, act, True)[1].cpu(), gs.cpu()), "grad_t must be deterministic"
+    assert torch.equal(k.soft_threshold_backward(g, w, s, act, True)[1].cpu(), gs.cpu()), "grad_t must be deterministic"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,11 +87,11 @@ def test_soft(backend, shape, dtype, mode, act):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_power(backend, shape, dtype, mode, p):
     k, w, t = _case(backend, shape, dtype, mode)
-    _check_power(k.power_fwd(w, t, p), w, t, p)
+    _check_power(k.power_threshold(w, t, p, 1.0), w, t, p)
     _check_power(reference.power_threshold(w, t, p), w, t, p)
     g = make_weight(shape, dtype, w.device, seed=3)
     for theta in (1.0, 0.5, 0.0):
-        _close(k.power_bwd(g, w, t, theta), reference.power_threshold_backward(g, w, t, theta), dtype)
+        _close(k.power_threshold_backward(g, w, t, theta), reference.power_threshold_backward(g, w, t, theta), dtype)
 
 
 def _power_rel_bound(delta, p):
@@ -160,7 +162,7 @@ def test_power_accuracy(backend, p):
                              dtype=torch.float64)
         delta = torch.tensor([_power_oracle(m, f32(t), p)[1] for m in mags for _ in (1, -1)],
                              dtype=torch.float64)
-        out = k.power_fwd(w.to(dev), torch.tensor([t], device=dev), p).cpu().double()
+        out = k.power_threshold(w.to(dev), torch.tensor([t], device=dev), p, 1.0).cpu().double()
         rel = 2.0 ** -23 if backend != "triton" else _power_rel_bound(delta, p)
         bad = (out - exact).abs() > rel * exact.abs() + 2.0 ** -149  # a subnormal result: its ulp
         assert not bad.any(), (t, w[bad].tolist(), out[bad].tolist(), exact[bad].tolist())
@@ -172,13 +174,13 @@ def test_power_special_values(backend):
     (SPEC §3's value: (inf^p − t^p)^(1/p) = inf), ties at t pruned, for several p."""
     k, dev = kernel_backend(backend)
     w = torch.tensor([0.3, 1.0, 2.5], device=dev)
-    torch.testing.assert_close(k.power_fwd(w, torch.tensor([0.1], device=dev), 100.0).cpu(),
+    torch.testing.assert_close(k.power_threshold(w, torch.tensor([0.1], device=dev), 100.0, 1.0).cpu(),
                                torch.tensor([0.3, 1.0, 2.5]), atol=0, rtol=1e-6)
     w = torch.tensor([math.inf, -math.inf, math.nan, 0.5, -0.5, 1e-45, 0.0, 3.4e38, -1e13], device=dev)
     for p in (1.0, 2.0, 3.0, 7.5, 100.0):
-        assert torch.equal(k.power_fwd(w, torch.zeros(1, device=dev), p).cpu()[[0, 1, 3, 4, 5, 6, 7, 8]],
+        assert torch.equal(k.power_threshold(w, torch.zeros(1, device=dev), p, 1.0).cpu()[[0, 1, 3, 4, 5, 6, 7, 8]],
                            w.cpu()[[0, 1, 3, 4, 5, 6, 7, 8]]), p
-        out = k.power_fwd(w, torch.tensor([0.5], device=dev), p).cpu()
+        out = k.power_threshold(w, torch.tensor([0.5], device=dev), p, 1.0).cpu()
         assert out[:2].tolist() == [math.inf, -math.inf] and out[2].isnan(), p
         assert out[3:7].tolist() == [0.0, 0.0, 0.0, 0.0], p
         torch.testing.assert_close(out[7:], w.cpu()[7:], atol=0, rtol=1e-6)
@@ -190,7 +192,7 @@ def test_power_never_nan(backend):
     k, dev = kernel_backend(backend)
     t = torch.tensor([0.5])
     w = torch.tensor([0.5, -0.5, 0.50000006, 1e-30, 0.0, -0.0, 3.0, 1e-3]).to(dev)
-    out = k.power_fwd(w, t.to(dev), 3.0).cpu()
+    out = k.power_threshold(w, t.to(dev), 3.0, 1.0).cpu()
     assert not out.isnan().any()
     assert torch.equal(out[:2], torch.zeros(2)) and out[3:6].eq(0).all()
 
@@ -204,11 +206,11 @@ def test_nan_weights_stay_nan(backend):
     w = make_weight((6, 9), torch.float32, dev)
     w[1, 2] = w[4, 0] = math.nan
     t = torch.tensor([0.05], device=dev)
-    outs = {"soft": (k.soft_fwd(w, t, 0), reference.soft_threshold(w, t)),
-            "st3": (k.st3_fwd(w, t, False), reference.st3_threshold(w, t, False)),
-            "power": (k.power_fwd(w, t, 3.0), reference.power_threshold(w, t)),
-            "hard": (k.hard_fwd(w, t), reference.hard_threshold(w, t, ste=False)),
-            "st3 rescaled": (k.st3_fwd(w, t, True), reference.st3_threshold(w, t, True))}
+    outs = {"soft": (k.soft_threshold(w, t), reference.soft_threshold(w, t)),
+            "st3": (k.st3_threshold(w, t, False), reference.st3_threshold(w, t, False)),
+            "power": (k.power_threshold(w, t, 3.0, 1.0), reference.power_threshold(w, t)),
+            "hard": (k.hard_threshold(w, t, False), reference.hard_threshold(w, t, ste=False)),
+            "st3 rescaled": (k.st3_threshold(w, t, True), reference.st3_threshold(w, t, True))}
     for name, (got, expect) in outs.items():
         nan_rows = w.isnan().any(1, keepdim=True).expand_as(w)
         assert torch.equal(got.isnan().cpu(), (nan_rows if "rescaled" in name else w.isnan()).cpu()), name
@@ -226,7 +228,7 @@ def test_st3_infinite_weight(backend):
     w = make_weight((6, 9), torch.float32, dev)
     w[1, 2], w[4, 0] = math.inf, -math.inf
     t = torch.tensor([0.3], device=dev)
-    out = k.st3_fwd(w, t, True).cpu()
+    out = k.st3_threshold(w, t, True).cpu()
     finite = torch.tensor([0, 2, 3, 5])
     wc = w.cpu()
     shrunk = torch.sign(wc) * torch.relu(wc.abs() - 0.3)
@@ -236,9 +238,9 @@ def test_st3_infinite_weight(backend):
     torch.testing.assert_close(out[finite], reference.st3_threshold(wc[finite], t.cpu()), atol=1e-6, rtol=1e-6)
     one = torch.tensor([math.inf, -0.1, 2.0, -math.inf], device=dev)  # inner = 1: ρ = 1 if kept
     expect = torch.tensor([math.inf, -0.0, 1.7, -math.inf]) * torch.tensor([1.0, 1.01 / (1e-6 / (0.1 + 1e-6) + 0.01), 1.0, 1.0])
-    torch.testing.assert_close(k.st3_fwd(one, t, True).cpu(), expect, atol=0, rtol=1e-6)
+    torch.testing.assert_close(k.st3_threshold(one, t, True).cpu(), expect, atol=0, rtol=1e-6)
     h = torch.tensor([[1e5, 0.5, -0.2, 1.0]], dtype=torch.float16, device=dev)  # 1e5 -> inf in fp16
-    assert k.st3_fwd(h, t, True).cpu().tolist() == [[math.inf, 0.199951171875, -0.0, 0.7001953125]]
+    assert k.st3_threshold(h, t, True).cpu().tolist() == [[math.inf, 0.199951171875, -0.0, 0.7001953125]]
 
 
 def _st3_float64(w, t):
@@ -264,17 +266,17 @@ def test_extreme_values_cpp_and_reference_agree_with_the_math(backend):
         w[:, 1::7] = 1e-45
         for t in (0.0, 1e-39, 0.5, 2e38, 3.4e38):
             exp = _st3_float64(w, t)
-            out = k.st3_fwd(w, torch.tensor([t]), True)
+            out = k.st3_threshold(w, torch.tensor([t]), True)
             torch.testing.assert_close(out, exp, atol=0, rtol=1e-6)
-            torch.testing.assert_close(k.st3_fwd(w, torch.tensor([t]), False),
+            torch.testing.assert_close(k.st3_threshold(w, torch.tensor([t]), False),
                                        (torch.sign(w) * torch.relu(w.abs() - t)), atol=0, rtol=0)
-            torch.testing.assert_close(k.hard_fwd(w, torch.tensor([t])), w * (w.abs() > t), atol=0, rtol=0)
+            torch.testing.assert_close(k.hard_threshold(w, torch.tensor([t]), False), w * (w.abs() > t), atol=0, rtol=0)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # infinite weights
         w = torch.tensor([[math.inf, 1.0, -2.0, 0.3], [-math.inf, 0.1, 5.0, 0.2]], dtype=dtype)
         t = torch.tensor([0.25])
-        assert k.hard_fwd(w, t).tolist() == [[math.inf, 1.0, -2.0, 0.30078125 if dtype == torch.bfloat16
+        assert k.hard_threshold(w, t, False).tolist() == [[math.inf, 1.0, -2.0, 0.30078125 if dtype == torch.bfloat16
                                               else w[0, 3].item()], [-math.inf, 0.0, 5.0, 0.0]]
-        out = k.st3_fwd(w, t, False)
+        out = k.st3_threshold(w, t, False)
         assert out[:, 0].tolist() == [math.inf, -math.inf] and not out.isnan().any()
         wr = w.clone().requires_grad_()  # the public reference ops with autograd, too
         for ref_out in (reference.hard_threshold(wr, t, ste=False), reference.hard_threshold(wr, t),
@@ -289,7 +291,7 @@ def test_st3_zero_threshold_is_identity(backend):
     k, dev = kernel_backend(backend)
     w = make_weight((8, 5, 3, 3), torch.float32, dev)
     w[0, 0] = 0
-    assert torch.equal(k.st3_fwd(w, torch.zeros(1, device=dev), True).cpu(), w.cpu())
+    assert torch.equal(k.st3_threshold(w, torch.zeros(1, device=dev), True).cpu(), w.cpu())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -299,8 +301,8 @@ def test_long_rows_and_many_rows(backend):
     for shape in [(1, 200_003), (200_003,)]:
         w = make_weight(shape, torch.float32, dev)
         t = make_threshold(w, "scalar", q=0.9)
-        _close(k.st3_fwd(w, t, True), reference.st3_threshold(w, t), torch.float32)
+        _close(k.st3_threshold(w, t, True), reference.st3_threshold(w, t), torch.float32)
         g = make_weight(shape, torch.float32, dev, seed=4)
-        gs = k.soft_bwd(g, w, t, 0, True)[1]
+        gs = k.soft_threshold_backward(g, w, t, 0, True)[1]
         es = reference.soft_threshold_backward(g, w, t)[1]
         torch.testing.assert_close(gs.cpu(), es.cpu(), atol=1e-4 * math.sqrt(w.numel()), rtol=1e-5)

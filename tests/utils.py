@@ -1,7 +1,7 @@
 """Shared test helpers: weights, thresholds, tolerances, kernel backends."""
-import importlib
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,8 +42,14 @@ TOL = {
 
 
 def kernel_backend(name, family="threshold"):
-    """A family's kernel namespace ``name`` ("cpp", "triton", "reference") and its tensor device."""
-    kernels = importlib.import_module(f"sparsekern.ops.{family}").KERNELS
+    """One implementation of a family's ops and its tensor device: a namespace with the ops' names
+    and schemas. ``"cpp"``: ``torch.ops.sparsekern`` on CPU tensors, whose CPU kernels must be the
+    C++ library's; ``"triton"``: the ops' CUDA implementations (Triton launches), on the GPU or
+    interpreted on the CPU; ``"reference"``: the ops' reference implementations."""
+    from sparsekern.ops._common import IMPLS, has_cpp
+
+    ops = {op: impl for op, impl in IMPLS.items() if impl.family == family}
+    assert ops, f"no ops in family {family}"
     if name == "cpp":
         from sparsekern import _ext
 
@@ -51,11 +57,12 @@ def kernel_backend(name, family="threshold"):
             if os.environ.get("SPARSEKERN_NO_EXT") == "1":
                 pytest.skip("SPARSEKERN_NO_EXT=1: C++ kernels deliberately not loaded")
             raise AssertionError(f"C++ kernels failed to load: {_ext.ERROR}")
-        assert kernels.has_c, f"the C++ library has no {family} kernels: rebuild it"
-        return torch.ops.sparsekern_C, "cpu"
-    if name == "triton":
-        return importlib.import_module(f"sparsekern.triton.{family}"), TRITON_DEVICE
-    return kernels.reference, "cpu"
+        missing = [op for op, impl in ops.items() if impl.cpp and not has_cpp(op)]
+        assert not missing, f"the C++ library has no CPU kernel of {missing}: rebuild it"
+        return torch.ops.sparsekern, "cpu"
+    kind = "cuda" if name == "triton" else "reference"
+    return SimpleNamespace(**{op: getattr(impl, kind) for op, impl in ops.items()}), \
+        TRITON_DEVICE if name == "triton" else "cpu"
 
 
 def make_weight(shape, dtype, device="cpu", seed=0):

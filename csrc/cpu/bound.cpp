@@ -1,7 +1,8 @@
 // Bound family, CPU kernels (SPEC.md §4): Gaussian bounds and the trainable ASL bound.
 //
-// Contract (shared with sparsekern/triton/bound.py, see sparsekern/ops/bound.py):
-//   gaussian_bounds(tensors, multipliers) -> (bounds fp32 [L], nan_index int64 [])
+// Kernels (the contract of the launchers of sparsekern/triton/bound.py); the ops at the end of
+// this file (schemas in sparsekern/ops/bound.py) compute the multipliers and call them:
+//   bounds_of(tensors, multipliers) -> (bounds fp32 [L], nan_index int64 [])
 //     tensors: non-empty CPU fp32/fp16/bf16, any shape (read in place when dense).
 //     bounds[i] = fp32(double(σ_i)·c_i), σ_i = the unbiased std of tensors[i] rounded to fp32,
 //     c_i = multipliers[i] >= 0 (√2·erfinv(s_i)); c_i = inf gives inf even for σ_i = 0.
@@ -306,7 +307,7 @@ std::vector<Moments> merge_tiles(const std::vector<Tile>& tiles, const std::vect
 
 at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
 
-std::tuple<at::Tensor, at::Tensor> gaussian_bounds(at::TensorList tensors, at::ArrayRef<double> multipliers) {
+std::tuple<at::Tensor, at::Tensor> bounds_of(at::TensorList tensors, at::ArrayRef<double> multipliers) {
   const size_t L = tensors.size();
   TORCH_CHECK(multipliers.size() == L, "gaussian_bounds: ", multipliers.size(), " multipliers for ", L,
               " tensors");
@@ -460,18 +461,82 @@ at::Tensor asl_bwd(const at::Tensor& grad, const at::Tensor& w, const at::Tensor
   return grad_r;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The ops' CPU implementations (schemas in sparsekern/ops/bound.py).
+
+// Python's statistics.NormalDist().inv_cdf(p), p in (0, 1): Wichura's AS241 (PPND16), operation
+// for operation as CPython evaluates it.
+double normal_inv_cdf(double p) {
+  const double q = p - 0.5;
+  double num, den;
+  if (std::fabs(q) <= 0.425) {
+    const double r = 0.180625 - q * q;
+    num = (((((((2.5090809287301226727e+3 * r + 3.3430575583588128105e+4) * r + 6.7265770927008700853e+4) * r +
+                4.5921953931549871457e+4) * r + 1.3731693765509461125e+4) * r + 1.9715909503065514427e+3) * r +
+            1.3314166789178437745e+2) * r + 3.3871328727963666080e+0) * q;
+    den = ((((((5.2264952788528545610e+3 * r + 2.8729085735721942674e+4) * r + 3.9307895800092710610e+4) * r +
+                2.1213794301586595867e+4) * r + 5.3941960214247511077e+3) * r + 6.8718700749205790830e+2) * r +
+            4.2313330701600911252e+1) * r + 1.0;
+    return num / den;
+  }
+  double r = q <= 0.0 ? p : 1.0 - p;
+  r = std::sqrt(-std::log(r));
+  if (r <= 5.0) {
+    r = r - 1.6;
+    num = (((((((7.7454501427834140764e-4 * r + 2.2723844989269184583e-2) * r + 2.4178072517745061177e-1) * r +
+                1.2704582524523683826e+0) * r + 3.6478483247632046050e+0) * r + 5.7694972214606914055e+0) * r +
+            4.6303378461565452959e+0) * r + 1.4234371107496835773e+0);
+    den = (((((((1.05075007164441684324e-9 * r + 5.4759380849953449460e-4) * r + 1.5198666563616457197e-2) * r +
+                1.4810397642748007459e-1) * r + 6.8976733498510000455e-1) * r + 1.6763848301838038494e+0) * r +
+            2.0531916266377588219e+0) * r + 1.0);
+  } else {
+    r = r - 5.0;
+    num = (((((((2.01033439929228813265e-7 * r + 2.71155556874348757815e-5) * r + 1.2426609473880784386e-3) * r +
+                2.6532189526576123093e-2) * r + 2.9656057182850489123e-1) * r + 1.7848265399172913358e+0) * r +
+            5.4637849111641143699e+0) * r + 6.6579046435011037772e+0);
+    den = (((((((2.04426310338993978564e-15 * r + 1.4215117583164458887e-7) * r + 1.8463183175100546818e-5) * r +
+                7.8686913114561329059e-4) * r + 1.4875361290850614852e-2) * r + 1.3692988092273580531e-1) * r +
+            5.9983220655588793769e-1) * r + 1.0);
+  }
+  const double x = num / den;
+  return q < 0.0 ? -x : x;
+}
+
+// √2·erfinv(s) for s in [0, 1] (the Gaussian bound multiplier; inf at s = 1): ops/bound.py's
+// sqrt2_erfinv in the same double operations (normal quantile, two Newton steps on erf for
+// small s or erfc near 1). tests/test_bound.py compares the two over a grid.
+double sqrt2_erfinv(double s) {
+  if (s >= 1.0) return std::numeric_limits<double>::infinity();
+  if (s <= 0.0) return 0.0;
+  const bool tail = s > 0.5;
+  const double sqrt2 = std::sqrt(2.0), pi = 3.141592653589793;
+  double x = tail ? -normal_inv_cdf((1.0 - s) / 2) : normal_inv_cdf((1.0 + s) / 2);
+  for (int i = 0; i < 2; ++i) {
+    const double f = tail ? (1.0 - s) - std::erfc(x / sqrt2) : std::erf(x / sqrt2) - s;
+    x -= f / (std::sqrt(2 / pi) * std::exp(-x * x / 2));
+  }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_bounds(at::TensorList tensors, at::ArrayRef<double> sparsities) {
+  std::vector<double> multipliers(sparsities.size());
+  for (size_t i = 0; i < sparsities.size(); ++i) multipliers[i] = sqrt2_erfinv(sparsities[i]);
+  return bounds_of(tensors, multipliers);
+}
+
+at::Tensor asl_threshold(const at::Tensor& w, const at::Tensor& r) { return asl_fwd(w.contiguous(), r.contiguous()); }
+
+at::Tensor asl_threshold_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& r) {
+  return asl_bwd(grad.contiguous(), w.contiguous(), r.contiguous());
+}
+
 }  // namespace bound
 }  // namespace cpu
 }  // namespace sparsekern
 
-TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
-  m.def("gaussian_bounds(Tensor[] tensors, float[] multipliers) -> (Tensor, Tensor)");
-  m.def("asl_fwd(Tensor w, Tensor r) -> Tensor");
-  m.def("asl_bwd(Tensor grad, Tensor w, Tensor r) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
+// CPU kernels of the bound ops, whose schemas are defined once, in sparsekern/ops/bound.py.
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("gaussian_bounds", &sparsekern::cpu::bound::gaussian_bounds);
-  m.impl("asl_fwd", &sparsekern::cpu::bound::asl_fwd);
-  m.impl("asl_bwd", &sparsekern::cpu::bound::asl_bwd);
+  m.impl("asl_threshold", &sparsekern::cpu::bound::asl_threshold);
+  m.impl("asl_threshold_backward", &sparsekern::cpu::bound::asl_threshold_backward);
 }

@@ -1,15 +1,18 @@
 // Shared pieces of the CPU kernel families (threshold, bound, masks, select, spmm): function
 // multiversioning and inlining macros, fp32/fp64 bit casts, the storage types (load to fp32,
-// store from fp32) with their dtype dispatch, and the 8-lane fp32 vector used by the lane sums.
+// store from fp32) with their dtype dispatch, the 8-lane fp32 vector used by the lane sums, and
+// the counts / ranks the ops derive from their arguments (SPEC round, quantile ranks).
 // Everything here is inline or a template: each family's translation unit includes it.
 
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     (__GNUC__ >= 11)
@@ -129,6 +132,59 @@ struct Lanes8 {
   }
 };
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Counts and ranks the ops derive from their float arguments, in double exactly as the Python
+// reference does (sparsekern/reference.py; -ffp-contract=off: no fused multiply-add), so every
+// device keeps the same elements. tests/test_masks.py / test_select.py compare them over grids.
+
+// SPEC §5 round: floor(x + 0.5), halves round up (reference.spec_round).
+inline int64_t spec_round(double x) { return static_cast<int64_t>(std::floor(x + 0.5)); }
+
+// Elements kept of n at sparsity s: n − round(n·s) (window, CK and block keeps).
+inline int64_t keep_count(int64_t n, double s) { return n - spec_round(static_cast<double>(n) * s); }
+
+// reference.window_keep: keep_count(rs, s), at most max_nonzero (< 0: no cap).
+inline int64_t window_keep(int64_t rs, double s, int64_t max_nonzero = -1) {
+  const int64_t keep = keep_count(rs, s);
+  return max_nonzero < 0 ? keep : std::min(keep, max_nonzero);
+}
+
+// reference.intra_ck_sparsity: 1 − (1 − s)/d_w clamped to [0, 1], d_w = window_keep(rs, f·s)/rs
+// (0 when rs = 0 or d_w = 0).
+inline double intra_ck_sparsity(int64_t rs, double s, double f) {
+  if (rs == 0) return 0.0;
+  const double d_w = static_cast<double>(window_keep(rs, f * s)) / static_cast<double>(rs);
+  return d_w > 0 ? std::min(std::max(1.0 - (1.0 - s) / d_w, 0.0), 1.0) : 0.0;
+}
+
+// reference.quantile_ranks: numpy's order statistics (k0, k1, gamma) of np.quantile(x, q,
+// method) over n values. Virtual index v = (n−1)·q in double; linear: k = floor(v), k + 1, v − k
+// (v ≥ n−1: n−1, n−1, v + 1); lower / higher / nearest: floor / ceil / round half to even.
+struct Ranks {
+  int64_t k0, k1;
+  double gamma;
+};
+
+inline Ranks quantile_ranks(int64_t n, double q, const std::string& method) {
+  const double v = static_cast<double>(n - 1) * q;
+  if (method == "linear") {
+    if (v >= static_cast<double>(n - 1)) return {n - 1, n - 1, v + 1.0};
+    const double k = std::floor(v);
+    return {static_cast<int64_t>(k), static_cast<int64_t>(k) + 1, v - k};
+  }
+  double k;
+  if (method == "lower") {
+    k = std::floor(v);
+  } else if (method == "higher") {
+    k = std::ceil(v);
+  } else {
+    TORCH_CHECK(method == "nearest", "sparsekern: interpolation must be linear, lower, higher or nearest, got '",
+                method, "'");
+    k = std::nearbyint(v);  // the default rounding mode: half to even (Python's round)
+  }
+  return {static_cast<int64_t>(k), static_cast<int64_t>(k), 0.0};
+}
 
 }  // namespace cpu
 }  // namespace sparsekern

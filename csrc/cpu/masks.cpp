@@ -1,14 +1,14 @@
 // Masks family, CPU kernels (SPEC.md §5): N:M, window / CK / intra, FC block masks, masked weight.
 //
-// Contract (shared with sparsekern/triton/masks.py, see sparsekern/ops/masks.py); counts are
-// computed by the op layer (SPEC round), the kernels only select:
-//   nm_mask(w, n, m) -> bool: w contiguous [K, C, *] (viewed [K, C, inner]), C % m == 0,
+// Kernels (the same contract as the launchers of sparsekern/triton/masks.py); the ops at the end
+// of this file compute the counts from the sparsities (SPEC round, common.h) and call them:
+//   nm_select(w, n, m) -> bool: w contiguous [K, C, *] (viewed [K, C, inner]), C % m == 0,
 //     0 <= n <= m: in every group of m consecutive c at fixed (k, inner) keep the n largest |w|.
 //   kernel_mask(w, window_keep, ck_keep, by_out) -> bool: w contiguous [K, C, R, S].
 //     Window: in every R×S kernel keep the window_keep largest |w|. CK: score each kernel by the
 //     max |w| of its window-kept entries (0 if none), keep the ck_keep best kernels of every group
 //     (input channel c: its K kernels; by_out: output filter k: its C kernels). Result: AND.
-//   block_mask(w, block, keep) -> bool: w contiguous [O, I]; blocks block×block (edge blocks
+//   block_select(w, block, keep) -> bool: w contiguous [O, I]; blocks block×block (edge blocks
 //     partial) scored by Σ|w| summed in fp32 in row-major order of the block; keep the `keep`
 //     best blocks, then re-add the best block of every block row left empty.
 //   masked_fwd(w, mask) -> w where mask else 0 (w's dtype; mask bool, same shape).
@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -266,7 +267,7 @@ void groups_parallel(const T* x, int64_t n, int64_t M, int64_t es, int64_t keep,
   });
 }
 
-at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
+at::Tensor nm_select(const at::Tensor& w, int64_t n, int64_t m) {
   check_w(w, 2, 64);
   const int64_t K = w.size(0), C = w.size(1), inner = K * C != 0 ? w.numel() / (K * C) : 0;
   TORCH_CHECK(m >= 1 && C % m == 0 && n >= 0 && n <= m, "sparsekern nm_mask: bad n, m");
@@ -390,7 +391,7 @@ void dispatch_block(int64_t block, F&& f) {
   }
 }
 
-at::Tensor block_mask(const at::Tensor& w, int64_t block, int64_t keep) {
+at::Tensor block_select(const at::Tensor& w, int64_t block, int64_t keep) {
   check_w(w, 2, 2);
   const int64_t O = w.size(0), I = w.size(1);
   TORCH_CHECK(block >= 1, "sparsekern block_mask: block must be >= 1");
@@ -465,20 +466,63 @@ at::Tensor masked_fwd(const at::Tensor& w, const at::Tensor& mask) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The ops' CPU implementations (schemas in sparsekern/ops/masks.py): any strides (copied to
+// contiguous here); the counts from the sparsities with common.h's SPEC round.
+
+at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) { return nm_select(w.contiguous(), n, m); }
+
+void check_conv(const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.dim() == 4, "sparsekern ", op, ": w must be a 4-D conv weight [K, C, R, S], got ", w.sizes());
+}
+
+at::Tensor window_mask(const at::Tensor& w, double sparsity, std::optional<int64_t> max_nonzero) {
+  check_conv(w, "window_mask");
+  const int64_t keep = cpu::window_keep(w.size(2) * w.size(3), sparsity, max_nonzero.value_or(-1));
+  return kernel_mask(w.contiguous(), keep, w.size(0), false);
+}
+
+bool by_out(c10::string_view group) {
+  TORCH_CHECK(group == "in" || group == "out", "sparsekern: group must be 'in' or 'out', got '", group, "'");
+  return group == "out";
+}
+
+at::Tensor ck_mask(const at::Tensor& w, double sparsity, c10::string_view group) {
+  check_conv(w, "ck_mask");
+  const bool out = by_out(group);
+  return kernel_mask(w.contiguous(), w.size(2) * w.size(3), keep_count(w.size(out ? 1 : 0), sparsity), out);
+}
+
+at::Tensor intra_mask(const at::Tensor& w, double sparsity, double window_fraction, c10::string_view group) {
+  check_conv(w, "intra_mask");
+  const bool out = by_out(group);
+  const int64_t rs = w.size(2) * w.size(3);
+  const double s_ck = intra_ck_sparsity(rs, sparsity, window_fraction);
+  return kernel_mask(w.contiguous(), cpu::window_keep(rs, window_fraction * sparsity),
+                     keep_count(w.size(out ? 1 : 0), s_ck), out);
+}
+
+at::Tensor block_mask(const at::Tensor& w, int64_t block, double sparsity) {
+  TORCH_CHECK(w.dim() == 2 && block >= 1, "sparsekern block_mask: w must be 2-D [out, in] and block >= 1");
+  const int64_t nb = ((w.size(0) + block - 1) / block) * ((w.size(1) + block - 1) / block);
+  return block_select(w.contiguous(), block, keep_count(nb, sparsity));
+}
+
+at::Tensor masked_weight(const at::Tensor& w, const at::Tensor& mask) {
+  return masked_fwd(w.contiguous(), mask.contiguous());
+}
+
 }  // namespace masks
 }  // namespace cpu
 }  // namespace sparsekern
 
-TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
-  m.def("nm_mask(Tensor w, int n, int m) -> Tensor");
-  m.def("kernel_mask(Tensor w, int window_keep, int ck_keep, bool by_out) -> Tensor");
-  m.def("block_mask(Tensor w, int block, int keep) -> Tensor");
-  m.def("masked_fwd(Tensor w, Tensor mask) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
+// CPU kernels of the masks ops, whose schemas are defined once, in sparsekern/ops/masks.py
+// (prune_fc_inputs, pack_mask and unpack_mask run the reference on every device).
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_mask", &sparsekern::cpu::masks::nm_mask);
-  m.impl("kernel_mask", &sparsekern::cpu::masks::kernel_mask);
+  m.impl("window_mask", &sparsekern::cpu::masks::window_mask);
+  m.impl("ck_mask", &sparsekern::cpu::masks::ck_mask);
+  m.impl("intra_mask", &sparsekern::cpu::masks::intra_mask);
   m.impl("block_mask", &sparsekern::cpu::masks::block_mask);
-  m.impl("masked_fwd", &sparsekern::cpu::masks::masked_fwd);
+  m.impl("masked_weight", &sparsekern::cpu::masks::masked_weight);
 }

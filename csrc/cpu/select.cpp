@@ -1,6 +1,7 @@
 // Select family, CPU kernels (SPEC.md §9): exact order statistics of |w|·c over many tensors.
 //
-// Contract (shared with sparsekern/triton/select.py, see sparsekern/ops/select.py):
+// Kernels (the contract of the launchers of sparsekern/triton/select.py; the ops at the end of
+// this file, schemas in sparsekern/ops/select.py, compute the ranks and call them):
 //   select_global(tensors, scales, k0, k1, gamma, lerp) -> (value fp32 [], nan_index int64 [])
 //     Keys x = fp32(|w|·c) of every element of every tensor (c = scales[i], finite, >= 0); a, b =
 //     the k0-th and k1-th smallest keys (0-based, k1 in {k0, k0 + 1}, k1 < total). value =
@@ -392,18 +393,40 @@ std::tuple<at::Tensor, at::Tensor> select_each(at::TensorList tensors, at::IntAr
   return {values, at::scalar_tensor(first, at::kLong)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The ops' CPU implementations (schemas in sparsekern/ops/select.py): numpy's ranks of the
+// quantile (common.h quantile_ranks), then the selection.
+
+std::tuple<at::Tensor, at::Tensor> global_magnitude_threshold(at::TensorList tensors, double sparsity,
+                                                              at::ArrayRef<double> scales,
+                                                              c10::string_view interpolation) {
+  int64_t n = 0;
+  for (const at::Tensor& t : tensors) n += t.numel();
+  const std::string method(interpolation);
+  const Ranks r = quantile_ranks(n, sparsity, method);
+  return select_global(tensors, scales, r.k0, r.k1, r.gamma, method == "linear");
+}
+
+std::tuple<at::Tensor, at::Tensor> magnitude_thresholds(at::TensorList tensors, at::ArrayRef<double> sparsities,
+                                                        c10::string_view interpolation) {
+  TORCH_CHECK(sparsities.size() == tensors.size(), "magnitude_thresholds: ", sparsities.size(),
+              " sparsities for ", tensors.size(), " tensors");
+  const std::string method(interpolation);
+  std::vector<int64_t> k0(tensors.size()), k1(tensors.size());
+  std::vector<double> gamma(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Ranks r = quantile_ranks(tensors[i].numel(), sparsities[i], method);
+    k0[i] = r.k0, k1[i] = r.k1, gamma[i] = r.gamma;
+  }
+  return select_each(tensors, k0, k1, gamma, method == "linear");
+}
+
 }  // namespace select
 }  // namespace cpu
 }  // namespace sparsekern
 
-TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
-  m.def("select_global(Tensor[] tensors, float[] scales, int k0, int k1, float gamma, bool lerp)"
-        " -> (Tensor, Tensor)");
-  m.def("select_each(Tensor[] tensors, int[] k0, int[] k1, float[] gamma, bool lerp)"
-        " -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
-  m.impl("select_global", &sparsekern::cpu::select::select_global);
-  m.impl("select_each", &sparsekern::cpu::select::select_each);
+// CPU kernels of the select ops, whose schemas are defined once, in sparsekern/ops/select.py.
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("global_magnitude_threshold", &sparsekern::cpu::select::global_magnitude_threshold);
+  m.impl("magnitude_thresholds", &sparsekern::cpu::select::magnitude_thresholds);
 }

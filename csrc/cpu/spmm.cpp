@@ -1,9 +1,10 @@
 // spmm family, CPU kernels: sparse weight (CSR over output rows) times a dense matrix, fp32.
 //
-// Contract (see sparsekern/ops/spmm.py):
+// The ops' CPU implementations (schemas in sparsekern/ops/spmm.py; x of any strides, copied to
+// contiguous here; val / x / bias dtypes checked as in Python):
 //   csr_mm(rowptr, col, val, bias, x, out_features, transpose_out) -> y
 //     rowptr: int64 [out_features + 1]; col: int32 [nnz] (column = input feature);
-//     val: fp32 [nnz]; bias: fp32 [out_features] or empty [0]; x: fp32 [in, n] contiguous.
+//     val: fp32 [nnz]; bias: fp32 [out_features] or empty [0]; x: fp32 [in, n].
 //     transpose_out=false: y = W·x + bias[:, None], shape [out_features, n] (1×1 conv layout);
 //     transpose_out=true:  y = (W·x + bias[:, None])ᵀ, shape [n, out_features] (Linear layout).
 //
@@ -49,6 +50,7 @@
 #include <cstdint>
 #include <climits>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -729,6 +731,30 @@ SK_CLONES int64_t first_outside_u8(const uint8_t* p, int64_t count, int64_t hi) 
   return -1;
 }
 
+// The dtype as Python prints it (torch.float32): messages identical to ops/spmm.py's checks.
+std::string torch_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    default: return c10::toString(t);
+  }
+}
+
+// TypeError unless val, x and a non-empty bias have one float dtype (ops/spmm.py check_dtypes:
+// the same messages on every device; these kernels then take fp32 only).
+void check_dtypes(const char* op, const at::Tensor& val, const at::Tensor& bias, const at::Tensor& x) {
+  const at::ScalarType v = val.scalar_type();
+  TORCH_CHECK_TYPE(v == at::kFloat || v == at::kHalf || v == at::kBFloat16, op,
+                   ": val must be float32, float16 or bfloat16, got ", torch_dtype(v));
+  TORCH_CHECK_TYPE(x.scalar_type() == v, op, ": x is ", torch_dtype(x.scalar_type()), " but val is ",
+                   torch_dtype(v), "; they must have the same dtype");
+  TORCH_CHECK_TYPE(bias.numel() == 0 || bias.scalar_type() == v, op, ": bias is ",
+                   torch_dtype(bias.scalar_type()), " but val is ", torch_dtype(v),
+                   "; they must have the same dtype (or bias empty)");
+}
+
 // The x / bias / output checks shared by csr_mm, bsr_mm and nm_mm; returns the empty output.
 at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x,
                      int64_t out_features, bool transpose_out) {
@@ -760,8 +786,10 @@ void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t rows, int64_
 }  // namespace
 
 at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
-                  const at::Tensor& bias, const at::Tensor& x, int64_t out_features,
+                  const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
                   bool transpose_out) {
+  check_dtypes("csr_mm", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
   at::Tensor y = mm_output("csr_mm", bias, x, out_features, transpose_out);
   TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
                   val.scalar_type() == at::kFloat && col.numel() == val.numel(),
@@ -798,8 +826,10 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
 }
 
 at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::Tensor& val,
-                    const at::Tensor& bias, const at::Tensor& x, int64_t n, int64_t out_features,
+                    const at::Tensor& bias, const at::Tensor& x_any, int64_t n, int64_t out_features,
                     int64_t slab, int64_t wp, int64_t wv) {
+  check_dtypes("csr_conv", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
                   x.is_contiguous(),
               "csr_conv: x must be a contiguous 1-D float32 CPU tensor, got ", x.scalar_type(),
@@ -838,8 +868,10 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
 }
 
 at::Tensor bsr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
-                  const at::Tensor& bias, const at::Tensor& x, int64_t out_features,
+                  const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
                   bool transpose_out) {
+  check_dtypes("bsr_mm", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
   at::Tensor y = mm_output("bsr_mm", bias, x, out_features, transpose_out);
   TORCH_CHECK(val.scalar_type() == at::kFloat && val.dim() == 3 && val.is_contiguous() &&
                   val.size(1) > 0 && val.size(2) > 0,
@@ -876,8 +908,10 @@ at::Tensor bsr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
 }
 
 at::Tensor nm_mm(const at::Tensor& val, const at::Tensor& idx, const at::Tensor& bias,
-                 const at::Tensor& x, int64_t n, int64_t m, int64_t out_features,
+                 const at::Tensor& x_any, int64_t n, int64_t m, int64_t out_features,
                  bool transpose_out) {
+  check_dtypes("nm_mm", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
   at::Tensor y = mm_output("nm_mm", bias, x, out_features, transpose_out);
   const int64_t in = x.size(0), cols = x.size(1);
   TORCH_CHECK(m >= 1 && m <= 256 && n >= 1 && n <= m, "nm_mm: need 1 <= n <= m <= 256, got n=",
@@ -914,8 +948,10 @@ at::Tensor nm_mm(const at::Tensor& val, const at::Tensor& idx, const at::Tensor&
 }
 
 at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::Tensor& val,
-                   const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& x, int64_t n,
+                   const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& x_any, int64_t n,
                    int64_t out_features, int64_t plane, int64_t slab, int64_t wp, int64_t wv) {
+  check_dtypes("ck_conv", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
                   x.is_contiguous(),
               "ck_conv: x must be a contiguous 1-D float32 CPU tensor, got ", x.scalar_type(),
@@ -970,20 +1006,8 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
 }  // namespace cpu
 }  // namespace sparsekern
 
-TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
-  m.def("csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, int out_features, "
-        "bool transpose_out) -> Tensor");
-  m.def("csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, int n, "
-        "int out_features, int slab, int wp, int wv) -> Tensor");
-  m.def("bsr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, int out_features, "
-        "bool transpose_out) -> Tensor");
-  m.def("nm_mm(Tensor val, Tensor idx, Tensor bias, Tensor x, int n, int m, int out_features, "
-        "bool transpose_out) -> Tensor");
-  m.def("ck_conv(Tensor rowptr, Tensor chan, Tensor val, Tensor taps, Tensor bias, Tensor x, "
-        "int n, int out_features, int plane, int slab, int wp, int wv) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
+// CPU kernels of the spmm ops, whose schemas are defined once, in sparsekern/ops/spmm.py.
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("csr_mm", &sparsekern::cpu::csr_mm);
   m.impl("csr_conv", &sparsekern::cpu::csr_conv);
   m.impl("bsr_mm", &sparsekern::cpu::bsr_mm);

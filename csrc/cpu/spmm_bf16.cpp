@@ -30,6 +30,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "common.h"
 
@@ -66,6 +67,17 @@ struct ExpandTable {
 const ExpandTable kExpand;
 
 constexpr int64_t kMaxB = 4;  // rows of x sharing one expanded weight group
+
+// The dtype as Python prints it (as spmm.cpp's): messages identical to ops/spmm.py's checks.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    default: return c10::toString(t);
+  }
+}
 
 SK_INLINE float load16(uint16_t v, bool bf) { return bf ? BF16::load(v) : F16::load(v); }
 
@@ -169,13 +181,20 @@ bool has_avx2() {
 }  // namespace
 
 at::Tensor bitmap_mm(const at::Tensor& rowptr, const at::Tensor& mask, const at::Tensor& val,
-                     const at::Tensor& bias, const at::Tensor& x, int64_t out_features) {
+                     const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features) {
+  // the TypeErrors of ops/spmm.py check_bitmap (the op's CPU kernel is called without Python)
   const auto dt = val.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "bitmap_mm: val must be bfloat16 or float16, got ", dt);
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, "bitmap_mm: val must be bfloat16 or float16, got ",
+                   dtype_name(dt));
+  TORCH_CHECK_TYPE(x_any.scalar_type() == dt, "bitmap_mm: x is ", dtype_name(x_any.scalar_type()),
+                   " but val is ", dtype_name(dt), "; they must have the same dtype");
+  TORCH_CHECK_TYPE(bias.numel() == 0 || bias.scalar_type() == dt, "bitmap_mm: bias is ",
+                   dtype_name(bias.scalar_type()), " but val is ", dtype_name(dt),
+                   "; they must have the same dtype (or bias empty)");
   TORCH_CHECK(val.dim() == 1 && val.is_contiguous(), "bitmap_mm: val must be contiguous 1-D");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dt && x.dim() == 2 && x.is_contiguous(),
-              "bitmap_mm: x must be a contiguous 2-D CPU tensor [B, in] of val's dtype (", dt,
-              "), got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x_any.device().is_cpu() && x_any.dim() == 2, "bitmap_mm: x must be a 2-D CPU tensor [B, in], got ",
+              x_any.sizes());
+  const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(out_features >= 0, "bitmap_mm: out_features must be >= 0, got ", out_features);
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.is_contiguous() &&
                   mask.size(0) == out_features && mask.size(1) % 8 == 0,
@@ -242,10 +261,7 @@ at::Tensor bitmap_mm(const at::Tensor& rowptr, const at::Tensor& mask, const at:
 }  // namespace cpu
 }  // namespace sparsekern
 
-TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
-  m.def("bitmap_mm(Tensor rowptr, Tensor mask, Tensor val, Tensor bias, Tensor x, int out_features) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
+// The op's schema is defined once, in sparsekern/ops/spmm.py.
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("bitmap_mm", &sparsekern::cpu::bitmap_mm);
 }

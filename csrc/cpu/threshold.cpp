@@ -725,27 +725,61 @@ at::Tensor hard_bwd(const at::Tensor& grad, const at::Tensor& w, const at::Tenso
   return masked_grad(grad, w, t, 0.f, "hard_bwd");
 }
 
+// ---------------------------------------------------------------------------------------------
+// The ops' CPU implementations: the schemas of sparsekern/ops/threshold.py, any strides (copied
+// to contiguous here); arguments a kernel does not use (ste, theta of the forward) are ignored.
+
+at::Tensor soft_threshold(const at::Tensor& w, const at::Tensor& t) {
+  return soft_fwd(w.contiguous(), t.contiguous(), 0);
+}
+
+at::Tensor str_threshold(const at::Tensor& w, const at::Tensor& s, c10::string_view activation) {
+  const int64_t act = activation == "sigmoid" ? 1 : activation == "exp" ? 2 : -1;
+  TORCH_CHECK(act > 0, "str_threshold: activation must be 'sigmoid' or 'exp', got '", activation, "'");
+  return soft_fwd(w.contiguous(), s.contiguous(), act);
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_threshold_backward(const at::Tensor& grad, const at::Tensor& w,
+                                                           const at::Tensor& t, int64_t act, bool t_grad) {
+  return soft_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), act, t_grad);
+}
+
+at::Tensor st3_threshold(const at::Tensor& w, const at::Tensor& t, bool rescale) {
+  return st3_fwd(w.contiguous(), t.contiguous(), rescale);
+}
+
+at::Tensor power_threshold(const at::Tensor& w, const at::Tensor& t, double p, double /*theta*/) {
+  return power_fwd(w.contiguous(), t.contiguous(), p);
+}
+
+at::Tensor power_threshold_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& t,
+                                    double theta) {
+  return power_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), theta);
+}
+
+at::Tensor hard_threshold(const at::Tensor& w, const at::Tensor& t, bool /*ste*/) {
+  return hard_fwd(w.contiguous(), t.contiguous());
+}
+
+// t = 0 (before pruning starts) passes every gradient: exact zeros (a zero-initialised head) train.
+at::Tensor hard_threshold_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& t) {
+  const at::Tensor tc = t.contiguous();
+  return hard_bwd(grad.contiguous(), w.contiguous(), tc.masked_fill(tc == 0, -1.0));
+}
+
 }  // namespace cpu
 }  // namespace sparsekern
 
 // A fragment: each op family's file (csrc/cpu/<family>.cpp) defines its own schemas in the one
 // sparsekern_C namespace of this library.
-TORCH_LIBRARY_FRAGMENT(sparsekern_C, m) {
-  m.def("soft_fwd(Tensor w, Tensor t, int act) -> Tensor");
-  m.def("soft_bwd(Tensor grad, Tensor w, Tensor t, int act, bool t_grad) -> (Tensor, Tensor)");
-  m.def("st3_fwd(Tensor w, Tensor t, bool rescale) -> Tensor");
-  m.def("power_fwd(Tensor w, Tensor t, float p) -> Tensor");
-  m.def("power_bwd(Tensor grad, Tensor w, Tensor t, float theta) -> Tensor");
-  m.def("hard_fwd(Tensor w, Tensor t) -> Tensor");
-  m.def("hard_bwd(Tensor grad, Tensor w, Tensor t) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(sparsekern_C, CPU, m) {
-  m.impl("soft_fwd", &sparsekern::cpu::soft_fwd);
-  m.impl("soft_bwd", &sparsekern::cpu::soft_bwd);
-  m.impl("st3_fwd", &sparsekern::cpu::st3_fwd);
-  m.impl("power_fwd", &sparsekern::cpu::power_fwd);
-  m.impl("power_bwd", &sparsekern::cpu::power_bwd);
-  m.impl("hard_fwd", &sparsekern::cpu::hard_fwd);
-  m.impl("hard_bwd", &sparsekern::cpu::hard_bwd);
+// CPU kernels of the threshold ops, whose schemas are defined once, in sparsekern/ops/threshold.py.
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("soft_threshold", &sparsekern::cpu::soft_threshold);
+  m.impl("str_threshold", &sparsekern::cpu::str_threshold);
+  m.impl("soft_threshold_backward", &sparsekern::cpu::soft_threshold_backward);
+  m.impl("st3_threshold", &sparsekern::cpu::st3_threshold);
+  m.impl("power_threshold", &sparsekern::cpu::power_threshold);
+  m.impl("power_threshold_backward", &sparsekern::cpu::power_threshold_backward);
+  m.impl("hard_threshold", &sparsekern::cpu::hard_threshold);
+  m.impl("hard_threshold_backward", &sparsekern::cpu::hard_threshold_backward);
 }

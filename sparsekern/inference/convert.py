@@ -55,7 +55,7 @@ arguments or other names cannot be seen, so pass ``example_input`` for third-par
 On CUDA (unverified, no GPU here) a Linear with an exactly 2:4 fp16/bf16 weight of a shape torch's semi-structured
 kernels take (``supports_semi_structured``) may become a :class:`SemiStructuredLinear` (compute
 capability >= 8.0), and block / nm once the Triton kernels are wired in
-(``sparsekern.ops.spmm.KERNELS.triton``).
+(``sparsekern.ops._common.HAS_TRITON``).
 """
 import inspect
 import math
@@ -69,8 +69,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import spmm
-from ..ops._common import check_number
+from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
 from .fuse import batchnorm_pairs, fold_batchnorm, replace_maxpools
@@ -193,7 +192,7 @@ def _device_formats(w):
             return {"csr", "block", "nm", "ck"}
         return {"bitmap"} if w.dtype in (torch.bfloat16, torch.float16) else set()
     if w.device.type == "cuda":  # UNVERIFIED: written without a GPU
-        fmts = {"block", "nm"} if spmm.KERNELS.triton and w.dtype == torch.float32 else set()
+        fmts = {"block", "nm"} if HAS_TRITON and w.dtype == torch.float32 else set()
         if w.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(w.device) >= (8, 0):
             fmts.add("2:4")
         return fmts

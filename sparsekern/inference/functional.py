@@ -11,11 +11,11 @@
   ``sparsekern::<fmt>_conv2d``.
 """
 import threading
-from typing import List, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..ops._common import define
 from ..ops.spmm import ck_conv, csr_conv
 
 
@@ -236,15 +236,13 @@ def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, p
 
 
 def _conv2d_op(fmt):
-    def impl(x: torch.Tensor, rowptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
-             bias: Optional[torch.Tensor], out_features: int, kernel_size: List[int], stride: List[int],
-             padding: List[int], dilation: List[int]) -> torch.Tensor:
+    def impl(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
         geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
         return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x))
 
-    op = torch.library.custom_op(f"sparsekern::{fmt}_conv2d", impl, mutates_args=())
-    op.register_fake(_fake_conv2d)
-    return op
+    return define(f"{fmt}_conv2d(Tensor x, Tensor rowptr, Tensor idx, Tensor val, Tensor? bias, SymInt out_features, "
+                  "SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation) -> Tensor",
+                  "inference", reference=impl, fake=_fake_conv2d)
 
 
 _CONV2D_OPS = {fmt: _conv2d_op(fmt) for fmt in _CONV2D}

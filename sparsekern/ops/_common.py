@@ -1,7 +1,8 @@
-"""Shared plumbing of the op layer: op definition, device dispatch, input validation."""
+"""Shared plumbing of the op layer: op definition (:func:`define`), input validation."""
 import importlib
 import math
 import warnings
+from types import SimpleNamespace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -17,52 +18,67 @@ except ImportError:  # e.g. macOS: no Triton, CPU ops still work
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: The ``sparsekern`` op namespace. Schemas are defined here, from Python; the C++ library
+#: (loaded by ``_ext`` first) registers the CPU kernels of the same ops with
+#: ``TORCH_LIBRARY_IMPL(sparsekern, CPU, m)``.
+LIB = torch.library.Library("sparsekern", "FRAGMENT")
 
-def define_op(name):
-    """Register ``sparsekern::<name>`` from a Python body (schema inferred from annotations).
+#: op name -> ``SimpleNamespace(family, reference, cuda, cpp)``: its Python implementations and
+#: whether the C++ library implements it on CPU (the tests call each implementation).
+IMPLS = {}
 
-    With Triton the op is a ``torch.library.triton_op`` so torch.compile sees the Triton
-    kernels it launches; the body doubles as the fake kernel, so it must only allocate and
-    dispatch (no data-dependent Python).
+
+def define(schema, family, *, reference, fake, cuda=None, cpp=False, backward=None, setup_context=None,
+           float_outputs=True):
+    """Define the op ``sparsekern::<schema>`` of ``family`` and register its implementations.
+
+    ``reference`` at ``CompositeExplicitAutograd``: the kernel of every device without its own
+    (CPU without the C++ library or with ``SPARSEKERN_NO_EXT=1``, CUDA without Triton, ...);
+    ``cuda`` (the Triton launch) at ``CUDA`` when Triton imports; ``fake`` for meta / fake
+    tensors (torch.compile, export). ``cpp``: the C++ library registers the CPU kernel (see
+    :func:`check_cpp`). ``backward`` / ``setup_context``: ``torch.library.register_autograd``'s;
+    without them backpropagating through the op raises (never a silent zero gradient), except
+    for ops without ``float_outputs`` (bool / integer results, which never carry a gradient):
+    their Autograd key falls through (no Python autograd kernel: ~7 µs less a call).
+    Returns the op's default overload.
     """
-    def deco(fn):
-        if HAS_TRITON:
-            return torch.library.triton_op(f"sparsekern::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"sparsekern::{name}", fn, mutates_args=())
-        op.register_fake(fn)
-        return op
+    name = schema[:schema.index("(")]
+    LIB.define(schema)
+    LIB.impl(name, reference, "CompositeExplicitAutograd")
+    if cuda is not None and HAS_TRITON:
+        LIB.impl(name, cuda, "CUDA")
+    op = getattr(torch.ops.sparsekern, name).default
+    torch.library.register_fake(op, fake, lib=LIB)
+    if not float_outputs:
+        LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    else:
+        if backward is None:
+            def backward(ctx, *grads):
+                raise RuntimeError(f"sparsekern::{name} has no autograd formula: it is not differentiable")
+        torch.library.register_autograd(op, backward, setup_context=setup_context, lib=LIB)
+    IMPLS[name] = SimpleNamespace(family=family, reference=reference, cuda=cuda, cpp=cpp)
+    return op
 
-    return deco
+
+def has_cpp(name):
+    """Whether op ``name`` has a CPU kernel of its own (the C++ library's)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{name}", "CPU")
 
 
-class KernelFamily:
-    """The kernel namespaces of one op family, all implementing the family's contract.
+def check_cpp(family):
+    """Warn (once) if the loaded C++ library lacks the CPU kernel of one of ``family``'s ops
+    (a library built before the family existed): on CPU they run the reference."""
+    missing = [n for n, i in IMPLS.items() if i.family == family and i.cpp and not has_cpp(n)]
+    if _ext.LOADED and missing:
+        warnings.warn(
+            f"sparsekern: the C++ library has no {family} kernels ({', '.join(missing)}; built before "
+            f"csrc/cpu/{family}.cpp was added?); {family} ops fall back to the eager reference on CPU. "
+            "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
 
-    ``family(device)`` gives Triton (``sparsekern.triton.<name>``) on CUDA, the C++ library
-    (``torch.ops.sparsekern_C``) on CPU and meta (its fake kernels: shapes without data), else
-    ``reference``. ``c_fakes`` maps the family's C++
-    ops to fake kernels (needed when a CPU op body is traced). A library built before the family
-    existed lacks those ops: the CPU path then falls back to ``reference``, with a warning.
-    """
 
-    def __init__(self, name, reference, c_fakes, has_triton=True):
-        self.name, self.reference, self.triton = name, reference, has_triton and HAS_TRITON
-        self.has_c = _ext.LOADED and all(hasattr(torch.ops.sparsekern_C, op) for op in c_fakes)
-        if _ext.LOADED and not self.has_c:
-            warnings.warn(
-                f"sparsekern: the C++ library has no {name} kernels (built before csrc/cpu/{name}.cpp "
-                f"was added?); {name} ops fall back to the eager reference on CPU. Rebuild with "
-                "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-        if self.has_c:
-            for op, fn in c_fakes.items():
-                torch.library.register_fake(f"sparsekern_C::{op}")(fn)
-
-    def __call__(self, device):
-        if device.type == "cuda" and self.triton:
-            return importlib.import_module(f"sparsekern.triton.{self.name}")
-        if device.type in ("cpu", "meta") and self.has_c:  # meta: the C ops' fake kernels
-            return torch.ops.sparsekern_C
-        return self.reference
+def triton_module(family):
+    """``sparsekern.triton.<family>`` (imported on first use: only CUDA tensors launch Triton)."""
+    return importlib.import_module(f"sparsekern.triton.{family}")
 
 
 def is_compiling():

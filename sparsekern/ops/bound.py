@@ -8,12 +8,10 @@ Raw ops (``torch.ops.sparsekern.*``):
 
 ``r`` of the raw ASL ops is flat fp32 with G = 1 (per layer) or K = w.shape[0] (per output
 channel) elements; σ is the unbiased std over the elements sharing an r (the whole layer, or
-one output channel: our extension of SPEC §4, which defines it per layer). The bodies call a
-kernel namespace (C++ on CPU, Triton on CUDA, ``sparsekern.reference`` otherwise) with one
-contract (see ``csrc/cpu/bound.cpp``):
-
-    gaussian_bounds(tensors, multipliers) -> (bounds, nan_index)   # bound = σ·c, c = √2·erfinv(s)
-    asl_fwd(w, r) -> out          asl_bwd(grad, w, r) -> grad_r
+one output channel: our extension of SPEC §4, which defines it per layer); ``w`` / ``grad`` of
+any strides. ``gaussian_bounds``' bound is ``σ·c`` with ``c = √2·erfinv(s)`` (:func:`sqrt2_erfinv`;
+C++: its twin in ``csrc/cpu/bound.cpp``). Implementations: C++ on CPU, Triton on CUDA (adapters
+below, onto the launchers of ``sparsekern/triton/bound.py``), ``sparsekern.reference`` elsewhere.
 
 Backward recomputes σ and the mask from ``(w, r)``: no full-size tensor is saved.
 
@@ -25,22 +23,20 @@ up to one element); ``reference.bisection_bound`` is the paper's bisection basel
 import functools
 import math
 import statistics
-from types import SimpleNamespace
-
 import torch
 
 from .. import reference
-from ._common import (KernelFamily, as_threshold, check_bool, check_number, check_per_tensor, check_tensors,
-                      check_weight, define_op, raise_on_nan)
+from ._common import (as_threshold, check_bool, check_cpp, check_number, check_per_tensor, check_tensors,
+                      check_weight, define, raise_on_nan, triton_module)
 
 
 @functools.lru_cache(maxsize=1024)
 def sqrt2_erfinv(s):
     """``√2·erfinv(s)`` in double precision for ``s ∈ [0, 1]`` (the Gaussian bound multiplier).
 
-    Pure Python (runs on constants inside op bodies, also while tracing): the normal quantile of
-    ``statistics``, then two Newton steps on erf (small s) or erfc (s near 1), each accurate
-    there. ``s = 1`` gives inf.
+    The normal quantile of ``statistics`` (AS241), then two Newton steps on erf (small s) or erfc
+    (s near 1), each accurate there. ``s = 1`` gives inf. ``csrc/cpu/bound.cpp``'s
+    ``sqrt2_erfinv`` does the same double operations.
     """
     if s >= 1.0:
         return math.inf
@@ -62,49 +58,15 @@ def _first_nan(values):
     return torch.where(first < n, first, -1)
 
 
-def _ref_gaussian_bounds(tensors, multipliers):
+def _ref_gaussian_bounds(tensors, sparsities):
     sigma = torch.stack([reference.std(t.float()) for t in tensors])
-    c = torch.tensor(multipliers, dtype=torch.float64, device=sigma.device)
+    c = torch.tensor([sqrt2_erfinv(s) for s in sparsities], dtype=torch.float64, device=sigma.device)
     bounds = torch.where(c.isinf() & ~sigma.isnan(), math.inf, (sigma.double() * c).float())
     return bounds, _first_nan(sigma)
 
 
-#: The kernel contract implemented by ``sparsekern.reference`` (CPU without the C++ library).
-REFERENCE_KERNELS = SimpleNamespace(
-    gaussian_bounds=_ref_gaussian_bounds,
-    asl_fwd=lambda w, r: reference.asl_threshold_forward(w, r),
-    asl_bwd=lambda grad, w, r: reference.asl_threshold_backward(grad, w, r),
-)
-
-KERNELS = KernelFamily("bound", REFERENCE_KERNELS, {
-    "gaussian_bounds": lambda tensors, multipliers: (
-        tensors[0].new_empty((len(tensors),), dtype=torch.float32),
-        tensors[0].new_empty((), dtype=torch.int64)),
-    "asl_fwd": lambda w, r: torch.empty_like(w),
-    "asl_bwd": lambda grad, w, r: torch.empty_like(r),
-})
-
-
-def _k(x):
-    return KERNELS(x.device)
-
-
-# --- raw ops ------------------------------------------------------------------------------------
-
-@define_op("gaussian_bounds")
-def _gaussian_bounds(tensors: list[torch.Tensor],
-                     sparsities: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _k(tensors[0]).gaussian_bounds(tensors, [sqrt2_erfinv(s) for s in sparsities])
-
-
-@define_op("asl_threshold")
-def _asl(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return _k(w).asl_fwd(w.contiguous(), r.contiguous())
-
-
-@define_op("asl_threshold_backward")
-def _asl_bwd(grad: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return _k(w).asl_bwd(grad.contiguous(), w.contiguous(), r.contiguous())
+def _tb():
+    return triton_module("bound")
 
 
 def _asl_setup(ctx, inputs, output):
@@ -117,7 +79,23 @@ def _asl_backward(ctx, grad):
     return (grad if ctx.needs_input_grad[0] else None), grad_r
 
 
-_asl.register_autograd(_asl_backward, setup_context=_asl_setup)
+_gaussian_bounds = define(
+    "gaussian_bounds(Tensor[] tensors, float[] sparsities) -> (Tensor, Tensor)", "bound", cpp=True,
+    fake=lambda tensors, sparsities: (tensors[0].new_empty((len(tensors),), dtype=torch.float32),
+                                      tensors[0].new_empty((), dtype=torch.int64)),
+    reference=_ref_gaussian_bounds,
+    cuda=lambda tensors, sparsities: _tb().gaussian_bounds(tensors, [sqrt2_erfinv(s) for s in sparsities]))
+_asl = define(
+    "asl_threshold(Tensor w, Tensor r) -> Tensor", "bound", cpp=True, fake=lambda w, r: w.new_empty(w.shape),
+    reference=lambda w, r: reference.asl_threshold_forward(w.contiguous(), r.contiguous()),
+    cuda=lambda w, r: _tb().asl_fwd(w.contiguous(), r.contiguous()),
+    backward=_asl_backward, setup_context=_asl_setup)
+_asl_bwd = define(
+    "asl_threshold_backward(Tensor grad, Tensor w, Tensor r) -> Tensor", "bound", cpp=True,
+    fake=lambda grad, w, r: r.new_empty(r.shape),
+    reference=lambda grad, w, r: reference.asl_threshold_backward(grad.contiguous(), w.contiguous(), r.contiguous()),
+    cuda=lambda grad, w, r: _tb().asl_bwd(grad.contiguous(), w.contiguous(), r.contiguous()))
+check_cpp("bound")
 
 
 # --- public API ---------------------------------------------------------------------------------

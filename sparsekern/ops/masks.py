@@ -2,77 +2,41 @@
 
 Masks are bool tensors shaped like ``w``, scored by fp32 ``|w|``; equal magnitudes keep the lower
 flat index first (deterministic), NaN ranks above every number. The ops turn sparsities into
-counts with SPEC §5's ``round(x) = floor(x + 0.5)``; the kernels (C++ on CPU, Triton on CUDA,
-the reference as fallback) only select, with one contract:
+counts with SPEC §5's ``round(x) = floor(x + 0.5)`` (C++: ``csrc/cpu/common.h``; Python:
+``reference.spec_round``). Ops (``torch.ops.sparsekern.*``, schemas below)::
 
     nm_mask(w, n, m)                    w [K, C, *]: n best of each m consecutive c at fixed (k, *)
-    kernel_mask(w, window_keep, ck_keep, by_out)
-                                        w [K, C, R, S]: window_keep best per R×S kernel, then the
-                                        ck_keep best kernels (score: max kept |w|) per input
-                                        channel (by_out: per output filter); AND of both
-    block_mask(w, block, keep)          w [O, I]: keep best Σ|w| blocks, + best block of empty rows
-    masked_fwd(w, mask)                 w where mask else 0
+    window_mask(w, sparsity, max_nonzero) / ck_mask(w, sparsity, group)
+    intra_mask(w, sparsity, window_fraction, group)      w [K, C, R, S]
+    block_mask(w, block, sparsity)      w [O, I]
+    masked_weight(w, mask)              w where mask else 0 (autograd: grad where mask)
+    prune_fc_inputs(conv, fc_weight) / pack_mask(mask) / unpack_mask(packed, shape)
 
-All take contiguous ``w``; masks are not differentiable (no autograd); ``masked_weight`` is.
-Eager CPU calls of the mask builders skip the registered op and call the C++ kernel directly
-(its Python dispatch costs about as much as a small layer's mask); compile, meta and CUDA go
-through the op.
+Implementations: C++ on CPU (``csrc/cpu/masks.cpp``), Triton on CUDA (the adapters below turn
+the sparsities into the counts of the launchers of ``sparsekern/triton/masks.py``), the reference
+elsewhere; ``prune_fc_inputs`` / ``pack_mask`` / ``unpack_mask`` are the reference everywhere.
+Masks are not differentiable (backward raises); ``masked_weight`` is.
 """
 import math
-from types import SimpleNamespace
-from typing import List, Optional
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import reference
-from ._common import KernelFamily, check_number, check_weight, define_op, is_compiling
+from ._common import check_cpp, check_number, check_weight, define, triton_module
 
 
-def _ref_kernel_mask(w, window_keep, ck_keep, by_out):
-    k, c, r, s = w.shape
-    a = w.float().abs().reshape(k * c, r * s)
-    wm = reference.keep_top(a, window_keep)
-    score = torch.where(wm, a, 0.0).amax(1).reshape(k, c) if r * s else a.new_zeros(k, c)
-    alive = reference.keep_top(score, ck_keep) if by_out else reference.keep_top(score.t(), ck_keep).t()
-    return (wm.reshape(k, c, r * s) & alive[:, :, None]).reshape(w.shape)
+def _tm():
+    return triton_module("masks")
 
-
-#: The kernel contract implemented by ``sparsekern.reference`` (CPU without the C++ library).
-REFERENCE_KERNELS = SimpleNamespace(
-    nm_mask=reference.nm_mask,
-    kernel_mask=_ref_kernel_mask,
-    block_mask=reference.block_mask_keep,
-    masked_fwd=reference.masked_weight,
-)
 
 def _bool_like(w, *args):
     return torch.empty(w.shape, dtype=torch.bool, device=w.device)
 
 
-KERNELS = KernelFamily("masks", REFERENCE_KERNELS, {
-    "nm_mask": _bool_like, "kernel_mask": _bool_like, "block_mask": _bool_like,
-    "masked_fwd": lambda w, mask: torch.empty_like(w, memory_format=torch.contiguous_format)})
-
-
-def _k(w):
-    return KERNELS(w.device)
-
-
-def _direct(w):
-    """The C++ kernels namespace when ``w`` is a real eager CPU tensor and they are built, else None."""
-    if w.is_cpu and KERNELS.has_c and not is_compiling() and not isinstance(w, FakeTensor):
-        return torch.ops.sparsekern_C
-    return None
-
-
-def _data(w):
-    return (w.detach() if w.requires_grad else w).contiguous()
-
+# --- CUDA: the counts of the Triton launchers (kernel_mask / block_mask keeps) ------------------
 
 def _window_keep(w, sparsity, max_nonzero=None):
-    rs = w.shape[2] * w.shape[3]
-    return reference.window_keep(rs, sparsity, max_nonzero)
+    return reference.window_keep(w.shape[2] * w.shape[3], sparsity, max_nonzero)
 
 
 def _ck_keep(w, sparsity, group):
@@ -80,72 +44,47 @@ def _ck_keep(w, sparsity, group):
     return g - reference.spec_round(g * sparsity)
 
 
-# kernel_mask / block_mask arguments of each builder
-def _window_args(w, sparsity, max_nonzero):
-    return _window_keep(w, sparsity, max_nonzero), w.shape[0], False
+def _cuda_window(w, sparsity, max_nonzero):
+    return _tm().kernel_mask(w.contiguous(), _window_keep(w, sparsity, max_nonzero), w.shape[0], False)
 
 
-def _ck_args(w, sparsity, group):
-    k, c, r, s = w.shape
-    g = c if group == "out" else k
-    return r * s, g - reference.spec_round(g * sparsity), group == "out"
+def _cuda_ck(w, sparsity, group):
+    return _tm().kernel_mask(w.contiguous(), w.shape[2] * w.shape[3], _ck_keep(w, sparsity, group), group == "out")
 
 
-def _intra_args(w, sparsity, window_fraction, group):
+def _cuda_intra(w, sparsity, window_fraction, group):
     s_ck = reference.intra_ck_sparsity(w.shape[2] * w.shape[3], sparsity, window_fraction)
-    return _window_keep(w, window_fraction * sparsity), _ck_keep(w, s_ck, group), group == "out"
+    return _tm().kernel_mask(w.contiguous(), _window_keep(w, window_fraction * sparsity),
+                             _ck_keep(w, s_ck, group), group == "out")
 
 
-def _block_args(w, block, sparsity):
+def _cuda_block(w, block, sparsity):
     nb = ((w.shape[0] + block - 1) // block) * ((w.shape[1] + block - 1) // block)
-    return block, nb - reference.spec_round(nb * sparsity)
+    return _tm().block_mask(w.contiguous(), block, nb - reference.spec_round(nb * sparsity))
 
 
-# --- raw ops ------------------------------------------------------------------------------------
+# --- ops ----------------------------------------------------------------------------------------
 
-@define_op("nm_mask")
-def _nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    return _k(w).nm_mask(w.contiguous(), n, m)
-
-
-@define_op("window_mask")
-def _window(w: torch.Tensor, sparsity: float, max_nonzero: Optional[int]) -> torch.Tensor:
-    return _k(w).kernel_mask(w.contiguous(), *_window_args(w, sparsity, max_nonzero))
+def _define_mask(schema, **kwargs):
+    """:func:`define` for a masks op with a bool / uint8 result (no gradient: autograd falls through)."""
+    return define(schema, "masks", float_outputs=False, **kwargs)
 
 
-@define_op("ck_mask")
-def _ck(w: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
-    return _k(w).kernel_mask(w.contiguous(), *_ck_args(w, sparsity, group))
-
-
-@define_op("intra_mask")
-def _intra(w: torch.Tensor, sparsity: float, window_fraction: float, group: str) -> torch.Tensor:
-    return _k(w).kernel_mask(w.contiguous(), *_intra_args(w, sparsity, window_fraction, group))
-
-
-@define_op("block_mask")
-def _block(w: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
-    return _k(w).block_mask(w.contiguous(), *_block_args(w, block, sparsity))
-
-
-@define_op("prune_fc_inputs")
-def _fc_inputs(conv: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
-    return reference.prune_fc_inputs(conv, fc_weight)
-
-
-@define_op("pack_mask")
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    return reference.pack_mask(mask)
-
-
-@define_op("unpack_mask")
-def _unpack(packed: torch.Tensor, shape: List[int]) -> torch.Tensor:
-    return reference.unpack_mask(packed, shape)
-
-
-@define_op("masked_weight")
-def _masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _k(w).masked_fwd(w.contiguous(), mask.contiguous())
+_nm = _define_mask("nm_mask(Tensor w, SymInt n, SymInt m) -> Tensor", cpp=True, fake=_bool_like,
+                   reference=reference.nm_mask, cuda=lambda w, n, m: _tm().nm_mask(w.contiguous(), n, m))
+_window = _define_mask("window_mask(Tensor w, float sparsity, SymInt? max_nonzero) -> Tensor", cpp=True,
+                       fake=_bool_like, reference=reference.window_mask, cuda=_cuda_window)
+_ck = _define_mask("ck_mask(Tensor w, float sparsity, str group) -> Tensor", cpp=True, fake=_bool_like,
+                   reference=reference.ck_mask, cuda=_cuda_ck)
+_intra = _define_mask("intra_mask(Tensor w, float sparsity, float window_fraction, str group) -> Tensor",
+                      cpp=True, fake=_bool_like, reference=reference.intra_mask, cuda=_cuda_intra)
+_block = _define_mask("block_mask(Tensor w, SymInt block, float sparsity) -> Tensor", cpp=True,
+                      fake=_bool_like, reference=reference.block_mask, cuda=_cuda_block)
+_fc_inputs = _define_mask("prune_fc_inputs(Tensor conv, Tensor fc_weight) -> Tensor",
+                          fake=reference.prune_fc_inputs, reference=reference.prune_fc_inputs)
+_pack = _define_mask("pack_mask(Tensor mask) -> Tensor", fake=reference.pack_mask, reference=reference.pack_mask)
+_unpack = _define_mask("unpack_mask(Tensor packed, SymInt[] shape) -> Tensor", fake=reference.unpack_mask,
+                       reference=reference.unpack_mask)
 
 
 def _masked_backward(ctx, grad):
@@ -156,7 +95,13 @@ def _masked_setup(ctx, inputs, output):
     ctx.mask = inputs[1]
 
 
-_masked.register_autograd(_masked_backward, setup_context=_masked_setup)
+_masked = define(
+    "masked_weight(Tensor w, Tensor mask) -> Tensor", "masks", cpp=True,
+    fake=lambda w, mask: w.new_empty(w.shape),
+    reference=lambda w, mask: reference.masked_weight(w.contiguous(), mask.contiguous()),
+    cuda=lambda w, mask: _tm().masked_fwd(w.contiguous(), mask.contiguous()),
+    backward=_masked_backward, setup_context=_masked_setup)
+check_cpp("masks")
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -200,8 +145,7 @@ def nm_mask(w, n, m):
     n = _check_int(n, "n", 0, m)
     if w.shape[1] % m:
         raise ValueError(f"m={m} must divide the reduction size w.shape[1]={w.shape[1]}")
-    c = _direct(w)
-    return c.nm_mask(_data(w), n, m) if c is not None else _nm(w, n, m)
+    return _nm(w, n, m)
 
 
 def window_mask(w, sparsity, max_nonzero=None):
@@ -210,9 +154,6 @@ def window_mask(w, sparsity, max_nonzero=None):
     sparsity = _check_conv(w, sparsity)
     if max_nonzero is not None:
         _check_int(max_nonzero, "max_nonzero", 0)
-    c = _direct(w)
-    if c is not None:
-        return c.kernel_mask(_data(w), *_window_args(w, sparsity, max_nonzero))
     return _window(w, sparsity, max_nonzero)
 
 
@@ -222,9 +163,6 @@ def ck_mask(w, sparsity, group="in"):
     kernels; ``"out"``: for each output filter, of its ``C`` kernels. Never a partial kernel."""
     sparsity = _check_conv(w, sparsity)
     _check_group(group)
-    c = _direct(w)
-    if c is not None:
-        return c.kernel_mask(_data(w), *_ck_args(w, sparsity, group))
     return _ck(w, sparsity, group)
 
 
@@ -236,9 +174,6 @@ def intra_mask(w, sparsity, window_fraction=0.5, group="in"):
     sparsity = _check_conv(w, sparsity)
     window_fraction = check_number(window_fraction, "window_fraction", 0.0, 1.0)
     _check_group(group)
-    c = _direct(w)
-    if c is not None:
-        return c.kernel_mask(_data(w), *_intra_args(w, sparsity, window_fraction, group))
     return _intra(w, sparsity, window_fraction, group)
 
 
@@ -254,9 +189,6 @@ def block_mask(w, block, sparsity):
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
     if w.numel() == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    c = _direct(w)
-    if c is not None:
-        return c.block_mask(_data(w), *_block_args(w, block, sparsity))
     return _block(w, block, sparsity)
 
 

@@ -7,23 +7,18 @@ Raw ops (no autograd; results on the tensors' device):
     torch.ops.sparsekern.magnitude_thresholds(tensors, sparsities, interpolation)
         -> (values fp32 [L], nan_index int64 [])
 
-``nan_index`` is the first tensor whose |w|·c holds a NaN (the value is then NaN), else -1. The
-bodies turn the quantile into numpy's ranks (``reference.quantile_ranks``) and call a kernel
-namespace (C++ on CPU, Triton on CUDA, the sort-based reference otherwise) with one contract:
-
-    select_global(tensors, scales, k0, k1, gamma, lerp) -> (value, nan_index)
-    select_each(tensors, k0s, k1s, gammas, lerp) -> (values, nan_index)
-
-where a, b are the k0-th / k1-th smallest fp32 keys ``|w|·c`` (k1 ∈ {k0, k0 + 1}) and the value
-is ``reference.numpy_lerp(a, b, gamma)`` if ``lerp`` else ``a`` (see ``csrc/cpu/select.cpp``).
+``nan_index`` is the first tensor whose |w|·c holds a NaN (the value is then NaN), else -1. Each
+implementation turns the quantile into numpy's ranks ``(k0, k1, gamma)`` (``reference.quantile_ranks``;
+C++: its twin in ``csrc/cpu/common.h``), then selects the k0-th / k1-th smallest fp32 keys
+``|w|·c`` a, b: the value is ``reference.numpy_lerp(a, b, gamma)`` for ``linear``, else ``a``.
+Implementations: C++ on CPU (``csrc/cpu/select.cpp``), Triton on CUDA (adapters below, onto the
+launchers ``select_global`` / ``select_each`` of ``sparsekern/triton/select.py``), sort otherwise.
 """
-from types import SimpleNamespace
-
 import torch
 
 from .. import reference
-from ._common import (KernelFamily, check_bool, check_number, check_per_tensor, check_tensors, define_op,
-                      raise_on_nan)
+from ._common import (check_bool, check_cpp, check_number, check_per_tensor, check_tensors, define, raise_on_nan,
+                      triton_module)
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -36,7 +31,17 @@ def _nan_index(mags):
     return torch.where(first < n, first, -1)
 
 
-def _ref_global(tensors, scales, k0, k1, gamma, lerp):
+def _global_ranks(tensors, sparsity, interpolation):
+    return reference.quantile_ranks(sum(t.numel() for t in tensors), sparsity, interpolation)
+
+
+def _each_ranks(tensors, sparsities, interpolation):
+    k0s, k1s, gammas = zip(*(reference.quantile_ranks(t.numel(), s, interpolation)
+                             for t, s in zip(tensors, sparsities)))
+    return list(k0s), list(k1s), list(gammas)
+
+
+def _sorted_select(tensors, scales, k0, k1, gamma, lerp):
     mags = reference.magnitudes(tensors, scales)
     x = torch.cat(mags).sort().values
     value = reference.numpy_lerp(x[k0], x[k1], gamma) if lerp else x[k0]
@@ -44,14 +49,25 @@ def _ref_global(tensors, scales, k0, k1, gamma, lerp):
     return torch.where(nan >= 0, torch.nan, value), nan
 
 
-def _ref_each(tensors, k0s, k1s, gammas, lerp):
-    values = [_ref_global([t], [1.0], k0, k1, g, lerp)[0]
-              for t, k0, k1, g in zip(tensors, k0s, k1s, gammas)]
+def _ref_global(tensors, sparsity, scales, interpolation):
+    return _sorted_select(tensors, scales, *_global_ranks(tensors, sparsity, interpolation),
+                          interpolation == "linear")
+
+
+def _ref_each(tensors, sparsities, interpolation):
+    values = [_sorted_select([t], [1.0], k0, k1, g, interpolation == "linear")[0]
+              for t, k0, k1, g in zip(tensors, *_each_ranks(tensors, sparsities, interpolation))]
     return torch.stack(values), _nan_index(reference.magnitudes(tensors))
 
 
-#: The kernel contract implemented by sort (CPU without the C++ library, other devices).
-REFERENCE_KERNELS = SimpleNamespace(select_global=_ref_global, select_each=_ref_each)
+def _cuda_global(tensors, sparsity, scales, interpolation):
+    return triton_module("select").select_global(tensors, scales, *_global_ranks(tensors, sparsity, interpolation),
+                                                 interpolation == "linear")
+
+
+def _cuda_each(tensors, sparsities, interpolation):
+    return triton_module("select").select_each(tensors, *_each_ranks(tensors, sparsities, interpolation),
+                                               interpolation == "linear")
 
 
 def _outputs(tensors, shape):
@@ -59,32 +75,16 @@ def _outputs(tensors, shape):
     return t.new_empty(shape, dtype=torch.float32), t.new_empty((), dtype=torch.int64)
 
 
-KERNELS = KernelFamily("select", REFERENCE_KERNELS, {
-    "select_global": lambda tensors, scales, k0, k1, gamma, lerp: _outputs(tensors, ()),
-    "select_each": lambda tensors, k0s, k1s, gammas, lerp: _outputs(tensors, (len(tensors),)),
-})
-
-
-def _k(tensors):
-    return KERNELS(tensors[0].device)
-
-
-# --- raw ops ------------------------------------------------------------------------------------
-
-@define_op("global_magnitude_threshold")
-def _global(tensors: list[torch.Tensor], sparsity: float, scales: list[float],
-            interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    k0, k1, gamma = reference.quantile_ranks(sum(t.numel() for t in tensors), sparsity, interpolation)
-    return _k(tensors).select_global(tensors, scales, k0, k1, gamma, interpolation == "linear")
-
-
-@define_op("magnitude_thresholds")
-def _each(tensors: list[torch.Tensor], sparsities: list[float],
-          interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    k0s, k1s, gammas = zip(*(reference.quantile_ranks(t.numel(), s, interpolation)
-                             for t, s in zip(tensors, sparsities)))
-    lerp = interpolation == "linear"
-    return _k(tensors).select_each(tensors, list(k0s), list(k1s), list(gammas), lerp)
+_global = define(
+    "global_magnitude_threshold(Tensor[] tensors, float sparsity, float[] scales, str interpolation) "
+    "-> (Tensor, Tensor)", "select", cpp=True,
+    fake=lambda tensors, sparsity, scales, interpolation: _outputs(tensors, ()),
+    reference=_ref_global, cuda=_cuda_global)
+_each = define(
+    "magnitude_thresholds(Tensor[] tensors, float[] sparsities, str interpolation) -> (Tensor, Tensor)",
+    "select", cpp=True, fake=lambda tensors, sparsities, interpolation: _outputs(tensors, (len(tensors),)),
+    reference=_ref_each, cuda=_cuda_each)
+check_cpp("select")
 
 
 # --- validation ---------------------------------------------------------------------------------

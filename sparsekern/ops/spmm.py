@@ -16,52 +16,21 @@ builders: ``sparsekern.inference.formats``; the layers built on these ops:
   run ``x[off : off + n]`` of a flat input; the first ``wv`` of every ``wp`` outputs are kept:
   ``[out, n / wp, wv]`` (direct KxK convolution);
 * ``ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)``: the alive
-  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv``.
+  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv``;
+* ``bitmap_mm(rowptr, mask, val, bias, x, out_features)``: a bf16 / fp16 weight as a bit per
+  weight plus its packed nonzeros, times ``x [B, in]`` (Linear layout) → ``[B, out]``, fp32
+  accumulation (decode; ``csrc/cpu/spmm_bf16.cpp`` on CPU, the reference elsewhere).
 
-Kernels: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
-else the reference (``sparsekern.reference``).
-``val``, ``x`` and a non-empty ``bias`` have one dtype (:func:`check_dtypes`: a TypeError naming
-them otherwise, on every backend).
-:func:`csr_mm`, :func:`csr_conv`, :func:`bsr_mm`, :func:`nm_mm` and :func:`ck_conv` call them:
-in eager mode on CPU straight into the C++ op (``torch.ops.sparsekern_C``, skipping the
-registered op's Python dispatch: ~10-30 us a call); under torch.compile, on CUDA or meta, or for
-an ``x`` that requires grad, the registered ``torch.ops.sparsekern.*`` op.
+Implementations: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
+else the reference (``sparsekern.reference``); ``x`` may have any strides.
+``val``, ``x`` and a non-empty ``bias`` have one dtype (:func:`check_dtypes`, and its C++ twin: a
+TypeError naming them otherwise, on every device). :func:`csr_mm`, :func:`csr_conv`,
+:func:`bsr_mm`, :func:`nm_mm` and :func:`ck_conv` check the dtypes and call the op.
 """
-from types import SimpleNamespace
-
 import torch
 
 from .. import reference
-from ._common import FLOAT_DTYPES, KernelFamily, define_op
-
-#: The kernel contract implemented by ``sparsekern.reference`` (no C++ library, or not CPU).
-REFERENCE_KERNELS = SimpleNamespace(csr_mm=reference.csr_mm, csr_conv=reference.csr_conv,
-                                    bsr_mm=reference.bsr_mm, nm_mm=reference.nm_mm,
-                                    ck_conv=reference.ck_conv, bitmap_mm=reference.bitmap_mm)
-
-
-def _fake_csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
-    n = x.shape[1]
-    return x.new_empty((n, out_features) if transpose_out else (out_features, n))
-
-
-def _fake_nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
-    return _fake_csr_mm(None, None, val, bias, x, out_features, transpose_out)
-
-
-KERNELS = KernelFamily("spmm", REFERENCE_KERNELS, {
-    "csr_mm": _fake_csr_mm,
-    "csr_conv": lambda rowptr, off, val, bias, x, n, out_features, slab, wp, wv: x.new_empty((out_features, n // wp, wv)),
-    "bsr_mm": _fake_csr_mm,
-    "nm_mm": _fake_nm_mm,
-    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv:
-        x.new_empty((out_features, n // wp, wv)),
-    "bitmap_mm": lambda rowptr, mask, val, bias, x, out_features: x.new_empty((x.shape[0], out_features)),
-})
-
-
-def _k(x):
-    return KERNELS(x.device)
+from ._common import FLOAT_DTYPES, check_cpp, define, triton_module
 
 
 def check_dtypes(op, val, bias, x):
@@ -76,110 +45,121 @@ def check_dtypes(op, val, bias, x):
                         "dtype (or bias empty)")
 
 
-def _mm_op(name):
-    """The raw op ``name`` of the CSR / block-CSR signature (``csr_mm``, ``bsr_mm``)."""
-    @define_op(name)
-    def mm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
-           x: torch.Tensor, out_features: int, transpose_out: bool) -> torch.Tensor:
-        check_dtypes(name, val, bias, x)
-        return getattr(_k(x), name)(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+#: Positions of (val, bias, x) in each op's arguments.
+ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_conv": (2, 3, 4),
+           "ck_conv": (2, 4, 5)}
 
-    return mm
-
-
-_csr_mm = _mm_op("csr_mm")
-_bsr_mm = _mm_op("bsr_mm")
-
-
-@define_op("csr_conv")
-def _csr_conv(rowptr: torch.Tensor, off: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
-              x: torch.Tensor, n: int, out_features: int, slab: int, wp: int, wv: int) -> torch.Tensor:
-    check_dtypes("csr_conv", val, bias, x)
-    return _k(x).csr_conv(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
+_SCHEMAS = {
+    "csr_mm": "csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
+              "bool transpose_out) -> Tensor",
+    "bsr_mm": "bsr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
+              "bool transpose_out) -> Tensor",
+    "nm_mm": "nm_mm(Tensor val, Tensor idx, Tensor bias, Tensor x, SymInt n, SymInt m, SymInt out_features, "
+             "bool transpose_out) -> Tensor",
+    "csr_conv": "csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, SymInt n, "
+                "SymInt out_features, SymInt slab, SymInt wp, SymInt wv) -> Tensor",
+    "ck_conv": "ck_conv(Tensor rowptr, Tensor chan, Tensor val, Tensor taps, Tensor bias, Tensor x, SymInt n, "
+               "SymInt out_features, SymInt plane, SymInt slab, SymInt wp, SymInt wv) -> Tensor",
+}
 
 
-@define_op("nm_mm")
-def _nm_mm(val: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, n: int, m: int,
-           out_features: int, transpose_out: bool) -> torch.Tensor:
-    check_dtypes("nm_mm", val, bias, x)
-    return _k(x).nm_mm(val, idx, bias, x.contiguous(), n, m, out_features, transpose_out)
+def _mm_shape(x, out_features, transpose_out):
+    return (x.shape[1], out_features) if transpose_out else (out_features, x.shape[1])
 
 
-@define_op("ck_conv")
-def _ck_conv(rowptr: torch.Tensor, chan: torch.Tensor, val: torch.Tensor, taps: torch.Tensor,
-             bias: torch.Tensor, x: torch.Tensor, n: int, out_features: int, plane: int, slab: int,
-             wp: int, wv: int) -> torch.Tensor:
-    check_dtypes("ck_conv", val, bias, x)
-    return _k(x).ck_conv(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
+#: Each op's output shape from its arguments.
+_SHAPES = {
+    "csr_mm": lambda rowptr, col, val, bias, x, out, tr: _mm_shape(x, out, tr),
+    "bsr_mm": lambda rowptr, col, val, bias, x, out, tr: _mm_shape(x, out, tr),
+    "nm_mm": lambda val, idx, bias, x, n, m, out, tr: _mm_shape(x, out, tr),
+    "csr_conv": lambda rowptr, off, val, bias, x, n, out, slab, wp, wv: (out, n // wp, wv),
+    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out, plane, slab, wp, wv: (out, n // wp, wv),
+}
 
 
-def _op(name, registered, val, bias, x):
-    """The kernel ``name`` of ``_k(x)`` itself in eager mode on CPU (the C++ op, or the reference
-    without it), after the registered op's :func:`check_dtypes`; else the registered op
-    (torch.compile, meta tensors, CUDA, and an ``x`` that requires grad: the registered op's
-    backward raises "no autograd formula" instead of the C++ op's silent no-gradient)."""
-    if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
-        check_dtypes(name, val, bias, x)
-        return getattr(_k(x), name)
-    return registered
+def _checked(name, kernel):
+    """``kernel(*args)`` of op ``name`` after :func:`check_dtypes`, with a contiguous ``x``."""
+    iv, ib, ix = ARG_POS[name]
+
+    def impl(*args):
+        check_dtypes(name, args[iv], args[ib], args[ix])
+        args = list(args)
+        args[ix] = args[ix].contiguous()
+        return kernel(*args)
+
+    return impl
 
 
-def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
-    """``torch.ops.sparsekern.csr_mm`` (C++ directly in eager CPU mode)."""
-    op = _op("csr_mm", _csr_mm, val, bias, x)
-    return op(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+def _define(name):
+    x_pos = ARG_POS[name][2]
+    fake = _checked(name, lambda *args: args[x_pos].new_empty(_SHAPES[name](*args)))
+    cuda = _checked(name, lambda *args: getattr(triton_module("spmm"), name)(*args))
+    return define(_SCHEMAS[name], "spmm", cpp=True, fake=fake, reference=_checked(name, getattr(reference, name)),
+                  cuda=cuda)
 
 
-def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
-    """``torch.ops.sparsekern.bsr_mm`` (C++ directly in eager CPU mode)."""
-    op = _op("bsr_mm", _bsr_mm, val, bias, x)
-    return op(rowptr, col, val, bias, x.contiguous(), out_features, transpose_out)
+_csr_mm, _bsr_mm, _nm_mm, _csr_conv, _ck_conv = (_define(n) for n in ("csr_mm", "bsr_mm", "nm_mm", "csr_conv",
+                                                                     "ck_conv"))
 
 
-def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
-    """``torch.ops.sparsekern.csr_conv`` (C++ directly in eager CPU mode)."""
-    op = _op("csr_conv", _csr_conv, val, bias, x)
-    return op(rowptr, off, val, bias, x.contiguous(), n, out_features, slab, wp, wv)
+# --- bitmap_mm: bf16 / fp16 weights (csrc/cpu/spmm_bf16.cpp; the reference on other devices) -------
 
-
-def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
-    """``torch.ops.sparsekern.nm_mm`` (C++ directly in eager CPU mode)."""
-    op = _op("nm_mm", _nm_mm, val, bias, x)
-    return op(val, idx, bias, x.contiguous(), n, m, out_features, transpose_out)
-
-
-def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
-    """``torch.ops.sparsekern.ck_conv`` (C++ directly in eager CPU mode)."""
-    op = _op("ck_conv", _ck_conv, val, bias, x)
-    return op(rowptr, chan, val, taps, bias, x.contiguous(), n, out_features, plane, slab, wp, wv)
-
-
-# --- bitmap_mm: bf16 / fp16 weights (csrc/cpu/spmm_bf16.cpp) ---------------------------------------
-
-def _bitmap_kernels(x):
-    """The C++ library on CPU / meta, else the reference (no Triton kernel yet)."""
-    k = _k(x)
-    return k if hasattr(k, "bitmap_mm") else REFERENCE_KERNELS
-
-
-def _check_bitmap(val, bias, x):
+def check_bitmap(val, bias, x):
+    """TypeError unless ``val`` is bf16 / fp16 and ``x`` and a non-empty ``bias`` have its dtype."""
     if val.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"bitmap_mm: val must be bfloat16 or float16, got {val.dtype}")
     check_dtypes("bitmap_mm", val, bias, x)
 
 
-@define_op("bitmap_mm")
-def _bitmap_mm(rowptr: torch.Tensor, mask: torch.Tensor, val: torch.Tensor, bias: torch.Tensor,
-               x: torch.Tensor, out_features: int) -> torch.Tensor:
-    _check_bitmap(val, bias, x)
-    return _bitmap_kernels(x).bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
+def _bitmap_reference(rowptr, mask, val, bias, x, out_features):
+    check_bitmap(val, bias, x)
+    return reference.bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
+
+
+def _bitmap_fake(rowptr, mask, val, bias, x, out_features):
+    check_bitmap(val, bias, x)
+    return x.new_empty((x.shape[0], out_features))
+
+
+_bitmap_mm = define("bitmap_mm(Tensor rowptr, Tensor mask, Tensor val, Tensor bias, Tensor x, SymInt out_features) "
+                    "-> Tensor", "spmm", cpp=True, fake=_bitmap_fake, reference=_bitmap_reference)
+check_cpp("spmm")
+
+
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+    """``torch.ops.sparsekern.csr_mm`` after :func:`check_dtypes`."""
+    check_dtypes("csr_mm", val, bias, x)
+    return _csr_mm(rowptr, col, val, bias, x, out_features, transpose_out)
+
+
+def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+    """``torch.ops.sparsekern.bsr_mm`` after :func:`check_dtypes`."""
+    check_dtypes("bsr_mm", val, bias, x)
+    return _bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out)
+
+
+def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
+    """``torch.ops.sparsekern.csr_conv`` after :func:`check_dtypes`."""
+    check_dtypes("csr_conv", val, bias, x)
+    return _csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv)
+
+
+def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
+    """``torch.ops.sparsekern.nm_mm`` after :func:`check_dtypes`."""
+    check_dtypes("nm_mm", val, bias, x)
+    return _nm_mm(val, idx, bias, x, n, m, out_features, transpose_out)
+
+
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
+    """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`."""
+    check_dtypes("ck_conv", val, bias, x)
+    return _ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)
 
 
 def bitmap_mm(rowptr, mask, val, bias, x, out_features):
-    """``torch.ops.sparsekern.bitmap_mm``: ``x [B, in] · Wᵀ + bias`` → ``[B, out]`` for a bitmap
-    bf16/fp16 weight (``inference.formats.bitmap_from_dense``), fp32 accumulation (C++ directly
-    in eager CPU mode)."""
-    if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
-        _check_bitmap(val, bias, x)
-        return _bitmap_kernels(x).bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
-    return _bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
+    """``torch.ops.sparsekern.bitmap_mm`` after :func:`check_bitmap`: ``x [B, in] · Wᵀ + bias`` →
+    ``[B, out]`` for a bitmap bf16/fp16 weight (``inference.formats.bitmap_from_dense``: ``mask``
+    uint8 ``[out, G]``, ``val`` the nonzeros + 8 slack, ``rowptr`` int64 ``[out + 1]``), fp32
+    accumulation, rounded once to ``x``'s dtype."""
+    check_bitmap(val, bias, x)
+    return _bitmap_mm(rowptr, mask, val, bias, x, out_features)

@@ -1,100 +1,23 @@
-"""Threshold family (SPEC §1–3, §6): ``torch.ops.sparsekern.*`` ops, autograd and the public API.
+"""Threshold family (SPEC §1–3, §6): the ``torch.ops.sparsekern.*`` ops, autograd and the public API.
 
-Raw ops take a validated weight and a flat fp32 threshold ``t`` with 1, ``K = w.shape[0]`` or
-``w.numel()`` elements (per layer / output channel / weight); the public functions below
-validate and normalise their arguments first. Kernels (C++ on CPU, Triton on CUDA, the
-reference as fallback) share one contract:
+Ops (schemas below, each defined once with :func:`._common.define`)::
 
-    soft_fwd(w, t, act) / soft_bwd(grad, w, t, act, t_grad) -> (grad_w, grad_t)
-    st3_fwd(w, t, rescale)
-    power_fwd(w, t, p) / power_bwd(grad, w, t, theta)
-    hard_fwd(w, t) / hard_bwd(grad, w, t)
+    soft_threshold(w, t) / str_threshold(w, s, activation)
+    soft_threshold_backward(grad, w, t, act, t_grad) -> (grad_w, grad_t)
+    st3_threshold(w, t, rescale)
+    power_threshold(w, t, p, theta) / power_threshold_backward(grad, w, t, theta)
+    hard_threshold(w, t, ste) / hard_threshold_backward(grad, w, t)
 
-``act`` indexes ``reference.ACTIVATIONS`` (identity, sigmoid, exp). Backward recomputes the
-mask from ``(w, t)``; no full-size mask is saved.
+``w`` / ``grad``: fp32/fp16/bf16 of any shape and strides (results contiguous, w's dtype); ``t``
+/ ``s``: flat fp32 with 1, ``K = w.shape[0]`` or ``w.numel()`` elements (per layer / output
+channel / weight); the public functions below validate and normalise their arguments first.
+``act`` indexes ``reference.ACTIVATIONS`` (identity, sigmoid, exp). Implementations: C++ on CPU
+(``csrc/cpu/threshold.cpp``), Triton on CUDA (``sparsekern/triton/threshold.py``, through the
+adapters below), the reference elsewhere. Backward recomputes the mask from ``(w, t)``; no
+full-size mask is saved.
 """
-from types import SimpleNamespace
-
-import torch
-
 from .. import reference
-from ._common import KernelFamily, as_threshold, check_bool, check_number, check_weight, define_op
-
-
-def _ref_soft_bwd(grad, w, t, act, t_grad):
-    gw, gt = reference.soft_threshold_backward(grad, w, t, reference.ACTIVATIONS[act])
-    return gw, gt if t_grad else t.new_empty(0)
-
-
-#: The kernel contract implemented by ``sparsekern.reference`` (CPU without the C++ library).
-REFERENCE_KERNELS = SimpleNamespace(
-    soft_fwd=lambda w, t, act: reference.soft_threshold(w, reference.activate(t, reference.ACTIVATIONS[act])),
-    soft_bwd=_ref_soft_bwd,
-    st3_fwd=lambda w, t, rescale: reference.st3_threshold_forward(w, t, rescale),
-    power_fwd=lambda w, t, p: reference.power_threshold(w, t, p),
-    power_bwd=lambda grad, w, t, theta: reference.power_threshold_backward(grad, w, t, theta),
-    hard_fwd=lambda w, t: reference.hard_threshold_forward(w, t),
-    hard_bwd=lambda grad, w, t: reference.hard_threshold_backward(grad, w, t),
-)
-
-
-KERNELS = KernelFamily("threshold", REFERENCE_KERNELS, {
-    "soft_fwd": lambda w, t, act: torch.empty_like(w),
-    "soft_bwd": lambda grad, w, t, act, t_grad: (torch.empty_like(w), t.new_empty(t.shape if t_grad else (0,))),
-    "st3_fwd": lambda w, t, rescale: torch.empty_like(w),
-    "power_fwd": lambda w, t, p: torch.empty_like(w),
-    "power_bwd": lambda grad, w, t, theta: torch.empty_like(w),
-    "hard_fwd": lambda w, t: torch.empty_like(w),
-    "hard_bwd": lambda grad, w, t: torch.empty_like(w),
-})
-
-
-def _k(w):
-    return KERNELS(w.device)
-
-
-# --- raw ops ------------------------------------------------------------------------------------
-
-@define_op("soft_threshold")
-def _soft(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return _k(w).soft_fwd(w.contiguous(), t, 0)
-
-
-@define_op("str_threshold")
-def _str(w: torch.Tensor, s: torch.Tensor, activation: str) -> torch.Tensor:
-    return _k(w).soft_fwd(w.contiguous(), s, reference.ACTIVATIONS.index(activation))
-
-
-@define_op("soft_threshold_backward")
-def _soft_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, act: int,
-              t_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _k(w).soft_bwd(grad.contiguous(), w.contiguous(), t, act, t_grad)
-
-
-@define_op("st3_threshold")
-def _st3(w: torch.Tensor, t: torch.Tensor, rescale: bool) -> torch.Tensor:
-    return _k(w).st3_fwd(w.contiguous(), t, rescale)
-
-
-@define_op("power_threshold")
-def _power(w: torch.Tensor, t: torch.Tensor, p: float, theta: float) -> torch.Tensor:
-    return _k(w).power_fwd(w.contiguous(), t, p)
-
-
-@define_op("power_threshold_backward")
-def _power_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor, theta: float) -> torch.Tensor:
-    return _k(w).power_bwd(grad.contiguous(), w.contiguous(), t, theta)
-
-
-@define_op("hard_threshold")
-def _hard(w: torch.Tensor, t: torch.Tensor, ste: bool) -> torch.Tensor:
-    return _k(w).hard_fwd(w.contiguous(), t)
-
-
-@define_op("hard_threshold_backward")
-def _hard_bwd(grad: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    # t = 0 (before pruning starts) passes every gradient: exact zeros (a zero-initialised head) train
-    return _k(w).hard_bwd(grad.contiguous(), w.contiguous(), t.masked_fill(t == 0, -1.0))
+from ._common import as_threshold, check_bool, check_cpp, check_number, check_weight, define, triton_module
 
 
 # --- autograd -----------------------------------------------------------------------------------
@@ -126,11 +49,76 @@ def _hard_backward(ctx, grad):
     return (grad if ctx.args[0] else _hard_bwd(grad, w, t)), None, None
 
 
-_soft.register_autograd(_soft_backward, setup_context=_save_wt)
-_str.register_autograd(_soft_backward, setup_context=_save_wt)
-_st3.register_autograd(_st3_backward, setup_context=lambda ctx, inputs, output: None)
-_power.register_autograd(_power_backward, setup_context=_save_wt)
-_hard.register_autograd(_hard_backward, setup_context=_save_wt)
+
+# --- ops ----------------------------------------------------------------------------------------
+
+def _tk():
+    return triton_module("threshold")
+
+
+def _like(w, *args):
+    return w.new_empty(w.shape)
+
+
+def _soft_bwd_fake(grad, w, t, act, t_grad):
+    return w.new_empty(w.shape), t.new_empty(t.shape if t_grad else (0,))
+
+
+def _ref_soft_bwd(grad, w, t, act, t_grad):
+    gw, gt = reference.soft_threshold_backward(grad.contiguous(), w.contiguous(), t, reference.ACTIVATIONS[act])
+    return gw, gt if t_grad else t.new_empty(0)
+
+
+def _cuda_soft_bwd(grad, w, t, act, t_grad):
+    return _tk().soft_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), act, t_grad)
+
+
+def _cuda_hard_bwd(grad, w, t):
+    # t = 0 (before pruning starts) passes every gradient: exact zeros (a zero-initialised head) train
+    return _tk().hard_bwd(grad.contiguous(), w.contiguous(), t.masked_fill(t == 0, -1.0))
+
+
+_soft = define(
+    "soft_threshold(Tensor w, Tensor t) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t: reference.soft_threshold(w.contiguous(), t),
+    cuda=lambda w, t: _tk().soft_fwd(w.contiguous(), t.contiguous(), 0),
+    backward=_soft_backward, setup_context=_save_wt)
+_str = define(
+    "str_threshold(Tensor w, Tensor s, str activation) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, s, activation: reference.str_threshold(w.contiguous(), s, activation),
+    cuda=lambda w, s, activation: _tk().soft_fwd(w.contiguous(), s.contiguous(),
+                                                  reference.ACTIVATIONS.index(activation)),
+    backward=_soft_backward, setup_context=_save_wt)
+_soft_bwd = define(
+    "soft_threshold_backward(Tensor grad, Tensor w, Tensor t, SymInt act, bool t_grad) -> (Tensor, Tensor)",
+    "threshold", cpp=True, fake=_soft_bwd_fake, reference=_ref_soft_bwd, cuda=_cuda_soft_bwd)
+_st3 = define(
+    "st3_threshold(Tensor w, Tensor t, bool rescale) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t, rescale: reference.st3_threshold_forward(w.contiguous(), t, rescale),
+    cuda=lambda w, t, rescale: _tk().st3_fwd(w.contiguous(), t.contiguous(), rescale),
+    backward=_st3_backward, setup_context=lambda ctx, inputs, output: None)
+_power = define(
+    "power_threshold(Tensor w, Tensor t, float p, float theta) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t, p, theta: reference.power_threshold_forward(w.contiguous(), t, p),
+    cuda=lambda w, t, p, theta: _tk().power_fwd(w.contiguous(), t.contiguous(), p),
+    backward=_power_backward, setup_context=_save_wt)
+_power_bwd = define(
+    "power_threshold_backward(Tensor grad, Tensor w, Tensor t, float theta) -> Tensor", "threshold",
+    cpp=True, fake=lambda grad, w, t, theta: _like(w),
+    reference=lambda grad, w, t, theta: reference.power_threshold_backward(grad.contiguous(), w.contiguous(), t,
+                                                                           theta),
+    cuda=lambda grad, w, t, theta: _tk().power_bwd(grad.contiguous(), w.contiguous(), t.contiguous(), theta))
+_hard = define(
+    "hard_threshold(Tensor w, Tensor t, bool ste) -> Tensor", "threshold", cpp=True, fake=_like,
+    reference=lambda w, t, ste: reference.hard_threshold_forward(w.contiguous(), t),
+    cuda=lambda w, t, ste: _tk().hard_fwd(w.contiguous(), t.contiguous()),
+    backward=_hard_backward, setup_context=_save_wt)
+_hard_bwd = define(
+    "hard_threshold_backward(Tensor grad, Tensor w, Tensor t) -> Tensor", "threshold", cpp=True,
+    fake=lambda grad, w, t: _like(w),
+    reference=lambda grad, w, t: reference.hard_threshold_backward(grad.contiguous(), w.contiguous(), t),
+    cuda=_cuda_hard_bwd)
+check_cpp("threshold")
 
 
 # --- public API ---------------------------------------------------------------------------------

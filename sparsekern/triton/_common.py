@@ -2,8 +2,8 @@
 threshold and bound families.
 
 All launchers start a kernel as ``wrap(kernel)[grid](*args, **constexprs)``. ``wrap`` is
-``torch.library.wrap_triton`` (so a launcher called inside a ``torch.library.triton_op`` traces
-under ``torch.compile``), except for interpreted kernels (``TRITON_INTERPRET=1``), which launch
+``torch.library.wrap_triton`` (the launchers are the ops' CUDA kernels, opaque to
+``torch.compile``), except for interpreted kernels (``TRITON_INTERPRET=1``), which launch
 as they are: torch >= 2.13 does that itself, older torch rejects them (pytorch#152868).
 
 ``recording(callback)`` lets a tool see every launch instead of (or before) running it: the AOT

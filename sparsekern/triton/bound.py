@@ -1,8 +1,7 @@
 """Triton kernels for the bound family (SPEC §4: docs/methods.md): Gaussian bounds and the ASL bound.
 
-Three launchers with the signatures and preconditions of the C++ kernels
-(``torch.ops.sparsekern_C.<name>``, contract in ``csrc/cpu/bound.cpp`` and
-``sparsekern/ops/bound.py``):
+Three launchers, the CUDA implementations of the bound ops through the adapters of
+``sparsekern/ops/bound.py``, with the contract of the C++ kernels of ``csrc/cpu/bound.cpp``:
 
     gaussian_bounds(tensors, multipliers) -> (bounds fp32 [L], nan_index int64 [])
     asl_fwd(w, r) -> w·1[|w| > b]          asl_bwd(grad, w, r) -> grad_r fp32 [G]

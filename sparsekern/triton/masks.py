@@ -1,7 +1,8 @@
 """Triton kernels for the masks family (SPEC §5: docs/methods.md).
 
-Four launchers with the signatures and preconditions of the C++ kernels
-(``torch.ops.sparsekern_C.<name>``, contract in ``sparsekern/ops/masks.py``): contiguous
+Four launchers, the CUDA implementations of the masks ops through the adapters of
+``sparsekern/ops/masks.py`` (which turn sparsities into counts), with the contract of the C++
+kernels of ``csrc/cpu/masks.cpp`` (``kernel_mask``, ``block_mask`` = ``block_select``): contiguous
 fp32/fp16/bf16 ``w``, bool masks shaped like ``w``. Order key: the bit pattern of fp32 ``|w|``
 as int32 (every NaN 0x7FC00000, above +inf); larger first, equal keys lower index first.
 

@@ -1,7 +1,8 @@
 """Triton kernels for the select family (SPEC §9): exact radix selection, all on the device.
 
-Same contract as the C++ kernels (``torch.ops.sparsekern_C.select_global`` / ``select_each``, see
-``sparsekern/ops/select.py``): tensors fp32/fp16/bf16 of any shape, read in place when
+The CUDA implementations of the select ops through the adapters of ``sparsekern/ops/select.py``
+(which compute the ranks), with the contract of the C++ kernels ``select_global`` / ``select_each``
+of ``csrc/cpu/select.cpp``: tensors fp32/fp16/bf16 of any shape, read in place when
 contiguous or channels-last; results are new device tensors and nothing is read back to the host.
 
 Keys are the fp32 bit patterns of |w|·c (bit 31 cleared), whose integer order is the numeric

@@ -1,11 +1,12 @@
 """Triton kernels for the threshold family (SPEC §1–3, §6: docs/methods.md).
 
-Seven launchers with the same signatures and preconditions as the C++ kernels
-(``torch.ops.sparsekern_C.<name>``): ``w`` / ``grad`` contiguous fp32/fp16/bf16 of any shape,
+Seven launchers, the CUDA implementations of the threshold ops through the adapters of
+``sparsekern/ops/threshold.py`` (``soft_fwd`` serves soft_threshold and str_threshold, ...), with
+the contract of the C++ kernels of ``csrc/cpu/threshold.cpp``: ``w`` / ``grad`` contiguous fp32/fp16/bf16 of any shape,
 viewed as ``[K, inner]`` (K = w.size(0), or 1 for a 0-d w); ``t`` contiguous fp32 with numel 1
 (scalar), K (per output channel) or numel(w) (per element). Math runs in fp32; outputs are new
 contiguous tensors shaped like ``w`` with its dtype. Kernels are launched through
-``torch.library.wrap_triton``: a launcher called inside a ``torch.library.triton_op`` traces.
+``_common.wrap`` (``torch.library.wrap_triton``).
 
 Reductions (ST-3 row means, STR's grad_t) are deterministic: a 2-D tiled kernel writes fp32 partial
 sums to a ``[rows, n_split]`` buffer and a second kernel adds each row's partials in a fixed order.
