@@ -317,3 +317,16 @@ def test_convert_leaves_model_untouched_when_the_probe_forward_fails():
         sk.inference.convert(model, example_input=torch.randn(1, 5, 12, 12), reps=1)  # 5 channels, not 16
     assert isinstance(model[1], nn.BatchNorm2d) and type(model[3]) is nn.MaxPool2d
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bitmap_op_called_directly_takes_strided_x_and_raises_type_errors():
+    w = _sparse((8, 70), 0.5, torch.bfloat16)
+    rowptr, mask, val = formats.bitmap_from_dense(w)
+    none = torch.empty(0, dtype=w.dtype)
+    op = torch.ops.sparsekern.bitmap_mm  # the C++ CPU kernel without the Python checks
+    xt = torch.randn(70, 3).to(w.dtype).t()
+    assert torch.equal(op(rowptr, mask, val, none, xt, 8), op(rowptr, mask, val, none, xt.contiguous(), 8))
+    with pytest.raises(TypeError, match="x is torch.float16 but val is torch.bfloat16"):
+        op(rowptr, mask, val, none, xt.half(), 8)
+    with pytest.raises(TypeError, match="val must be bfloat16 or float16"):
+        op(rowptr, mask, val.float(), none.float(), xt.float(), 8)
