@@ -335,16 +335,21 @@ def times_table(rows):
 
 # --- whole model ----------------------------------------------------------------------------------
 
-def pruned_resnet50(budget=None, seed=0, calibration_batch=8):
-    """``bench.models.resnet50`` with seeded default-init weights, each Conv2d/Linear
-    magnitude-pruned to ``budget`` (default: STR's 90 %, ``suites.STR_RESNET50_90``); BatchNorm
-    statistics calibrated on one seeded random batch (so activations stay O(1)); eval mode."""
-    from . import suites
-    from .models import prune_to_budget_, resnet50
+#: Whole models of :func:`bench_model`: (builder in ``bench.models``, STR budget in ``bench.suites``).
+WHOLE_MODELS = {"resnet50": ("resnet50", "STR_RESNET50_90"), "mobilenet_v1": ("mobilenet_v1", "STR_MOBILENET_V1_89")}
 
+
+def pruned_resnet50(budget=None, seed=0, calibration_batch=8, model="resnet50"):
+    """``bench.models.<model>`` (``resnet50`` or ``mobilenet_v1``) with seeded default-init weights,
+    each Conv2d/Linear magnitude-pruned to ``budget`` (default: STR's, ``suites.STR_RESNET50_90`` /
+    ``STR_MOBILENET_V1_89``); BatchNorm statistics calibrated on one seeded random batch (so
+    activations stay O(1)); eval mode."""
+    from . import models, suites
+
+    build, default = WHOLE_MODELS[model]
     torch.manual_seed(seed)
-    model = resnet50()
-    prune_to_budget_(model, suites.STR_RESNET50_90 if budget is None else budget)
+    model = getattr(models, build)()
+    models.prune_to_budget_(model, getattr(suites, default) if budget is None else budget)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # cumulative average: the batch's statistics exactly
@@ -353,24 +358,27 @@ def pruned_resnet50(budget=None, seed=0, calibration_batch=8):
     return model.eval().requires_grad_(False)
 
 
-def bench_model(budget=None, quick=False, seed=0):
-    """Whole-model latency at batch 1, 224×224: the dense (pruned, zeros stored) ResNet-50 vs its
-    ``convert``-ed copy, side by side; FLOPs; the per-layer convert report; each converted layer
-    re-timed against its dense original on its real input shape (``relayer``)."""
+def bench_model(budget=None, quick=False, seed=0, model="resnet50", batch=1):
+    """Whole-model latency at ``batch`` images of 224×224: the dense (pruned, zeros stored)
+    ResNet-50 / MobileNetV1 (``model``) vs its ``convert``-ed copy (example_input: the batch;
+    BatchNorms folded, max pool separable, the layers' formats), side by side; FLOPs; the per-layer
+    convert report; each converted layer re-timed against its dense original on its real input
+    shape (``relayer``)."""
     import sparsekern as sk
 
-    dense = pruned_resnet50(budget, seed)
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
+    dense = pruned_resnet50(budget, seed, model=model)
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
     flops = sk.count_flops(dense, (3, 224, 224))
     t0 = time.perf_counter()
-    sparse, report = sk.inference.convert(copy.deepcopy(dense), example_input=x, reps=2 if quick else 5,
+    big = batch > 1  # a batch-32 ResNet-50 forward takes seconds: fewer samples
+    sparse, report = sk.inference.convert(copy.deepcopy(dense), example_input=x, reps=2 if quick or big else 5,
                                           return_report=True)
     convert_s = time.perf_counter() - t0
     with torch.no_grad():
         ref, out = dense(x), sparse(x)
         max_err = float((out - ref).abs().max())
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
-        timing = QUICK_TIMING if quick else {"budget_s": 3.0, "min_reps": 10, "max_reps": 50}
+        timing = QUICK_TIMING if quick else {"budget_s": 3.0, "min_reps": 4 if big else 10, "max_reps": 50}
         snap = H.cpu_snapshot()
         stats = H.time_steps({"dense": lambda: dense(x), "sparsekern": lambda: sparse(x)}, "cpu", **timing)
         load = H.other_load(snap, H.cpu_snapshot())
@@ -385,12 +393,12 @@ def bench_model(budget=None, quick=False, seed=0):
                 xi = torch.randn(row["input_shape"])
                 d, s = dense.get_submodule(row["name"]), sparse.get_submodule(row["name"])
                 t = H.time_steps({"dense": lambda: d(xi), "sparse": lambda: s(xi)}, "cpu",
-                                 **(QUICK_TIMING if quick else {"budget_s": 0.2, "min_reps": 7, "max_reps": 50}))
+                                 **(QUICK_TIMING if quick or big else {"budget_s": 0.2, "min_reps": 7, "max_reps": 50}))
                 row["relayer"] = {"dense_ms": t["dense"]["median_s"] * 1e3, "sparse_ms": t["sparse"]["median_s"] * 1e3,
                                   "speedup": t["dense"]["median_s"] / t["sparse"]["median_s"]}
             layers.append(row)
     converted = {r["name"] for r in layers if r["format"] != "dense"}
-    return {"params": flops.params, "nonzero_params": flops.nonzero_params,
+    return {"model": model, "batch": batch, "params": flops.params, "nonzero_params": flops.nonzero_params,
             "sparsity": 1 - flops.nonzero_params / flops.params,
             "dense_macs": flops.dense_macs, "macs": flops.macs,
             "executed_macs": sum(f.macs if f.name in converted else f.dense_macs for f in flops.rows),
@@ -546,3 +554,60 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --- bf16 decode ---------------------------------------------------------------------------------
+
+#: Llama-7B MLP shape: gate/up 4096→11008, down 11008→4096.
+LLAMA_MLP = (4096, 11008)
+#: The bf16 decode cases: name → (density of the unstructured weight, or "2:4").
+BF16_CASES = {"50%": 0.5, "70%": 0.3, "2:4": "2:4"}
+
+
+class LlamaMLP(nn.Module):
+    """``down(silu(gate(x)) · up(x))`` (transformers' LlamaMLP), no biases."""
+
+    def __init__(self, hidden, inter, dtype=torch.bfloat16):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def bench_bf16_mlp(case, batch=1, quick=False, seed=0, dtype=torch.bfloat16):
+    """Llama-shaped MLP (:data:`LLAMA_MLP`) in bf16 at ``batch`` rows (decode): dense (torch's
+    bf16 ``F.linear``) vs each Linear replaced by ``BitmapLinear`` (the bitmap format, built
+    directly: the kernel's speed, not convert's choice), magnitude-pruned to the case's
+    unstructured density or 2:4 (``sk.nm_mask``). Outputs checked within bf16 tolerance."""
+    import sparsekern as sk
+    from sparsekern.inference import BitmapLinear
+
+    torch.manual_seed(seed)
+    hidden, inter = LLAMA_MLP
+    dense = LlamaMLP(hidden, inter, dtype).eval().requires_grad_(False)
+    spec = BF16_CASES[case]
+    with torch.no_grad():
+        for lin in (dense.gate_proj, dense.up_proj, dense.down_proj):
+            w = lin.weight.float()
+            mask = sk.nm_mask(w, 2, 4) if spec == "2:4" else w.abs() > w.abs().flatten().kthvalue(
+                int(w.numel() * (1 - spec))).values
+            lin.weight.mul_(mask.to(lin.weight.dtype))
+    sparse = copy.deepcopy(dense)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(sparse, name, BitmapLinear.from_dense(getattr(dense, name)).eval())
+    x = torch.randn(batch, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    with torch.no_grad():
+        ref, out = dense(x), sparse(x)
+        max_err = float((out.float() - ref.float()).abs().max())
+        torch.testing.assert_close(out, ref, atol=2 ** -6, rtol=2 ** -6)
+        snap = H.cpu_snapshot()
+        stats = H.time_steps({"dense": lambda: dense(x), "sparsekern": lambda: sparse(x)}, "cpu",
+                             **(QUICK_TIMING if quick else {"budget_s": 3.0, "min_reps": 20, "max_reps": 100}))
+        load = H.other_load(snap, H.cpu_snapshot())
+    density = sum(int((getattr(dense, n).weight != 0).sum()) for n in ("gate_proj", "up_proj", "down_proj")) / (3 * hidden * inter)
+    return {"case": case, "batch": batch, "density": density, "dense": stats["dense"],
+            "sparsekern": stats["sparsekern"], "load": load, "max_abs_err": max_err,
+            "speedup": stats["dense"]["median_s"] / stats["sparsekern"]["median_s"]}

@@ -35,6 +35,7 @@ SUITES = {
         "masks": "ends",
         "spmm": {"batches": (1, 64), "sparsities": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
                  "conv": (0.7, 0.8, 0.9, 0.95), "resnet50_convs": (0.7, 0.9, 0.95), "model": "full",
+                 "model_batches": (1, 32), "mobilenet": True, "bf16_mlp": ("50%", "70%", "2:4"),
                  "cuda_dtypes": ("fp32", "fp16", "bf16")},
         "train_step": "resnet50",
     },
@@ -350,17 +351,32 @@ def run_spmm(ctx):
         rows += ctx.done(_rows("spmm", _spmm_op(spec), f"{s:.0%}", numel, "fp32", "infer", stats, sparsity=s,
                                batch=spec["batch"], shape=spec["name"], kind=spec["kind"],
                                kernel=spec.get("kernel", 1), other_load_cpus=res["load"], **extra))
-    if cfg.get("model") and ctx.wanted("spmm/resnet50-str90/b1/fp32/infer"):
-        res = P.bench_model(quick=cfg["model"] == "quick")
+    whole = [("resnet50", "resnet50-str90", b, "ResNet-50 224×224, STR 90 % budget (Table 7)")
+             for b in cfg.get("model_batches", (1,))]
+    whole += [("mobilenet_v1", "mobilenetv1-str89", 1, "MobileNetV1 224×224, STR 89 % budget (Table 8)")
+              ] if cfg.get("mobilenet") else []
+    for model, op, batch, shape in (whole if cfg.get("model") else []):
+        if not ctx.wanted(f"spmm/{op}/b{batch}/fp32/infer"):
+            continue
+        res = P.bench_model(quick=cfg["model"] == "quick", model=model, batch=batch)
         changed = [r for r in res["layers"] if r["format"] != "dense"]
-        rows += ctx.done(_rows("spmm", "resnet50-str90", "b1", res["params"], "fp32", "infer",
+        rows += ctx.done(_rows("spmm", op, f"b{batch}", res["params"], "fp32", "infer",
                                {"dense": res["dense"], "sparsekern": res["sparsekern"]}, sparsity=res["sparsity"],
-                               batch=1, shape="ResNet-50 224×224, STR 90 % budget (Table 7)",
+                               batch=batch, shape=shape,
                                other_load_cpus=res["load"], dense_macs=res["dense_macs"], macs=res["macs"],
                                layers_converted=len(changed), layers_total=len(res["layers"]),
                                worst_layer_speedup=min([r["relayer"]["speedup"] for r in changed if "relayer" in r],
                                                        default=None),
                                max_abs_diff=res["max_abs_err"]))
+    for case in cfg.get("bf16_mlp", ()):
+        if not ctx.wanted(f"spmm/llama-mlp-b1/{case}/bf16/infer"):
+            continue
+        res = P.bench_bf16_mlp(case, quick=ctx.cfg["budget_s"] < 0.5)
+        hidden, inter = P.LLAMA_MLP
+        rows += ctx.done(_rows("spmm", "llama-mlp-b1", case, 3 * hidden * inter, "bf16", "infer",
+                               {"dense": res["dense"], "sparsekern": res["sparsekern"]}, sparsity=1 - res["density"],
+                               batch=1, shape=f"Llama MLP {hidden}→{inter}→{hidden} bf16, BitmapLinear",
+                               other_load_cpus=res["load"], max_abs_diff=res["max_abs_err"]))
     return rows
 
 
@@ -424,6 +440,13 @@ TARGETS = [
     ("spmm/linear-b64/95%/fp32/infer", "sparsekern", "dense", 7.0, "speedup"),
     ("spmm/linear-b64/90%/fp32/infer", "sparsekern", "torch_csr", 1.5, "speedup"),
     ("spmm/conv3x3-b1/90%/fp32/infer", "sparsekern", "dense", 2.5, "speedup"),
+    # issue 16: whole models after convert, bf16 decode
+    ("spmm/resnet50-str90/b1/fp32/infer", "sparsekern", "dense", 4.0, "speedup"),
+    ("spmm/resnet50-str90/b32/fp32/infer", "sparsekern", "dense", 2.5, "speedup"),
+    ("spmm/mobilenetv1-str89/b1/fp32/infer", "sparsekern", "dense", 2.0, "speedup"),
+    ("spmm/llama-mlp-b1/50%/bf16/infer", "sparsekern", "dense", 1.3, "speedup"),
+    ("spmm/llama-mlp-b1/70%/bf16/infer", "sparsekern", "dense", 2.0, "speedup"),
+    ("spmm/llama-mlp-b1/2:4/bf16/infer", "sparsekern", "dense", 1.3, "speedup"),
 ]
 #: CUDA targets besides the per-op bandwidth and compile ones that :func:`targets` adds
 CUDA_TARGETS = [
@@ -444,7 +467,8 @@ def targets(rows, device):
     checks += [(r["case"], "convert", "dense", 0.95, "layers") for r in rows
                if r["family"] == "spmm" and r["op"] == "linear-b64" and r["provider"] == "convert"]
     checks += [(r["case"], "sparsekern", "dense", 0.95, "layers") for r in rows
-               if r["family"] == "spmm" and r["op"] == "resnet50-str90" and r["provider"] == "sparsekern"]
+               if r["family"] == "spmm" and r["op"] in ("resnet50-str90", "mobilenetv1-str89")
+               and r["provider"] == "sparsekern"]
     if device == "cuda":
         fused = [r["case"] for r in rows if "bandwidth_fraction" in r and r["provider"] == "sparsekern"]
         checks += [(c, "sparsekern", "copy", 0.8, "bandwidth") for c in fused]

@@ -102,3 +102,18 @@ def budget_sparsity(budget, exclude=()):
     rows = [(n, p, s) for n, p, s in budget if n not in exclude]
     total = sum(p for _, p, _ in rows)
     return total, sum(p * s for _, p, s in rows) / total
+
+
+#: STR's learnt per-layer budget of a ~89 % sparse MobileNetV1 on ImageNet-1K: Table 8 of
+#: Kusupati et al. (ICML 2020, appendix A.4; ``shared/papers/000_91591e9701e9bc56.txt``), STR
+#: column, rows as ``STR_RESNET50_90`` with ``bench.models.mobilenet_v1``'s module names (table
+#: layer k = ``features.{k-1}.0``, layer 28 = ``fc``); layer 8's "4436" restored to 44.36.
+#: The table's overall sparsity: 89.01 % of 4,209,088.
+STR_MOBILENET_V1_89 = tuple(
+    (f"features.{i}.0" if i < 27 else "fc", n, s) for i, (n, s) in enumerate((
+        (864, 69.10), (288, 69.10), (2048, 93.70), (576, 62.50), (8192, 93.25), (1152, 63.45),
+        (16384, 92.19), (1152, 44.36), (32768, 94.65), (2304, 63.76), (65536, 94.91), (2304, 53.43),
+        (131072, 96.86), (4608, 67.93), (262144, 97.25), (4608, 78.43), (262144, 96.71), (4608, 77.00),
+        (262144, 95.40), (4608, 74.22), (262144, 93.52), (4608, 62.02), (262144, 90.64), (4608, 53.78),
+        (524288, 92.23), (9216, 40.89), (1048576, 91.76), (1024000, 76.81)))
+)

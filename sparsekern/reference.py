@@ -667,3 +667,23 @@ def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, 
     ``chan[i]``, taps ``val[i, t]``) reads ``x[chan[i]·plane + taps[t] + j]``."""
     off = (chan.long()[:, None] * plane + taps.long()[None, :]).reshape(-1)
     return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv)
+
+
+def bitmap_to_dense(rowptr, mask, val, shape):
+    """Dense ``shape = [out, in]`` weight of a bitmap weight: bit ``j`` of ``mask[r, g]`` marks
+    column ``8g + j`` of row ``r`` nonzero; ``val`` holds the nonzeros row-major (then slack)."""
+    bits = (mask[..., None].to(torch.int32) >> torch.arange(8, device=mask.device)) & 1
+    alive = bits.reshape(shape[0], mask.shape[1] * 8).bool()
+    w = val.new_zeros(alive.shape)
+    w[alive] = val[:int(rowptr[-1])]
+    return w[:, :shape[1]]
+
+
+def bitmap_mm(rowptr, mask, val, bias, x, out_features):
+    """``x·Wᵀ + bias`` for a bitmap bf16/fp16 weight (:func:`bitmap_to_dense`) and ``x [B, in]``,
+    computed in fp32 and rounded once to ``x``'s dtype: ``[B, out]``."""
+    w = bitmap_to_dense(rowptr, mask, val, (out_features, x.shape[1]))
+    y = x.float() @ w.float().t()
+    if bias.numel():
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -105,9 +105,9 @@ def test_convert_root_linear_and_skips():
     lin = prune_(nn.Linear(8, 4), 0.5).eval()
     conv = sk.inference.convert(lin, min_speedup=0.0, reps=1, formats=["csr"])
     assert isinstance(conv, CSRLinear)
-    half = nn.ModuleDict({"used": nn.Linear(8, 4).half(), "unused": nn.Linear(4, 4)})
-    half.forward = lambda x: half["used"](x)
-    _, report = sk.inference.convert(half, min_speedup=0.0, example_input=torch.randn(2, 8).half(), reps=1,
+    double = nn.ModuleDict({"used": nn.Linear(8, 4).double(), "unused": nn.Linear(4, 4)})
+    double.forward = lambda x: double["used"](x)
+    _, report = sk.inference.convert(double, min_speedup=0.0, example_input=torch.randn(2, 8).double(), reps=1,
                                      return_report=True)
     assert report[0].format == "dense" and "dtype" in report[0].note
     assert report[1].format == "dense" and "not run" in report[1].note
@@ -308,7 +308,9 @@ def test_cost_model_choices():
     assert [c.format for c in cands] == ["ck", "csr"]  # KxK: csr and ck only; whole kernels: ck
     assert isinstance(cands[0].build(), CKConv2d)
     assert [c.format for c in rank_formats(nn.Conv2d(4, 4, 3, groups=2), (1, 4, 8, 8))] == ["dense"]
-    assert [c.format for c in rank_formats(nn.Linear(8, 8).half(), (1, 8))] == ["dense"]
+    assert [c.format for c in rank_formats(nn.Linear(8, 8).double(), (1, 8))] == ["dense"]
+    assert {c.format for c in rank_formats(nn.Linear(8, 8).half(), (1, 8))} == {"dense", "bitmap"}  # issue 16
+    assert [c.format for c in rank_formats(nn.Conv2d(8, 8, 1).half(), (1, 8, 4, 4))] == ["dense"]
     assert {c.format for c in rank_formats(lin, (64, 256), formats=("csr",))} == {"dense", "csr"}
 
 

@@ -69,11 +69,49 @@ namespace {
 // 16 floats; unaligned loads/stores. Lowered to zmm, 2×ymm or 4×xmm per clone.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
+// Without AVX-512, GCC has no 64-byte vector mode: v16 arithmetic goes through the stack (the
+// x86-64-v3 clone ran ~20x slower per multiply-add than dense). The tiles are templates on the
+// vector type V: v16 where the CPU has AVX-512F, else v8x2 (two 32-byte halves, ymm on AVX2);
+// each leaf picks at run time (wide512()), inside every clone.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+struct v8x2 {
+  v8 lo, hi;
+  SK_INLINE v8x2 operator+(const v8x2& o) const { return {lo + o.lo, hi + o.hi}; }
+  SK_INLINE v8x2 operator*(const v8x2& o) const { return {lo * o.lo, hi * o.hi}; }
+  SK_INLINE v8x2& operator+=(const v8x2& o) { lo += o.lo; hi += o.hi; return *this; }
+};
+static_assert(sizeof(v8x2) == 64, "v8x2 is 16 floats");
+// v16 wrapped: a template argument drops the typedef's aligned(4) (loads would assume 64).
+struct v16s {
+  v16 v;
+  SK_INLINE v16s operator+(const v16s& o) const { return {v + o.v}; }
+  SK_INLINE v16s operator*(const v16s& o) const { return {v * o.v}; }
+  SK_INLINE v16s& operator+=(const v16s& o) { v += o.v; return *this; }
+};
+static_assert(alignof(v16s) == 4 && alignof(v8x2) == 4, "unaligned vector loads");
+
+// Whether V's 64-column tiles fit the registers: 8 accumulators of 4 × 16 lanes are 8 zmm of
+// 32 with AVX-512, but 16 ymm of 16 with v8x2 (spills): v8x2 tiles are at most 32 columns.
+template <typename V>
+constexpr bool kWide = false;
+template <>
+constexpr bool kWide<v16s> = true;
+
+SK_INLINE bool wide512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
 constexpr int64_t kRowBlock = 16;  // rows per output buffer (one 64-byte store per column)
 constexpr int64_t kTile = 64;      // widest column tile
 constexpr int64_t kConvRows = 64;  // rows sharing one channel slab (csr_conv)
 
-SK_INLINE v16 splat(float a) { return v16{} + a; }
+template <typename V>
+SK_INLINE V splat(float a);
+template <>
+SK_INLINE v16s splat<v16s>(float a) { return {v16{} + a}; }
+template <>
+SK_INLINE v8x2 splat<v8x2>(float a) { return {v8{} + a, v8{} + a}; }
 
 // Multiply-adds per task (~50-100 us): a layer below two grains (e.g. ResNet-50's fc at batch 1,
 // 90 % sparse: 205K) stays on one thread, as MKL keeps small dense layers: a parallel region
@@ -120,32 +158,32 @@ SK_INLINE void store_tile(const float* buf, float* y, int64_t out, int64_t n, bo
 }
 
 // acc[r][0:16·NV] = bias + Σ_i val[i]·x[col[i], n0 : n0 + 16·NV] for rows r0..r1 into buf[r].
-template <int NV>
+template <typename V, int NV>
 SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
                          int64_t n0, float* buf) {
   for (int64_t r = r0; r < r1; ++r) {
-    v16 a[NV], b[NV];
+    V a[NV], b[NV];
     const float b0 = bias ? bias[r] : 0.f;
-    for (int j = 0; j < NV; ++j) { a[j] = splat(b0); b[j] = v16{}; }
+    for (int j = 0; j < NV; ++j) { a[j] = splat<V>(b0); b[j] = V{}; }
     int64_t i = rowptr[r];
     const int64_t e = rowptr[r + 1];
     for (; i + 1 < e; i += 2) {
       const float* p = x + int64_t(col[i]) * ldx + n0;
       const float* q = x + int64_t(col[i + 1]) * ldx + n0;
-      const v16 u = splat(val[i]), w = splat(val[i + 1]);
+      const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
       for (int j = 0; j < NV; ++j) {
-        a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
-        b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+        a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+        b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
     if (i < e) {
       const float* p = x + int64_t(col[i]) * ldx + n0;
-      const v16 u = splat(val[i]);
-      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+      const V u = splat<V>(val[i]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
     }
     for (int j = 0; j < NV; ++j)
-      *reinterpret_cast<v16*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
+      *reinterpret_cast<V*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
   }
 }
 
@@ -167,23 +205,31 @@ SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float*
 }
 
 // Rows b0..b1 of y = W·X, X[k, j] = x[col·ldx + j] for j < n.
-SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                       const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
-                       int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+template <typename V>
+SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float* val,
+                         const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
+                         int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
   alignas(64) float buf[kRowBlock * kTile];
-  for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
-    const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
-    for (int64_t n0 = 0; n0 < n;) {
-      const int64_t left = n - n0;
-      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
-      if (w == 64) rows_tile<4>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
-      else if (w == 32) rows_tile<2>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
-      else if (w == 16) rows_tile<1>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
+  for (int64_t n0 = 0; n0 < n;) {  // column tiles outer: a tile's slice of x stays in L2
+    const int64_t left = n - n0;
+    const int64_t w = left >= 64 && kWide<V> ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+    for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
+      const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
+      if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
+      else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
+      else if (w == 16) rows_tile<V, 1>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
       else rows_tail(rowptr, col, val, bias, x, ldx, r0, r1, n0, w, buf);
       store_tile(buf, y, out, n, transpose_out, r0, rows, n0, w);
-      n0 += w;
     }
+    n0 += w;
   }
+}
+
+SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                           const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
+                           int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+  if (wide512()) mm_leaf_t<v16s>(rowptr, col, val, bias, x, ldx, n, y, out, transpose_out, b0, b1);
+  else mm_leaf_t<v8x2>(rowptr, col, val, bias, x, ldx, n, y, out, transpose_out, b0, b1);
 }
 
 // Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
@@ -206,27 +252,27 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
 
 // One row's nonzeros i.. with off < limit (a channel slab) added into acc[0:16·NV] for
 // columns n0..; advances i.
-template <int NV>
+template <typename V, int NV>
 SK_INLINE void slab_tile(const int32_t* off, const float* val, int64_t& i, int64_t e,
                          int64_t limit, const float* x, float* acc) {
-  v16 a[NV], b[NV];
-  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const v16*>(acc + 16 * j); b[j] = v16{}; }
+  V a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const V*>(acc + 16 * j); b[j] = V{}; }
   for (; i + 1 < e && off[i + 1] < limit; i += 2) {
     const float* p = x + off[i];
     const float* q = x + off[i + 1];
-    const v16 u = splat(val[i]), w = splat(val[i + 1]);
+    const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
     for (int j = 0; j < NV; ++j) {
-      a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
-      b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+      a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+      b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
     }
   }
   if (i < e && off[i] < limit) {
     const float* p = x + off[i];
-    const v16 u = splat(val[i]);
-    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+    const V u = splat<V>(val[i]);
+    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
     ++i;
   }
-  for (int j = 0; j < NV; ++j) *reinterpret_cast<v16*>(acc + 16 * j) = a[j] + b[j];
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(acc + 16 * j) = a[j] + b[j];
 }
 
 SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64_t e,
@@ -269,14 +315,19 @@ SK_INLINE void slab_blocked(const int64_t* rowptr, const float* bias, int64_t n,
 }
 
 // csr_conv's step: y[o, j] = bias[o] + Σ val·x[off + j] (always inlined into the clones).
+template <typename V>
 struct SlabStep {
   const int32_t* off;
   const float* val;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64) slab_tile<4>(off, val, i, e, limit, x + n0, a);
-    else if (w == 32) slab_tile<2>(off, val, i, e, limit, x + n0, a);
-    else if (w == 16) slab_tile<1>(off, val, i, e, limit, x + n0, a);
+    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
+      int64_t i2 = i;
+      slab_tile<V, 2>(off, val, i2, e, limit, x + n0, a);
+      slab_tile<V, 2>(off, val, i, e, limit, x + n0 + 32, a + 32);
+    } else if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
+    else if (w == 32) slab_tile<V, 2>(off, val, i, e, limit, x + n0, a);
+    else if (w == 16) slab_tile<V, 1>(off, val, i, e, limit, x + n0, a);
     else slab_tail(off, val, i, e, limit, x + n0, w, a);
   }
 };
@@ -285,7 +336,8 @@ SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const fl
                          const float* bias, const float* x, int64_t n, int64_t slab,
                          int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
                          int64_t c0, int64_t c1) {
-  slab_blocked(rowptr, bias, n, slab, span, wp, wv, y, b0, b1, c0, c1, SlabStep{off, val, x});
+  if (wide512()) slab_blocked(rowptr, bias, n, slab, span, wp, wv, y, b0, b1, c0, c1, SlabStep<v16s>{off, val, x});
+  else slab_blocked(rowptr, bias, n, slab, span, wp, wv, y, b0, b1, c0, c1, SlabStep<v8x2>{off, val, x});
 }
 
 // n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]]. Checks the column indices as it reads them
@@ -323,23 +375,23 @@ SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const floa
 
 // RB rows (rr..rr+RB of each block, row stride bi in val) of block row [beg, end) over columns
 // n0..n0 + 16·NV: acc += Σ_blocks Σ_k val[b, r, k]·x[c·bi + k, n0:]; results into buf rows.
-template <int NV, int RB>
+template <typename V, int NV, int RB>
 SK_INLINE void bsr_tile(const int32_t* col, const float* val, int64_t beg, int64_t end,
                         int64_t bo, int64_t bi, int64_t in, int64_t rr, const float* x,
                         int64_t ldx, int64_t n0, float* buf) {
-  v16 a[RB][NV];
+  V a[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) a[r][j] = v16{};
+    for (int j = 0; j < NV; ++j) a[r][j] = V{};
   for (int64_t b = beg; b < end; ++b) {
     const int64_t c0 = int64_t(col[b]) * bi;
     const int64_t kb = std::min(bi, in - c0);
     const float* v = val + (b * bo + rr) * bi;
     const float* p = x + c0 * ldx + n0;
     for (int64_t k = 0; k < kb; ++k, p += ldx) {
-      v16 xv[NV];
-      for (int j = 0; j < NV; ++j) xv[j] = *reinterpret_cast<const v16*>(p + 16 * j);
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = *reinterpret_cast<const V*>(p + 16 * j);
       for (int r = 0; r < RB; ++r) {
-        const v16 u = splat(v[r * bi + k]);
+        const V u = splat<V>(v[r * bi + k]);
         for (int j = 0; j < NV; ++j) a[r][j] += u * xv[j];
       }
     }
@@ -347,29 +399,30 @@ SK_INLINE void bsr_tile(const int32_t* col, const float* val, int64_t beg, int64
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < NV; ++j) {
       float* dst = buf + (rr + r) * kTile + 16 * j;
-      *reinterpret_cast<v16*>(dst) = *reinterpret_cast<v16*>(dst) + a[r][j];
+      *reinterpret_cast<V*>(dst) = *reinterpret_cast<V*>(dst) + a[r][j];
     }
 }
 
-template <int NV>
+template <typename V, int NV>
 SK_INLINE void bsr_rows(const int32_t* col, const float* val, int64_t beg, int64_t end,
                         int64_t bo, int64_t bi, int64_t in, int64_t rows, const float* x,
                         int64_t ldx, int64_t n0, float* buf) {
   int64_t rr = 0;
-  for (; rr + 4 <= rows; rr += 4) bsr_tile<NV, 4>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf);
+  for (; rr + 4 <= rows; rr += 4) bsr_tile<V, NV, 4>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf);
   switch (rows - rr) {
-    case 3: bsr_tile<NV, 3>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
-    case 2: bsr_tile<NV, 2>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
-    case 1: bsr_tile<NV, 1>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
+    case 3: bsr_tile<V, NV, 3>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
+    case 2: bsr_tile<V, NV, 2>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
+    case 1: bsr_tile<V, NV, 1>(col, val, beg, end, bo, bi, in, rr, x, ldx, n0, buf); break;
     default: break;
   }
 }
 
 // Block rows b0..b1 (n > 1); buf holds bo rows × kTile columns.
-SK_CLONES_FMA void bsr_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                            const float* bias, const float* x, int64_t in, int64_t n, int64_t bo,
-                            int64_t bi, float* y, int64_t out, bool transpose_out, int64_t b0,
-                            int64_t b1, float* buf) {
+template <typename V>
+SK_INLINE void bsr_leaf_t(const int64_t* rowptr, const int32_t* col, const float* val,
+                          const float* bias, const float* x, int64_t in, int64_t n, int64_t bo,
+                          int64_t bi, float* y, int64_t out, bool transpose_out, int64_t b0,
+                          int64_t b1, float* buf) {
   for (int64_t br = b0; br < b1; ++br) {
     const int64_t r0 = br * bo, rows = std::min(bo, out - r0);
     const int64_t beg = rowptr[br], end = rowptr[br + 1];
@@ -378,8 +431,8 @@ SK_CLONES_FMA void bsr_leaf(const int64_t* rowptr, const int32_t* col, const flo
       const int64_t w = left >= 32 ? 32 : left >= 16 ? 16 : left;
       for (int64_t r = 0; r < rows; ++r)
         std::fill(buf + r * kTile, buf + r * kTile + kTile, bias ? bias[r0 + r] : 0.f);
-      if (w == 32) bsr_rows<2>(col, val, beg, end, bo, bi, in, rows, x, n, n0, buf);
-      else if (w == 16) bsr_rows<1>(col, val, beg, end, bo, bi, in, rows, x, n, n0, buf);
+      if (w == 32) bsr_rows<V, 2>(col, val, beg, end, bo, bi, in, rows, x, n, n0, buf);
+      else if (w == 16) bsr_rows<V, 1>(col, val, beg, end, bo, bi, in, rows, x, n, n0, buf);
       else {
         for (int64_t b = beg; b < end; ++b) {
           const int64_t c0 = int64_t(col[b]) * bi, kb = std::min(bi, in - c0);
@@ -397,6 +450,14 @@ SK_CLONES_FMA void bsr_leaf(const int64_t* rowptr, const int32_t* col, const flo
       n0 += w;
     }
   }
+}
+
+SK_CLONES_FMA void bsr_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
+                            const float* bias, const float* x, int64_t in, int64_t n, int64_t bo,
+                            int64_t bi, float* y, int64_t out, bool transpose_out, int64_t b0,
+                            int64_t b1, float* buf) {
+  if (wide512()) bsr_leaf_t<v16s>(rowptr, col, val, bias, x, in, n, bo, bi, y, out, transpose_out, b0, b1, buf);
+  else bsr_leaf_t<v8x2>(rowptr, col, val, bias, x, in, n, bo, bi, y, out, transpose_out, b0, b1, buf);
 }
 
 // n = 1: y[r] = bias[r] + Σ_blocks val[b, r, :]·x[c·bi : c·bi + bi]; BI = bi (0: runtime),
@@ -452,37 +513,37 @@ SK_INLINE int64_t nm_col(int64_t j, int64_t nn, int64_t m, const uint8_t* ix) {
 }
 
 // Rows r0..r1 over columns n0..n0 + 16·NV; two accumulator sets (even/odd stored values).
-template <int NV, int NN>
+template <typename V, int NV, int NN>
 SK_INLINE void nm_tile(const float* val, const uint8_t* idx, int64_t len, int64_t nn, int64_t m,
                        const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
                        int64_t n0, float* buf) {
   for (int64_t r = r0; r < r1; ++r) {
-    v16 a[NV], b[NV];
+    V a[NV], b[NV];
     const float b0 = bias ? bias[r] : 0.f;
-    for (int j = 0; j < NV; ++j) { a[j] = splat(b0); b[j] = v16{}; }
+    for (int j = 0; j < NV; ++j) { a[j] = splat<V>(b0); b[j] = V{}; }
     const float* v = val + r * len;
     const uint8_t* ix = idx + r * len;
     int64_t i = 0;
     for (; i + 1 < len; i += 2) {
       const float* p = x + nm_col<NN>(i, nn, m, ix) * ldx + n0;
       const float* q = x + nm_col<NN>(i + 1, nn, m, ix) * ldx + n0;
-      const v16 u = splat(v[i]), w = splat(v[i + 1]);
+      const V u = splat<V>(v[i]), w = splat<V>(v[i + 1]);
       for (int j = 0; j < NV; ++j) {
-        a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
-        b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+        a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+        b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
     if (i < len) {
       const float* p = x + nm_col<NN>(i, nn, m, ix) * ldx + n0;
-      const v16 u = splat(v[i]);
-      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+      const V u = splat<V>(v[i]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
     }
     for (int j = 0; j < NV; ++j)
-      *reinterpret_cast<v16*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
+      *reinterpret_cast<V*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
   }
 }
 
-template <int NN>
+template <typename V, int NN>
 SK_INLINE void nm_leaf_t(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
                          int64_t m, const float* bias, const float* x, int64_t n, float* y,
                          int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
@@ -491,10 +552,10 @@ SK_INLINE void nm_leaf_t(const float* val, const uint8_t* idx, int64_t len, int6
     const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
     for (int64_t n0 = 0; n0 < n;) {
       const int64_t left = n - n0;
-      const int64_t w = left >= 64 ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
-      if (w == 64) nm_tile<4, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
-      else if (w == 32) nm_tile<2, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
-      else if (w == 16) nm_tile<1, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      const int64_t w = left >= 64 && kWide<V> ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
+      if (w == 64) nm_tile<V, 4, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else if (w == 32) nm_tile<V, 2, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
+      else if (w == 16) nm_tile<V, 1, NN>(val, idx, len, nn, m, bias, x, n, r0, r1, n0, buf);
       else {
         for (int64_t r = r0; r < r1; ++r) {
           float* acc = buf + (r - r0) * kTile;
@@ -510,6 +571,14 @@ SK_INLINE void nm_leaf_t(const float* val, const uint8_t* idx, int64_t len, int6
       n0 += w;
     }
   }
+}
+
+template <int NN>
+SK_INLINE void nm_leaf_w(const float* val, const uint8_t* idx, int64_t len, int64_t nn, int64_t m,
+                         const float* bias, const float* x, int64_t n, float* y, int64_t out,
+                         bool transpose_out, int64_t b0, int64_t b1) {
+  if (wide512()) nm_leaf_t<v16s, NN>(val, idx, len, nn, m, bias, x, n, y, out, transpose_out, b0, b1);
+  else nm_leaf_t<v8x2, NN>(val, idx, len, nn, m, bias, x, n, y, out, transpose_out, b0, b1);
 }
 
 // n = 1: y[r] = bias[r] + Σ_j val[r, j]·x[col(j)] (a gather dot product).
@@ -540,7 +609,7 @@ SK_INLINE void nm_mv_t(const float* val, const uint8_t* idx, int64_t len, int64_
 SK_CLONES_FMA void nm_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
                            int64_t m, const float* bias, const float* x, int64_t n, float* y,
                            int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
-  SK_NM_DISPATCH(nm_leaf_t, nn, val, idx, len, nn, m, bias, x, n, y, out, transpose_out, b0, b1)
+  SK_NM_DISPATCH(nm_leaf_w, nn, val, idx, len, nn, m, bias, x, n, y, out, transpose_out, b0, b1)
 }
 
 SK_CLONES_FMA void nm_mv_leaf(const float* val, const uint8_t* idx, int64_t len, int64_t nn,
@@ -553,13 +622,13 @@ SK_CLONES_FMA void nm_mv_leaf(const float* val, const uint8_t* idx, int64_t len,
 
 // One row's kernels i.. with chan < limit added into acc[0:16·NV]; advances i. NT = the
 // number of taps when known at compile time (0: runtime nt); the tap offsets stay in registers.
-template <int NV, int NT>
+template <typename V, int NV, int NT>
 SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* taps, int64_t nt_,
                        int64_t plane, int64_t& i, int64_t e, int64_t limit, const float* x,
                        float* acc) {
   const int64_t nt = NT ? NT : nt_;
-  v16 a[NV], b[NV];
-  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const v16*>(acc + 16 * j); b[j] = v16{}; }
+  V a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const V*>(acc + 16 * j); b[j] = V{}; }
   for (; i < e && chan[i] < limit; ++i) {
     const float* base = x + int64_t(chan[i]) * plane;
     const float* v = val + i * nt;
@@ -567,19 +636,19 @@ SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* tap
     for (; t + 1 < nt; t += 2) {
       const float* p = base + taps[t];
       const float* q = base + taps[t + 1];
-      const v16 u = splat(v[t]), w = splat(v[t + 1]);
+      const V u = splat<V>(v[t]), w = splat<V>(v[t + 1]);
       for (int j = 0; j < NV; ++j) {
-        a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
-        b[j] += w * *reinterpret_cast<const v16*>(q + 16 * j);
+        a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+        b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
     if (t < nt) {
       const float* p = base + taps[t];
-      const v16 u = splat(v[t]);
-      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const v16*>(p + 16 * j);
+      const V u = splat<V>(v[t]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
     }
   }
-  for (int j = 0; j < NV; ++j) *reinterpret_cast<v16*>(acc + 16 * j) = a[j] + b[j];
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(acc + 16 * j) = a[j] + b[j];
 }
 
 SK_INLINE void ck_tail(const int32_t* chan, const float* val, const int32_t* taps, int64_t nt,
@@ -595,7 +664,7 @@ SK_INLINE void ck_tail(const int32_t* chan, const float* val, const int32_t* tap
 
 // ck_conv's step: conv_leaf with kernels instead of nonzeros; slab and channels in input-channel
 // units (always inlined into the clones).
-template <int NT>
+template <typename V, int NT>
 struct CKStep {
   const int32_t* chan;
   const float* val;
@@ -603,9 +672,13 @@ struct CKStep {
   int64_t nt, plane;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64) ck_tile<4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
-    else if (w == 32) ck_tile<2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
-    else if (w == 16) ck_tile<1, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
+      int64_t i2 = i;
+      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i2, e, limit, x + n0, a);
+      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0 + 32, a + 32);
+    } else if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    else if (w == 32) ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    else if (w == 16) ck_tile<V, 1, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else ck_tail(chan, val, taps, nt, plane, i, e, limit, x + n0, w, a);
   }
 };
@@ -614,12 +687,19 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
                            int64_t wv, float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
-  if (nt == 9)  // 3×3
+  const bool w512 = wide512();
+  if (nt == 9 && w512)  // 3×3
     slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
-                 CKStep<9>{chan, val, taps, nt, plane, x});
+                 CKStep<v16s, 9>{chan, val, taps, nt, plane, x});
+  else if (nt == 9)
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+                 CKStep<v8x2, 9>{chan, val, taps, nt, plane, x});
+  else if (w512)
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+                 CKStep<v16s, 0>{chan, val, taps, nt, plane, x});
   else
     slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
-                 CKStep<0>{chan, val, taps, nt, plane, x});
+                 CKStep<v8x2, 0>{chan, val, taps, nt, plane, x});
 }
 
 }  // namespace

@@ -6,9 +6,10 @@ confirms faster than dense. Weight formats: ``formats``; the layers on the spmm 
 (``sparsekern.ops.spmm``): ``functional``.
 """
 from .convert import Candidate, ConversionReport, LayerReport, convert, rank_formats
-from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
+from .fuse import SeparableMaxPool2d
+from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
                       NMLinear, SemiStructuredLinear)
 
 __all__ = ["convert", "rank_formats", "Candidate", "ConversionReport", "LayerReport",
            "CSRLinear", "CSRConv1x1", "CSRConv2d", "BSRLinear", "BSRConv1x1", "NMLinear", "NMConv1x1",
-           "CKConv2d", "SemiStructuredLinear"]
+           "CKConv2d", "SemiStructuredLinear", "BitmapLinear", "SeparableMaxPool2d"]

@@ -18,8 +18,14 @@ Per layer (input shape captured by running ``example_input`` through the model):
 
 What each layer kind can become (CPU, fp32): Linear (transformers' ``Conv1D``, stored ``[in, out]``,
 as a Linear) and 1×1 conv: csr, block, nm; KxK conv (groups 1, zero padding): csr (direct sparse
-conv) and ck (kernel skipping). Grouped / depthwise convs, other dtypes and layers not run by
-``example_input`` stay dense.
+conv) and ck (kernel skipping). CPU, bf16 / fp16: Linear can become bitmap
+(:class:`BitmapLinear`, for decode). Grouped / depthwise convs, bf16 / fp16 convs and layers not
+run by ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
+and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``).
+
+**The batch matters**: each format is measured at the layer's input shape, and the best format
+at batch 1 (a mat-vec) is not the best at batch 64. Pass ``example_input`` with the batch the
+model will run, or ``batch_size=``; without either, convert warns and measures batch 1.
 
 **Layers read from outside.** A converted module has no dense ``weight`` (and a 1×1 conv's has an
 int ``stride``, no ``kernel_size``), so a layer that something else reads stays dense, the reason
@@ -57,6 +63,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -65,12 +72,13 @@ from torch import nn
 from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
-from .modules import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
+from .fuse import batchnorm_pairs, fold_batchnorm, replace_maxpools
+from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
                       NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
                       supports_semi_structured)
 
 #: Formats ``convert`` can choose from (``formats=`` restricts the sparse ones).
-FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4")
+FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4", "bitmap")
 
 #: Block shapes ``(bo, bi)`` the cost model considers for the block format.
 BLOCK_SHAPES = ((4, 4), (8, 8), (16, 16), (4, 1), (1, 8))
@@ -85,6 +93,9 @@ COST_NS = {
            "block": lambda bo, bi: 0.021 if bo >= 4 else 0.033 if bo == 2 else 0.06},
     "conv": {"dense": 0.013, "csr": 0.04, "ck": 0.038},
 }
+#: bf16 / fp16 Linear (CPU): nanoseconds per weight (stored or not: the bitmap kernel's work is
+#: per column group) per row of x, by regime; AMD EPYC (AVX2), 1 thread, 11008×4096 at batch 1.
+COST_NS_16 = {"mv": {"dense": 0.22, "bitmap": 0.15}, "mm": {"dense": 0.02, "bitmap": 0.1}}
 #: Fixed microseconds per call (module, dispatch: the sparse modules call the C++ kernels
 #: directly) and per image (a direct conv's copy into its padded buffer; one kernel call per
 #: group of images).
@@ -177,7 +188,9 @@ def layer_kind(m):
 def _device_formats(w):
     """The sparse formats with fast kernels for ``w``'s device and dtype."""
     if w.device.type == "cpu":
-        return {"csr", "block", "nm", "ck"} if w.dtype == torch.float32 else set()
+        if w.dtype == torch.float32:
+            return {"csr", "block", "nm", "ck"}
+        return {"bitmap"} if w.dtype in (torch.bfloat16, torch.float16) else set()
     if w.device.type == "cuda":  # UNVERIFIED: written without a GPU
         fmts = {"block", "nm"} if HAS_TRITON and w.dtype == torch.float32 else set()
         if w.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(w.device) >= (8, 0):
@@ -208,6 +221,8 @@ def rank_formats(module, input_shape, formats=None):
         cols = dense_cols if kind == "Conv1x1" else images * h_out * wq  # direct conv: wide rows
         regime = "mm" if kind == "Conv1x1" else "conv"
     costs = COST_NS[regime]
+    if w.dtype != torch.float32 and kind == "Linear":
+        costs = COST_NS_16[regime]
 
     def predict(stored, c, c_cols, sparse=True):  # ms
         over = OVERHEAD_US["sparse" if sparse else "dense"] + (OVERHEAD_US["image"] * images if sparse else 0)
@@ -237,6 +252,9 @@ def rank_formats(module, input_shape, formats=None):
         kernels = int((w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).sum())
         stored = kernels * module.kernel_size[0] * module.kernel_size[1]
         cands.append(Candidate("ck", {}, predict(stored, costs["ck"], cols), lambda: CKConv2d.from_dense(module)))
+    if "bitmap" in allowed and kind == "Linear":
+        cands.append(Candidate("bitmap", {}, predict(w.numel(), costs["bitmap"], cols),
+                               lambda: BitmapLinear.from_dense(module)))
     if "2:4" in allowed and kind == "Linear" and supports_semi_structured(w):  # UNVERIFIED (CUDA)
         cands.append(Candidate("2:4", {}, cands[0].predicted_ms * 0.7,
                                lambda: SemiStructuredLinear.from_dense(module)))
@@ -486,7 +504,8 @@ def _choose(m, row, cands, x, min_speedup, reps, reads=None):
     return None
 
 
-def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, return_report=False):
+def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, return_report=False,
+            fold_bn=True, batch_size=None, fast_pool=True):
     """Replace each ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``) of ``model`` (in
     place) by the sparse inference module that the cost model ranks best and a measurement
     confirms at least ``min_speedup``× faster than the dense layer on this device (module
@@ -505,6 +524,20 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
     ``(model, report)`` with ``return_report``: a :class:`ConversionReport` (format, density,
     measured times and speedup, predicted speedup per layer; a dense layer's note says why).
     Converted modules are eval-only.
+
+    fold_bn: first fold each eval ``BatchNorm2d`` that only follows a ``Conv2d`` into that conv
+    (``sparsekern.inference.fuse``: needs a model ``torch.fx`` can trace; the BatchNorm becomes
+    ``nn.Identity``, the conv gets a bias; zeros stay zero). The folded model's outputs equal the
+    original's within fp32 rounding.
+
+    fast_pool: swap each ``nn.MaxPool2d`` (dilation 1, no ceil_mode / indices) for
+    ``fuse.SeparableMaxPool2d`` (same outputs; torch's CPU max pool took ~10 % of a converted
+    ResNet-50 at batch 1).
+
+    batch_size: without ``example_input``, the batch (Linear: rows; Conv2d: images of 14×14) the
+    layers are measured at, i.e. the batch the model will run; default 1 with a warning, since a
+    format chosen at batch 1 (mat-vec) can be slower than dense at batch 64 and the other way round.
+    With ``example_input`` its shapes are used and ``batch_size`` must be None.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
@@ -516,10 +549,25 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
         unknown = set(formats) - set(FORMATS[1:])
         if unknown:
             raise ValueError(f"convert: unknown formats {sorted(unknown)}; choose from {FORMATS[1:]}")
+    if batch_size is not None:
+        if example_input is not None:
+            raise ValueError("convert: pass either example_input or batch_size, not both")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"convert: batch_size must be a positive int, got {batch_size!r}")
+    elif example_input is None:
+        warnings.warn("convert: no example_input and no batch_size: each layer is measured at batch 1 "
+                      "(Linear [1, in], Conv2d [1, C, 14, 14]) and its format chosen for that batch; pass "
+                      "example_input (a batch as the model will run) or batch_size=", stacklevel=2)
+    batch = batch_size or 1
     candidates = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Linear, nn.Conv2d)) or _hf_conv1d_class(m) is not None]
     seen = _probe(model, candidates, example_input) if example_input is not None else None
     functional = _functional_readers(model)
+    # the model changes only from here on (the probe forward above may raise)
+    pairs = batchnorm_pairs(model)[0] if fold_bn else []
+    folded = fold_batchnorm(model, pairs)
+    if fast_pool:
+        replace_maxpools(model)
     report = ConversionReport()
     for name, m in candidates:
         kind = layer_kind(m)
@@ -558,10 +606,12 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
                 continue
             row.input_shape = s.input_shape
         else:
-            row.input_shape = (1, w.shape[1]) if kind == "Linear" and isinstance(m, nn.Linear) else \
-                (1, w.shape[0]) if kind == "Linear" else (1, m.in_channels, DEFAULT_CONV_HW, DEFAULT_CONV_HW)
+            row.input_shape = (batch, w.shape[1]) if kind == "Linear" and isinstance(m, nn.Linear) else \
+                (batch, w.shape[0]) if kind == "Linear" else (batch, m.in_channels, DEFAULT_CONV_HW, DEFAULT_CONV_HW)
         x = torch.randn(row.input_shape, device=w.device, dtype=w.dtype)
         sparse = _choose(m, row, rank_formats(m, row.input_shape, formats), x, min_speedup, reps, reads)
+        if name in folded:
+            row.note = f"{folded[name]} folded; {row.note}"
         if sparse is not None:
             if name:
                 _replace_everywhere(model, m, sparse)

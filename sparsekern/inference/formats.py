@@ -152,3 +152,39 @@ def ck_from_dense(w):
 def ck_to_dense(rowptr, chan, val, shape):
     """Dense ``shape = [out, C, R, S]`` weight of a CK weight (:func:`ck_from_dense`)."""
     return _scatter_rows(rowptr, chan, val.reshape(-1, *shape[2:]), tuple(shape))
+
+
+#: Columns per mask word of the bitmap format (the kernel reads the mask 8 bytes at a time).
+BITMAP_COLS = 64
+#: Values of zero slack after a bitmap weight's nonzeros (the kernel loads 8 at a time).
+BITMAP_SLACK = 8
+
+
+def bitmap_from_dense(w):
+    """Bitmap form of a 2-D bf16 / fp16 weight ``[out, in]`` (``bitmap_mm``): ``(rowptr int64
+    [out+1], mask uint8 [out, G], val [nnz + 8])``: ``G = 8·⌈in/64⌉``, bit ``j`` of ``mask[r, g]``
+    set iff ``w[r, 8g + j] != 0``; ``val`` the nonzeros row by row (columns ascending) in ``w``'s
+    dtype, then :data:`BITMAP_SLACK` zeros. 1/8 byte per weight plus 2 per nonzero."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"bitmap_from_dense: expected a bfloat16 / float16 [out, in] weight, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    w = w.detach()
+    out, cols = w.shape
+    padded = -(-cols // BITMAP_COLS) * BITMAP_COLS
+    alive = torch.nn.functional.pad(w != 0, (0, padded - cols))
+    bits = alive.reshape(out, padded // 8, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8, device=w.device)
+    mask = bits.sum(-1, dtype=torch.uint8).contiguous() if out else torch.zeros(0, padded // 8, dtype=torch.uint8)
+    counts = alive.sum(1)
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+    val = torch.cat([w[w != 0], w.new_zeros(BITMAP_SLACK)]).contiguous()
+    return rowptr, mask, val
+
+
+def bitmap_to_dense(rowptr, mask, val, shape):
+    """Dense ``shape = [out, in]`` weight of a bitmap weight (:func:`bitmap_from_dense`)."""
+    out, cols = shape
+    bits = (mask[..., None] >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    alive = bits.reshape(out, mask.shape[1] * 8).bool()
+    w = val.new_zeros(out, alive.shape[1])
+    w[alive] = val[:int(rowptr[-1])]
+    return w[:, :cols]

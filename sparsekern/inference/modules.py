@@ -353,3 +353,70 @@ def supports_conv1x1(conv):
     """Whether a ``nn.Conv2d`` can become a :class:`CSRConv1x1`."""
     return (supports_conv(conv) and tuple(conv.kernel_size) == (1, 1)
             and tuple(conv.padding) == (0, 0) and conv.stride[0] == conv.stride[1])
+
+
+class BitmapLinear(nn.Module):
+    """Linear with a bf16 / fp16 weight ``[out, in]`` in the bitmap format
+    (``formats.bitmap_from_dense``: a bit per weight and the packed nonzeros; fewer bytes than the
+    dense weight below ~94 % density): ``x [..., in]`` (the weight's dtype) → ``[..., out]``,
+    fp32 accumulation (``spmm.bitmap_mm``). Eval-only. For decode (a few rows of ``x``)."""
+
+    format = "bitmap"
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+                weight.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"BitmapLinear: weight must be a bfloat16 / float16 [out, in] tensor, got "
+                             f"{getattr(weight, 'dtype', type(weight).__name__)} "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+            raise ValueError(f"BitmapLinear: bias must be None or a [{weight.shape[0]}] tensor, got "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        self.out_features, self.in_features = (int(v) for v in weight.shape)
+        rowptr, mask, val = formats.bitmap_from_dense(weight)
+        self.register_buffer("rowptr", rowptr)
+        self.register_buffer("mask", mask)
+        self.register_buffer("val", val)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(weight.dtype).contiguous().clone())
+        self.register_buffer("_no_bias", torch.empty(0, dtype=weight.dtype), persistent=False)
+
+    @classmethod
+    def from_dense(cls, linear):
+        return cls(linear.weight, linear.bias)
+
+    @property
+    def density(self):
+        """Fraction of nonzero weights."""
+        return int(self.rowptr[-1]) / max(1, self.out_features * self.in_features)
+
+    def weight_dense(self):
+        """The dense weight ``[out, in]``, zeros restored."""
+        return formats.bitmap_to_dense(self.rowptr, self.mask, self.val, (self.out_features, self.in_features))
+
+    def forward(self, x):
+        name = type(self).__name__
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(f"{name} is inference-only: call model.eval() or run under "
+                               "torch.no_grad() / torch.inference_mode()")
+        b = self._buffers
+        if not isinstance(x, torch.Tensor) or x.dtype != b["val"].dtype:
+            raise ValueError(f"{name}: input must be a {b['val'].dtype} tensor (the weight's dtype), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: expected {self.in_features} input features at dim -1, got input of "
+                             f"shape {tuple(x.shape)}")
+        bias = b["bias"] if b["bias"] is not None else b["_no_bias"]
+        y = spmm.bitmap_mm(b["rowptr"], b["mask"], b["val"], bias, x.reshape(-1, self.in_features),
+                           self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        t = state_dict.get(prefix + "val")
+        if isinstance(t, torch.Tensor):  # nnz differs between weights of one layer shape
+            self._buffers["val"] = torch.empty_like(t, device=self._buffers["val"].device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dtype={self.val.dtype}, density={self.density:.3f}")

@@ -16,7 +16,10 @@ builders: ``sparsekern.inference.formats``; the layers built on these ops:
   run ``x[off : off + n]`` of a flat input; the first ``wv`` of every ``wp`` outputs are kept:
   ``[out, n / wp, wv]`` (direct KxK convolution);
 * ``ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)``: the alive
-  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv``.
+  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv``;
+* ``bitmap_mm(rowptr, mask, val, bias, x, out_features)``: a bf16 / fp16 weight as a bit per
+  weight plus its packed nonzeros, times ``x [B, in]`` (Linear layout) → ``[B, out]``, fp32
+  accumulation (decode; ``csrc/cpu/spmm_bf16.cpp`` on CPU, the reference elsewhere).
 
 Implementations: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
 else the reference (``sparsekern.reference``); ``x`` may have any strides.
@@ -24,6 +27,8 @@ else the reference (``sparsekern.reference``); ``x`` may have any strides.
 TypeError naming them otherwise, on every device). :func:`csr_mm`, :func:`csr_conv`,
 :func:`bsr_mm`, :func:`nm_mm` and :func:`ck_conv` check the dtypes and call the op.
 """
+import torch
+
 from .. import reference
 from ._common import FLOAT_DTYPES, check_cpp, define, triton_module
 
@@ -95,6 +100,29 @@ def _define(name):
 
 _csr_mm, _bsr_mm, _nm_mm, _csr_conv, _ck_conv = (_define(n) for n in ("csr_mm", "bsr_mm", "nm_mm", "csr_conv",
                                                                      "ck_conv"))
+
+
+# --- bitmap_mm: bf16 / fp16 weights (csrc/cpu/spmm_bf16.cpp; the reference on other devices) -------
+
+def check_bitmap(val, bias, x):
+    """TypeError unless ``val`` is bf16 / fp16 and ``x`` and a non-empty ``bias`` have its dtype."""
+    if val.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"bitmap_mm: val must be bfloat16 or float16, got {val.dtype}")
+    check_dtypes("bitmap_mm", val, bias, x)
+
+
+def _bitmap_reference(rowptr, mask, val, bias, x, out_features):
+    check_bitmap(val, bias, x)
+    return reference.bitmap_mm(rowptr, mask, val, bias, x.contiguous(), out_features)
+
+
+def _bitmap_fake(rowptr, mask, val, bias, x, out_features):
+    check_bitmap(val, bias, x)
+    return x.new_empty((x.shape[0], out_features))
+
+
+_bitmap_mm = define("bitmap_mm(Tensor rowptr, Tensor mask, Tensor val, Tensor bias, Tensor x, SymInt out_features) "
+                    "-> Tensor", "spmm", cpp=True, fake=_bitmap_fake, reference=_bitmap_reference)
 check_cpp("spmm")
 
 
@@ -126,3 +154,12 @@ def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, 
     """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`."""
     check_dtypes("ck_conv", val, bias, x)
     return _ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)
+
+
+def bitmap_mm(rowptr, mask, val, bias, x, out_features):
+    """``torch.ops.sparsekern.bitmap_mm`` after :func:`check_bitmap`: ``x [B, in] · Wᵀ + bias`` →
+    ``[B, out]`` for a bitmap bf16/fp16 weight (``inference.formats.bitmap_from_dense``: ``mask``
+    uint8 ``[out, G]``, ``val`` the nonzeros + 8 slack, ``rowptr`` int64 ``[out + 1]``), fp32
+    accumulation, rounded once to ``x``'s dtype."""
+    check_bitmap(val, bias, x)
+    return _bitmap_mm(rowptr, mask, val, bias, x, out_features)

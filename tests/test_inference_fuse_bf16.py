@@ -1,0 +1,332 @@
+"""Issue 16: BatchNorm folding and the separable max pool of ``convert`` (outputs equal the
+unfused model), convert's batch choice, and the bf16 / fp16 bitmap format (``bitmap_mm``,
+``BitmapLinear``): kernel vs reference and dense, opcheck, compile / export, a transformers Llama
+converted end to end."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern as sk
+from bench.models import Bottleneck, mobilenet_v1
+from sparsekern import reference
+from sparsekern.inference import BitmapLinear, SeparableMaxPool2d, formats
+from sparsekern.inference.fuse import batchnorm_pairs
+from sparsekern.ops import spmm
+
+FP32 = dict(atol=1e-5, rtol=1e-5)
+#: one rounding of an fp32 sum to the 16-bit dtype (both sides accumulate in fp32, in other orders)
+TOL16 = {torch.bfloat16: dict(atol=1e-5, rtol=2 ** -7), torch.float16: dict(atol=1e-5, rtol=2 ** -10)}
+
+
+def _sparse(shape, density, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < density)).to(dtype)
+
+
+def _calibrated(model, seed=0):
+    """BatchNorm statistics of one random batch (non-trivial mean/var), eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    with torch.no_grad():
+        model.train()(torch.randn(4, *model.input_shape, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+class TinyResNet(nn.Sequential):
+    input_shape = (16, 12, 12)
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), Bottleneck(16, 8), Bottleneck(32, 8, stride=2))
+
+
+# --- BatchNorm folding, max pool --------------------------------------------------------------------
+
+@pytest.mark.parametrize("min_speedup", [0.0, float("inf")])
+def test_convert_folds_batchnorm_equal_outputs(min_speedup):
+    model = _calibrated(TinyResNet())
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) < 0.3)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    conv, report = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=min_speedup, reps=1,
+                                        return_report=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+    assert not any(type(m) is nn.MaxPool2d for m in conv.modules())
+    assert sum("folded" in r.note for r in report) == 1 + 4 + 4  # stem; 3 convs + downsample per block
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), ref, **FP32)
+
+
+def test_batchnorm_pairs_rules():
+    class Shared(nn.Module):  # conv output used twice; bn in train mode; bn after a non-conv
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.c, self.bn_c = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.bn_a(y) + y + self.bn_b(self.b(x)) + self.bn_c(self.c(x))
+
+    m = Shared().eval()
+    m.bn_b.train()
+    assert batchnorm_pairs(m)[0] == [("c", "bn_c")]
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    pairs, note = batchnorm_pairs(Untraceable().eval())
+    assert pairs == [] and "cannot trace" in note
+
+
+def test_convert_leaves_model_untouched_on_bad_arguments():
+    model = _calibrated(TinyResNet())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="reps"):
+        sk.inference.convert(model, reps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        sk.inference.convert(model, batch_size=0)
+    with pytest.raises(ValueError, match="either example_input or batch_size"):
+        sk.inference.convert(model, example_input=torch.randn(1, 16, 12, 12), batch_size=2)
+    assert isinstance(model[1], nn.BatchNorm2d) and type(model[3]) is nn.MaxPool2d
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_mobilenet_folds_depthwise_and_pointwise():
+    model = mobilenet_v1()
+    model.input_shape = (3, 64, 64)
+    model = _calibrated(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    conv = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=float("inf"), reps=1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), ref, atol=1e-4, rtol=1e-4)  # 27 folded layers deep
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0)), (5, 3, 2)])
+@pytest.mark.parametrize("hw", [(7, 7), (12, 9), (3, 5)])
+def test_separable_maxpool_equals_torch(k, s, p, hw):
+    x = torch.randn(2, 3, *hw)
+    x[0, 0, 0, 0] = float("nan")
+    pool = nn.MaxPool2d(k, s, p)
+    ref = pool(x)
+    assert SeparableMaxPool2d.supports(pool)
+    torch.testing.assert_close(SeparableMaxPool2d.from_dense(pool)(x), ref, equal_nan=True, atol=0, rtol=0)
+
+
+def test_separable_maxpool_refuses_other_pools():
+    assert not SeparableMaxPool2d.supports(nn.MaxPool2d(3, 2, ceil_mode=True))
+    assert not SeparableMaxPool2d.supports(nn.MaxPool2d(3, 2, dilation=2))
+    assert not SeparableMaxPool2d.supports(nn.MaxPool2d(3, 2, return_indices=True))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        SeparableMaxPool2d(3)(torch.randn(3, 8, 8))
+
+
+# --- convert's batch -----------------------------------------------------------------------------
+
+def test_convert_without_example_warns_and_batch_size_sets_the_shape():
+    lin = nn.Sequential(nn.Linear(64, 32)).eval()
+    with pytest.warns(UserWarning, match="batch 1"):
+        _, report = sk.inference.convert(copy.deepcopy(lin), min_speedup=0.0, reps=1, return_report=True)
+    assert report[0].input_shape == (1, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = sk.inference.convert(copy.deepcopy(lin), min_speedup=0.0, reps=1, batch_size=16,
+                                         return_report=True)
+    assert report[0].input_shape == (16, 64)
+
+
+# --- bitmap format and kernel ----------------------------------------------------------------------
+
+DT16 = [torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (7, 5), (33, 130), (16, 64), (5, 200), (0, 10), (4, 0)]
+
+
+@pytest.mark.parametrize("dtype", DT16)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
+def test_bitmap_format_roundtrip(dtype, shape, density):
+    w = _sparse(shape, density, dtype)
+    rowptr, mask, val = formats.bitmap_from_dense(w)
+    assert mask.shape == (shape[0], 8 * -(-shape[1] // 64)) and mask.dtype == torch.uint8
+    assert val.numel() == int((w != 0).sum()) + formats.BITMAP_SLACK and val.dtype == dtype
+    assert torch.equal(formats.bitmap_to_dense(rowptr, mask, val, shape), w)
+    assert torch.equal(reference.bitmap_to_dense(rowptr, mask, val, shape), w)
+
+
+@pytest.mark.parametrize("dtype", DT16)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", [0, 1, 3, 4, 7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bitmap_mm_equals_reference_and_dense(dtype, shape, batch, bias):
+    w = _sparse(shape, 0.4, dtype, seed=1)
+    b = torch.randn(shape[0]).to(dtype) if bias else torch.empty(0, dtype=dtype)
+    x = torch.randn(batch, shape[1]).to(dtype)
+    args = (*formats.bitmap_from_dense(w), b, x, shape[0])
+    y = spmm.bitmap_mm(*args)
+    assert y.shape == (batch, shape[0]) and y.dtype == dtype
+    dense = (x.float() @ w.float().t() + (b.float() if bias else 0)).to(dtype)
+    torch.testing.assert_close(y, reference.bitmap_mm(*args), **TOL16[dtype])
+    torch.testing.assert_close(y, dense, **TOL16[dtype])
+
+
+def test_bitmap_mm_non_contiguous_x_and_2to4():
+    w = _sparse((24, 128), 1.0, torch.bfloat16)
+    w = w * sk.nm_mask(w.float(), 2, 4).to(w.dtype)
+    xt = torch.randn(128, 3).to(torch.bfloat16).t()  # [3, 128], not contiguous
+    y = spmm.bitmap_mm(*formats.bitmap_from_dense(w), torch.empty(0, dtype=w.dtype), xt, 24)
+    torch.testing.assert_close(y, (xt.float() @ w.float().t()).to(w.dtype), **TOL16[torch.bfloat16])
+
+
+def test_bitmap_mm_errors():
+    w = _sparse((8, 16), 0.5, torch.bfloat16)
+    rowptr, mask, val = formats.bitmap_from_dense(w)
+    none, x = torch.empty(0, dtype=w.dtype), torch.randn(2, 16).to(w.dtype)
+    with pytest.raises(TypeError, match="val must be bfloat16 or float16"):
+        spmm.bitmap_mm(rowptr, mask, val.float(), none.float(), x.float(), 8)
+    with pytest.raises(TypeError, match="x is torch.float16 but val is torch.bfloat16"):
+        spmm.bitmap_mm(rowptr, mask, val, none, x.half(), 8)
+    bad = mask.clone()
+    bad[0, 0] ^= 1  # one bit more or less than rowptr says
+    with pytest.raises(RuntimeError, match="set bits do not match rowptr"):
+        spmm.bitmap_mm(rowptr, bad, val, none, x, 8)
+    with pytest.raises(RuntimeError, match="slack"):
+        spmm.bitmap_mm(rowptr, mask, val[:-8], none, x, 8)
+    with pytest.raises(RuntimeError, match="columns but mask holds"):
+        spmm.bitmap_mm(rowptr, mask, val, none, torch.randn(2, 80).to(w.dtype), 8)
+
+
+def test_bitmap_mm_opcheck_and_compile():
+    w = _sparse((9, 70), 0.4, torch.bfloat16)
+    args = formats.bitmap_from_dense(w)
+    for x in (torch.randn(1, 70), torch.randn(5, 70)):
+        torch.library.opcheck(torch.ops.sparsekern.bitmap_mm,
+                              (*args, torch.randn(9).to(w.dtype), x.to(w.dtype), 9))
+    lin = BitmapLinear(w).eval()
+    f = torch.compile(lin, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 70).to(w.dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), lin(x), atol=0, rtol=0)
+
+
+# --- BitmapLinear, convert of bf16 / fp16 models -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DT16)
+def test_bitmap_linear_module(dtype):
+    lin = nn.Linear(70, 33).to(dtype).eval()
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(33, 70) < 0.4)
+    m = BitmapLinear.from_dense(lin).eval()
+    x = torch.randn(2, 5, 70).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), lin(x), **TOL16[dtype])
+    assert torch.equal(m.weight_dense(), lin.weight.detach())
+    assert abs(m.density - float((lin.weight != 0).float().mean())) < 1e-6
+    other = BitmapLinear(_sparse((33, 70), 0.9, dtype, seed=5), torch.zeros(33, dtype=dtype))
+    other.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), m(x))
+    with pytest.raises(ValueError, match="bfloat16 / float16"):
+        BitmapLinear(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="input must be a"):
+        m(x.float())
+    with pytest.raises(ValueError, match="70 input features"):
+        m(torch.randn(2, 71).to(dtype))
+
+
+def test_convert_bf16_mlp_export():
+    model = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 64, bias=False)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape) < 0.5)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    conv, report = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1,
+                                        return_report=True)
+    assert [r.format for r in report] == ["bitmap", "bitmap"]
+    assert all(isinstance(conv[i], BitmapLinear) for i in (0, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), ref, **TOL16[torch.bfloat16])
+        ep = torch.export.export(conv, (x,))
+        torch.testing.assert_close(ep.module()(x), conv(x), atol=0, rtol=0)
+
+
+def test_convert_transformers_llama_bf16_end_to_end():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(torch.rand(m.weight.shape) < 0.4)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    conv, report = sk.inference.convert(copy.deepcopy(model), example_input=ids, min_speedup=0.0, reps=1,
+                                        return_report=True)
+    assert len(report) == 2 * 7 + 1 and all(r.format == "bitmap" for r in report)
+    with torch.no_grad():
+        out = conv(ids).logits
+    # each layer rounds once to bf16 from an fp32 sum (as torch's bf16 linear): equal within bf16
+    # rounding propagated through 2 layers (logits are O(1))
+    torch.testing.assert_close(out, ref, atol=2 ** -6, rtol=2 ** -6)
+
+
+def test_converted_folded_model_compiles_and_exports():
+    model = _calibrated(TinyResNet())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    x = torch.randn(1, 16, 12, 12)
+    conv = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1)
+    assert any(getattr(m, "format", None) in ("csr", "ck", "block", "nm") for m in conv.modules())
+    with torch.no_grad():
+        eager = conv(x)
+        torch.testing.assert_close(eager, model(x), **FP32)
+        torch.testing.assert_close(torch.compile(conv, fullgraph=True, backend="eager")(x), eager, atol=0, rtol=0)
+        torch.testing.assert_close(torch.export.export(conv, (x,)).module()(x), eager, atol=0, rtol=0)
+
+
+def test_convert_leaves_model_untouched_when_the_probe_forward_fails():
+    model = _calibrated(TinyResNet())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError):
+        sk.inference.convert(model, example_input=torch.randn(1, 5, 12, 12), reps=1)  # 5 channels, not 16
+    assert isinstance(model[1], nn.BatchNorm2d) and type(model[3]) is nn.MaxPool2d
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bitmap_op_called_directly_takes_strided_x_and_raises_type_errors():
+    w = _sparse((8, 70), 0.5, torch.bfloat16)
+    rowptr, mask, val = formats.bitmap_from_dense(w)
+    none = torch.empty(0, dtype=w.dtype)
+    op = torch.ops.sparsekern.bitmap_mm  # the C++ CPU kernel without the Python checks
+    xt = torch.randn(70, 3).to(w.dtype).t()
+    assert torch.equal(op(rowptr, mask, val, none, xt, 8), op(rowptr, mask, val, none, xt.contiguous(), 8))
+    with pytest.raises(TypeError, match="x is torch.float16 but val is torch.bfloat16"):
+        op(rowptr, mask, val, none, xt.half(), 8)
+    with pytest.raises(TypeError, match="val must be bfloat16 or float16"):
+        op(rowptr, mask, val.float(), none.float(), xt.float(), 8)
