@@ -1,0 +1,99 @@
+"""Exact magnitude quantiles over weights sharded across ranks (SPEC §9; issue 15, work in progress).
+
+Each rank holds shards of the tensors; the quantile is numpy's over the union of all shards,
+bit-identical to ``global_magnitude_threshold`` / ``magnitude_thresholds`` on the full tensors in
+one process. Only per-digit histograms travel: |w|·c in fp32 is non-negative, so its bit pattern
+as int32 orders like the value; an exact order statistic is found by radix selection, 8 bits per
+pass (4 passes), each pass one ``all_reduce`` of ``[queries, 256]`` int64 counts (2 KB per query),
+the bucket found on the device (no host sync in the passes). The interpolation between the two
+order statistics is ``reference.numpy_lerp``, as in one process.
+"""
+import torch
+import torch.distributed as dist
+
+from .. import reference
+
+_DIGIT_BITS = 8
+_BUCKETS = 1 << _DIGIT_BITS
+
+
+def _keys(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 ``|w|·c`` of a local shard as int32 keys ordered like the values (flattened)."""
+    return reference.magnitudes([t], None if scale == 1.0 else [scale])[0].view(torch.int32)
+
+
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def order_statistics(local_keys: list[list[torch.Tensor]], ranks: torch.Tensor, group=None) -> torch.Tensor:
+    """The ``ranks[q]``-th smallest key (0-based) of query ``q``'s keys over all ranks of ``group``.
+
+    local_keys: per query, this rank's int32 key tensors (queries may share tensors); ranks: int64
+    ``[Q]`` on the keys' device, the same on every rank. Returns int32 ``[Q]``.
+    """
+    device = ranks.device
+    q = len(local_keys)
+    prefix = torch.zeros(q, dtype=torch.int64, device=device)
+    remaining = ranks.clone()
+    for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        hist = torch.zeros(q, _BUCKETS, dtype=torch.int64, device=device)
+        for i, keys in enumerate(local_keys):
+            for k in keys:
+                k = k.to(torch.int64)
+                match = (k >> (shift + _DIGIT_BITS)) == (prefix[i] >> (shift + _DIGIT_BITS))
+                digit = (k[match] >> shift) & (_BUCKETS - 1)
+                hist[i] += torch.bincount(digit, minlength=_BUCKETS)
+        _all_reduce(hist, group)
+        cum = hist.cumsum(1)
+        bucket = torch.searchsorted(cum, remaining[:, None], right=True)[:, 0]
+        below = torch.where(bucket > 0, cum.gather(1, (bucket - 1).clamp_min(0)[:, None])[:, 0], 0)
+        remaining -= below
+        prefix |= bucket << shift
+    return prefix.to(torch.int32)
+
+
+def _check_nan(local: list[torch.Tensor], group) -> None:
+    """FloatingPointError naming the first tensor with a NaN on any rank (one small all_reduce)."""
+    flags = torch.tensor([bool(torch.isnan(t).any()) for t in local] or [False], dtype=torch.int32)
+    flags = _all_reduce(flags.to(local[0].device if local else "cpu"), group, dist.ReduceOp.MAX).cpu()
+    bad = [i for i, f in enumerate(flags.tolist()) if f]
+    if bad:
+        raise FloatingPointError(f"tensors[{bad[0]}] contains NaN (|w|·c is NaN) on some rank: no threshold exists")
+
+
+def _quantiles(queries: list[list[torch.Tensor]], sizes: list[int], qs: list[float], interpolation: str, group):
+    """Per query: numpy's quantile ``qs[i]`` of the union over ranks (``sizes[i]`` elements)."""
+    device = queries[0][0].device if queries and queries[0] else torch.device("cpu")
+    plan = [reference.quantile_ranks(n, q, interpolation) for n, q in zip(sizes, qs)]
+    wanted = torch.tensor([r for k0, k1, _ in plan for r in (k0, k1)], dtype=torch.int64, device=device)
+    keys = [query for query in queries for _ in range(2)]
+    stats = order_statistics(keys, wanted, group).view(torch.float32).view(-1, 2)
+    out = []
+    for (lo, hi), (_, _, gamma) in zip(stats, plan):
+        out.append(reference.numpy_lerp(lo, hi, gamma) if interpolation == "linear" else lo.clone())
+    return torch.stack(out)
+
+
+def global_magnitude_threshold(local_tensors, global_numel: int, sparsity: float, scales=None,
+                               interpolation="linear", group=None, check_nan=True) -> torch.Tensor:
+    """``np.quantile(concat(|w|·c over every rank's shards), sparsity)`` as a 0-d fp32 tensor, the
+    same on every rank. local_tensors: this rank's shards (possibly none of a tensor: an empty one);
+    global_numel: the total element count over all ranks; scales: one ``c`` per tensor."""
+    scales = [1.0] * len(local_tensors) if scales is None else list(scales)
+    if check_nan:
+        _check_nan([t.detach() for t in local_tensors], group)
+    keys = [_keys(t, c) for t, c in zip(local_tensors, scales)]
+    return _quantiles([keys], [global_numel], [sparsity], interpolation, group)[0]
+
+
+def magnitude_thresholds(local_tensors, global_numels: list[int], sparsities, interpolation="linear",
+                         group=None, check_nan=True) -> torch.Tensor:
+    """One exact quantile of |w| per tensor over its shards on every rank: fp32 ``[len]``."""
+    if isinstance(sparsities, (int, float)):
+        sparsities = [sparsities] * len(local_tensors)
+    if check_nan:
+        _check_nan([t.detach() for t in local_tensors], group)
+    keys = [[_keys(t, 1.0)] for t in local_tensors]
+    return _quantiles(keys, list(global_numels), list(sparsities), interpolation, group)
