@@ -74,3 +74,42 @@ def test_two_ranks_match_one_process(tmp_path):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
         for a, b in zip(got["layer"], expect_l):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
+
+
+def _fsdp_worker(rank, port, out):
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from sparsekern.ops import distributed as D
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))
+    fully_shard(model)  # parameters become DTensors, Shard(0) over the 2 ranks (uneven: 5 rows, 3 rows)
+    ws = [model[0].weight, model[3].weight]
+    local = [w.to_local().detach() for w in ws]
+    res = [D.global_magnitude_threshold(local, sum(w.numel() for w in ws), s) for s in (0.3, 0.5, 0.9)]
+    res.append(D.magnitude_thresholds(local, [w.numel() for w in ws], 0.5))
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_shards_match_the_full_weights(tmp_path):
+    out = str(tmp_path / "fsdp")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_fsdp_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(80, 3))
+    ws = [model[0].weight.detach(), model[3].weight.detach()]
+    expect = [sk.global_magnitude_threshold(ws, s) for s in (0.3, 0.5, 0.9)] + [sk.magnitude_thresholds(ws, 0.5)]
+    for rank in range(2):
+        for a, b in zip(torch.load(f"{out}.{rank}"), expect):
+            assert torch.equal(a, b), (rank, a, b)
