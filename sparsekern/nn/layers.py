@@ -196,13 +196,18 @@ def _sparse_class(base: type, names: frozenset) -> type:
     if key not in _CLASSES:
         def __reduce_ex__(self, protocol):
             return _rebuild, (base, names), self.__dict__
+        def register_parameter(self, name: str, param) -> None:
+            with raw_weights():  # its hasattr(self, name) must not run the method's op
+                base.register_parameter(self, name, param)
+
         def extra_repr(self) -> str:
             sparse = [f"{'' if p == 'weight' else p + ': '}{sw.method.extra_repr()}"
                       for p, sw in sorted(self.__dict__.get("_sparsekern", {}).items())]
             return ", ".join([r for r in [base.extra_repr(self)] if r] + sparse)
         attrs = {n: _sparse_attr(n) for n in sorted(names)}
         _CLASSES[key] = type(f"Sparsified{base.__name__}", (base,), {
-            **attrs, "__reduce_ex__": __reduce_ex__, "extra_repr": extra_repr, "_sparsekern_base": base,
+            **attrs, "__reduce_ex__": __reduce_ex__, "register_parameter": register_parameter,
+            "extra_repr": extra_repr, "_sparsekern_base": base,
             "__module__": base.__module__, "__qualname__": f"Sparsified{base.__qualname__}"})
     return _CLASSES[key]
 
@@ -250,6 +255,10 @@ class SparseLayer:
     @property
     def method(self) -> Method:
         return self.__dict__["_sparsekern"]["weight"].method
+
+    def register_parameter(self, name: str, param) -> None:
+        with raw_weights():  # its hasattr(self, name) must not run the method's op
+            super().register_parameter(name, param)
 
     @property
     def raw_weight(self) -> nn.Parameter:
