@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .flops import count_flops
 from .losses import AdaptiveSparsityLoss, erf_sparsity
@@ -114,6 +115,9 @@ class Sparsifier:
             return
         weights = [sw.param for sw in layers]
         s = self.target(step)
+        if any(isinstance(w, DTensor) for w in weights):  # FSDP2: exact thresholds from the local shards
+            self._update_sharded(layers, weights, s)
+            return
         check_nan = weights[0].device.type == "cpu"  # reading the NaN flag back is free only there
         if s == 0.0:  # t = 0 keeps every nonzero (the quantile would prune the smallest |w|)
             thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
@@ -128,6 +132,23 @@ class Sparsifier:
             top = torch._foreach_norm([w.detach() for w in weights], float("inf"))
             self._check_dead(torch.stack([(a.float() <= t) & (w.numel() > 0)
                                           for a, t, w in zip(top, thresholds, weights)]))
+
+    def _update_sharded(self, layers, weights, s: float) -> None:
+        """WIP issue 15: thresholds of FSDP2-sharded weights (DTensor, one mesh) without gathering them."""
+        from .ops import distributed
+        group = weights[0].device_mesh.get_group()
+        local = [w.to_local().detach() for w in weights]
+        if s == 0.0:
+            thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in local]
+        elif self.scope == "global":
+            T = distributed.global_magnitude_threshold(local, sum(w.numel() for w in weights), s,
+                                                       scales=self.scales, group=group)
+            thresholds = [T if c == 1.0 else T / c for c in self.scales]
+        else:
+            thresholds = distributed.magnitude_thresholds(local, [w.numel() for w in weights], s,
+                                                          group=group).unbind()
+        for sw, t in zip(layers, thresholds):
+            self.method.set_threshold(sw, t)
 
     def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
         """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers

@@ -113,3 +113,57 @@ def test_fsdp2_shards_match_the_full_weights(tmp_path):
     for rank in range(2):
         for a, b in zip(torch.load(f"{out}.{rank}"), expect):
             assert torch.equal(a, b), (rank, a, b)
+
+
+def _fsdp_train_worker(rank, port, out, method):
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    model, ref = make(), make()
+    sp = sk.sparsify(model, method, schedule=sk.CubicSchedule(0, 3, 0.5))
+    spr = sk.sparsify(ref, method, schedule=sk.CubicSchedule(0, 3, 0.5))
+    for m in (model[0], model[2]):
+        fully_shard(m)
+    fully_shard(model)  # sparsify first, then FSDP2 per layer and at the root
+    opt, optr = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        xs = [torch.randn(4, 8, generator=g) for _ in range(2)]
+        loss = model(xs[rank]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step()
+        ref_loss = sum(ref(x).square().mean() for x in xs) / 2  # one process, the global batch
+        optr.zero_grad()
+        ref_loss.backward()
+        optr.step()
+        spr.step()
+    res = {n: (sp.layers[n].threshold.clone(), spr.layers[n].threshold.clone(),
+               (sp.layers[n].param.full_tensor() - spr.layers[n].param).abs().max()) for n in sp.layers}
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["gmp", "st3"])
+def test_fsdp2_training_thresholds_match_one_process(tmp_path, method):
+    out = str(tmp_path / "train")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_fsdp_train_worker, args=(r, port, out, method)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for rank in range(2):
+        for name, (t, t_ref, dw) in torch.load(f"{out}.{rank}").items():
+            assert torch.equal(t, t_ref), (rank, name, t, t_ref)
+            assert dw <= 1e-6, (rank, name, dw)
