@@ -33,7 +33,10 @@ class CubicSchedule:
             return self.initial_sparsity
         if step >= self.end_step:
             return self.final_sparsity
-        frac = (step - self.start_step) / (self.end_step - self.start_step)
+        return self._ramp((step - self.start_step) / (self.end_step - self.start_step))
+
+    def _ramp(self, frac: float) -> float:
+        """The target a fraction ``frac`` ∈ (0, 1) into the ramp."""
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
 
     def __repr__(self) -> str:
@@ -45,12 +48,7 @@ class LinearSchedule(CubicSchedule):
     """Linear ramp: ``s(t) = s_i + (s_f − s_i)·(t − t0)/(t1 − t0)`` for ``t0 ≤ t ≤ t1``, ``s_i``
     before, ``s_f`` after (STARFIRE's ``ramp="linear"``, SPEC §5)."""
 
-    def __call__(self, step: int) -> float:
-        if step <= self.start_step:
-            return self.initial_sparsity
-        if step >= self.end_step:
-            return self.final_sparsity
-        frac = (step - self.start_step) / (self.end_step - self.start_step)
+    def _ramp(self, frac: float) -> float:
         return self.initial_sparsity + (self.final_sparsity - self.initial_sparsity) * frac
 
     def __repr__(self) -> str:

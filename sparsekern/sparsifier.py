@@ -102,8 +102,7 @@ class Sparsifier:
     def _update(self, step: int) -> None:
         layers = list(self.layers.values())
         if self._frozen:
-            for sw in layers:
-                sw.weight.masked_fill_(~sw.mask, 0)
+            FixedMask.zero_pruned(layers)
             return
         if isinstance(self.method, MaskMethod):
             self.method.update(layers, step, self.target(step))
@@ -195,22 +194,18 @@ class Sparsifier:
         return levels
 
     def _check_dead(self, flags: Tensor) -> None:
-        """Warn once per layer that is 100 % pruned. CPU: now; accelerators: the flags are copied
-        to the host without a sync and read at the next step."""
-        if flags.device.type == "cpu":
+        """Warn once per layer that is 100 % pruned. CUDA: the flags are copied to the host without
+        a sync and read at the next step; elsewhere: now."""
+        if flags.device.type != "cuda":  # CPU (other devices: read now too)
             self._warn_dead(flags.tolist())
             return
         if self._pending is not None:
             host, event = self._pending
             event.synchronize()
             self._warn_dead(host.tolist())
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=torch.cuda.is_available())
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags, non_blocking=True)
-        event = torch.cuda.Event() if flags.device.type == "cuda" else None
-        if event is None:
-            self._pending = None
-            self._warn_dead(host.tolist())
-            return
+        event = torch.cuda.Event()
         event.record()
         self._pending = (host, event)
 
@@ -544,20 +539,21 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
         if any(pn in m.__dict__.get("_sparsekern", {}) for _, m, pn in where[name]):
             raise ValueError(f"weight {name!r} is already sparse (another sparsify() call): finalize() that "
                              "Sparsifier first, or exclude= it")
-        w = p.t() if transposed else p
-        reason = meth.unsupported(w)
+        sw = SparseWeight(mod, pname, name, transposed, meth)
+        reason = meth.unsupported(sw.weight)
         if reason is not None:
             dense[name], dense_weights[name] = f"{meth.name}: {reason}", p
             continue
-        chosen.append(SparseWeight(mod, pname, name, transposed, meth))
+        chosen.append(sw)
     if not chosen:
         raise ValueError(f"every prunable weight of the model is left dense: {dense}")
     unsupported = {n: r for n, r in dense.items() if r != "excluded"}
     if unsupported:
         warnings.warn(f"sparsify: {len(unsupported)} weight(s) stay dense, the method cannot prune them: "
                       f"{unsupported}", UserWarning, stacklevel=2)
-    zero = [sw.name for sw in chosen if sw.param.numel() and not bool(sw.param.any())]
-    if zero and isinstance(meth, STR):
+    zero = [] if not isinstance(meth, STR) else [sw.name for sw in chosen
+                                                  if sw.param.numel() and not bool(sw.param.any())]
+    if zero:
         warnings.warn(f"sparsify: weight(s) {zero} are all zero: under 'str' a weight with |w| <= g(s) gets no "
                       "gradient, so they would never train; initialise them or exclude= them", UserWarning, stacklevel=2)
     if isinstance(meth, (STR, ASL)) and _wrapped_by_ddp([sw.param for sw in chosen]):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import sparsekern as sk
 from sparsekern.inference import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear,
@@ -515,7 +516,6 @@ def test_convert_without_example_sees_readers_in_the_source():
 def test_convert_transformers_conv1d(example):
     """transformers' Conv1D (GPT-2: ``x @ weight + bias``, weight ``[in, out]``) converts as a
     Linear of the transposed weight; a module shared by two parents is replaced in both."""
-    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
     shared = Conv1D(24, 16)  # nf = out, nx = in
     model = prune_(nn.Sequential(shared, nn.ReLU(), Conv1D(8, 24)), 0.7).eval()
     outer = nn.ModuleDict({"a": model, "b": nn.Sequential(shared)})

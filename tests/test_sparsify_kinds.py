@@ -366,3 +366,24 @@ def test_include_replaces_the_default_choice():
     assert type(plain[0]) is nn.Linear
     with pytest.raises(TypeError, match="include must be a predicate"):
         sk.sparsify(plain, "gmp", sparsity=0.5, include=["0"])
+
+
+def test_assigning_a_parameter_does_not_run_the_method():
+    """Module.register_parameter checks hasattr(self, name) first: on a sparse module that must
+    not compute the effective weight (FSDP2, tie_weights and users re-assign Parameters)."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    sp = sk.sparsify(model, "gmp", sparsity=0.5)
+    calls = []
+    method = sp.layers["0"].method
+    original = type(method).sparse_weight
+    type(method).sparse_weight = lambda self, layer: calls.append(1) or original(self, layer)
+    try:
+        new = nn.Parameter(torch.randn(4, 4))
+        model[0].weight = new
+        assert calls == [] and sp.layers["0"].param is new
+        lin = sk.nn.SparseLinear(4, 4, method="gmp")
+        lin.weight = nn.Parameter(torch.randn(4, 4))
+        assert calls == []
+    finally:
+        type(method).sparse_weight = original
+    assert torch.equal(model[0].weight, sp.layers["0"].effective_weight())

@@ -505,6 +505,17 @@ void run_elementwise(const View& v, const float* t, F&& leaf) {
   });
 }
 
+// leaf(S{}, mode, begin, n, t_at_begin) over [0, v.n) in parallel chunks, for w's storage type S
+// and the threshold mode (a std::integral_constant): the driver of every elementwise op.
+template <class F>
+void for_each_chunk(const at::Tensor& w, const View& v, const float* t, F&& leaf) {
+  dispatch_storage(w.scalar_type(), [&](auto s) {
+    dispatch_mode(v.mode, [&](auto m) {
+      run_elementwise(v, t, [&](int64_t b, int64_t n, const float* tb) { leaf(s, m, b, n, tb); });
+    });
+  });
+}
+
 // g(t) of STR with the same ATen kernels as the reference (bit-identical thresholds).
 at::Tensor activate(const at::Tensor& t, int64_t act) {
   TORCH_CHECK(act >= 0 && act <= 2, "sparsekern: act must be 0 (identity), 1 (sigmoid) or 2 (exp)");
@@ -531,13 +542,9 @@ at::Tensor soft_fwd(const at::Tensor& w, const at::Tensor& t, int64_t act) {
   at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = thr.const_data_ptr<float>();
-  dispatch_storage(w.scalar_type(), [&](auto s) {
+  for_each_chunk(w, v, tp, [&](auto s, auto m, int64_t b, int64_t n, const float* tb) {
     using S = decltype(s);
-    dispatch_mode(v.mode, [&](auto m) {
-      run_elementwise(v, tp, [&](int64_t b, int64_t n, const float* tb) {
-        soft_fwd_leaf<S, decltype(m)::value>(cptr<S>(w) + b, tb, mptr<S>(out) + b, b, n, v.inner);
-      });
-    });
+    soft_fwd_leaf<S, decltype(m)::value>(cptr<S>(w) + b, tb, mptr<S>(out) + b, b, n, v.inner);
   });
   return out;
 }
@@ -552,14 +559,10 @@ std::tuple<at::Tensor, at::Tensor> soft_bwd(const at::Tensor& grad, const at::Te
     at::Tensor gt = t_grad ? at::zeros(t.sizes(), t.options()) : at::empty({0}, t.options());
     if (v.n == 0) return {gw, gt};
     const float* tp = thr.const_data_ptr<float>();
-    dispatch_storage(w.scalar_type(), [&](auto s) {
+    for_each_chunk(w, v, tp, [&](auto s, auto m, int64_t b, int64_t n, const float* tb) {
       using S = decltype(s);
-      dispatch_mode(v.mode, [&](auto m) {
-        run_elementwise(v, tp, [&](int64_t b, int64_t n, const float* tb) {
-          masked_grad_leaf<S, decltype(m)::value>(cptr<S>(grad) + b, cptr<S>(w) + b, tb, mptr<S>(gw) + b,
-                                       0.f, b, n, v.inner);
-        });
-      });
+      masked_grad_leaf<S, decltype(m)::value>(cptr<S>(grad) + b, cptr<S>(w) + b, tb, mptr<S>(gw) + b, 0.f, b,
+                                              n, v.inner);
     });
     return {gw, gt};
   }
@@ -671,21 +674,17 @@ at::Tensor power_fwd(const at::Tensor& w, const at::Tensor& t, double p) {
   const float* tp = t.const_data_ptr<float>();
   const double pf = p, inv_pf = 1.0 / p;
   const PowKind kind = p == 1.0 ? kPow1 : p == 2.0 ? kPow2 : p == 3.0 ? kPow3 : kPowGen;
-  dispatch_storage(w.scalar_type(), [&](auto s) {
+  for_each_chunk(w, v, tp, [&](auto s, auto m, int64_t b, int64_t n, const float* tb) {
     using S = decltype(s);
-    dispatch_mode(v.mode, [&](auto m) {
-      constexpr int M = decltype(m)::value;
-      run_elementwise(v, tp, [&](int64_t b, int64_t n, const float* tb) {
-        const auto* wp = cptr<S>(w) + b;
-        auto* op = mptr<S>(out) + b;
-        switch (kind) {
-          case kPow1: return power_fwd_leaf<S, M, kPow1>(wp, tb, op, pf, inv_pf, b, n, v.inner);
-          case kPow2: return power_fwd_leaf<S, M, kPow2>(wp, tb, op, pf, inv_pf, b, n, v.inner);
-          case kPow3: return power_fwd_leaf<S, M, kPow3>(wp, tb, op, pf, inv_pf, b, n, v.inner);
-          default: return power_fwd_leaf<S, M, kPowGen>(wp, tb, op, pf, inv_pf, b, n, v.inner);
-        }
-      });
-    });
+    constexpr int M = decltype(m)::value;
+    const auto* wp = cptr<S>(w) + b;
+    auto* op = mptr<S>(out) + b;
+    switch (kind) {
+      case kPow1: return power_fwd_leaf<S, M, kPow1>(wp, tb, op, pf, inv_pf, b, n, v.inner);
+      case kPow2: return power_fwd_leaf<S, M, kPow2>(wp, tb, op, pf, inv_pf, b, n, v.inner);
+      case kPow3: return power_fwd_leaf<S, M, kPow3>(wp, tb, op, pf, inv_pf, b, n, v.inner);
+      default: return power_fwd_leaf<S, M, kPowGen>(wp, tb, op, pf, inv_pf, b, n, v.inner);
+    }
   });
   return out;
 }
@@ -697,14 +696,10 @@ at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& w, const at::Te
   at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
-  dispatch_storage(w.scalar_type(), [&](auto s) {
+  for_each_chunk(w, v, tp, [&](auto s, auto m, int64_t b, int64_t n, const float* tb) {
     using S = decltype(s);
-    dispatch_mode(v.mode, [&](auto m) {
-      run_elementwise(v, tp, [&](int64_t b, int64_t n, const float* tb) {
-        masked_grad_leaf<S, decltype(m)::value>(cptr<S>(grad) + b, cptr<S>(w) + b, tb, mptr<S>(out) + b,
-                                     theta, b, n, v.inner);
-      });
-    });
+    masked_grad_leaf<S, decltype(m)::value>(cptr<S>(grad) + b, cptr<S>(w) + b, tb, mptr<S>(out) + b, theta, b,
+                                            n, v.inner);
   });
   return out;
 }
@@ -719,13 +714,9 @@ at::Tensor hard_fwd(const at::Tensor& w, const at::Tensor& t) {
   at::Tensor out = at::empty(w.sizes(), w.options());
   if (v.n == 0) return out;
   const float* tp = t.const_data_ptr<float>();
-  dispatch_storage(w.scalar_type(), [&](auto s) {
+  for_each_chunk(w, v, tp, [&](auto s, auto m, int64_t b, int64_t n, const float* tb) {
     using S = decltype(s);
-    dispatch_mode(v.mode, [&](auto m) {
-      run_elementwise(v, tp, [&](int64_t b, int64_t n, const float* tb) {
-        hard_fwd_leaf<S, decltype(m)::value>(cptr<S>(w) + b, tb, mptr<S>(out) + b, b, n, v.inner);
-      });
-    });
+    hard_fwd_leaf<S, decltype(m)::value>(cptr<S>(w) + b, tb, mptr<S>(out) + b, b, n, v.inner);
   });
   return out;
 }

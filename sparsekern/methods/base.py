@@ -72,18 +72,31 @@ class MagnitudeMethod(Method):
         layer.threshold.copy_(t)
 
 
-class FixedMask(Method):
-    """Fine-tuning under a fixed mask (``Sparsifier.freeze()``): ``w·mask``; pruned weights get
-    zero gradient and ``Sparsifier.step()`` re-zeroes them (momentum or weight decay cannot regrow
-    them). Layer state: ``mask``, bool, the weight's canonical shape."""
-
-    name = "frozen"
+class MaskedWeights(Method):
+    """Methods whose layers carry a persistent bool buffer ``mask`` (the weight's canonical
+    shape): forward ``masked_weight(weight, mask)`` (pruned weights are zero and get zero
+    gradient, no straight-through), and ``zero_pruned`` after each optimizer step."""
 
     def init_state(self, layer) -> None:
         layer.register_buffer("mask", torch.ones(layer.weight.shape, dtype=torch.bool, device=layer.weight.device))
 
     def sparse_weight(self, layer) -> Tensor:
         return masked_weight(layer.weight, layer.mask)
+
+    @staticmethod
+    @torch.no_grad()
+    def zero_pruned(layers: list) -> None:
+        """Set the pruned weights to exactly 0 in place (undoing momentum and weight decay)."""
+        for layer in layers:
+            layer.weight.masked_fill_(~layer.mask, 0)
+
+
+class FixedMask(MaskedWeights):
+    """Fine-tuning under a fixed mask (``Sparsifier.freeze()``): ``w·mask``; pruned weights get
+    zero gradient and ``Sparsifier.step()`` re-zeroes them (momentum or weight decay cannot regrow
+    them)."""
+
+    name = "frozen"
 
 
 def _check_era(era) -> tuple[int, int]:
@@ -94,9 +107,9 @@ def _check_era(era) -> tuple[int, int]:
     return int(era[0]), int(era[1])
 
 
-class MaskMethod(Method):
-    """Methods whose layers carry a persistent bool buffer ``mask`` (shape of ``weight``), rebuilt
-    by mask ops over a pruning era ``(start, end)`` of optimizer steps, then frozen (SPEC §5).
+class MaskMethod(MaskedWeights):
+    """Methods whose ``mask`` is rebuilt by mask ops over a pruning era ``(start, end)`` of
+    optimizer steps, then frozen (SPEC §5).
 
     The Sparsifier's target ramps 0 → ``final_sparsity`` over the era (``ramp``: ``"cubic"``,
     SPEC §7, or ``"linear"``) and calls ``update`` after every optimizer step ``t``:
@@ -104,8 +117,7 @@ class MaskMethod(Method):
     current weights at the target, ANDed with the old one; ``t > end``: frozen. From ``t > start``
     the pruned weights are also zeroed in place each step, undoing what momentum and weight decay
     did to them in ``optimizer.step()``: a pruned weight stays exactly 0 and, being the smallest
-    magnitude, stays pruned. Forward ``masked_weight(weight, mask)``: pruned weights are zero
-    in the forward and get zero gradient (no straight-through).
+    magnitude, stays pruned.
     """
 
     def __init__(self, final_sparsity: float, era, ramp: str):
@@ -126,12 +138,9 @@ class MaskMethod(Method):
         """One bool keep-mask per weight (same shape) at target ``sparsity`` in (0, 1]."""
 
     def init_state(self, layer) -> None:
-        layer.register_buffer("mask", torch.ones(layer.weight.shape, dtype=torch.bool, device=layer.weight.device))
+        super().init_state(layer)
         if self.final_sparsity > 0:  # a shape or option the mask op refuses fails now, not at the era
             self.masks([layer.weight.detach()], self.final_sparsity)
-
-    def sparse_weight(self, layer) -> Tensor:
-        return masked_weight(layer.weight, layer.mask)
 
     @torch.no_grad()
     def update(self, layers: list, step: int, sparsity: float) -> None:
@@ -151,13 +160,11 @@ class MaskMethod(Method):
                 raise FloatingPointError(f"weight {layer.name!r} contains NaN: its mask is undefined "
                                          f"(step {step}; nothing was changed)")
         if step <= end and sparsity > 0:
-            for layer in layers:  # score pruned weights as 0, not where the optimizer moved them
-                layer.weight.masked_fill_(~layer.mask, 0)
+            self.zero_pruned(layers)  # score pruned weights as 0, not where the optimizer moved them
             for layer, mask in zip(layers, self.masks([m.weight for m in layers], sparsity)):
                 layer.mask &= mask
             self.link_masks(layers)
-        for layer in layers:
-            layer.weight.masked_fill_(~layer.mask, 0)
+        self.zero_pruned(layers)
 
     def link_masks(self, layers: list) -> None:
         """After each rebuild in the era: adjust masks that depend on other layers' (none here)."""

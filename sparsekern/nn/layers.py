@@ -178,7 +178,7 @@ def _sparse_attr(pname: str) -> _SparseAttr:
             return module._parameters[pname]                   # its forward sees the unsharded tensor
         if _State.reads is not None:
             _State.reads.add(id(sw))
-        w = sw.method.sparse_weight(sw)
+        w = sw.effective_weight()
         return w.t() if sw.transposed else w
     return _SparseAttr(get, doc=f"the effective (sparse) {pname}; the raw one is _parameters[{pname!r}]")
 
@@ -231,12 +231,9 @@ def disable(module: nn.Module, pname: str) -> None:
     table = module.__dict__.get("_sparsekern", {})
     table.pop(pname, None)
     base = _base_class(module)
-    if table:
-        module.__class__ = _sparse_class(base, frozenset(table))
-    else:
+    module.__class__ = _sparse_class(base, frozenset(table)) if table else base
+    if not table:
         module.__dict__.pop("_sparsekern", None)
-        if not any(isinstance(getattr(base, n, None), _SparseAttr) for n in dir(base)):
-            module.__class__ = base
 
 
 def sparse_weights(module: nn.Module) -> dict[str, SparseWeight]:
