@@ -17,10 +17,20 @@ from .methods import ASL, STR, MagnitudeMethod, MaskMethod, Method, method_class
 from .methods.base import FixedMask
 from .nn import SparseWeight, prunable_weights
 from .nn.layers import _State, disable, enable, holders
-from .ops import global_magnitude_threshold, magnitude_thresholds
+from .ops import distributed, global_magnitude_threshold, magnitude_thresholds
 from .schedules import CubicSchedule, LinearSchedule, check_sparsity  # noqa: F401  (public here too)
 
 
+
+
+class _Whole:
+    """A ``SparseWeight`` whose ``weight`` is a given whole tensor (an FSDP2 weight gathered)."""
+
+    def __init__(self, sw: SparseWeight, weight: Tensor):
+        self.__dict__.update(_sw=sw, weight=weight)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_sw"], name)
 
 
 #: STR/ASL learn their thresholds; every this many steps ``step()`` thresholds each weight once
@@ -72,6 +82,8 @@ class Sparsifier:
         self._finalized = self._frozen = False
         self._dead: set[str] = set()  # layers already warned about (100 % sparse)
         self._pending = None  # (flags on the host, CUDA event) of the last step's dead-layer check
+        self._sharded_key = None  # ids of the FSDP2-sharded Parameters last validated (_shard_group)
+        self._grad_hooks: list = []  # replicated_params(): gradient averaging of STR's s / ASL's r
         self._update(0)
 
     def target(self, step: int | None = None) -> float | None:
@@ -101,6 +113,7 @@ class Sparsifier:
     @torch.no_grad()
     def _update(self, step: int) -> None:
         layers = list(self.layers.values())
+        group = self._shard_group()
         if self._frozen:
             FixedMask.zero_pruned(layers)
             return
@@ -109,13 +122,13 @@ class Sparsifier:
             return
         if not isinstance(self.method, MagnitudeMethod):  # STR, ASL: learned thresholds
             if step % LEARNED_DEAD_CHECK_EVERY == 0:
-                self._check_dead(torch.stack([~(sw.effective_weight() != 0).any() & (sw.param.numel() > 0)
+                self._check_dead(torch.stack([~(self._full_effective(sw) != 0).any() & (sw.param.numel() > 0)
                                               for sw in layers]))
             return
         weights = [sw.param for sw in layers]
         s = self.target(step)
-        if any(isinstance(w, DTensor) for w in weights):  # FSDP2: exact thresholds from the local shards
-            self._update_sharded(layers, weights, s)
+        if group is not None:  # FSDP2: exact thresholds from the local shards
+            self._update_sharded(layers, weights, s, group)
             return
         check_nan = weights[0].device.type == "cpu"  # reading the NaN flag back is free only there
         if s == 0.0:  # t = 0 keeps every nonzero (the quantile would prune the smallest |w|)
@@ -132,10 +145,68 @@ class Sparsifier:
             self._check_dead(torch.stack([(a.float() <= t) & (w.numel() > 0)
                                           for a, t, w in zip(top, thresholds, weights)]))
 
-    def _update_sharded(self, layers, weights, s: float) -> None:
-        """WIP issue 15: thresholds of FSDP2-sharded weights (DTensor, one mesh) without gathering them."""
-        from .ops import distributed
-        group = weights[0].device_mesh.get_group()
+    def _shard_group(self):
+        """The process group of the FSDP2-sharded weights, or None when no weight is a DTensor.
+        Validated whenever the sharded Parameters change: all sparse weights sharded, by
+        ``fully_shard`` as ``Shard(0)`` on a 1-D mesh (tensor parallel is refused, naming the
+        weight), learned thresholds (STR's s, ASL's r) managed by FSDP2 or ``replicated_params()``."""
+        params = [sw.param for sw in self.layers.values()]
+        sharded = [isinstance(p, DTensor) for p in params]
+        if not any(sharded):
+            return None
+        key = tuple(id(p) for p in params)
+        if key != self._sharded_key:
+            fsdp = distributed.fsdp_params(self.model)
+            for name, sw in self.layers.items():
+                if isinstance(sw.param, DTensor):
+                    distributed.check_sharded(name, sw.param, fsdp)
+            plain = [name for name, d in zip(self.layers, sharded) if not d]
+            if plain:
+                raise ValueError(f"some sparse weights are sharded (FSDP2) and these are not: {plain}; "
+                                 "fully_shard every sparsified layer (e.g. fully_shard the root module too)")
+            hooked = {id(p) for p in self._learned_params()} if self._grad_hooks else set()
+            loose = [name for name, p in zip(self.layers, self._learned_params()) if id(p) not in fsdp | hooked]
+            if loose:
+                raise RuntimeError(f"the learned thresholds of {loose} ({self.method.name}) are neither sharded by "
+                                   "FSDP2 nor synchronised: pass sparsifier.replicated_params() to "
+                                   "fully_shard(..., ignored_params=...) (it also averages their gradients)")
+            self._sharded_key = key
+        return params[0].device_mesh.get_group()
+
+    def _learned_params(self) -> list[nn.Parameter]:
+        """STR's ``s`` / ASL's ``r`` of every layer (layer order); empty for the other methods."""
+        state = "s" if isinstance(self.method, STR) else "r" if isinstance(self.method, ASL) else None
+        return [getattr(sw, state) for sw in self.layers.values()] if state and not self._frozen else []
+
+    def replicated_params(self, group=None) -> set[nn.Parameter]:
+        """STR's ``s`` / ASL's ``r`` Parameters for ``fully_shard(..., ignored_params=...)``
+        (FSDP2 cannot shard 0-d Parameters): they stay whole on every rank, and from this call on
+        each one's gradient is averaged over ``group`` (default: all ranks) after every backward
+        (one all_reduce per Parameter), so they stay identical on every rank. Empty for the other
+        methods. Call it on every rank, after ``sparsify`` and before training."""
+        params = self._learned_params()
+        if params and not self._grad_hooks:
+            world = torch.distributed.get_world_size(group)
+
+            def average(p: Tensor) -> None:
+                torch.distributed.all_reduce(p.grad, group=group)
+                p.grad.div_(world)
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(average) for p in params]
+        return set(params)
+
+    def _full_effective(self, sw: SparseWeight) -> Tensor:
+        """``sw.effective_weight()`` (canonical layout, no grad); of an FSDP2-sharded weight computed
+        from its gathered whole (``full_tensor``, one weight at a time: reporting and rare checks)."""
+        if not isinstance(sw.param, DTensor):
+            return sw.effective_weight().detach()
+        full = sw.param.full_tensor().detach()
+        return sw.method.sparse_weight(_Whole(sw, full.t() if sw.transposed else full)).detach()
+
+    def _update_sharded(self, layers, weights, s: float, group) -> None:
+        """Exact thresholds of FSDP2-sharded weights from the local shards (``ops.distributed``:
+        per radix pass one small all_reduce; the weights never travel), the same on every rank."""
+        if self.min_density is not None:
+            raise ValueError("min_density is not supported with FSDP2-sharded weights")
         local = [w.to_local().detach() for w in weights]
         if s == 0.0:
             thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in local]
@@ -148,6 +219,11 @@ class Sparsifier:
                                                           group=group).unbind()
         for sw, t in zip(layers, thresholds):
             self.method.set_threshold(sw, t)
+        if s > 0.0:  # dead layers: global max |w| per layer (one all_reduce of a float per layer)
+            top = torch.stack([w.abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
+                               for w in local])
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+            self._check_dead(torch.stack([(a <= t) & (w.numel() > 0) for a, t, w in zip(top, thresholds, weights)]))
 
     def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
         """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers
@@ -244,7 +320,9 @@ class Sparsifier:
         return groups
 
     def _effective(self, sw: SparseWeight) -> Tensor:
-        return sw.param if self._finalized else sw.effective_weight()
+        if self._finalized:
+            return sw.param.full_tensor() if isinstance(sw.param, DTensor) else sw.param
+        return self._full_effective(sw)
 
     @torch.no_grad()
     def sparsity(self) -> dict:
@@ -262,7 +340,8 @@ class Sparsifier:
             z = int((w == 0).sum())
             per_layer[name] = z / max(w.numel(), 1)
             zeros, total = zeros + z, total + w.numel()
-        dense_zeros = sum(int((w == 0).sum()) for w in self._dense_weights.values())
+        dense_zeros = sum(int(((w.full_tensor() if isinstance(w, DTensor) else w) == 0).sum())
+                          for w in self._dense_weights.values())
         dense_total = sum(w.numel() for w in self._dense_weights.values())
         report = {"overall": zeros / max(total, 1), "layers": per_layer,
                   "model": (zeros + dense_zeros) / max(total + dense_total, 1), "dense": list(self.dense),
@@ -278,10 +357,15 @@ class Sparsifier:
     def _bake(self) -> dict[str, Tensor]:
         """Write each effective weight into its Parameter (in place: ties and optimizers keep
         it) and drop the method's state; returns the canonical masks ``effective != 0``."""
-        effective = {name: sw.effective_weight().detach().clone() for name, sw in self.layers.items()}
+        effective = {name: self._full_effective(sw).clone() for name, sw in self.layers.items()}
         masks = {}
         for name, sw in self.layers.items():
-            sw.weight.copy_(effective[name])
+            if isinstance(sw.param, DTensor):  # FSDP2: this rank's rows of the stored layout
+                off, rows = distributed.shard_rows(sw.param)
+                stored = effective[name].t() if sw.transposed else effective[name]
+                sw.param.to_local().copy_(stored[off:off + rows])
+            else:
+                sw.weight.copy_(effective[name])
             masks[name] = effective[name] != 0
             sw.drop_state()
             for mod, pname in self._holders[name]:
@@ -529,12 +613,19 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     if not candidates:
         raise ValueError("model has no weight to sparsify (Linear, Conv1d/2d/3d, MultiheadAttention, Conv1D)")
     chosen, dense, dense_weights, where = [], {}, {}, {}
+    fsdp = None  # ids of FSDP2's sharded Parameters, once a DTensor weight is seen
     for name, mod, pname, transposed in candidates:
         p = mod._parameters[pname]
         where[name] = holders(model, p)
         if any(skip(mname, m) for mname, m, _ in where[name]):
             dense[name], dense_weights[name] = "excluded", p
             continue
+        if isinstance(p, DTensor):
+            fsdp = distributed.fsdp_params(model) if fsdp is None else fsdp
+            distributed.check_sharded(name, p, fsdp)
+            if not magnitude:
+                raise ValueError(f"weight {name!r} is already sharded by FSDP2 (fully_shard): method {meth.name!r} "
+                                 "needs sparsify(model) first, then fully_shard (see README, Distributed training)")
         _check_weight(name, p)
         if any(pn in m.__dict__.get("_sparsekern", {}) for _, m, pn in where[name]):
             raise ValueError(f"weight {name!r} is already sparse (another sparsify() call): finalize() that "

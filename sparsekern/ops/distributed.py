@@ -97,3 +97,58 @@ def magnitude_thresholds(local_tensors, global_numels: list[int], sparsities, in
         _check_nan([t.detach() for t in local_tensors], group)
     keys = [[_keys(t, 1.0)] for t in local_tensors]
     return _quantiles(keys, list(global_numels), list(sparsities), interpolation, group)
+
+
+# --- FSDP2 shards: rows of Shard(0) DTensors ------------------------------------------------------
+
+def fsdp_params(model) -> set[int]:
+    """ids of the sharded Parameters that ``fully_shard`` (FSDP2) manages anywhere in ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            for group in m._get_fsdp_state()._fsdp_param_groups:
+                ids.update(id(fp.sharded_param) for fp in group.fsdp_params)
+    return ids
+
+
+def check_sharded(name: str, param, fsdp_ids: set[int]) -> None:
+    """ValueError naming ``name`` unless ``param`` is an FSDP2 shard sparsekern drives: a DTensor
+    managed by ``fully_shard`` (``fsdp_ids``), ``Shard(0)`` on a 1-D mesh."""
+    from torch.distributed.tensor import Shard
+    if id(param) not in fsdp_ids:
+        raise ValueError(f"weight {name!r} is a DTensor ({param.placements}) not managed by FSDP2's fully_shard "
+                         "(tensor parallel, or distribute_tensor): sparsekern supports DDP and FSDP2 "
+                         "(fully_shard) data parallelism only")
+    if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"weight {name!r} is sharded as {tuple(param.placements)} on a {param.device_mesh.ndim}-D "
+                         "mesh: sparsekern supports FSDP2's default Shard(0) on a 1-D mesh only (no HSDP, no "
+                         "shard_placement_fn)")
+
+
+def shard_rows(param) -> tuple[int, int]:
+    """``(global row offset, local rows)`` of this rank's ``Shard(0)`` shard of DTensor ``param``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return offset[0], shape[0]
+
+
+def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
+    """The ``rows``-row concatenation of every rank's ``local`` rows, sharded like FSDP2's
+    ``Shard(0)`` (``torch.chunk``: rank r holds rows ``[r·c, min((r+1)·c, rows))``, ``c = ceil(rows/world)``)."""
+    world = dist.get_world_size(group)
+    chunk = -(-rows // world)
+    dtype = local.dtype
+    x = local.view(torch.uint8) if dtype == torch.bool else local
+    padded = x.new_zeros((chunk,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous(), group=group)
+    full = torch.cat(out)[:rows]
+    return full.view(torch.bool) if dtype == torch.bool else full
+
+
+def any_rank(flag: bool, device, group=None) -> bool:
+    """Whether ``flag`` is True on any rank of ``group`` (one 4-byte all_reduce)."""
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    return bool(_all_reduce(t, group, dist.ReduceOp.MAX).item())

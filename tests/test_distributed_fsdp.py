@@ -1,0 +1,520 @@
+"""FSDP2 (``fully_shard``, gloo, 2 ranks on 127.0.0.1): every method against one process.
+
+One spawn of 2 ranks (this file run as a script) runs every case below and rank 0 saves what the
+tests assert here, in the parent:
+
+* training (``sparsify``, then ``fully_shard`` per layer and at the root; STR/ASL pass
+  ``sparsifier.replicated_params()`` as ``ignored_params``), 5 steps, different data per rank:
+  both ranks hold the same bits (gathered weights, thresholds, masks, s/r, effective weights);
+  the thresholds are bit-identical to ``global_magnitude_threshold``/``magnitude_thresholds`` of
+  one process on the gathered full weights; masks, thresholds and ``sparsity()`` equal a
+  single-process run on the global batch, whose weights they match within ``GLOBAL_BATCH_REL``
+  (float reassociation of the reduce-scatter, as in tests/test_distributed.py);
+* also root-only ``fully_shard``, ``fully_shard`` before ``sparsify`` (magnitude methods), and
+  ``freeze()`` / ``finalize()`` on sharded weights;
+* STARFIRE and N:M masks built from the shards equal the single-process masks of the whole
+  weights bit for bit, for every pattern (uneven shards: 7 and 5 rows over 2 ranks);
+* DCP: save on 2 ranks after 2 steps, resume in fresh models, 2 more steps: bit-identical to the
+  uninterrupted run; state_dict keys plain;
+* refusals: tensor parallel (a DTensor FSDP2 does not manage), at ``sparsify`` and at ``step()``,
+  naming the weight; ``fully_shard`` before ``sparsify`` for STR/ASL/masks; STR whose ``s`` is
+  neither sharded nor synchronised.
+
+Bounded time: process-group timeout 60 s; the parent kills both ranks after ``PARENT_TIMEOUT_S``.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+WORLD = 2
+STEPS = 5
+BATCH = 8  # per rank
+LR, WD, MOMENTUM = 0.1, 5e-4, 0.9
+PG_TIMEOUT_S = 60
+PARENT_TIMEOUT_S = 150
+RESULTS = "results.pt"
+GLOBAL_BATCH_REL = 2e-6  # see tests/test_distributed.py (same model scale, same reassociation)
+FEATHER_P = 3.0
+
+#: (run, method, sparsify options, order): "first" = sparsify, then fully_shard per layer + root;
+#: "root" = sparsify, then fully_shard at the root only; "after" = fully_shard per layer + root, then sparsify
+RUNS = [
+    ("str", "str", dict(s_init=-3.0), "first"),
+    ("st3", "st3", "schedule", "first"),
+    ("st3_sigma", "st3_sigma", "schedule", "first"),
+    ("feather", "feather", "schedule", "first"),
+    ("gmp", "gmp", "schedule", "first"),
+    ("asl", "asl", dict(sparsity=0.5), "first"),
+    ("starfire", "starfire", dict(sparsity=0.5, era=(0, 3)), "first"),
+    ("nm", "nm", dict(era=(0, 3)), "first"),
+    ("gmp_root", "gmp", "schedule", "root"),
+    ("st3_after", "st3", "schedule", "after"),
+    ("gmp_global_after", "gmp", dict(schedule="schedule", scope="global"), "after"),
+    ("gmp_freeze", "gmp", "schedule", "first"),  # + freeze(), one more step, finalize()
+]
+RUN_NAMES = [r[0] for r in RUNS]
+
+#: STARFIRE patterns whose masks are built from the shards (weights of every kind, uneven shards)
+MASK_CASES = [
+    ("intra_in", dict(conv3x3="intra")),
+    ("intra_out", dict(conv3x3="intra", ck_group="out")),
+    ("ck_in", dict(conv3x3="ck")),
+    ("ck_out", dict(conv3x3="ck", ck_group="out")),
+    ("window", dict(conv3x3="window", max_nonzero=4)),
+    ("block", dict(fc="block", block=2)),
+]
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(  # 8, 7 and 5 output rows: shards 4+4, 4+3, 3+2; C_in 8 and 112 divisible by 4 (2:4)
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 7, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(7 * 4 * 4, 5))
+
+
+def _data(rank):
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(STEPS, BATCH, 3, 8, 8, generator=g), torch.randint(0, 5, (STEPS, BATCH), generator=g)
+
+
+def _sparsify(model, method, options):
+    import sparsekern as sk
+    options = dict(schedule="schedule") if options == "schedule" else dict(options)
+    if options.get("schedule") == "schedule":
+        options["schedule"] = sk.CubicSchedule(0, 3, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nm: the first conv (C_in = 3) stays dense
+        return sk.sparsify(model, method, **options)
+
+
+def _shard(model, sp, per_layer=True):
+    from torch.distributed.fsdp import fully_shard
+    ignored = sp.replicated_params() if sp is not None else None
+    if per_layer:
+        for i in (0, 2, 6):
+            fully_shard(model[i], ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
+def _optimizer(model, sp):
+    return torch.optim.SGD(sp.param_groups(model, lr=LR, weight_decay=WD), momentum=MOMENTUM)
+
+
+def _loss(net, sp, x, y):
+    return F.cross_entropy(net(x), y) + sp.loss()
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+@torch.no_grad()
+def _snapshot(model, sp):
+    out = {f"param {n}": _full(p) for n, p in model.named_parameters()}
+    out.update({f"buffer {n}": _full(b) for n, b in model.named_buffers()})
+    if not sp._finalized:
+        out.update({f"effective {n}": sp._full_effective(sw).clone() for n, sw in sp.layers.items()})
+    return out
+
+
+def _train(run, method, options, order, x, y, steps=range(STEPS), sharded=True):
+    """One run; ``sharded``: FSDP2 on this rank's data, else one process on the global batch
+    (``x``, ``y``: lists over ranks)."""
+    model = _net()
+    if sharded and order == "after":
+        _shard(model, None)
+    sp = _sparsify(model, method, options)
+    if sharded and order != "after":
+        _shard(model, sp, per_layer=order == "first")
+    opt = _optimizer(model, sp)
+    extra = 1 if run == "gmp_freeze" else 0
+    for t in list(steps) + list(range(STEPS, STEPS + extra)):
+        if t == STEPS:
+            sp.freeze()
+        xt = x[t % STEPS] if sharded else torch.cat([xr[t % STEPS] for xr in x])
+        yt = y[t % STEPS] if sharded else torch.cat([yr[t % STEPS] for yr in y])
+        opt.zero_grad()
+        _loss(model, sp, xt, yt).backward()
+        opt.step()
+        sp.step()
+    snap = _snapshot(model, sp)
+    info = dict(sparsity=sp.sparsity(), step=sp.step_count, scales=sp.scales, scope=sp.scope,
+                target=sp.target(), keys=list(model.state_dict()))
+    if run == "gmp_freeze":
+        sp.finalize()
+        snap.update({f"final {n}": _full(p) for n, p in model.named_parameters()})
+        info["final"] = dict(tables=[n for n, m in model.named_modules() if "_sparsekern" in m.__dict__],
+                             keys=list(model.state_dict()))
+    return snap, info
+
+
+def _expected_thresholds(snap, info, layers):
+    """Thresholds of one process on the gathered full weights (canonical = stored for this net)."""
+    import sparsekern as sk
+    ws = [snap[f"param {n}.weight"] for n in layers]
+    s = info["target"]
+    if info["scope"] == "global":
+        t = sk.global_magnitude_threshold(ws, s, scales=info["scales"])
+        return [t if c == 1.0 else t / c for c in info["scales"]]
+    return list(sk.magnitude_thresholds(ws, s).unbind())
+
+
+def _masks_case(options, rank):
+    """Masks of STARFIRE (and N:M) built from FSDP2 shards and from the whole weights."""
+    import sparsekern as sk
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for name, opts in MASK_CASES + [("nm", None)]:
+        model = _net()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+            model[2].weight[0, :3] = model[2].weight[1, :3]  # ties across shards (rows 0, 1) and within
+            model[6].weight[4, :8] = model[6].weight[0, :8]
+        method = "nm" if opts is None else "starfire"
+        kw = dict(era=(0, 2)) if opts is None else dict(sparsity=0.6, era=(0, 2), **opts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sp = sk.sparsify(model, method, **kw)
+        whole = sp.method.masks([sw.weight.detach() for sw in sp.layers.values()], 0.6 if opts else 0.5)
+        _shard(model, sp)
+        sharded = sp.method.sharded_masks(list(sp.layers.values()), 0.6 if opts else 0.5,
+                                          torch.distributed.group.WORLD)
+        out[name] = [(a.clone(), b.clone()) for a, b in zip(sharded, whole)]
+    return out
+
+
+def _dcp_case(run, method, options, x, y, outdir):
+    """Save after 2 steps (DCP, 2 ranks), continue 2 steps; resume fresh models from the save, 2 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = os.path.join(outdir, f"ckpt_{run}")
+
+    def build():
+        model = _net()
+        sp = _sparsify(model, method, options)
+        _shard(model, sp)
+        return model, sp, _optimizer(model, sp)
+
+    def train(model, sp, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            _loss(model, sp, x[t], y[t]).backward()
+            opt.step()
+            sp.step()
+
+    model, sp, opt = build()
+    train(model, sp, opt, range(2))
+    msd, osd = get_state_dict(model, opt)
+    keys = list(msd)
+    dcp.save({"model": msd, "optim": osd, "sparsifier": sp.state_dict()}, checkpoint_id=path)
+    train(model, sp, opt, range(2, 4))
+    a = _snapshot(model, sp)
+    model, sp, opt = build()
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "sparsifier": sp.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sp.load_state_dict(state["sparsifier"])
+    train(model, sp, opt, range(2, 4))
+    return dict(uninterrupted=a, resumed=_snapshot(model, sp), keys=keys, step=sp.step_count)
+
+
+def _refusals():
+    """Collective: both ranks run it. Each case: (exception type, message)."""
+    import sparsekern as sk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def attempt(fn):
+        try:
+            fn()
+            return None, "no exception"
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which asserts the type
+            return type(e).__name__, str(e)
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+
+    def tp_model():
+        model = _net()
+        model[6].weight = nn.Parameter(distribute_tensor(model[6].weight.detach(), mesh, [Shard(0)]))
+        return model
+    tp = tp_model()
+    keys = list(tp.state_dict())
+    out["tp_sparsify"] = attempt(lambda: sk.sparsify(tp, "gmp", sparsity=0.5))
+    out["tp_untouched"] = (list(tp.state_dict()) == keys and not any("_sparsekern" in m.__dict__ for m in tp.modules()),
+                           "")
+
+    def tp_after():
+        model = _net()
+        sp = sk.sparsify(model, "gmp", sparsity=0.5)
+        model[6]._parameters["weight"] = nn.Parameter(distribute_tensor(model[6]._parameters["weight"].detach(),
+                                                                        mesh, [Shard(0)]))
+        sp.step()
+    out["tp_step"] = attempt(tp_after)
+    for method, kw in [("str", {}), ("asl", dict(sparsity=0.5)), ("nm", dict(era=(0, 2))),
+                       ("starfire", dict(sparsity=0.5, era=(0, 2)))]:
+        def after(method=method, kw=kw):
+            model = _net()
+            _shard(model, None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sk.sparsify(model, method, **kw)
+        out[f"{method}_after_shard"] = attempt(after)
+
+    def unsynced_s():
+        from torch.distributed.fsdp import fully_shard
+        model = _net()
+        sp = sk.sparsify(model, "str")
+        fully_shard(model, ignored_params={sw.s for sw in sp.layers.values()})  # not replicated_params()
+        sp.step()
+    out["str_unsynced"] = attempt(unsynced_s)
+    return out
+
+
+def _worker(rank, port, outdir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+    results = {}
+
+    def collect(key, fn, reference=None):
+        try:
+            mine = fn()
+        except Exception:  # noqa: BLE001 - same code on both ranks: both reach the gather below
+            mine = dict(error=traceback.format_exc())
+        gathered = [None] * WORLD if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if rank == 0:
+            res = dict(ranks=gathered)
+            if reference is not None:
+                try:
+                    res.update(reference(gathered))
+                except Exception:  # noqa: BLE001
+                    res["error"] = traceback.format_exc()
+            results[key] = res
+
+    try:
+        x, y = _data(rank)
+        data = [_data(r) for r in range(WORLD)]
+        for run, method, options, order in RUNS:
+            def mine(run=run, method=method, options=options, order=order):
+                snap, info = _train(run, method, options, order, x, y)
+                return dict(snapshot=snap, info=info)
+
+            def reference(gathered, run=run, method=method, options=options, order=order):
+                out = {}
+                snap, info = _train(run, method, options, order, [d[0] for d in data], [d[1] for d in data],
+                                    sharded=False)
+                out["global"], out["global_info"] = snap, info
+                g = gathered[0]
+                if "error" not in g and g["info"]["scope"] is not None and run != "gmp_freeze":
+                    names = [n for n in g["info"]["sparsity"]["layers"]]
+                    out["expected_thresholds"] = _expected_thresholds(g["snapshot"], g["info"], names)
+                return out
+            t0 = time.perf_counter()
+            collect(run, mine, reference)
+            if rank == 0:
+                results[run]["seconds"] = time.perf_counter() - t0
+        collect("masks", lambda: _masks_case(None, rank))
+        for run in ("gmp", "str", "starfire", "asl"):
+            method, options = {r[0]: (r[1], r[2]) for r in RUNS}[run]
+            collect(f"dcp_{run}", lambda method=method, options=options, run=run:
+                    _dcp_case(run, method, options, x, y, outdir))
+        collect("refusals", _refusals)
+        if rank == 0:
+            torch.save(results, os.path.join(outdir, RESULTS + ".tmp"))
+            os.replace(os.path.join(outdir, RESULTS + ".tmp"), os.path.join(outdir, RESULTS))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# --- the parent: spawn, wait (bounded), load ------------------------------------------------------
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if "GLOO_SOCKET_IFNAME" not in env and hasattr(socket, "if_nameindex") and \
+            "lo" in [n for _, n in socket.if_nameindex()]:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    with tempfile.TemporaryDirectory() as outdir:
+        port = _free_port()
+        logs = [open(os.path.join(outdir, f"rank{r}.log"), "w+") for r in range(WORLD)]
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(port), outdir],
+                                  cwd=root, env=env, stdout=logs[r], stderr=subprocess.STDOUT)
+                 for r in range(WORLD)]
+        deadline = time.monotonic() + PARENT_TIMEOUT_S
+        timed_out = False
+        try:
+            for p in procs:
+                try:
+                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    break
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        text = []
+        for r, f in enumerate(logs):
+            f.seek(0)
+            text.append(f"--- rank {r} (exit {procs[r].returncode}) ---\n{f.read()[-4000:]}")
+            f.close()
+        if timed_out or any(p.returncode != 0 for p in procs):
+            pytest.fail(("timed out after %d s, ranks killed\n" % PARENT_TIMEOUT_S if timed_out else
+                         "a rank failed\n") + "\n".join(text))
+        return torch.load(os.path.join(outdir, RESULTS), weights_only=False)
+
+
+def _case(results, key):
+    res = results[key]
+    errors = [f"rank {r}:\n{g['error']}" for r, g in enumerate(res["ranks"]) if "error" in g]
+    if "error" in res:
+        errors.append(f"reference on rank 0:\n{res['error']}")
+    if errors:
+        pytest.fail(f"{key}: " + "\n".join(errors))
+    return res
+
+
+def _rel(run, key, a, b):
+    a, b = a.double(), b.double()
+    if run == "feather" and key.startswith("effective "):
+        a, b = a ** FEATHER_P, b ** FEATHER_P  # Lipschitz domain (see tests/test_distributed.py)
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    return diff / scale if scale else diff
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("run", RUN_NAMES)
+def test_ranks_bit_identical(results, run):
+    res = _case(results, run)
+    a, b = (g["snapshot"] for g in res["ranks"])
+    assert list(a) == list(b)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{run}: ranks differ in {differ}"
+    info = res["ranks"][0]["info"]
+    assert info["step"] == STEPS + (run == "gmp_freeze")
+    assert not any("_fsdp" in k or "parametriz" in k for k in info["keys"]), info["keys"]
+    if run in ("str", "asl"):  # the learned thresholds trained (identical ranks would prove little otherwise)
+        init = {"str": -3.0, "asl": 2 ** 0.5 * float(torch.erfinv(torch.tensor(0.3, dtype=torch.float64)))}[run]
+        learned = {k: v for k, v in a.items() if k.startswith("param ") and k.endswith((".s", ".r"))}
+        assert len(learned) == 3 and all(float((v.double() - init).abs().min()) > 1e-6 for v in learned.values())
+    elif run != "gmp_freeze":
+        assert info["sparsity"]["overall"] >= 0.45, info["sparsity"]
+
+
+@pytest.mark.parametrize("run", [r for r in RUN_NAMES if r not in ("str", "asl", "starfire", "nm", "gmp_freeze")])
+def test_thresholds_bit_identical_to_one_process_on_full_weights(results, run):
+    res = _case(results, run)
+    snap = res["ranks"][0]["snapshot"]
+    got = [v for k, v in snap.items() if k.startswith("buffer ") and k.endswith(".threshold")]
+    expected = res["expected_thresholds"]
+    assert len(got) == len(expected) == 3
+    for t, e in zip(got, expected):
+        assert torch.equal(t.view(torch.int32), e.view(torch.int32)), (run, t, e)
+    assert all(float(t) > 0 for t in got)
+
+
+@pytest.mark.parametrize("run", RUN_NAMES)
+def test_matches_one_process_global_batch(results, run):
+    """Masks and sparsity() exactly; weights and thresholds within GLOBAL_BATCH_REL of their scale
+    (a threshold is an order statistic of weights that differ by float reassociation; its exactness
+    on the run's own weights is the test above)."""
+    res = _case(results, run)
+    a, ref = res["ranks"][0]["snapshot"], res["global"]
+    assert list(a) == list(ref)
+    bad = {}
+    for k in a:
+        if a[k].dtype == torch.bool:
+            if not torch.equal(a[k], ref[k]):
+                bad[k] = "differs"
+        elif (rel := _rel(run, k, a[k], ref[k])) > GLOBAL_BATCH_REL:
+            bad[k] = f"{rel:.3g}"
+    assert not bad, f"{run}: FSDP2 vs one process on the global batch: {bad}"
+    assert res["ranks"][0]["info"]["sparsity"] == res["global_info"]["sparsity"]
+    if run == "gmp_freeze":
+        final = res["ranks"][0]["info"]["final"]  # finalize(): no sparse state left, plain keys
+        assert not final["tables"] and not any(k.endswith((".mask", ".threshold")) for k in final["keys"]), final
+        for k in a:  # the baked weights are the effective ones
+            if k.startswith("final "):
+                eff = a.get("effective " + k[len("final "):].removesuffix(".weight"))
+                assert eff is None or torch.equal(a[k], eff), k
+        assert any(k.endswith(".mask") for k in a)
+
+
+@pytest.mark.parametrize("case", [c for c, _ in MASK_CASES] + ["nm"])
+def test_masks_from_shards_equal_whole_weight_masks(results, case):
+    res = _case(results, "masks")
+    for rank, g in enumerate(res["ranks"]):
+        pairs = g[case]
+        assert len(pairs) >= 2
+        for i, (sharded, whole) in enumerate(pairs):
+            assert sharded.dtype == torch.bool and sharded.shape == whole.shape
+            assert torch.equal(sharded, whole), (case, rank, i, int((sharded != whole).sum()))
+            assert 0 < int(whole.sum()) < whole.numel()
+
+
+@pytest.mark.parametrize("run", ["gmp", "str", "starfire", "asl"])
+def test_dcp_resume_bit_exact(results, run):
+    res = _case(results, f"dcp_{run}")
+    for rank, g in enumerate(res["ranks"]):
+        a, b = g["uninterrupted"], g["resumed"]
+        assert list(a) == list(b)
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, (run, rank, differ)
+        assert g["step"] == 4
+        state = {"gmp": "threshold", "str": "s", "starfire": "mask", "asl": "r"}[run]
+        assert "0.weight" in g["keys"] and f"2.{state}" in g["keys"], g["keys"]
+        assert not any("_fsdp" in k or "_orig" in k or "parametriz" in k for k in g["keys"]), g["keys"]
+
+
+@pytest.mark.parametrize("case, exc, pattern", [
+    ("tp_sparsify", "ValueError", r"weight '6' is a DTensor .* not managed by FSDP2"),
+    ("tp_step", "ValueError", r"weight '6' is a DTensor .* not managed by FSDP2"),
+    ("str_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
+    ("asl_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
+    ("nm_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
+    ("starfire_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
+    ("str_unsynced", "RuntimeError", r"learned thresholds of \['0', '2', '6'\] .*sparsifier\.replicated_params\(\)"),
+])
+def test_refused_with_a_clear_error(results, case, exc, pattern):
+    for rank, g in enumerate(_case(results, "refusals")["ranks"]):
+        got_exc, msg = g[case]
+        assert got_exc == exc and re.search(pattern, msg), (rank, case, got_exc, msg)
+        if case == "tp_sparsify":
+            assert g["tp_untouched"][0], "the refused sparsify changed the model"
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
