@@ -15,6 +15,7 @@ from .. import reference
 
 _DIGIT_BITS = 8
 _BUCKETS = 1 << _DIGIT_BITS
+_SHRINK_ON_CPU = True  # False: the accelerator path (no host sync), for tests
 
 
 def _keys(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -27,25 +28,50 @@ def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def _digits(k: torch.Tensor, shift: int, prefix, shrink: bool):
+    """``(digit at shift, keys left)`` of the keys whose bits above ``shift + 8`` equal ``prefix``'s.
+    ``shrink`` (CPU, ``prefix`` an int): drop the others (later passes see ~1/256 of the keys);
+    else (accelerators, no host sync) keep every key and send the others to bucket 256, not counted."""
+    if shift + _DIGIT_BITS >= 32:  # first pass: every key (|w| keys are non-negative int32)
+        return (k >> shift) & (_BUCKETS - 1), k
+    match = (k >> (shift + _DIGIT_BITS)) == (prefix >> (shift + _DIGIT_BITS))
+    if shrink:
+        k = k[match]
+        return (k >> shift) & (_BUCKETS - 1), k
+    return torch.where(match, (k >> shift) & (_BUCKETS - 1), _BUCKETS), k
+
+
 def order_statistics(local_keys: list[list[torch.Tensor]], ranks: torch.Tensor, group=None) -> torch.Tensor:
     """The ``ranks[q]``-th smallest key (0-based) of query ``q``'s keys over all ranks of ``group``.
 
-    local_keys: per query, this rank's int32 key tensors (queries may share tensors); ranks: int64
-    ``[Q]`` on the keys' device, the same on every rank. Returns int32 ``[Q]``.
+    local_keys: per query, this rank's int32 key tensors (non-negative; queries may share tensors);
+    ranks: int64 ``[Q]`` on the keys' device, the same on every rank. Returns int32 ``[Q]``.
+    Per pass one ``[Q, 256]`` int64 all_reduce; no host sync on accelerators.
     """
     device = ranks.device
     q = len(local_keys)
+    shrink = device.type == "cpu" and _SHRINK_ON_CPU
+    keys = [[k.reshape(-1) for k in query] for query in local_keys]
     prefix = torch.zeros(q, dtype=torch.int64, device=device)
     remaining = ranks.clone()
     for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        hist = torch.zeros(q, _BUCKETS, dtype=torch.int64, device=device)
-        for i, keys in enumerate(local_keys):
-            for k in keys:
-                k = k.to(torch.int64)
-                match = (k >> (shift + _DIGIT_BITS)) == (prefix[i] >> (shift + _DIGIT_BITS))
-                digit = (k[match] >> shift) & (_BUCKETS - 1)
-                hist[i] += torch.bincount(digit, minlength=_BUCKETS)
-        _all_reduce(hist, group)
+        hist = torch.zeros(q, _BUCKETS + 1, dtype=torch.int64, device=device)
+        done = {}  # (keys of query j, its prefix) -> j: queries sharing both share the histogram
+        host = prefix.tolist() if shrink else [None] * q  # CPU: reading the prefix back is free
+        for i in range(q):
+            first = shift + _DIGIT_BITS >= 32
+            tag = (id(local_keys[i]), None if first else host[i] if shrink else ("query", i))
+            if tag in done:
+                hist[i], keys[i] = hist[done[tag]], keys[done[tag]]
+                continue
+            done[tag] = i
+            left = []
+            for k in keys[i]:
+                digit, k = _digits(k, shift, host[i] if shrink else prefix[i], shrink)
+                hist[i] += torch.bincount(digit, minlength=_BUCKETS + 1)
+                left.append(k)
+            keys[i] = left
+        hist = _all_reduce(hist[:, :_BUCKETS].contiguous(), group)
         cum = hist.cumsum(1)
         bucket = torch.searchsorted(cum, remaining[:, None], right=True)[:, 0]
         below = torch.where(bucket > 0, cum.gather(1, (bucket - 1).clamp_min(0)[:, None])[:, 0], 0)
