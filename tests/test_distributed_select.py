@@ -49,6 +49,27 @@ def _worker(rank, port, out):
                 got["global"].append(D.global_magnitude_threshold(local, sum(numels), s, scales=scales,
                                                                   interpolation=interp))
             got["layer"].append(D.magnitude_thresholds(local, numels, s))
+    # the public functions: this rank's plain shards + group=, and DTensors (Shard(0), Shard(1))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (2,))
+    finite = ws[:4]
+    public = res["public"] = []
+    for s in (0.3, 0.9):
+        public.append(sk.global_magnitude_threshold([_shards(w, rank) for w in finite], s, scales=scales[:4],
+                                                    group=dist.group.WORLD))
+        public.append(sk.magnitude_thresholds([_shards(w, rank) for w in finite], s, group=dist.group.WORLD))
+        dts = [distribute_tensor(finite[0], mesh, [Shard(1)]), distribute_tensor(finite[2], mesh, [Shard(0)])]
+        public.append(sk.global_magnitude_threshold(dts, s))
+        public.append(sk.magnitude_thresholds(dts, s))
+    errors = res["errors"] = []
+    for bad in ([distribute_tensor(finite[0], mesh, [Replicate()])],
+                [distribute_tensor(finite[0], mesh, [Shard(0)]), finite[1]]):
+        try:
+            sk.global_magnitude_threshold(bad, 0.5)
+            errors.append("no exception")
+        except (TypeError, ValueError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
     torch.save(res, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -79,3 +100,17 @@ def test_two_ranks_match_one_process(tmp_path):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
         for a, b in zip(got["layer"], expect_l):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
+    finite = ws[:4]
+    expect_p = []
+    for s in (0.3, 0.9):
+        expect_p += [sk.global_magnitude_threshold(finite, s, scales=scales[:4]), sk.magnitude_thresholds(finite, s),
+                     sk.global_magnitude_threshold([finite[0], finite[2]], s),
+                     sk.magnitude_thresholds([finite[0], finite[2]], s)]
+    for rank in range(2):
+        res = torch.load(f"{out}.{rank}")
+        assert len(res["public"]) == len(expect_p) == 8
+        for a, b in zip(res["public"], expect_p):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
+        replicated, mixed = res["errors"]
+        assert replicated.startswith("ValueError: tensors[0] is (Replicate(),)") and "sharded (Shard(d))" in replicated
+        assert mixed.startswith("TypeError: tensors mixes DTensors and plain tensors"), mixed

@@ -178,3 +178,78 @@ def any_rank(flag: bool, device, group=None) -> bool:
     """Whether ``flag`` is True on any rank of ``group`` (one 4-byte all_reduce)."""
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     return bool(_all_reduce(t, group, dist.ReduceOp.MAX).item())
+
+
+# --- the public functions' distributed form (ops.select dispatches here) -------------------------
+
+_INTERPOLATIONS = ("linear", "lower", "higher", "nearest")
+
+
+def is_distributed_call(tensors, group) -> bool:
+    """Whether ``global_magnitude_threshold``/``magnitude_thresholds`` got DTensors or a process group."""
+    from torch.distributed.tensor import DTensor
+    return group is not None or (isinstance(tensors, (list, tuple)) and any(isinstance(t, DTensor) for t in tensors))
+
+
+def _local_inputs(tensors, group):
+    """``(local shards, global element counts, group)``: DTensors sharded on one 1-D mesh, or this
+    rank's plain shards with ``group`` (their global counts: one small all_reduce, read back)."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        raise TypeError("tensors must be a non-empty list of tensors")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"tensors[{i}] must be a float32/float16/bfloat16 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if any(isinstance(t, DTensor) for t in tensors):
+        if not all(isinstance(t, DTensor) for t in tensors):
+            raise TypeError("tensors mixes DTensors and plain tensors: pass all DTensors, or this rank's plain "
+                            "shards with group=")
+        mesh = tensors[0].device_mesh
+        for i, t in enumerate(tensors):
+            if t.device_mesh != mesh or mesh.ndim != 1 or not all(p.is_shard() for p in t.placements):
+                raise ValueError(f"tensors[{i}] is {tuple(t.placements)} on a {t.device_mesh.ndim}-D mesh: the "
+                                 "distributed threshold needs every DTensor sharded (Shard(d)) on one 1-D mesh "
+                                 "(a replicated tensor would count its elements once per rank)")
+        if group is not None and group is not mesh.get_group():
+            raise ValueError("group is not the DTensors' mesh group: leave group=None with DTensors")
+        return [t.to_local().detach() for t in tensors], [t.numel() for t in tensors], mesh.get_group()
+    counts = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=tensors[0].device)
+    return [t.detach() for t in tensors], _all_reduce(counts, group).tolist(), group
+
+
+def _check_options(sparsities, interpolation, check_nan) -> None:
+    import math
+    for s in sparsities:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0 or math.isnan(s):
+            raise ValueError(f"sparsity must be a number in [0, 1], got {s!r}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    if not isinstance(check_nan, bool):
+        raise TypeError(f"check_nan must be a bool, got {check_nan!r}")
+
+
+def global_threshold_call(tensors, sparsity, scales, interpolation, check_nan, group) -> torch.Tensor:
+    """``ops.global_magnitude_threshold`` over DTensors / shards on every rank of the group."""
+    local, numels, group = _local_inputs(tensors, group)
+    _check_options([sparsity], interpolation, check_nan)
+    if scales is not None:
+        scales = [float(c) for c in scales]
+        if len(scales) != len(local) or not all(0.0 <= c < float("inf") for c in scales):
+            raise ValueError(f"scales must be one finite number >= 0 per tensor ({len(local)}), got {scales}")
+    if not sum(numels):
+        raise ValueError("tensors hold no elements")
+    return global_magnitude_threshold(local, sum(numels), float(sparsity), scales, interpolation, group, check_nan)
+
+
+def thresholds_call(tensors, sparsities, interpolation, check_nan, group) -> torch.Tensor:
+    """``ops.magnitude_thresholds`` over DTensors / shards on every rank of the group."""
+    local, numels, group = _local_inputs(tensors, group)
+    per = [sparsities] * len(local) if isinstance(sparsities, (int, float)) else list(sparsities)
+    if len(per) != len(local):
+        raise ValueError(f"sparsities must be one number or one per tensor ({len(local)}), got {len(per)}")
+    _check_options(per, interpolation, check_nan)
+    empty = [i for i, n in enumerate(numels) if n == 0]
+    if empty:
+        raise ValueError(f"tensors[{empty[0]}] is empty: its quantile is undefined")
+    return magnitude_thresholds(local, numels, [float(s) for s in per], interpolation, group, check_nan)
