@@ -125,11 +125,8 @@ class Sparsifier:
                 self._check_dead(torch.stack([~(self._full_effective(sw) != 0).any() & (sw.param.numel() > 0)
                                               for sw in layers]))
             return
-        weights = [sw.param for sw in layers]
-        s = self.target(step)
-        if group is not None:  # FSDP2: exact thresholds from the local shards
-            self._update_sharded(layers, weights, s, group)
-            return
+        weights = [sw.param for sw in layers]  # FSDP2: DTensors; the selections run over the shards
+        s = self.target(step)                   # (ops.distributed: the weights never travel)
         check_nan = weights[0].device.type == "cpu"  # reading the NaN flag back is free only there
         if s == 0.0:  # t = 0 keeps every nonzero (the quantile would prune the smallest |w|)
             thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
@@ -141,7 +138,13 @@ class Sparsifier:
         for sw, t in zip(layers, thresholds):
             self.method.set_threshold(sw, t)
         if s > 0.0:  # a layer is dead when its largest |w| is at or below its threshold
-            top = torch._foreach_norm([w.detach() for w in weights], float("inf"))
+            if group is None:
+                top = torch._foreach_norm([w.detach() for w in weights], float("inf"))
+            else:  # the largest |w| of every rank's shard (one all_reduce of a float per layer)
+                local = [w.to_local().detach() for w in weights]
+                top = torch.stack([w.abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
+                                   for w in local])
+                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
             self._check_dead(torch.stack([(a.float() <= t) & (w.numel() > 0)
                                           for a, t, w in zip(top, thresholds, weights)]))
 
@@ -201,29 +204,6 @@ class Sparsifier:
             return sw.effective_weight().detach()
         full = sw.param.full_tensor().detach()
         return sw.method.sparse_weight(_Whole(sw, full.t() if sw.transposed else full)).detach()
-
-    def _update_sharded(self, layers, weights, s: float, group) -> None:
-        """Exact thresholds of FSDP2-sharded weights from the local shards (``ops.distributed``:
-        per radix pass one small all_reduce; the weights never travel), the same on every rank."""
-        if self.min_density is not None:
-            raise ValueError("min_density is not supported with FSDP2-sharded weights")
-        local = [w.to_local().detach() for w in weights]
-        if s == 0.0:
-            thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in local]
-        elif self.scope == "global":
-            T = distributed.global_magnitude_threshold(local, sum(w.numel() for w in weights), s,
-                                                       scales=self.scales, group=group)
-            thresholds = [T if c == 1.0 else T / c for c in self.scales]
-        else:
-            thresholds = distributed.magnitude_thresholds(local, [w.numel() for w in weights], s,
-                                                          group=group).unbind()
-        for sw, t in zip(layers, thresholds):
-            self.method.set_threshold(sw, t)
-        if s > 0.0:  # dead layers: global max |w| per layer (one all_reduce of a float per layer)
-            top = torch.stack([w.abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
-                               for w in local])
-            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
-            self._check_dead(torch.stack([(a <= t) & (w.numel() > 0) for a, t, w in zip(top, thresholds, weights)]))
 
     def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
         """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers

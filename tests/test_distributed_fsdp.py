@@ -63,6 +63,8 @@ RUNS = [
     ("st3_after", "st3", "schedule", "after"),
     ("gmp_global_after", "gmp", dict(schedule="schedule", scope="global"), "after"),
     ("gmp_freeze", "gmp", "schedule", "first"),  # + freeze(), one more step, finalize()
+    ("gmp_min_density", "gmp", dict(schedule="schedule", scope="global", min_density=0.45), "first"),
+    ("st3_min_density", "st3", dict(schedule="schedule", min_density=0.48), "first"),
 ]
 RUN_NAMES = [r[0] for r in RUNS]
 
@@ -162,15 +164,17 @@ def _train(run, method, options, order, x, y, steps=range(STEPS), sharded=True):
     return snap, info
 
 
-def _expected_thresholds(snap, info, layers):
-    """Thresholds of one process on the gathered full weights (canonical = stored for this net)."""
-    import sparsekern as sk
-    ws = [snap[f"param {n}.weight"] for n in layers]
-    s = info["target"]
-    if info["scope"] == "global":
-        t = sk.global_magnitude_threshold(ws, s, scales=info["scales"])
-        return [t if c == 1.0 else t / c for c in info["scales"]]
-    return list(sk.magnitude_thresholds(ws, s).unbind())
+def _expected_thresholds(snap, method, options):
+    """Thresholds of one process at step STEPS on the gathered full weights: a fresh model holding
+    them, sparsified the same way, stepped once at that step (same rules: scope, scales, min_density)."""
+    model = _net()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(snap[f"param {n}"])
+    sp = _sparsify(model, method, options)
+    sp.step_count = STEPS - 1
+    sp.step()
+    return [sw.threshold.clone() for sw in sp.layers.values()]
 
 
 def _masks_case(options, rank):
@@ -325,8 +329,7 @@ def _worker(rank, port, outdir):
                 out["global"], out["global_info"] = snap, info
                 g = gathered[0]
                 if "error" not in g and g["info"]["scope"] is not None and run != "gmp_freeze":
-                    names = [n for n in g["info"]["sparsity"]["layers"]]
-                    out["expected_thresholds"] = _expected_thresholds(g["snapshot"], g["info"], names)
+                    out["expected_thresholds"] = _expected_thresholds(g["snapshot"], method, options)
                 return out
             t0 = time.perf_counter()
             collect(run, mine, reference)
