@@ -542,7 +542,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     ``s`` Parameters must be added to the optimizer (with weight decay), ASL's ``r`` too (at lr/100
     without weight decay: ``Sparsifier.param_groups``). Under DDP: ``sparsify`` first, then wrap
     (a model already in ``DistributedDataParallel`` is refused for str/asl, whose new Parameters
-    DDP would not synchronise).
+    DDP would not synchronise). Under FSDP2: ``sparsify`` first, then ``fully_shard`` with
+    ``ignored_params=sparsifier.replicated_params()`` (docs/distributed.md); ``fully_shard`` first
+    works for the magnitude methods only; tensor-parallel DTensor weights are refused.
     """
     cls = method_class(method)
     if sparsity is not None:
