@@ -19,7 +19,6 @@ Writes ``bench/results/distributed-<machine>.{md,json}`` (``--out DIR`` elsewher
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -125,7 +124,8 @@ def main(argv=None):
              f"{meta['threads']} threads · sparsity {SPARSITY} · median of {args.repeat}.", "",
              "Per rank: compute time on its shard (simulated, see the script's docstring) and bytes each rank "
              "sends over a ring (all_reduce: 2(W−1)/W × payload; all-gather: (W−1)/W × N × 4). The network time is "
-             "not measured; NCCL/GPU unmeasured (no GPU in this session). Shared 2-core machine: timings are noisy.", "",
+             "not measured; NCCL/GPU unmeasured (no GPU in this session). Shared 2-core machine: timings are "
+             "noisy.", "",
              "| set | elements | W | method | per-rank elements | per-rank compute (s) | all_reduce calls | "
              "payload | bytes sent per rank |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:

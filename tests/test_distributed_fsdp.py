@@ -184,7 +184,7 @@ def _expected_thresholds(run, snap, method, options):
     return [sw.threshold.clone() for sw in sp.layers.values()]
 
 
-def _masks_case(options, rank):
+def _masks_case():
     """Masks of STARFIRE (and N:M) built from FSDP2 shards and from the whole weights."""
     import sparsekern as sk
     g = torch.Generator().manual_seed(7)
@@ -342,7 +342,7 @@ def _worker(rank, port, outdir):
             collect(run, mine, reference)
             if rank == 0:
                 results[run]["seconds"] = time.perf_counter() - t0
-        collect("masks", lambda: _masks_case(None, rank))
+        collect("masks", _masks_case)
         for run in ("gmp", "str", "starfire", "asl"):
             method, options = {r[0]: (r[1], r[2]) for r in RUNS}[run]
             collect(f"dcp_{run}", lambda method=method, options=options, run=run:

@@ -3,11 +3,14 @@ holding uneven shards (one empty) give bit-identical thresholds to one process o
 on the CPU path and on the accelerator path (no host sync). FSDP2 training: test_distributed_fsdp.py."""
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
 import sparsekern as sk
+
+
+#: ops.distributed's paths: CPU with the local-quantile bracket, CPU radix alone, accelerator (no host sync)
+MODES = {"cpu": (True, True), "cpu_radix": (True, False), "accelerator": (False, False)}
 
 
 def _free_port() -> int:
@@ -41,14 +44,15 @@ def _worker(rank, port, out):
     numels = [w.numel() for w in ws]
     res = {}
     scales = [1.0, 3.5, 0.25, 1.0, 2.0]
-    for shrink in (True, False):  # False: the accelerator path (no host sync, nothing dropped)
-        D._SHRINK_ON_CPU = shrink
-        got = res[shrink] = {"global": [], "layer": []}
+    for mode in MODES:
+        D._SHRINK_ON_CPU, D._NARROW_ON_CPU = MODES[mode]
+        got = res[mode] = {"global": [], "layer": []}
         for s in (0.0, 0.1, 0.5, 0.9, 0.97, 1.0):
             for interp in ("linear", "lower", "higher", "nearest"):
                 got["global"].append(D.global_magnitude_threshold(local, sum(numels), s, scales=scales,
                                                                   interpolation=interp))
             got["layer"].append(D.magnitude_thresholds(local, numels, s))
+    D._SHRINK_ON_CPU = D._NARROW_ON_CPU = True
     # the public functions: this rank's plain shards + group=, and DTensors (Shard(0), Shard(1))
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -93,8 +97,8 @@ def test_two_ranks_match_one_process(tmp_path):
         for interp in ("linear", "lower", "higher", "nearest"):
             expect_g.append(sk.global_magnitude_threshold(ws, s, scales=scales, interpolation=interp))
         expect_l.append(sk.magnitude_thresholds(ws, s))
-    for rank, shrink in [(r, k) for r in range(2) for k in (True, False)]:
-        got = torch.load(f"{out}.{rank}")[shrink]
+    for rank, mode in [(r, m) for r in range(2) for m in MODES]:
+        got = torch.load(f"{out}.{rank}")[mode]
         assert len(got["global"]) == len(expect_g) == 24 and len(got["layer"]) == len(expect_l) == 6
         for a, b in zip(got["global"], expect_g):  # bit-identical (NaN where numpy gives inf − inf)
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)

@@ -161,10 +161,11 @@ class Starfire(MaskMethod):
             else:
                 fine.append((i, lw, rows))
         if fine:
-            ts = distributed.magnitude_thresholds([lw for _, lw, _ in fine], [layers[i].weight.numel() for i, _, _ in fine],
-                                                  sparsity, group=group)
+            numels = [layers[i].weight.numel() for i, _, _ in fine]
+            ts = distributed.magnitude_thresholds([lw for _, lw, _ in fine], numels, sparsity, group=group)
             for (i, lw, rows), t in zip(fine, ts.unbind()):
-                kept = _keep_one_per_row(lw.abs().float() > t, lw) if lw.shape[0] else lw.new_zeros(lw.shape, dtype=torch.bool)
+                kept = (_keep_one_per_row(lw.abs().float() > t, lw) if lw.shape[0]
+                        else lw.new_zeros(lw.shape, dtype=torch.bool))
                 out[i] = distributed.gather_rows(kept, rows, group)
         return out
 

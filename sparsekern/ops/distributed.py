@@ -1,4 +1,5 @@
-"""Exact magnitude quantiles over weights sharded across ranks (SPEC §9; issue 15, work in progress).
+"""Exact magnitude quantiles over weights sharded across ranks (SPEC §9; docs/distributed.md), and
+the FSDP2 shard helpers the Sparsifier and the mask methods use.
 
 Each rank holds shards of the tensors; the quantile is numpy's over the union of all shards,
 bit-identical to ``global_magnitude_threshold`` / ``magnitude_thresholds`` on the full tensors in
@@ -16,6 +17,7 @@ from .. import reference
 _DIGIT_BITS = 8
 _BUCKETS = 1 << _DIGIT_BITS
 _SHRINK_ON_CPU = True  # False: the accelerator path (no host sync), for tests
+_NARROW_ON_CPU = True  # False: no local-quantile bracket (_narrow), for tests
 
 
 def _keys(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,11 +91,63 @@ def _check_nan(local: list[torch.Tensor], group) -> None:
         raise FloatingPointError(f"tensors[{bad[0]}] contains NaN (|w|·c is NaN) on some rank: no threshold exists")
 
 
+#: CPU: each rank's own quantiles this far below / above the wanted level bracket the candidates
+_BRACKET = 1e-3
+_INT32_MAX = (1 << 31) - 1
+
+
+def _narrow(queries: list[list[torch.Tensor]], sizes: list[int], plan, group):
+    """CPU shortcut: per query a key interval ``[lo, hi]`` (``lo``: the smallest over ranks of each
+    rank's own quantile ``_BRACKET`` below the wanted level, ``hi``: the largest ``_BRACKET`` above,
+    from the single-process select), verified to hold the wanted global order statistics by
+    counting the keys below ``lo`` and up to ``hi`` on every rank (one all_reduce). Returns (the
+    keys in ``[lo, hi]`` per query, the global count below ``lo`` per query), or None when an
+    interval misses (the caller then selects over all keys). The interval only decides the speed:
+    the result is exact either way."""
+    from .select import global_magnitude_threshold as select
+    q = len(queries)
+    bounds = torch.empty(q, 2, dtype=torch.int64)  # (−lo, hi): one MAX all_reduce gives min lo, max hi
+    for i, (keys, n, (k0, k1, _)) in enumerate(zip(queries, sizes, plan)):
+        vals = [k.view(torch.float32) for k in keys if k.numel()]
+        if not vals:
+            bounds[i, 0], bounds[i, 1] = -_INT32_MAX, -1
+            continue
+        a = max(k0 / max(n - 1, 1) - _BRACKET, 0.0)
+        b = min(k1 / max(n - 1, 1) + _BRACKET, 1.0)
+        lo = select(vals, a, interpolation="lower", check_nan=False).view(torch.int32).item()
+        hi = select(vals, b, interpolation="higher", check_nan=False).view(torch.int32).item()
+        bounds[i, 0], bounds[i, 1] = -lo, hi
+    _all_reduce(bounds, group, dist.ReduceOp.MAX)
+    lo, hi = (-bounds[:, 0]).tolist(), bounds[:, 1].tolist()
+    counts = torch.zeros(q, 2, dtype=torch.int64)  # keys < lo, keys <= hi
+    masks = []
+    for i, keys in enumerate(queries):
+        masks.append([(k < lo[i], k <= hi[i]) for k in keys])
+        for m_lo, m_hi in masks[i]:
+            counts[i, 0] += int(torch.count_nonzero(m_lo))
+            counts[i, 1] += int(torch.count_nonzero(m_hi))
+    _all_reduce(counts, group)
+    below, upto = counts[:, 0], counts[:, 1]
+    if not all(b <= k0 and k1 < u for b, u, (k0, k1, _) in zip(below.tolist(), upto.tolist(), plan)):
+        return None
+    inside = []
+    for i, keys in enumerate(queries):
+        same = next((j for j in range(i) if queries[j] is keys and lo[j] == lo[i] and hi[j] == hi[i]), None)
+        inside.append(inside[same] if same is not None else  # lo <= hi: the keys below lo are among those up to hi
+                      [k[m_hi ^ m_lo] for k, (m_lo, m_hi) in zip(keys, masks[i])])
+    return inside, below
+
+
 def _quantiles(queries: list[list[torch.Tensor]], sizes: list[int], qs: list[float], interpolation: str, group):
     """Per query: numpy's quantile ``qs[i]`` of the union over ranks (``sizes[i]`` elements)."""
     device = queries[0][0].device if queries and queries[0] else torch.device("cpu")
     plan = [reference.quantile_ranks(n, q, interpolation) for n, q in zip(sizes, qs)]
     wanted = torch.tensor([r for k0, k1, _ in plan for r in (k0, k1)], dtype=torch.int64, device=device)
+    if device.type == "cpu" and _SHRINK_ON_CPU and _NARROW_ON_CPU:
+        narrowed = _narrow(queries, sizes, plan, group)
+        if narrowed is not None:
+            queries, below = narrowed
+            wanted = wanted - below.repeat_interleave(2)
     keys = [query for query in queries for _ in range(2)]
     stats = order_statistics(keys, wanted, group).view(torch.float32).view(-1, 2)
     out = []
