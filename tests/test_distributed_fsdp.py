@@ -68,6 +68,7 @@ RUNS = [
     ("gmp_conv1d", "gmp", "schedule", "first"),
     ("nm_conv1d", "nm", dict(era=(0, 3)), "first"),
     ("starfire_conv1d", "starfire", dict(sparsity=0.5, era=(0, 3)), "first"),
+    ("starfire_ck_fc_inputs", "starfire", dict(sparsity=0.5, era=(0, 3), conv3x3="ck", fc_inputs={"6": "2"}), "first"),
 ]
 RUN_NAMES = [r[0] for r in RUNS]
 
@@ -295,6 +296,16 @@ def _refusals():
         fully_shard(model, ignored_params={sw.s for sw in sp.layers.values()})  # not replicated_params()
         sp.step()
     out["str_unsynced"] = attempt(unsynced_s)
+    for method, kw in [("gmp", dict(sparsity=0.5)), ("nm", dict(era=(0, 2)))]:
+        def nan_on_rank1(method=method, kw=kw):  # both ranks must raise (not one raise, one hang)
+            model = _net()
+            sp = _sparsify(model, method, kw)
+            _shard(model, sp)
+            if torch.distributed.get_rank() == 1:
+                with torch.no_grad():
+                    model[2].weight.to_local()[0, 0, 0, 0] = float("nan")
+            sp.step()
+        out[f"{method}_nan"] = attempt(nan_on_rank1)
     return out
 
 
@@ -517,6 +528,8 @@ def test_dcp_resume_bit_exact(results, run):
     ("asl_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
     ("nm_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
     ("starfire_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
+    ("gmp_nan", "FloatingPointError", r"tensors\[1\] contains NaN"),
+    ("nm_nan", "FloatingPointError", r"weight '2' contains NaN"),
     ("str_unsynced", "RuntimeError", r"learned thresholds of \['0', '2', '6'\] .*sparsifier\.replicated_params\(\)"),
 ])
 def test_refused_with_a_clear_error(results, case, exc, pattern):

@@ -184,11 +184,13 @@ class MaskMethod(MaskedWeights):
         if step <= start:
             return
         group = layers[0].param.device_mesh.get_group() if isinstance(layers[0].param, DTensor) else None
-        for layer in layers:
-            w = layer.param.to_local() if group is not None else layer.weight
-            if w.device.type == "cpu":
-                nan = bool(torch.isnan(w).any())
-                if (distributed.any_rank(nan, w.device, group) if group is not None else nan):
+        local = [layer.param.to_local() if group is not None else layer.weight for layer in layers]
+        if local[0].device.type == "cpu":
+            nan = [bool(torch.isnan(w).any()) for w in local]
+            if group is not None:  # FSDP2: every rank raises together (one all_reduce of the flags)
+                nan = distributed.any_rank_each(nan, local[0].device, group)
+            for layer, bad in zip(layers, nan):
+                if bad:
                     raise FloatingPointError(f"weight {layer.name!r} contains NaN: its mask is undefined "
                                              f"(step {step}; nothing was changed)")
         if step <= end and sparsity > 0:

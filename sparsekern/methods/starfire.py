@@ -3,6 +3,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .. import reference
 from ..ops import block_mask, ck_mask, distributed, intra_mask, magnitude_thresholds, prune_fc_inputs, window_mask
@@ -150,8 +151,7 @@ class Starfire(MaskMethod):
         for i, layer in enumerate(layers):
             local = local_rows(layer)
             w = layer.weight  # canonical DTensor (shape only)
-            if local is None or (w.dim() != 4 and self.fc == "block") or (
-                    w.dim() == 4 and w.shape[2] * w.shape[3] > 1 and layer.param.shape[0] == 0):
+            if local is None or (w.dim() != 4 and self.fc == "block"):
                 out[i] = super().sharded_masks([layer], sparsity, group)[0]
                 continue
             lw, off, rows = local
@@ -171,9 +171,10 @@ class Starfire(MaskMethod):
 
     def link_masks(self, layers: list) -> None:
         for fc, conv in self._fc_pairs:
-            shape = layers[fc].weight.shape  # prune_fc_inputs reads only the FC's shape
-            layers[fc].mask &= prune_fc_inputs(layers[conv].mask, torch.zeros(shape[0], shape[1]) if isinstance(
-                layers[fc].param, torch.distributed.tensor.DTensor) else layers[fc].weight)
+            w = layers[fc].weight
+            if isinstance(w, DTensor):  # FSDP2 shard: prune_fc_inputs reads only the FC's shape
+                w = torch.zeros(w.shape, dtype=w.dtype)
+            layers[fc].mask &= prune_fc_inputs(layers[conv].mask, w)
 
     def options(self) -> dict:
         opts = {"conv3x3": self.conv3x3, "fc": self.fc}

@@ -228,10 +228,10 @@ def gather_rows(local: torch.Tensor, rows: int, group=None) -> torch.Tensor:
     return full.view(torch.bool) if dtype == torch.bool else full
 
 
-def any_rank(flag: bool, device, group=None) -> bool:
-    """Whether ``flag`` is True on any rank of ``group`` (one 4-byte all_reduce)."""
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    return bool(_all_reduce(t, group, dist.ReduceOp.MAX).item())
+def any_rank_each(flags: list[bool], device, group=None) -> list[bool]:
+    """Per flag, whether it is True on any rank of ``group`` (one small all_reduce)."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    return [bool(f) for f in _all_reduce(t, group, dist.ReduceOp.MAX).tolist()]
 
 
 # --- the public functions' distributed form (ops.select dispatches here) -------------------------
