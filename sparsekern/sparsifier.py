@@ -156,6 +156,12 @@ class Sparsifier:
         params = [sw.param for sw in self.layers.values()]
         sharded = [isinstance(p, DTensor) for p in params]
         if not any(sharded):
+            from torch.distributed.fsdp import FSDPModule
+            if isinstance(self.model, FSDPModule) or any(isinstance(sw.module, FSDPModule)
+                                                         for sw in self.layers.values()):
+                raise RuntimeError("the sparse weights are unsharded (inside FSDP2's unshard() or a forward): "
+                                   "what this call writes would not reach the shards; call it with the "
+                                   "parameters sharded (after optimizer.step())")
             return None
         key = tuple(id(p) for p in params)
         if key != self._sharded_key:

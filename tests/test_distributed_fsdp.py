@@ -296,6 +296,19 @@ def _refusals():
         fully_shard(model, ignored_params={sw.s for sw in sp.layers.values()})  # not replicated_params()
         sp.step()
     out["str_unsynced"] = attempt(unsynced_s)
+    def unsharded_step():
+        model = _net()
+        sp = _sparsify(model, "nm", dict(era=(0, 2)))
+        _shard(model, sp)
+        layers = [model[i] for i in (0, 2, 6)]
+        for m in layers:
+            m.unshard()
+        try:
+            sp.step()
+        finally:
+            for m in layers:
+                m.reshard()
+    out["unsharded_step"] = attempt(unsharded_step)
     for method, kw in [("gmp", dict(sparsity=0.5)), ("nm", dict(era=(0, 2)))]:
         def nan_on_rank1(method=method, kw=kw):  # both ranks must raise (not one raise, one hang)
             model = _net()
@@ -528,6 +541,7 @@ def test_dcp_resume_bit_exact(results, run):
     ("asl_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
     ("nm_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
     ("starfire_after_shard", "ValueError", r"already sharded by FSDP2 .* sparsify\(model\) first"),
+    ("unsharded_step", "RuntimeError", r"sparse weights are unsharded .* would not reach the shards"),
     ("gmp_nan", "FloatingPointError", r"tensors\[1\] contains NaN"),
     ("nm_nan", "FloatingPointError", r"weight '2' contains NaN"),
     ("str_unsynced", "RuntimeError", r"learned thresholds of \['0', '2', '6'\] .*sparsifier\.replicated_params\(\)"),
