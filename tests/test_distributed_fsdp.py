@@ -60,6 +60,8 @@ RUNS = [
     ("starfire", "starfire", dict(sparsity=0.5, era=(0, 3)), "first"),
     ("nm", "nm", dict(era=(0, 3)), "first"),
     ("gmp_root", "gmp", "schedule", "root"),
+    ("str_root", "str", dict(s_init=-3.0), "root"),
+    ("starfire_root", "starfire", dict(sparsity=0.5, era=(0, 3)), "root"),
     ("st3_after", "st3", "schedule", "after"),
     ("gmp_global_after", "gmp", dict(schedule="schedule", scope="global"), "after"),
     ("gmp_freeze", "gmp", "schedule", "first"),  # + freeze(), one more step, finalize()
@@ -460,8 +462,9 @@ def test_ranks_bit_identical(results, run):
     info = res["ranks"][0]["info"]
     assert info["step"] == STEPS + (run == "gmp_freeze")
     assert not any("_fsdp" in k or "parametriz" in k for k in info["keys"]), info["keys"]
-    if run in ("str", "asl"):  # the learned thresholds trained (identical ranks would prove little otherwise)
-        init = {"str": -3.0, "asl": 2 ** 0.5 * float(torch.erfinv(torch.tensor(0.3, dtype=torch.float64)))}[run]
+    method = run.split("_")[0]
+    if method in ("str", "asl"):  # the learned thresholds trained (identical ranks would prove little otherwise)
+        init = {"str": -3.0, "asl": 2 ** 0.5 * float(torch.erfinv(torch.tensor(0.3, dtype=torch.float64)))}[method]
         learned = {k: v for k, v in a.items() if k.startswith("param ") and k.endswith((".s", ".r"))}
         assert len(learned) == 3 and all(float((v.double() - init).abs().min()) > 1e-6 for v in learned.values())
     elif run != "gmp_freeze":
