@@ -1,7 +1,13 @@
-"""FSDP2 (``fully_shard``, gloo, 2 ranks on 127.0.0.1): every method against one process.
+"""FSDP2 (``fully_shard``, gloo, 2 ranks on 127.0.0.1): every method against one process, and the
+exact selection over shards (``sparsekern.ops.distributed``) it rests on.
 
 One spawn of 2 ranks (this file run as a script) runs every case below and rank 0 saves what the
 tests assert here, in the parent:
+
+* selection: ``global_magnitude_threshold`` / ``magnitude_thresholds`` over uneven shards (one
+  empty; ties, inf, ±0, scales, every interpolation) bit-identical to one process on the full
+  tensors, on each code path (CPU with and without the local-quantile bracket, accelerator);
+  the public functions with DTensors and with plain shards + ``group=``;
 
 * training (``sparsify``, then ``fully_shard`` per layer and at the root; STR/ASL pass
   ``sparsifier.replicated_params()`` as ``ignored_params``), 5 steps, different data per rank:
@@ -83,6 +89,69 @@ MASK_CASES = [
     ("window", dict(conv3x3="window", max_nonzero=4)),
     ("block", dict(fc="block", block=2)),
 ]
+
+
+#: ops.distributed's paths: CPU with the local-quantile bracket, CPU radix alone, accelerator (no host sync)
+MODES = {"cpu": (True, True), "cpu_radix": (True, False), "accelerator": (False, False)}
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(64, 27, generator=g), torch.randn(10, generator=g) * 1e-3, torch.randn(300, generator=g) * 5,
+          torch.zeros(7), torch.tensor([float("inf"), 1.0, -0.0, 2.0])]
+    ws[0][0, :5] = ws[0][1, :5]  # ties
+    return ws
+
+
+def _shards(w, rank):
+    """Rank 0 gets the first third (rank 1 the rest); a 7-element zero tensor goes all to rank 1."""
+    flat = w.reshape(-1)
+    cut = flat.numel() // 3 if flat.numel() != 7 else 0
+    return flat[:cut] if rank == 0 else flat[cut:]
+
+
+def _select_case(rank):
+    """ops.distributed and the public selections over this rank's shards (uneven, one empty)."""
+    import torch.distributed as dist
+
+    import sparsekern as sk
+    from sparsekern.ops import distributed as D
+    ws = _cases()
+    local = [_shards(w, rank) for w in ws]
+    numels = [w.numel() for w in ws]
+    res = {}
+    scales = [1.0, 3.5, 0.25, 1.0, 2.0]
+    for mode in MODES:
+        D._SHRINK_ON_CPU, D._NARROW_ON_CPU = MODES[mode]
+        got = res[mode] = {"global": [], "layer": []}
+        for s in (0.0, 0.1, 0.5, 0.9, 0.97, 1.0):
+            for interp in ("linear", "lower", "higher", "nearest"):
+                got["global"].append(D.global_magnitude_threshold(local, sum(numels), s, scales=scales,
+                                                                  interpolation=interp))
+            got["layer"].append(D.magnitude_thresholds(local, numels, s))
+    D._SHRINK_ON_CPU = D._NARROW_ON_CPU = True
+    # the public functions: this rank's plain shards + group=, and DTensors (Shard(0), Shard(1))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (2,))
+    finite = ws[:4]
+    public = res["public"] = []
+    for s in (0.3, 0.9):
+        public.append(sk.global_magnitude_threshold([_shards(w, rank) for w in finite], s, scales=scales[:4],
+                                                    group=dist.group.WORLD))
+        public.append(sk.magnitude_thresholds([_shards(w, rank) for w in finite], s, group=dist.group.WORLD))
+        dts = [distribute_tensor(finite[0], mesh, [Shard(1)]), distribute_tensor(finite[2], mesh, [Shard(0)])]
+        public.append(sk.global_magnitude_threshold(dts, s))
+        public.append(sk.magnitude_thresholds(dts, s))
+    errors = res["errors"] = []
+    for bad in ([distribute_tensor(finite[0], mesh, [Replicate()])],
+                [distribute_tensor(finite[0], mesh, [Shard(0)]), finite[1]]):
+        try:
+            sk.global_magnitude_threshold(bad, 0.5)
+            errors.append("no exception")
+        except (TypeError, ValueError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    return res
 
 
 def _net(run=""):
@@ -368,6 +437,7 @@ def _worker(rank, port, outdir):
             collect(run, mine, reference)
             if rank == 0:
                 results[run]["seconds"] = time.perf_counter() - t0
+        collect("select", lambda: _select_case(rank))
         collect("masks", _masks_case)
         for run in ("gmp", "str", "starfire", "asl"):
             method, options = {r[0]: (r[1], r[2]) for r in RUNS}[run]
@@ -509,6 +579,42 @@ def test_matches_one_process_global_batch(results, run):
                 eff = a.get("effective " + k[len("final "):].removesuffix(".weight"))
                 assert eff is None or torch.equal(a[k], eff), k
         assert any(k.endswith(".mask") for k in a)
+
+
+def test_selection_over_shards_bit_identical_to_one_process(results):
+    """2 ranks with uneven shards (one empty; ties, inf, ±0, scales, every interpolation) on the
+    CPU path with and without the bracket and on the accelerator path; the public functions with
+    plain shards + group= and with DTensors (Shard(0), Shard(1)); replicated/mixed inputs refused."""
+    import sparsekern as sk
+    gathered = _case(results, "select")["ranks"]
+    ws = _cases()
+    scales = [1.0, 3.5, 0.25, 1.0, 2.0]
+    expect_g, expect_l = [], []
+    for s in (0.0, 0.1, 0.5, 0.9, 0.97, 1.0):
+        for interp in ("linear", "lower", "higher", "nearest"):
+            expect_g.append(sk.global_magnitude_threshold(ws, s, scales=scales, interpolation=interp))
+        expect_l.append(sk.magnitude_thresholds(ws, s))
+    for rank, mode in [(r, m) for r in range(2) for m in MODES]:
+        got = gathered[rank][mode]
+        assert len(got["global"]) == len(expect_g) == 24 and len(got["layer"]) == len(expect_l) == 6
+        for a, b in zip(got["global"], expect_g):  # bit-identical (NaN where numpy gives inf − inf)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
+        for a, b in zip(got["layer"], expect_l):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
+    finite = ws[:4]
+    expect_p = []
+    for s in (0.3, 0.9):
+        expect_p += [sk.global_magnitude_threshold(finite, s, scales=scales[:4]), sk.magnitude_thresholds(finite, s),
+                     sk.global_magnitude_threshold([finite[0], finite[2]], s),
+                     sk.magnitude_thresholds([finite[0], finite[2]], s)]
+    for rank in range(2):
+        res = gathered[rank]
+        assert len(res["public"]) == len(expect_p) == 8
+        for a, b in zip(res["public"], expect_p):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, a, b)
+        replicated, mixed = res["errors"]
+        assert replicated.startswith("ValueError: tensors[0] is (Replicate(),)") and "sharded (Shard(d))" in replicated
+        assert mixed.startswith("TypeError: tensors mixes DTensors and plain tensors"), mixed
 
 
 @pytest.mark.parametrize("case", [c for c, _ in MASK_CASES] + ["nm"])
