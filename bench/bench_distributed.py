@@ -100,10 +100,11 @@ def main(argv=None):
     p.add_argument("--sets", default="resnet50,1B", help=f"comma-separated from {','.join(SETS)}")
     p.add_argument("--worlds", default="2,8", help="simulated world sizes")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
     p.add_argument("--machine", default="amd-epyc")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
         try:

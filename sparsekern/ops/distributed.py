@@ -94,61 +94,67 @@ def _check_nan(local: list[torch.Tensor], group) -> None:
 #: CPU: each rank's own quantiles this far below / above the wanted level bracket the candidates
 _BRACKET = 1e-3
 _INT32_MAX = (1 << 31) - 1
+_CHUNK = 1 << 20  # CPU: keys made this many at a time (never all at once)
 
 
-def _narrow(queries: list[list[torch.Tensor]], sizes: list[int], plan, group):
+def _narrow(sources, sizes: list[int], plan, group):
     """CPU shortcut: per query a key interval ``[lo, hi]`` (``lo``: the smallest over ranks of each
     rank's own quantile ``_BRACKET`` below the wanted level, ``hi``: the largest ``_BRACKET`` above,
-    from the single-process select), verified to hold the wanted global order statistics by
-    counting the keys below ``lo`` and up to ``hi`` on every rank (one all_reduce). Returns (the
-    keys in ``[lo, hi]`` per query, the global count below ``lo`` per query), or None when an
-    interval misses (the caller then selects over all keys). The interval only decides the speed:
-    the result is exact either way."""
+    from the single-process C++ select on its shards), verified to hold the wanted global order
+    statistics by counting the keys below ``lo`` and up to ``hi`` on every rank (one all_reduce).
+    Returns (the keys in ``[lo, hi]`` per query, the global count below ``lo`` per query), or None
+    when an interval misses (the caller then selects over all keys). The interval only decides the
+    speed: the result is exact either way. Keys are made chunk by chunk (never all at once)."""
     from .select import global_magnitude_threshold as select
-    q = len(queries)
+    q = len(sources)
     bounds = torch.empty(q, 2, dtype=torch.int64)  # (−lo, hi): one MAX all_reduce gives min lo, max hi
-    for i, (keys, n, (k0, k1, _)) in enumerate(zip(queries, sizes, plan)):
-        vals = [k.view(torch.float32) for k in keys if k.numel()]
-        if not vals:
+    for i, (src, n, (k0, k1, _)) in enumerate(zip(sources, sizes, plan)):
+        src = [(t, c) for t, c in src if t.numel()]
+        if not src:
             bounds[i, 0], bounds[i, 1] = -_INT32_MAX, -1
             continue
+        ts, cs = [t.detach() for t, _ in src], [c for _, c in src]
         a = max(k0 / max(n - 1, 1) - _BRACKET, 0.0)
         b = min(k1 / max(n - 1, 1) + _BRACKET, 1.0)
-        lo = select(vals, a, interpolation="lower", check_nan=False).view(torch.int32).item()
-        hi = select(vals, b, interpolation="higher", check_nan=False).view(torch.int32).item()
+        lo = select(ts, a, scales=cs, interpolation="lower", check_nan=False).view(torch.int32).item()
+        hi = select(ts, b, scales=cs, interpolation="higher", check_nan=False).view(torch.int32).item()
         bounds[i, 0], bounds[i, 1] = -lo, hi
     _all_reduce(bounds, group, dist.ReduceOp.MAX)
     lo, hi = (-bounds[:, 0]).tolist(), bounds[:, 1].tolist()
+
+    def chunks(src):
+        for t, c in src:
+            for part in t.detach().reshape(-1).split(_CHUNK):
+                yield _keys(part, c)
     counts = torch.zeros(q, 2, dtype=torch.int64)  # keys < lo, keys <= hi
-    masks = []
-    for i, keys in enumerate(queries):
-        masks.append([(k < lo[i], k <= hi[i]) for k in keys])
-        for m_lo, m_hi in masks[i]:
-            counts[i, 0] += int(torch.count_nonzero(m_lo))
-            counts[i, 1] += int(torch.count_nonzero(m_hi))
+    for i, src in enumerate(sources):
+        for k in chunks(src):
+            counts[i, 0] += int(torch.count_nonzero(k < lo[i]))
+            counts[i, 1] += int(torch.count_nonzero(k <= hi[i]))
     _all_reduce(counts, group)
     below, upto = counts[:, 0], counts[:, 1]
     if not all(b <= k0 and k1 < u for b, u, (k0, k1, _) in zip(below.tolist(), upto.tolist(), plan)):
         return None
-    inside = []
-    for i, keys in enumerate(queries):
-        same = next((j for j in range(i) if queries[j] is keys and lo[j] == lo[i] and hi[j] == hi[i]), None)
-        inside.append(inside[same] if same is not None else  # lo <= hi: the keys below lo are among those up to hi
-                      [k[m_hi ^ m_lo] for k, (m_lo, m_hi) in zip(keys, masks[i])])
+    inside = [[k[(k >= lo[i]) & (k <= hi[i])] for k in chunks(src)] for i, src in enumerate(sources)]
     return inside, below
 
 
-def _quantiles(queries: list[list[torch.Tensor]], sizes: list[int], qs: list[float], interpolation: str, group):
-    """Per query: numpy's quantile ``qs[i]`` of the union over ranks (``sizes[i]`` elements)."""
-    device = queries[0][0].device if queries and queries[0] else torch.device("cpu")
+def _quantiles(sources: list[list[tuple[torch.Tensor, float]]], sizes: list[int], qs: list[float],
+               interpolation: str, group):
+    """Per query: numpy's quantile ``qs[i]`` of ``|t|·c`` over the union over ranks of its
+    ``sources[i]`` (this rank's ``(tensor, c)``; ``sizes[i]`` elements over all ranks)."""
+    device = next((t.device for src in sources for t, _ in src), torch.device("cpu"))
     plan = [reference.quantile_ranks(n, q, interpolation) for n, q in zip(sizes, qs)]
     wanted = torch.tensor([r for k0, k1, _ in plan for r in (k0, k1)], dtype=torch.int64, device=device)
+    narrowed = None
     if device.type == "cpu" and _SHRINK_ON_CPU and _NARROW_ON_CPU:
-        narrowed = _narrow(queries, sizes, plan, group)
-        if narrowed is not None:
-            queries, below = narrowed
-            wanted = wanted - below.repeat_interleave(2)
-    keys = [query for query in queries for _ in range(2)]
+        narrowed = _narrow(sources, sizes, plan, group)
+    if narrowed is not None:
+        queries, below = narrowed
+        wanted = wanted - below.repeat_interleave(2)
+    else:
+        queries = [[_keys(t, c) for t, c in src] for src in sources]
+    keys = [query for query in queries for _ in range(2)]  # both order statistics share the keys
     stats = order_statistics(keys, wanted, group).view(torch.float32).view(-1, 2)
     out = []
     for (lo, hi), (_, _, gamma) in zip(stats, plan):
@@ -164,8 +170,7 @@ def global_magnitude_threshold(local_tensors, global_numel: int, sparsity: float
     scales = [1.0] * len(local_tensors) if scales is None else list(scales)
     if check_nan:
         _check_nan([t.detach() for t in local_tensors], group)
-    keys = [_keys(t, c) for t, c in zip(local_tensors, scales)]
-    return _quantiles([keys], [global_numel], [sparsity], interpolation, group)[0]
+    return _quantiles([list(zip(local_tensors, scales))], [global_numel], [sparsity], interpolation, group)[0]
 
 
 def magnitude_thresholds(local_tensors, global_numels: list[int], sparsities, interpolation="linear",
@@ -175,8 +180,8 @@ def magnitude_thresholds(local_tensors, global_numels: list[int], sparsities, in
         sparsities = [sparsities] * len(local_tensors)
     if check_nan:
         _check_nan([t.detach() for t in local_tensors], group)
-    keys = [[_keys(t, 1.0)] for t in local_tensors]
-    return _quantiles(keys, list(global_numels), list(sparsities), interpolation, group)
+    return _quantiles([[(t, 1.0)] for t in local_tensors], list(global_numels), list(sparsities),
+                      interpolation, group)
 
 
 # --- FSDP2 shards: rows of Shard(0) DTensors ------------------------------------------------------
