@@ -380,6 +380,19 @@ def _refusals():
             for m in layers:
                 m.reshard()
     out["unsharded_step"] = attempt(unsharded_step)
+
+    def dead_layer():  # layer 6 far below the others: the global threshold prunes all of it
+        model = _net()
+        with torch.no_grad():
+            model[6].weight.mul_(1e-4)
+        sp = sk.sparsify(model, "gmp", schedule=lambda t: 0.5 if t else 0.0, scope="global")  # pruning after sharding
+        _shard(model, sp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sp.step()
+        dead = [str(w.message) for w in caught if "100 % pruned" in str(w.message)]
+        return None, f"{dead} {sp.sparsity()['dead']}"
+    out["dead_layer"] = dead_layer()
     for method, kw in [("gmp", dict(sparsity=0.5)), ("nm", dict(era=(0, 2)))]:
         def nan_on_rank1(method=method, kw=kw):  # both ranks must raise (not one raise, one hang)
             model = _net()
@@ -641,6 +654,12 @@ def test_dcp_resume_bit_exact(results, run):
         state = {"gmp": "threshold", "str": "s", "starfire": "mask", "asl": "r"}[run]
         assert "0.weight" in g["keys"] and f"2.{state}" in g["keys"], g["keys"]
         assert not any("_fsdp" in k or "_orig" in k or "parametriz" in k for k in g["keys"]), g["keys"]
+
+
+def test_dead_layer_warned_under_fsdp2(results):
+    for rank, g in enumerate(_case(results, "refusals")["ranks"]):
+        exc, msg = g["dead_layer"]
+        assert exc is None and re.search(r"1 layer\(s\) are 100 % pruned .*\['6'\].*\] \['6'\]$", msg), (rank, msg)
 
 
 @pytest.mark.parametrize("case, exc, pattern", [
