@@ -118,7 +118,7 @@ def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="li
     instead (``check_nan`` must be a bool). Under torch.compile the check is skipped (the value is
     NaN); meta tensors give the result's shape, dtype and device only.
 
-    Distributed (issue 15): DTensors sharded on one 1-D mesh, or this rank's plain shards with
+    Distributed: DTensors sharded on one 1-D mesh, or this rank's plain shards with
     ``group=``: the exact quantile over every rank's shards, the same on every rank
     (``ops.distributed``; per radix pass one small all_reduce, never the weights).
     """
