@@ -1,5 +1,5 @@
 """Distributed exact magnitude threshold: ``ops.distributed`` (each rank histograms its
-shards, one ``[1, 256]`` int64 all_reduce per radix pass) vs all-gathering the weights, then
+shards, one ``[2, 256]`` int64 all_reduce per radix pass) vs all-gathering the weights, then
 selecting (``sk.global_magnitude_threshold`` on the whole list) — per rank, for W ranks.
 
 Ranks are simulated on one machine: the shards of all W ranks (``Shard(0)`` rows, as FSDP2 splits
