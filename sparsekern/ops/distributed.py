@@ -104,7 +104,8 @@ def _narrow(sources, sizes: list[int], plan, group):
     statistics by counting the keys below ``lo`` and up to ``hi`` on every rank (one all_reduce).
     Returns (the keys in ``[lo, hi]`` per query, the global count below ``lo`` per query), or None
     when an interval misses (the caller then selects over all keys). The interval only decides the
-    speed: the result is exact either way. Keys are made chunk by chunk (never all at once)."""
+    speed: the result is exact either way. Keys are made chunk by chunk (never all at once), in one
+    pass that counts and keeps the candidates."""
     from .select import global_magnitude_threshold as select
     q = len(sources)
     bounds = torch.empty(q, 2, dtype=torch.int64)  # (−lo, hi): one MAX all_reduce gives min lo, max hi
@@ -127,15 +128,18 @@ def _narrow(sources, sizes: list[int], plan, group):
             for part in t.detach().reshape(-1).split(_CHUNK):
                 yield _keys(part, c)
     counts = torch.zeros(q, 2, dtype=torch.int64)  # keys < lo, keys <= hi
+    inside = []  # the keys in [lo, hi], kept in the same pass (used only if the interval holds)
     for i, src in enumerate(sources):
+        inside.append([])
         for k in chunks(src):
-            counts[i, 0] += int(torch.count_nonzero(k < lo[i]))
-            counts[i, 1] += int(torch.count_nonzero(k <= hi[i]))
+            below, upto = k < lo[i], k <= hi[i]  # lo <= hi: below is a subset of upto
+            counts[i, 0] += int(torch.count_nonzero(below))
+            counts[i, 1] += int(torch.count_nonzero(upto))
+            inside[i].append(k[upto ^ below])
     _all_reduce(counts, group)
     below, upto = counts[:, 0], counts[:, 1]
     if not all(b <= k0 and k1 < u for b, u, (k0, k1, _) in zip(below.tolist(), upto.tolist(), plan)):
         return None
-    inside = [[k[(k >= lo[i]) & (k <= hi[i])] for k in chunks(src)] for i, src in enumerate(sources)]
     return inside, below
 
 
