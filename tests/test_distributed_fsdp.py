@@ -8,23 +8,24 @@ tests assert here, in the parent:
   empty; ties, inf, ±0, scales, every interpolation) bit-identical to one process on the full
   tensors, on each code path (CPU with and without the local-quantile bracket, accelerator);
   the public functions with DTensors and with plain shards + ``group=``;
-
 * training (``sparsify``, then ``fully_shard`` per layer and at the root; STR/ASL pass
   ``sparsifier.replicated_params()`` as ``ignored_params``), 5 steps, different data per rank:
   both ranks hold the same bits (gathered weights, thresholds, masks, s/r, effective weights);
-  the thresholds are bit-identical to ``global_magnitude_threshold``/``magnitude_thresholds`` of
-  one process on the gathered full weights; masks, thresholds and ``sparsity()`` equal a
-  single-process run on the global batch, whose weights they match within ``GLOBAL_BATCH_REL``
-  (float reassociation of the reduce-scatter, as in tests/test_distributed.py);
-* also root-only ``fully_shard``, ``fully_shard`` before ``sparsify`` (magnitude methods), and
-  ``freeze()`` / ``finalize()`` on sharded weights;
+  the thresholds are bit-identical to a one-process Sparsifier's on the gathered full weights
+  (scopes, scales, ``min_density``); masks and ``sparsity()`` equal a single-process run on the
+  global batch, whose weights and thresholds they match within ``GLOBAL_BATCH_REL`` (float
+  reassociation of the reduce-scatter, as in tests/test_distributed.py);
+* also root-only ``fully_shard``, ``fully_shard`` before ``sparsify`` (magnitude methods),
+  transformers' ``Conv1D`` (stored ``[in, out]``), STARFIRE ``fc_inputs``, ``freeze()`` /
+  ``finalize()`` on sharded weights, a layer pruned to 100 % (warned on both ranks);
 * STARFIRE and N:M masks built from the shards equal the single-process masks of the whole
   weights bit for bit, for every pattern (uneven shards: 7 and 5 rows over 2 ranks);
 * DCP: save on 2 ranks after 2 steps, resume in fresh models, 2 more steps: bit-identical to the
   uninterrupted run; state_dict keys plain;
 * refusals: tensor parallel (a DTensor FSDP2 does not manage), at ``sparsify`` and at ``step()``,
   naming the weight; ``fully_shard`` before ``sparsify`` for STR/ASL/masks; STR whose ``s`` is
-  neither sharded nor synchronised.
+  neither sharded nor synchronised; ``step()`` on unsharded weights; a NaN on one rank raises on
+  both.
 
 Bounded time: process-group timeout 60 s; the parent kills both ranks after ``PARENT_TIMEOUT_S``.
 """
