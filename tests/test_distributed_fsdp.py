@@ -155,10 +155,23 @@ def _select_case(rank):
     return res
 
 
+class Conv1D(nn.Module):
+    """transformers' ``Conv1D`` (GPT-2; sparsekern recognises it by name and ``nf``): a Linear whose
+    weight is stored ``[in, out]``. Defined here, as in transformers, to spare the ranks its import."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):  # x: [batch, in] here
+        return torch.addmm(self.bias, x, self.weight)
+
+
 def _net(run=""):
     torch.manual_seed(0)
     if run.endswith("_conv1d"):  # transformers' Conv1D stores [in, out]: Shard(0) splits the canonical `in`
-        from transformers.pytorch_utils import Conv1D
         return nn.Sequential(nn.Flatten(), Conv1D(12, 3 * 8 * 8), nn.ReLU(), Conv1D(5, 12))  # in 192, 12: 2:4
     return nn.Sequential(  # 8, 7 and 5 output rows: shards 4+4, 4+3, 3+2; C_in 8 and 112 divisible by 4 (2:4)
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
@@ -415,6 +428,7 @@ def _worker(rank, port, outdir):
     results = {}
 
     def collect(key, fn, reference=None):
+        t0 = time.perf_counter()
         try:
             mine = fn()
         except Exception:  # noqa: BLE001 - same code on both ranks: both reach the gather below
@@ -428,6 +442,7 @@ def _worker(rank, port, outdir):
                     res.update(reference(gathered))
                 except Exception:  # noqa: BLE001
                     res["error"] = traceback.format_exc()
+            res["seconds"] = time.perf_counter() - t0
             results[key] = res
 
     try:
@@ -447,10 +462,7 @@ def _worker(rank, port, outdir):
                 if "error" not in g and g["info"]["scope"] is not None and run != "gmp_freeze":
                     out["expected_thresholds"] = _expected_thresholds(run, g["snapshot"], method, options)
                 return out
-            t0 = time.perf_counter()
             collect(run, mine, reference)
-            if rank == 0:
-                results[run]["seconds"] = time.perf_counter() - t0
         collect("select", lambda: _select_case(rank))
         collect("masks", _masks_case)
         for run in ("gmp", "str", "starfire", "asl"):
