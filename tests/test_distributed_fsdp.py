@@ -81,6 +81,9 @@ RUNS = [
 ]
 RUN_NAMES = [r[0] for r in RUNS]
 
+#: every method: DCP save after 2 steps, resume, 2 more steps
+DCP_RUNS = ["str", "st3", "st3_sigma", "feather", "gmp", "asl", "starfire", "nm"]
+
 #: STARFIRE patterns whose masks are built from the shards (weights of every kind, uneven shards)
 MASK_CASES = [
     ("intra_in", dict(conv3x3="intra")),
@@ -465,7 +468,7 @@ def _worker(rank, port, outdir):
             collect(run, mine, reference)
         collect("select", lambda: _select_case(rank))
         collect("masks", _masks_case)
-        for run in ("gmp", "str", "starfire", "asl"):
+        for run in DCP_RUNS:
             method, options = {r[0]: (r[1], r[2]) for r in RUNS}[run]
             collect(f"dcp_{run}", lambda method=method, options=options, run=run:
                     _dcp_case(run, method, options, x, y, outdir))
@@ -655,7 +658,7 @@ def test_masks_from_shards_equal_whole_weight_masks(results, case):
             assert 0 < int(whole.sum()) < whole.numel()
 
 
-@pytest.mark.parametrize("run", ["gmp", "str", "starfire", "asl"])
+@pytest.mark.parametrize("run", DCP_RUNS)
 def test_dcp_resume_bit_exact(results, run):
     res = _case(results, f"dcp_{run}")
     for rank, g in enumerate(res["ranks"]):
@@ -664,7 +667,7 @@ def test_dcp_resume_bit_exact(results, run):
         differ = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differ, (run, rank, differ)
         assert g["step"] == 4
-        state = {"gmp": "threshold", "str": "s", "starfire": "mask", "asl": "r"}[run]
+        state = {"str": "s", "asl": "r", "starfire": "mask", "nm": "mask"}.get(run, "threshold")
         assert "0.weight" in g["keys"] and f"2.{state}" in g["keys"], g["keys"]
         assert not any("_fsdp" in k or "_orig" in k or "parametriz" in k for k in g["keys"]), g["keys"]
 
