@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .flops import count_flops
 from .losses import AdaptiveSparsityLoss, erf_sparsity
@@ -16,10 +17,20 @@ from .methods import ASL, STR, MagnitudeMethod, MaskMethod, Method, method_class
 from .methods.base import FixedMask
 from .nn import SparseWeight, prunable_weights
 from .nn.layers import _State, disable, enable, holders
-from .ops import global_magnitude_threshold, magnitude_thresholds
+from .ops import distributed, global_magnitude_threshold, magnitude_thresholds
 from .schedules import CubicSchedule, LinearSchedule, check_sparsity  # noqa: F401  (public here too)
 
 
+
+
+class _Whole:
+    """A ``SparseWeight`` whose ``weight`` is a given whole tensor (an FSDP2 weight gathered)."""
+
+    def __init__(self, sw: SparseWeight, weight: Tensor):
+        self.__dict__.update(_sw=sw, weight=weight)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_sw"], name)
 
 
 #: STR/ASL learn their thresholds; every this many steps ``step()`` thresholds each weight once
@@ -71,6 +82,8 @@ class Sparsifier:
         self._finalized = self._frozen = False
         self._dead: set[str] = set()  # layers already warned about (100 % sparse)
         self._pending = None  # (flags on the host, CUDA event) of the last step's dead-layer check
+        self._sharded_key = None  # ids of the FSDP2-sharded Parameters last validated (_shard_group)
+        self._grad_hooks: list = []  # replicated_params(): gradient averaging of STR's s / ASL's r
         self._update(0)
 
     def target(self, step: int | None = None) -> float | None:
@@ -100,6 +113,7 @@ class Sparsifier:
     @torch.no_grad()
     def _update(self, step: int) -> None:
         layers = list(self.layers.values())
+        group = self._shard_group()
         if self._frozen:
             FixedMask.zero_pruned(layers)
             return
@@ -108,11 +122,11 @@ class Sparsifier:
             return
         if not isinstance(self.method, MagnitudeMethod):  # STR, ASL: learned thresholds
             if step % LEARNED_DEAD_CHECK_EVERY == 0:
-                self._check_dead(torch.stack([~(sw.effective_weight() != 0).any() & (sw.param.numel() > 0)
+                self._check_dead(torch.stack([~(self._full_effective(sw) != 0).any() & (sw.param.numel() > 0)
                                               for sw in layers]))
             return
-        weights = [sw.param for sw in layers]
-        s = self.target(step)
+        weights = [sw.param for sw in layers]  # FSDP2: DTensors; the selections run over the shards
+        s = self.target(step)                   # (ops.distributed: the weights never travel)
         check_nan = weights[0].device.type == "cpu"  # reading the NaN flag back is free only there
         if s == 0.0:  # t = 0 keeps every nonzero (the quantile would prune the smallest |w|)
             thresholds = [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights]
@@ -124,9 +138,78 @@ class Sparsifier:
         for sw, t in zip(layers, thresholds):
             self.method.set_threshold(sw, t)
         if s > 0.0:  # a layer is dead when its largest |w| is at or below its threshold
-            top = torch._foreach_norm([w.detach() for w in weights], float("inf"))
+            if group is None:
+                top = torch._foreach_norm([w.detach() for w in weights], float("inf"))
+            else:  # the largest |w| of every rank's shard (one all_reduce of a float per layer)
+                local = [w.to_local().detach() for w in weights]
+                top = torch.stack([w.abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
+                                   for w in local])
+                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
             self._check_dead(torch.stack([(a.float() <= t) & (w.numel() > 0)
                                           for a, t, w in zip(top, thresholds, weights)]))
+
+    def _shard_group(self):
+        """The process group of the FSDP2-sharded weights, or None when no weight is a DTensor.
+        Validated whenever the sharded Parameters change: all sparse weights sharded, by
+        ``fully_shard`` as ``Shard(0)`` on a 1-D mesh (tensor parallel is refused, naming the
+        weight), learned thresholds (STR's s, ASL's r) managed by FSDP2 or ``replicated_params()``."""
+        params = [sw.param for sw in self.layers.values()]
+        sharded = [isinstance(p, DTensor) for p in params]
+        if not any(sharded):
+            from torch.distributed.fsdp import FSDPModule
+            if isinstance(self.model, FSDPModule) or any(isinstance(sw.module, FSDPModule)
+                                                         for sw in self.layers.values()):
+                raise RuntimeError("the sparse weights are unsharded (inside FSDP2's unshard() or a forward): "
+                                   "what this call writes would not reach the shards; call it with the "
+                                   "parameters sharded (after optimizer.step())")
+            return None
+        key = tuple(id(p) for p in params)
+        if key != self._sharded_key:
+            fsdp = distributed.fsdp_params(self.model)
+            for name, sw in self.layers.items():
+                if isinstance(sw.param, DTensor):
+                    distributed.check_sharded(name, sw.param, fsdp)
+            plain = [name for name, d in zip(self.layers, sharded) if not d]
+            if plain:
+                raise ValueError(f"some sparse weights are sharded (FSDP2) and these are not: {plain}; "
+                                 "fully_shard every sparsified layer (e.g. fully_shard the root module too)")
+            hooked = {id(p) for p in self._learned_params()} if self._grad_hooks else set()
+            loose = [name for name, p in zip(self.layers, self._learned_params()) if id(p) not in fsdp | hooked]
+            if loose:
+                raise RuntimeError(f"the learned thresholds of {loose} ({self.method.name}) are neither sharded by "
+                                   "FSDP2 nor synchronised: pass sparsifier.replicated_params() to "
+                                   "fully_shard(..., ignored_params=...) (it also averages their gradients)")
+            self._sharded_key = key
+        return params[0].device_mesh.get_group()
+
+    def _learned_params(self) -> list[nn.Parameter]:
+        """STR's ``s`` / ASL's ``r`` of every layer (layer order); empty for the other methods."""
+        state = "s" if isinstance(self.method, STR) else "r" if isinstance(self.method, ASL) else None
+        return [getattr(sw, state) for sw in self.layers.values()] if state and not self._frozen else []
+
+    def replicated_params(self, group=None) -> set[nn.Parameter]:
+        """STR's ``s`` / ASL's ``r`` Parameters for ``fully_shard(..., ignored_params=...)``
+        (FSDP2 cannot shard 0-d Parameters): they stay whole on every rank, and from this call on
+        each one's gradient is averaged over ``group`` (default: all ranks) after every backward
+        (one all_reduce per Parameter), so they stay identical on every rank. Empty for the other
+        methods. Call it on every rank, after ``sparsify`` and before training."""
+        params = self._learned_params()
+        if params and not self._grad_hooks:
+            world = torch.distributed.get_world_size(group)
+
+            def average(p: Tensor) -> None:
+                torch.distributed.all_reduce(p.grad, group=group)
+                p.grad.div_(world)
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(average) for p in params]
+        return set(params)
+
+    def _full_effective(self, sw: SparseWeight) -> Tensor:
+        """``sw.effective_weight()`` (canonical layout, no grad); of an FSDP2-sharded weight computed
+        from its gathered whole (``full_tensor``, one weight at a time: reporting and rare checks)."""
+        if not isinstance(sw.param, DTensor):
+            return sw.effective_weight().detach()
+        full = sw.param.full_tensor().detach()
+        return sw.method.sparse_weight(_Whole(sw, full.t() if sw.transposed else full)).detach()
 
     def _global_thresholds(self, weights: list[Tensor], s: float, check_nan: bool) -> list[Tensor]:
         """``t_l = T / c_l`` with ``T`` the exact global quantile; with ``min_density = d``, layers
@@ -223,7 +306,9 @@ class Sparsifier:
         return groups
 
     def _effective(self, sw: SparseWeight) -> Tensor:
-        return sw.param if self._finalized else sw.effective_weight()
+        if self._finalized:
+            return sw.param.full_tensor() if isinstance(sw.param, DTensor) else sw.param
+        return self._full_effective(sw)
 
     @torch.no_grad()
     def sparsity(self) -> dict:
@@ -241,7 +326,8 @@ class Sparsifier:
             z = int((w == 0).sum())
             per_layer[name] = z / max(w.numel(), 1)
             zeros, total = zeros + z, total + w.numel()
-        dense_zeros = sum(int((w == 0).sum()) for w in self._dense_weights.values())
+        dense_zeros = sum(int(((w.full_tensor() if isinstance(w, DTensor) else w) == 0).sum())
+                          for w in self._dense_weights.values())
         dense_total = sum(w.numel() for w in self._dense_weights.values())
         report = {"overall": zeros / max(total, 1), "layers": per_layer,
                   "model": (zeros + dense_zeros) / max(total + dense_total, 1), "dense": list(self.dense),
@@ -257,10 +343,15 @@ class Sparsifier:
     def _bake(self) -> dict[str, Tensor]:
         """Write each effective weight into its Parameter (in place: ties and optimizers keep
         it) and drop the method's state; returns the canonical masks ``effective != 0``."""
-        effective = {name: sw.effective_weight().detach().clone() for name, sw in self.layers.items()}
+        effective = {name: self._full_effective(sw).clone() for name, sw in self.layers.items()}
         masks = {}
         for name, sw in self.layers.items():
-            sw.weight.copy_(effective[name])
+            if isinstance(sw.param, DTensor):  # FSDP2: this rank's rows of the stored layout
+                off, rows = distributed.shard_rows(sw.param)
+                stored = effective[name].t() if sw.transposed else effective[name]
+                sw.param.to_local().copy_(stored[off:off + rows])
+            else:
+                sw.weight.copy_(effective[name])
             masks[name] = effective[name] != 0
             sw.drop_state()
             for mod, pname in self._holders[name]:
@@ -457,7 +548,9 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     ``s`` Parameters must be added to the optimizer (with weight decay), ASL's ``r`` too (at lr/100
     without weight decay: ``Sparsifier.param_groups``). Under DDP: ``sparsify`` first, then wrap
     (a model already in ``DistributedDataParallel`` is refused for str/asl, whose new Parameters
-    DDP would not synchronise).
+    DDP would not synchronise). Under FSDP2: ``sparsify`` first, then ``fully_shard`` with
+    ``ignored_params=sparsifier.replicated_params()`` (docs/distributed.md); ``fully_shard`` first
+    works for the magnitude methods only; tensor-parallel DTensor weights are refused.
     """
     cls = method_class(method)
     if sparsity is not None:
@@ -508,12 +601,19 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
     if not candidates:
         raise ValueError("model has no weight to sparsify (Linear, Conv1d/2d/3d, MultiheadAttention, Conv1D)")
     chosen, dense, dense_weights, where = [], {}, {}, {}
+    fsdp = None  # ids of FSDP2's sharded Parameters, once a DTensor weight is seen
     for name, mod, pname, transposed in candidates:
         p = mod._parameters[pname]
         where[name] = holders(model, p)
         if any(skip(mname, m) for mname, m, _ in where[name]):
             dense[name], dense_weights[name] = "excluded", p
             continue
+        if isinstance(p, DTensor):
+            fsdp = distributed.fsdp_params(model) if fsdp is None else fsdp
+            distributed.check_sharded(name, p, fsdp)
+            if not magnitude:
+                raise ValueError(f"weight {name!r} is already sharded by FSDP2 (fully_shard): method {meth.name!r} "
+                                 "needs sparsify(model) first, then fully_shard (see README, Distributed training)")
         _check_weight(name, p)
         if any(pn in m.__dict__.get("_sparsekern", {}) for _, m, pn in where[name]):
             raise ValueError(f"weight {name!r} is already sparse (another sparsify() call): finalize() that "

@@ -4,8 +4,10 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from ..ops import masked_weight
+from ..ops import distributed
 from ..schedules import RAMPS
 
 
@@ -86,9 +88,16 @@ class MaskedWeights(Method):
     @staticmethod
     @torch.no_grad()
     def zero_pruned(layers: list) -> None:
-        """Set the pruned weights to exactly 0 in place (undoing momentum and weight decay)."""
+        """Set the pruned weights to exactly 0 in place (undoing momentum and weight decay); an
+        FSDP2-sharded weight zeroes its local rows (the mask is whole on every rank)."""
         for layer in layers:
-            layer.weight.masked_fill_(~layer.mask, 0)
+            p = layer.param
+            if isinstance(p, DTensor):
+                off, rows = distributed.shard_rows(p)
+                mask = layer.mask.t() if layer.transposed else layer.mask  # stored layout, sharded on dim 0
+                p.to_local().masked_fill_(~mask[off:off + rows], 0)
+            else:
+                layer.weight.masked_fill_(~layer.mask, 0)
 
 
 class FixedMask(MaskedWeights):
@@ -97,6 +106,20 @@ class FixedMask(MaskedWeights):
     them)."""
 
     name = "frozen"
+
+
+def _canonical(layer, stored: Tensor) -> Tensor:
+    """``stored`` (a tensor in ``layer.param``'s layout) in the canonical layout ``[out, in, *kernel]``."""
+    return stored.t() if layer.transposed else stored
+
+
+def local_rows(layer) -> tuple[Tensor, int, int] | None:
+    """``(local canonical rows, global row offset, global rows)`` of an FSDP2-sharded layer whose
+    canonical output rows are what ``Shard(0)`` splits (not a transposed kind), else None."""
+    if layer.transposed:
+        return None
+    off, rows = distributed.shard_rows(layer.param)
+    return layer.param.to_local().detach(), off, layer.param.shape[0]
 
 
 def _check_era(era) -> tuple[int, int]:
@@ -142,6 +165,12 @@ class MaskMethod(MaskedWeights):
         if self.final_sparsity > 0:  # a shape or option the mask op refuses fails now, not at the era
             self.masks([layer.weight.detach()], self.final_sparsity)
 
+    def sharded_masks(self, layers: list, sparsity: float, group) -> list[Tensor]:
+        """``masks`` of FSDP2-sharded layers (``Shard(0)`` DTensors), whole and the same on every
+        rank. This default gathers each weight (``full_tensor``); methods whose groups are
+        shard-local compute on the local rows and gather only the masks (or small scores)."""
+        return [m for layer in layers for m in self.masks([_canonical(layer, layer.param.full_tensor())], sparsity)]
+
     @torch.no_grad()
     def update(self, layers: list, step: int, sparsity: float) -> None:
         """After optimizer step ``step`` with target ``sparsity``: rebuild (in the era) and apply the masks.
@@ -154,14 +183,21 @@ class MaskMethod(MaskedWeights):
         start, end = self.era
         if step <= start:
             return
-        for layer in layers:
-            w = layer.weight
-            if w.device.type == "cpu" and bool(torch.isnan(w).any()):
-                raise FloatingPointError(f"weight {layer.name!r} contains NaN: its mask is undefined "
-                                         f"(step {step}; nothing was changed)")
+        group = layers[0].param.device_mesh.get_group() if isinstance(layers[0].param, DTensor) else None
+        local = [layer.param.to_local() if group is not None else layer.weight for layer in layers]
+        if local[0].device.type == "cpu":
+            nan = [bool(torch.isnan(w).any()) for w in local]
+            if group is not None:  # FSDP2: every rank raises together (one all_reduce of the flags)
+                nan = distributed.any_rank_each(nan, local[0].device, group)
+            for layer, bad in zip(layers, nan):
+                if bad:
+                    raise FloatingPointError(f"weight {layer.name!r} contains NaN: its mask is undefined "
+                                             f"(step {step}; nothing was changed)")
         if step <= end and sparsity > 0:
             self.zero_pruned(layers)  # score pruned weights as 0, not where the optimizer moved them
-            for layer, mask in zip(layers, self.masks([m.weight for m in layers], sparsity)):
+            masks = (self.sharded_masks(layers, sparsity, group) if group is not None
+                     else self.masks([m.weight for m in layers], sparsity))
+            for layer, mask in zip(layers, masks):
                 layer.mask &= mask
             self.link_masks(layers)
         self.zero_pruned(layers)

@@ -4,9 +4,9 @@ import numbers
 
 from torch import Tensor
 
-from ..ops import nm_mask
+from ..ops import distributed, nm_mask
 from ..reference import spec_round
-from .base import MaskMethod
+from .base import MaskMethod, local_rows
 
 
 class NM(MaskMethod):
@@ -45,6 +45,20 @@ class NM(MaskMethod):
     def masks(self, weights: list[Tensor], sparsity: float) -> list[Tensor]:
         pruned = spec_round(self.m * sparsity)  # per group of m: 0 … m − n
         return [nm_mask(w, self.m - pruned, self.m) for w in weights]
+
+    def sharded_masks(self, layers: list, sparsity: float, group) -> list[Tensor]:
+        """Groups lie within an output row: each rank masks its own rows, then the masks are gathered."""
+        pruned = spec_round(self.m * sparsity)
+        out = []
+        for layer in layers:
+            local = local_rows(layer)
+            if local is None:
+                out += super().sharded_masks([layer], sparsity, group)
+                continue
+            w, _, rows = local
+            mask = nm_mask(w, self.m - pruned, self.m) if w.shape[0] else w.new_zeros(w.shape, dtype=bool)
+            out.append(distributed.gather_rows(mask, rows, group))
+        return out
 
     def options(self) -> dict:
         return {"n": self.n, "m": self.m, **super().options()}

@@ -3,9 +3,11 @@ import math
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from ..ops import block_mask, ck_mask, intra_mask, magnitude_thresholds, prune_fc_inputs, window_mask
-from .base import MaskMethod
+from .. import reference
+from ..ops import block_mask, ck_mask, distributed, intra_mask, magnitude_thresholds, prune_fc_inputs, window_mask
+from .base import MaskMethod, local_rows
 
 CONV_PATTERNS = ("intra", "window", "ck")
 FC_PATTERNS = ("fine", "block")
@@ -91,10 +93,6 @@ class Starfire(MaskMethod):
             pairs.append((index[fc], index[conv]))
         self._fc_pairs = pairs
 
-    def link_masks(self, layers: list) -> None:
-        for fc, conv in self._fc_pairs:
-            layers[fc].mask &= prune_fc_inputs(layers[conv].mask, layers[fc].weight)
-
     @classmethod
     def from_options(cls, final_sparsity, **options) -> "Starfire":
         if final_sparsity is None:
@@ -123,6 +121,60 @@ class Starfire(MaskMethod):
             kept = iter(_keep_one_per_row(w.abs().float() > t, w) for w, t in zip(fine, ts.unbind()))
             out = [m if m is not None else next(kept) for m in out]
         return out
+
+    def _sharded_conv_mask(self, w: Tensor, off: int, rows: int, sparsity: float, group) -> Tensor:
+        """This rank's rows of ``_conv_mask`` of the whole weight (``w``: its local rows from
+        ``off``). Windows, and CK groups per output filter, lie in one row; CK groups per input
+        channel span the rows: only the ``[K, C]`` kernel scores (max kept |w|) are gathered."""
+        k, c, r, s = w.shape
+        if self.conv3x3 == "window" or self.ck_group == "out":
+            return self._conv_mask(w, sparsity) if k else w.new_zeros(w.shape, dtype=torch.bool)
+        if self.conv3x3 == "ck":
+            window, s_ck = 0.0, sparsity
+        else:
+            window = self.window_fraction * sparsity
+            s_ck = reference.intra_ck_sparsity(r * s, sparsity, self.window_fraction)
+        wm = window_mask(w, window) if k else w.new_zeros(w.shape, dtype=torch.bool)
+        a = w.float().abs()
+        score = torch.where(wm, a, 0.0).amax((2, 3)) if r * s else a.new_zeros(k, c)
+        score = distributed.gather_rows(score, rows, group)  # [K, C] over all ranks
+        alive = reference.keep_top(score.t(), rows - reference.spec_round(rows * s_ck)).t()
+        return wm & alive[off:off + k, :, None, None]
+
+    def sharded_masks(self, layers: list, sparsity: float, group) -> list[Tensor]:
+        """Per-row patterns (windows, CK per output filter, N:M-like FC rows) on the local rows;
+        CK per input channel from gathered kernel scores; ``fine``'s thresholds exact over the
+        shards (``ops.distributed``); ``block`` (blocks may straddle shards) gathers the weight.
+        Only masks (and scores) travel, except for ``block``."""
+        out: list[Tensor | None] = [None] * len(layers)
+        fine = []
+        for i, layer in enumerate(layers):
+            local = local_rows(layer)
+            w = layer.weight  # canonical DTensor (shape only)
+            if local is None or (w.dim() != 4 and self.fc == "block"):
+                out[i] = super().sharded_masks([layer], sparsity, group)[0]
+                continue
+            lw, off, rows = local
+            if w.dim() == 4 and w.shape[2] * w.shape[3] > 1:
+                mask = self._sharded_conv_mask(lw, off, rows, sparsity, group)
+                out[i] = distributed.gather_rows(mask, rows, group)
+            else:
+                fine.append((i, lw, rows))
+        if fine:
+            numels = [layers[i].weight.numel() for i, _, _ in fine]
+            ts = distributed.magnitude_thresholds([lw for _, lw, _ in fine], numels, sparsity, group=group)
+            for (i, lw, rows), t in zip(fine, ts.unbind()):
+                kept = (_keep_one_per_row(lw.abs().float() > t, lw) if lw.shape[0]
+                        else lw.new_zeros(lw.shape, dtype=torch.bool))
+                out[i] = distributed.gather_rows(kept, rows, group)
+        return out
+
+    def link_masks(self, layers: list) -> None:
+        for fc, conv in self._fc_pairs:
+            w = layers[fc].weight
+            if isinstance(w, DTensor):  # FSDP2 shard: prune_fc_inputs reads only the FC's shape
+                w = torch.zeros(w.shape, dtype=w.dtype)
+            layers[fc].mask &= prune_fc_inputs(layers[conv].mask, w)
 
     def options(self) -> dict:
         opts = {"conv3x3": self.conv3x3, "fc": self.fc}

@@ -17,6 +17,7 @@ launchers ``select_global`` / ``select_each`` of ``sparsekern/triton/select.py``
 import torch
 
 from .. import reference
+from . import distributed as _distributed
 from ._common import (check_bool, check_cpp, check_number, check_per_tensor, check_tensors, define, raise_on_nan,
                       triton_module)
 
@@ -101,7 +102,7 @@ def _nan_message(i: int) -> str:
 
 # --- public API ---------------------------------------------------------------------------------
 
-def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="linear", check_nan=True):
+def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="linear", check_nan=True, group=None):
     """Exact global magnitude threshold (SPEC §2, §3, §9), without concatenating the tensors.
 
     Equals ``np.quantile(np.concatenate([|w|·c for w, c in zip(tensors, scales)]), sparsity,
@@ -116,7 +117,13 @@ def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="li
     one int64 back (a host sync); ``check_nan=False`` keeps the call asynchronous and returns NaN
     instead (``check_nan`` must be a bool). Under torch.compile the check is skipped (the value is
     NaN); meta tensors give the result's shape, dtype and device only.
+
+    Distributed: DTensors sharded on one 1-D mesh, or this rank's plain shards with
+    ``group=``: the exact quantile over every rank's shards, the same on every rank
+    (``ops.distributed``; per radix pass one small all_reduce, never the weights).
     """
+    if _distributed.is_distributed_call(tensors, group):
+        return _distributed.global_threshold_call(tensors, sparsity, scales, interpolation, check_nan, group)
     tensors = check_tensors(tensors)
     check_bool(check_nan, "check_nan")
     sparsity = check_number(sparsity, "sparsity", 0.0, 1.0)
@@ -132,14 +139,17 @@ def global_magnitude_threshold(tensors, sparsity, scales=None, interpolation="li
     return value
 
 
-def magnitude_thresholds(tensors, sparsities, interpolation="linear", check_nan=True):
+def magnitude_thresholds(tensors, sparsities, interpolation="linear", check_nan=True, group=None):
     """One exact magnitude quantile per tensor in one call (SPEC §6 per-layer GMP, §9).
 
     ``out[i] = np.quantile(|tensors[i]|, sparsities[i], method=interpolation)`` in fp32.
     tensors: non-empty list of non-empty fp32/fp16/bf16 tensors on one device; sparsities: one
     number for all or one per tensor, in [0, 1]. Returns fp32 ``[len(tensors)]`` on that device.
-    NaN handling as in :func:`global_magnitude_threshold`.
+    NaN handling and the distributed form (DTensors, or shards with ``group=``) as in
+    :func:`global_magnitude_threshold`.
     """
+    if _distributed.is_distributed_call(tensors, group):
+        return _distributed.thresholds_call(tensors, sparsities, interpolation, check_nan, group)
     tensors = check_tensors(tensors)
     check_bool(check_nan, "check_nan")
     sparsities = check_per_tensor(sparsities, len(tensors), "sparsities", 0.0, 1.0)
