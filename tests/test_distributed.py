@@ -23,10 +23,7 @@ kills both ranks on overrun.
 """
 import os
 import re
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -36,6 +33,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from utils import rank_case, spawn_ranks
 
 WORLD = 2
 STEPS = 5
@@ -248,62 +247,12 @@ def _worker(rank, port, outdir):
 
 # --- the parent: spawn, wait (bounded), load ------------------------------------------------------
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("torch.distributed")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    if "GLOO_SOCKET_IFNAME" not in env and hasattr(socket, "if_nameindex") and \
-            "lo" in [n for _, n in socket.if_nameindex()]:
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # do not depend on the hostname resolving to a reachable address
-    with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        logs = [open(os.path.join(outdir, f"rank{r}.log"), "w+") for r in range(WORLD)]
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(port), outdir],
-                                  cwd=root, env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-                 for r in range(WORLD)]
-        deadline = time.monotonic() + PARENT_TIMEOUT_S
-        timed_out = False
-        try:
-            for p in procs:
-                try:
-                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    break
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        text = []
-        for r, f in enumerate(logs):
-            f.seek(0)
-            text.append(f"--- rank {r} (exit {procs[r].returncode}) ---\n{f.read()[-4000:]}")
-            f.close()
-        if timed_out or any(p.returncode != 0 for p in procs):
-            pytest.fail(("timed out after %d s, ranks killed\n" % PARENT_TIMEOUT_S if timed_out else
-                         "a rank failed\n") + "\n".join(text))
-        return torch.load(os.path.join(outdir, RESULTS), weights_only=True)
-
-
-def _run(results, run):
-    res = results[run]
-    errors = [f"rank {r}:\n{g['error']}" for r, g in enumerate(res["ranks"]) if "error" in g]
-    if "error" in res:
-        errors.append(f"references on rank 0:\n{res['error']}")
-    if errors:
-        pytest.fail(f"{run}: " + "\n".join(errors))
-    return res
+    return spawn_ranks(__file__, WORLD, PARENT_TIMEOUT_S, RESULTS, weights_only=True)
 
 
 def _diff(a, b):
@@ -331,7 +280,7 @@ LEARNED_INIT = {"str": -3.0, "asl": 2 ** 0.5 * float(torch.erfinv(torch.tensor(0
 @pytest.mark.parametrize("run", RUN_NAMES)
 def test_ranks_bit_identical(results, run):
     """Raw weights, biases, method state and effective weights: the same bits on both ranks."""
-    res = _run(results, run)
+    res = rank_case(results, run)
     (a, b) = (g["snapshot"] for g in res["ranks"])
     assert list(a) == list(b)
     differ = {k: _diff(a[k], b[k]) for k in a if not torch.equal(a[k], b[k])}
@@ -352,7 +301,7 @@ def test_ranks_bit_identical(results, run):
 def test_matches_ddp_arithmetic_bit_exact(results, run):
     """DDP's reduction reproduced in one process (g_0·½ + g_1·½, one addition per element, which
     commutes; ½ is exact): nothing is reordered, so every tensor matches bit for bit."""
-    res = _run(results, run)
+    res = rank_case(results, run)
     a, ref = res["ranks"][0]["snapshot"], res["ddp"]
     assert list(a) == list(ref)
     differ = {k: _diff(a[k], ref[k]) for k in a if not torch.equal(a[k], ref[k])}
@@ -363,7 +312,7 @@ def test_matches_ddp_arithmetic_bit_exact(results, run):
 def test_matches_global_batch(results, run):
     """Single process on the concatenated global batch (mean loss over 2·BATCH): equal up to
     float reassociation (GLOBAL_BATCH_REL of each tensor's max |value|), masks exactly."""
-    res = _run(results, run)
+    res = rank_case(results, run)
     a, ref = res["ranks"][0]["snapshot"], res["global"]
     assert list(a) == list(ref)
     bad = {}
@@ -380,7 +329,7 @@ def test_matches_global_batch(results, run):
 def test_unsynchronised_control_is_caught(results, run):
     """Without the all-reduce (str/asl: of s/r only, the old bug) the result is off by far more
     than GLOBAL_BATCH_REL: the comparison above can fail."""
-    res = _run(results, run)
+    res = rank_case(results, run)
     a, ctl = res["ranks"][0]["snapshot"], res["unsynced"]
     keys = [k for k in a if k.endswith((".s", ".r"))] if run in LEARNED_INIT else list(a)
     worst = max(_rel(run, k, a[k], ctl[k]) for k in keys if a[k].dtype != torch.bool)

@@ -31,10 +31,7 @@ Bounded time: process-group timeout 60 s; the parent kills both ranks after ``PA
 """
 import os
 import re
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -44,6 +41,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from utils import rank_case, spawn_ranks
 
 WORLD = 2
 STEPS = 5
@@ -483,61 +482,11 @@ def _worker(rank, port, outdir):
 
 # --- the parent: spawn, wait (bounded), load ------------------------------------------------------
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results():
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    if "GLOO_SOCKET_IFNAME" not in env and hasattr(socket, "if_nameindex") and \
-            "lo" in [n for _, n in socket.if_nameindex()]:
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        logs = [open(os.path.join(outdir, f"rank{r}.log"), "w+") for r in range(WORLD)]
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(port), outdir],
-                                  cwd=root, env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-                 for r in range(WORLD)]
-        deadline = time.monotonic() + PARENT_TIMEOUT_S
-        timed_out = False
-        try:
-            for p in procs:
-                try:
-                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    break
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        text = []
-        for r, f in enumerate(logs):
-            f.seek(0)
-            text.append(f"--- rank {r} (exit {procs[r].returncode}) ---\n{f.read()[-4000:]}")
-            f.close()
-        if timed_out or any(p.returncode != 0 for p in procs):
-            pytest.fail(("timed out after %d s, ranks killed\n" % PARENT_TIMEOUT_S if timed_out else
-                         "a rank failed\n") + "\n".join(text))
-        return torch.load(os.path.join(outdir, RESULTS), weights_only=False)
-
-
-def _case(results, key):
-    res = results[key]
-    errors = [f"rank {r}:\n{g['error']}" for r, g in enumerate(res["ranks"]) if "error" in g]
-    if "error" in res:
-        errors.append(f"reference on rank 0:\n{res['error']}")
-    if errors:
-        pytest.fail(f"{key}: " + "\n".join(errors))
-    return res
+    return spawn_ranks(__file__, WORLD, PARENT_TIMEOUT_S, RESULTS, weights_only=False)
 
 
 def _rel(run, key, a, b):
@@ -553,7 +502,7 @@ def _rel(run, key, a, b):
 
 @pytest.mark.parametrize("run", RUN_NAMES)
 def test_ranks_bit_identical(results, run):
-    res = _case(results, run)
+    res = rank_case(results, run)
     a, b = (g["snapshot"] for g in res["ranks"])
     assert list(a) == list(b)
     differ = [k for k in a if not torch.equal(a[k], b[k])]
@@ -573,7 +522,7 @@ def test_ranks_bit_identical(results, run):
 @pytest.mark.parametrize("run", [r for r in RUN_NAMES if r.split("_")[0] not in ("str", "asl", "starfire", "nm")
                                  and r != "gmp_freeze"])
 def test_thresholds_bit_identical_to_one_process_on_full_weights(results, run):
-    res = _case(results, run)
+    res = rank_case(results, run)
     snap = res["ranks"][0]["snapshot"]
     got = [v for k, v in snap.items() if k.startswith("buffer ") and k.endswith(".threshold")]
     expected = res["expected_thresholds"]
@@ -588,7 +537,7 @@ def test_matches_one_process_global_batch(results, run):
     """Masks and sparsity() exactly; weights and thresholds within GLOBAL_BATCH_REL of their scale
     (a threshold is an order statistic of weights that differ by float reassociation; its exactness
     on the run's own weights is the test above)."""
-    res = _case(results, run)
+    res = rank_case(results, run)
     a, ref = res["ranks"][0]["snapshot"], res["global"]
     assert list(a) == list(ref)
     bad = {}
@@ -615,7 +564,7 @@ def test_selection_over_shards_bit_identical_to_one_process(results):
     CPU path with and without the bracket and on the accelerator path; the public functions with
     plain shards + group= and with DTensors (Shard(0), Shard(1)); replicated/mixed inputs refused."""
     import sparsekern as sk
-    gathered = _case(results, "select")["ranks"]
+    gathered = rank_case(results, "select")["ranks"]
     ws = _cases()
     scales = [1.0, 3.5, 0.25, 1.0, 2.0]
     expect_g, expect_l = [], []
@@ -648,7 +597,7 @@ def test_selection_over_shards_bit_identical_to_one_process(results):
 
 @pytest.mark.parametrize("case", [c for c, _ in MASK_CASES] + ["nm"])
 def test_masks_from_shards_equal_whole_weight_masks(results, case):
-    res = _case(results, "masks")
+    res = rank_case(results, "masks")
     for rank, g in enumerate(res["ranks"]):
         pairs = g[case]
         assert len(pairs) >= 2
@@ -660,7 +609,7 @@ def test_masks_from_shards_equal_whole_weight_masks(results, case):
 
 @pytest.mark.parametrize("run", DCP_RUNS)
 def test_dcp_resume_bit_exact(results, run):
-    res = _case(results, f"dcp_{run}")
+    res = rank_case(results, f"dcp_{run}")
     for rank, g in enumerate(res["ranks"]):
         a, b = g["uninterrupted"], g["resumed"]
         assert list(a) == list(b)
@@ -673,7 +622,7 @@ def test_dcp_resume_bit_exact(results, run):
 
 
 def test_dead_layer_warned_under_fsdp2(results):
-    for rank, g in enumerate(_case(results, "refusals")["ranks"]):
+    for rank, g in enumerate(rank_case(results, "refusals")["ranks"]):
         exc, msg = g["dead_layer"]
         assert exc is None and re.search(r"1 layer\(s\) are 100 % pruned .*\['6'\].*\] \['6'\]$", msg), (rank, msg)
 
@@ -691,7 +640,7 @@ def test_dead_layer_warned_under_fsdp2(results):
     ("str_unsynced", "RuntimeError", r"learned thresholds of \['0', '2', '6'\] .*sparsifier\.replicated_params\(\)"),
 ])
 def test_refused_with_a_clear_error(results, case, exc, pattern):
-    for rank, g in enumerate(_case(results, "refusals")["ranks"]):
+    for rank, g in enumerate(rank_case(results, "refusals")["ranks"]):
         got_exc, msg = g[case]
         assert got_exc == exc and re.search(pattern, msg), (rank, case, got_exc, msg)
         if case == "tp_sparsify":

@@ -144,3 +144,67 @@ def expected_quantile(tensors, q, scales=None, method="linear"):
     if gamma < 0.5:
         return f32(a + f32(d * f32(gamma)))
     return f32(b - f32(d * f32(1.0 - gamma)))
+
+
+# --- multi-process tests (tests/test_distributed*.py) -------------------------------------------
+
+def spawn_ranks(script, world, timeout_s, results_name, weights_only=True):
+    """Run ``python script RANK PORT OUTDIR`` for each of ``world`` ranks (gloo on 127.0.0.1, one
+    OMP thread each), wait at most ``timeout_s`` in all, and load what rank 0 saved as
+    ``OUTDIR/results_name``. A rank that fails or a timeout fails the test with every rank's log
+    tail (the ranks still running are killed)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if "GLOO_SOCKET_IFNAME" not in env and hasattr(socket, "if_nameindex") and \
+            "lo" in [n for _, n in socket.if_nameindex()]:
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # do not depend on the hostname resolving to a reachable address
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as outdir:
+        logs = [open(os.path.join(outdir, f"rank{r}.log"), "w+") for r in range(world)]
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(script), str(r), str(port), outdir],
+                                  cwd=root, env=env, stdout=logs[r], stderr=subprocess.STDOUT)
+                 for r in range(world)]
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+        try:
+            for p in procs:
+                try:
+                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    break
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        text = []
+        for r, f in enumerate(logs):
+            f.seek(0)
+            text.append(f"--- rank {r} (exit {procs[r].returncode}) ---\n{f.read()[-4000:]}")
+            f.close()
+        if timed_out or any(p.returncode != 0 for p in procs):
+            pytest.fail(("timed out after %d s, ranks killed\n" % timeout_s if timed_out else
+                         "a rank failed\n") + "\n".join(text))
+        return torch.load(os.path.join(outdir, results_name), weights_only=weights_only)
+
+
+def rank_case(results, key):
+    """``results[key]`` (``{"ranks": [per-rank dict], ...}``); fails the test with every rank's
+    error and the reference's (computed on rank 0), if any."""
+    res = results[key]
+    errors = [f"rank {r}:\n{g['error']}" for r, g in enumerate(res["ranks"]) if "error" in g]
+    if "error" in res:
+        errors.append(f"reference on rank 0:\n{res['error']}")
+    if errors:
+        pytest.fail(f"{key}: " + "\n".join(errors))
+    return res
