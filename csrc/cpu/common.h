@@ -186,5 +186,16 @@ inline Ranks quantile_ranks(int64_t n, double q, const std::string& method) {
   return {static_cast<int64_t>(k), static_cast<int64_t>(k), 0.0};
 }
 
+// The dtype as Python prints it (torch.float32): C++ type errors word it as ops/*.py's checks do.
+inline std::string torch_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    default: return c10::toString(t);
+  }
+}
+
 }  // namespace cpu
 }  // namespace sparsekern

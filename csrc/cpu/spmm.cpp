@@ -731,17 +731,6 @@ SK_CLONES int64_t first_outside_u8(const uint8_t* p, int64_t count, int64_t hi) 
   return -1;
 }
 
-// The dtype as Python prints it (torch.float32): messages identical to ops/spmm.py's checks.
-std::string torch_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kDouble: return "torch.float64";
-    default: return c10::toString(t);
-  }
-}
-
 // TypeError unless val, x and a non-empty bias have one float dtype (ops/spmm.py check_dtypes:
 // the same messages on every device; these kernels then take fp32 only).
 void check_dtypes(const char* op, const at::Tensor& val, const at::Tensor& bias, const at::Tensor& x) {

@@ -68,17 +68,6 @@ const ExpandTable kExpand;
 
 constexpr int64_t kMaxB = 4;  // rows of x sharing one expanded weight group
 
-// The dtype as Python prints it (as spmm.cpp's): messages identical to ops/spmm.py's checks.
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kDouble: return "torch.float64";
-    default: return c10::toString(t);
-  }
-}
-
 SK_INLINE float load16(uint16_t v, bool bf) { return bf ? BF16::load(v) : F16::load(v); }
 
 // Scalar rows b0..b1 (any CPU); returns false if a row's mask and rowptr disagree.
@@ -185,11 +174,11 @@ at::Tensor bitmap_mm(const at::Tensor& rowptr, const at::Tensor& mask, const at:
   // the TypeErrors of ops/spmm.py check_bitmap (the op's CPU kernel is called without Python)
   const auto dt = val.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, "bitmap_mm: val must be bfloat16 or float16, got ",
-                   dtype_name(dt));
-  TORCH_CHECK_TYPE(x_any.scalar_type() == dt, "bitmap_mm: x is ", dtype_name(x_any.scalar_type()),
-                   " but val is ", dtype_name(dt), "; they must have the same dtype");
+                   torch_dtype(dt));
+  TORCH_CHECK_TYPE(x_any.scalar_type() == dt, "bitmap_mm: x is ", torch_dtype(x_any.scalar_type()),
+                   " but val is ", torch_dtype(dt), "; they must have the same dtype");
   TORCH_CHECK_TYPE(bias.numel() == 0 || bias.scalar_type() == dt, "bitmap_mm: bias is ",
-                   dtype_name(bias.scalar_type()), " but val is ", dtype_name(dt),
+                   torch_dtype(bias.scalar_type()), " but val is ", torch_dtype(dt),
                    "; they must have the same dtype (or bias empty)");
   TORCH_CHECK(val.dim() == 1 && val.is_contiguous(), "bitmap_mm: val must be contiguous 1-D");
   TORCH_CHECK(x_any.device().is_cpu() && x_any.dim() == 2, "bitmap_mm: x must be a 2-D CPU tensor [B, in], got ",
