@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from .flops import count_flops
 from .losses import AdaptiveSparsityLoss, erf_sparsity
@@ -154,7 +153,7 @@ class Sparsifier:
         ``fully_shard`` as ``Shard(0)`` on a 1-D mesh (tensor parallel is refused, naming the
         weight), learned thresholds (STR's s, ASL's r) managed by FSDP2 or ``replicated_params()``."""
         params = [sw.param for sw in self.layers.values()]
-        sharded = [isinstance(p, DTensor) for p in params]
+        sharded = [distributed.is_dtensor(p) for p in params]
         if not any(sharded):
             from torch.distributed.fsdp import FSDPModule
             if isinstance(self.model, FSDPModule) or any(isinstance(sw.module, FSDPModule)
@@ -167,7 +166,7 @@ class Sparsifier:
         if key != self._sharded_key:
             fsdp = distributed.fsdp_params(self.model)
             for name, sw in self.layers.items():
-                if isinstance(sw.param, DTensor):
+                if distributed.is_dtensor(sw.param):
                     distributed.check_sharded(name, sw.param, fsdp)
             plain = [name for name, d in zip(self.layers, sharded) if not d]
             if plain:
@@ -206,7 +205,7 @@ class Sparsifier:
     def _full_effective(self, sw: SparseWeight) -> Tensor:
         """``sw.effective_weight()`` (canonical layout, no grad); of an FSDP2-sharded weight computed
         from its gathered whole (``full_tensor``, one weight at a time: reporting and rare checks)."""
-        if not isinstance(sw.param, DTensor):
+        if not distributed.is_dtensor(sw.param):
             return sw.effective_weight().detach()
         full = sw.param.full_tensor().detach()
         return sw.method.sparse_weight(_Whole(sw, full.t() if sw.transposed else full)).detach()
@@ -307,7 +306,7 @@ class Sparsifier:
 
     def _effective(self, sw: SparseWeight) -> Tensor:
         if self._finalized:
-            return sw.param.full_tensor() if isinstance(sw.param, DTensor) else sw.param
+            return sw.param.full_tensor() if distributed.is_dtensor(sw.param) else sw.param
         return self._full_effective(sw)
 
     @torch.no_grad()
@@ -326,7 +325,7 @@ class Sparsifier:
             z = int((w == 0).sum())
             per_layer[name] = z / max(w.numel(), 1)
             zeros, total = zeros + z, total + w.numel()
-        dense_zeros = sum(int(((w.full_tensor() if isinstance(w, DTensor) else w) == 0).sum())
+        dense_zeros = sum(int(((w.full_tensor() if distributed.is_dtensor(w) else w) == 0).sum())
                           for w in self._dense_weights.values())
         dense_total = sum(w.numel() for w in self._dense_weights.values())
         report = {"overall": zeros / max(total, 1), "layers": per_layer,
@@ -346,7 +345,7 @@ class Sparsifier:
         effective = {name: self._full_effective(sw).clone() for name, sw in self.layers.items()}
         masks = {}
         for name, sw in self.layers.items():
-            if isinstance(sw.param, DTensor):  # FSDP2: this rank's rows of the stored layout
+            if distributed.is_dtensor(sw.param):  # FSDP2: this rank's rows of the stored layout
                 off, rows = distributed.shard_rows(sw.param)
                 stored = effective[name].t() if sw.transposed else effective[name]
                 sw.param.to_local().copy_(stored[off:off + rows])
@@ -608,7 +607,7 @@ def sparsify(model: nn.Module, method: str, sparsity: float | None = None,
         if any(skip(mname, m) for mname, m, _ in where[name]):
             dense[name], dense_weights[name] = "excluded", p
             continue
-        if isinstance(p, DTensor):
+        if distributed.is_dtensor(p):
             fsdp = distributed.fsdp_params(model) if fsdp is None else fsdp
             distributed.check_sharded(name, p, fsdp)
             if not magnitude:

@@ -4,7 +4,6 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from ..ops import masked_weight
 from ..ops import distributed
@@ -92,7 +91,7 @@ class MaskedWeights(Method):
         FSDP2-sharded weight zeroes its local rows (the mask is whole on every rank)."""
         for layer in layers:
             p = layer.param
-            if isinstance(p, DTensor):
+            if distributed.is_dtensor(p):
                 off, rows = distributed.shard_rows(p)
                 mask = layer.mask.t() if layer.transposed else layer.mask  # stored layout, sharded on dim 0
                 p.to_local().masked_fill_(~mask[off:off + rows], 0)
@@ -183,7 +182,7 @@ class MaskMethod(MaskedWeights):
         start, end = self.era
         if step <= start:
             return
-        group = layers[0].param.device_mesh.get_group() if isinstance(layers[0].param, DTensor) else None
+        group = layers[0].param.device_mesh.get_group() if distributed.is_dtensor(layers[0].param) else None
         local = [layer.param.to_local() if group is not None else layer.weight for layer in layers]
         if local[0].device.type == "cpu":
             nan = [bool(torch.isnan(w).any()) for w in local]

@@ -3,7 +3,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from .. import reference
 from ..ops import block_mask, ck_mask, distributed, intra_mask, magnitude_thresholds, prune_fc_inputs, window_mask
@@ -172,7 +171,7 @@ class Starfire(MaskMethod):
     def link_masks(self, layers: list) -> None:
         for fc, conv in self._fc_pairs:
             w = layers[fc].weight
-            if isinstance(w, DTensor):  # FSDP2 shard: prune_fc_inputs reads only the FC's shape
+            if distributed.is_dtensor(w):  # FSDP2 shard: prune_fc_inputs reads only the FC's shape
                 w = torch.zeros(w.shape, dtype=w.dtype)
             layers[fc].mask &= prune_fc_inputs(layers[conv].mask, w)
 

@@ -15,9 +15,9 @@ output-channel rules (ST-3's rescale, channel thresholds, N:M along ``in``) use 
 import contextlib
 
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from ..methods import Method, make_method
+from ..ops.distributed import is_dtensor
 
 class _State:
     raw = 0  # > 0 inside raw_weights()
@@ -174,7 +174,7 @@ def _sparse_attr(pname: str) -> _SparseAttr:
             if pname not in module._parameters:  # inside the base __init__, before registration
                 raise AttributeError(pname)
             return module._parameters[pname]
-        if isinstance(module._parameters[pname], DTensor):  # FSDP2's sharded state (its own reads);
+        if is_dtensor(module._parameters[pname]):  # FSDP2's sharded state (its own reads);
             return module._parameters[pname]                   # its forward sees the unsharded tensor
         if _State.reads is not None:
             _State.reads.add(id(sw))

@@ -9,6 +9,8 @@ pass (4 passes), each pass one ``all_reduce`` of ``[queries, 256]`` int64 counts
 the bucket found on the device (no host sync in the passes). The interpolation between the two
 order statistics is ``reference.numpy_lerp``, as in one process.
 """
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -245,13 +247,18 @@ def any_rank_each(flags: list[bool], device, group=None) -> list[bool]:
 
 # --- the public functions' distributed form (ops.select dispatches here) -------------------------
 
-_INTERPOLATIONS = ("linear", "lower", "higher", "nearest")
+
+
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a DTensor, without importing ``torch.distributed.tensor`` (~0.8 s) in a
+    process that has none: a DTensor exists only once that module is loaded."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
 
 
 def is_distributed_call(tensors, group) -> bool:
     """Whether ``global_magnitude_threshold``/``magnitude_thresholds`` got DTensors or a process group."""
-    from torch.distributed.tensor import DTensor
-    return group is not None or (isinstance(tensors, (list, tuple)) and any(isinstance(t, DTensor) for t in tensors))
+    return group is not None or (isinstance(tensors, (list, tuple)) and any(is_dtensor(t) for t in tensors))
 
 
 def _local_inputs(tensors, group):
@@ -286,8 +293,8 @@ def _check_options(sparsities, interpolation, check_nan) -> None:
     for s in sparsities:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0 or math.isnan(s):
             raise ValueError(f"sparsity must be a number in [0, 1], got {s!r}")
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    if interpolation not in reference.INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {reference.INTERPOLATIONS}, got {interpolation!r}")
     if not isinstance(check_nan, bool):
         raise TypeError(f"check_nan must be a bool, got {check_nan!r}")
 
