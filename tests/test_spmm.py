@@ -112,6 +112,16 @@ def test_csr_mm_input_chunks(order, n, transpose_out):
     torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
 
 
+@pytest.mark.parametrize("n,inp", [(2, 3), (9, 17), (70, 130), (16, 1000)])
+def test_csr_mm_transposed_input(n, inp):
+    """x given as the transpose of a contiguous [n, in] (a Linear's input): the C++ kernel's
+    blocked transpose copy, 8×8 blocks and odd edges."""
+    w = sparse_weight(21, inp, 0.3)
+    xt = torch.randn(n, inp)
+    y = torch.ops.sparsekern.csr_mm(*csr_from_dense(w), torch.empty(0), xt.t(), 21, False)
+    torch.testing.assert_close(y, w @ xt.t(), **TOL)
+
+
 def test_large_multithreaded():
     w, b = sparse_weight(1000, 512, 0.1), torch.randn(1000)
     for batch in (1, 64, 70):
