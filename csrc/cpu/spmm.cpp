@@ -229,12 +229,11 @@ SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float*
                          const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
                          int64_t* cur, int64_t limit, const float* part, float* dst, int64_t ldd) {
   for (int64_t r = r0; r < r1; ++r) {
-    V a[NV], b[NV];
-    const float b0 = bias ? bias[r] : 0.f;
-    for (int j = 0; j < NV; ++j) {
-      a[j] = part ? *reinterpret_cast<const V*>(part + (r - r0) * kTile + 16 * j) : splat<V>(b0);
-      b[j] = V{};
-    }
+    V a[NV], b[kSets<V, NV> == 2 ? NV : 1];  // b unused with one set
+    const V b0 = splat<V>(bias ? bias[r] : 0.f);
+    for (int j = 0; j < NV; ++j)
+      a[j] = part ? *reinterpret_cast<const V*>(part + (r - r0) * kTile + 16 * j) : b0;
+    for (V& v : b) v = V{};
     int64_t i = cur[r - r0];
     if (limit < 0) axpy_run<V, NV, false>(col, val, x, ldx, i, rowptr[r + 1], limit, a, b);
     else axpy_run<V, NV, true>(col, val, x, ldx, i, rowptr[r + 1], limit, a, b);
