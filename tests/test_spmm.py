@@ -93,6 +93,35 @@ def test_csr_conv1x1(stride, n, per_call, monkeypatch):
     torch.testing.assert_close(y, F.conv2d(x, w, b, stride=stride), **TOL)
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
+@pytest.mark.parametrize("n", [16, 20, 70])
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_csr_mm_input_chunks(order, n, transpose_out):
+    """The C++ kernel's reduction in chunks of x rows over blocks of many rows (in = 2000, 1100
+    rows), a last column tile shifted left (n = 20, 70), columns in any order within a row."""
+    w, b = sparse_weight(1100, 2000, 0.3), torch.randn(1100)
+    rowptr, col, val = csr_from_dense(w)
+    if order != "ascending":
+        row = torch.repeat_interleave(torch.arange(1100), rowptr.diff())
+        within = 1 - col / 2000 if order == "descending" else torch.rand(col.numel())  # in [0, 1]
+        perm = torch.argsort(row * 2 + within.double())
+        col, val = col[perm].contiguous(), val[perm].contiguous()
+    x = torch.randn(2000, n)
+    expect = w @ x + b[:, None]
+    y = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out)
+    torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
+
+
+@pytest.mark.parametrize("n,inp", [(2, 3), (9, 17), (70, 130), (16, 1000)])
+def test_csr_mm_transposed_input(n, inp):
+    """x given as the transpose of a contiguous [n, in] (a Linear's input): the C++ kernel's
+    blocked transpose copy, 8×8 blocks and odd edges."""
+    w = sparse_weight(21, inp, 0.3)
+    xt = torch.randn(n, inp)
+    y = torch.ops.sparsekern.csr_mm(*csr_from_dense(w), torch.empty(0), xt.t(), 21, False)
+    torch.testing.assert_close(y, w @ xt.t(), **TOL)
+
+
 def test_large_multithreaded():
     w, b = sparse_weight(1000, 512, 0.1), torch.randn(1000)
     for batch in (1, 64, 70):

@@ -11,11 +11,14 @@
 // Performance structure (the approach of XNNPACK's sparse inference): the n dimension (batch or
 // pixels) is the vector dimension. For each output row and each of its nonzeros (k, v) the
 // kernel does a SIMD axpy acc[0:T] += v · x[k, 0:T] over a column tile of T = 64/32/16 floats
-// held in registers (two accumulator sets, even/odd nonzeros, to hide the FMA latency). Rows
-// are split over threads (at::parallel_for) in blocks of kRowBlock; a block's results go to a
-// small buffer that is written out in either layout with contiguous stores. n = 1 (batch 1) is
-// a CSR mat-vec with one dot product per row. Each leaf is compiled for x86-64-v4 (AVX-512),
-// x86-64-v3 (AVX2) and the baseline (target_clones), with FMA contraction enabled here.
+// held in registers (two accumulator sets, even/odd nonzeros, to hide the FMA latency, where
+// the registers allow); a last partial tile is shifted left to end at n (no scalar tail for
+// n >= 16). The reduction runs in chunks of x rows whose tile slice fits L1, each shared by a
+// block of up to kChunkRows rows with their partial sums in a buffer, so the gathered x rows
+// come from L1. Rows are split over threads (at::parallel_for); [out, n] results are stored
+// from the registers, [n, out] ones through the buffer. n = 1 (batch 1) is a CSR mat-vec with
+// one dot product per row. Each leaf is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
+// the baseline (target_clones), with FMA contraction enabled here.
 //
 //   csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv) -> y [out, n / wp, wv]
 //     The same kernel with a per-nonzero element offset instead of a column index:
@@ -91,7 +94,8 @@ struct v16s {
 static_assert(alignof(v16s) == 4 && alignof(v8x2) == 4, "unaligned vector loads");
 
 // Whether V's 64-column tiles fit the registers: 8 accumulators of 4 × 16 lanes are 8 zmm of
-// 32 with AVX-512, but 16 ymm of 16 with v8x2 (spills): v8x2 tiles are at most 32 columns.
+// 32 with AVX-512, but 16 ymm of 16 with v8x2 (spills): v8x2 tiles are at most 32 columns
+// (csr_mm's 64-column v8x2 tiles use one accumulator set instead: kSets).
 template <typename V>
 constexpr bool kWide = false;
 template <>
@@ -143,60 +147,114 @@ void conv_grid(int64_t rows, int64_t n, int64_t stored, const Leaf& leaf) {
   });
 }
 
+// dst[c·ldd + r] = src[r·lds + c] for r, c < 8 (an 8×8 block transposed in registers).
+SK_INLINE void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  v8 a[8], t[8];
+  for (int i = 0; i < 8; ++i) a[i] = *reinterpret_cast<const v8*>(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // t[i] = a0 b0 a1 b1 | a4 b4 a5 b5, t[i+1] = a2 b2 a3 b3 | ...
+    t[i] = __builtin_shufflevector(a[i], a[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(a[i], a[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // a[i + c] = column c | column c + 4 of rows i..i+3
+    a[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    a[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    a[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    a[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int c = 0; c < 4; ++c) {
+    *reinterpret_cast<v8*>(dst + c * ldd) =
+        __builtin_shufflevector(a[c], a[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    *reinterpret_cast<v8*>(dst + (c + 4) * ldd) =
+        __builtin_shufflevector(a[c], a[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// dst[c·ldd + r] = src[r·lds + c] for r < rows, c < cols: 8×8 blocks, the edges one by one.
+SK_INLINE void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                         int64_t ldd) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) transpose8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    for (; c < cols; ++c)
+      for (int64_t i = r; i < r + 8; ++i) dst[c * ldd + i] = src[i * lds + c];
+  }
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
 // Writes rows r0..r0+rows of a column tile n0..n0+w from buf (row stride kTile) into y.
 SK_INLINE void store_tile(const float* buf, float* y, int64_t out, int64_t n, bool transpose_out,
                           int64_t r0, int64_t rows, int64_t n0, int64_t w) {
   if (transpose_out) {
-    for (int64_t j = 0; j < w; ++j) {
-      float* dst = y + (n0 + j) * out + r0;
-      for (int64_t r = 0; r < rows; ++r) dst[r] = buf[r * kTile + j];
-    }
+    transpose(buf, kTile, rows, w, y + n0 * out + r0, out);
   } else {
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(y + (r0 + r) * n + n0, buf + r * kTile, w * sizeof(float));
   }
 }
 
-// acc[r][0:16·NV] = bias + Σ_i val[i]·x[col[i], n0 : n0 + 16·NV] for rows r0..r1 into buf[r].
+// Accumulator sets of a tile of NV vectors: two (even / odd nonzeros, to hide the FMA latency)
+// unless they would not fit the registers (v8x2 at 64 columns: its 8 ymm chains are enough).
 template <typename V, int NV>
-SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float* val,
-                         const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
-                         int64_t n0, float* buf) {
-  for (int64_t r = r0; r < r1; ++r) {
-    V a[NV], b[NV];
-    const float b0 = bias ? bias[r] : 0.f;
-    for (int j = 0; j < NV; ++j) { a[j] = splat<V>(b0); b[j] = V{}; }
-    int64_t i = rowptr[r];
-    const int64_t e = rowptr[r + 1];
-    for (; i + 1 < e; i += 2) {
-      const float* p = x + int64_t(col[i]) * ldx + n0;
-      const float* q = x + int64_t(col[i + 1]) * ldx + n0;
+constexpr int kSets = NV < 4 || kWide<V> ? 2 : 1;
+
+// Adds a row's nonzeros i.. (up to e; while col < limit if Bounded) into a (and b, the odd
+// nonzeros' set, with two sets): a[j] += val[i]·x[col[i]·ldx + 16·j : +16]; advances i.
+template <typename V, int NV, bool Bounded>
+SK_INLINE void axpy_run(const int32_t* col, const float* val, const float* x, int64_t ldx,
+                        int64_t& i, int64_t e, int64_t limit, V* a, V* b) {
+  if constexpr (kSets<V, NV> == 2) {
+    for (; i + 1 < e && (!Bounded || col[i + 1] < limit); i += 2) {
+      const float* p = x + int64_t(col[i]) * ldx;
+      const float* q = x + int64_t(col[i + 1]) * ldx;
       const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
       for (int j = 0; j < NV; ++j) {
         a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
         b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
-    if (i < e) {
-      const float* p = x + int64_t(col[i]) * ldx + n0;
-      const V u = splat<V>(val[i]);
-      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-    }
-    for (int j = 0; j < NV; ++j)
-      *reinterpret_cast<V*>(buf + (r - r0) * kTile + 16 * j) = a[j] + b[j];
+  }
+  for (; i < e && (!Bounded || col[i] < limit); ++i) {
+    const float* p = x + int64_t(col[i]) * ldx;
+    const V u = splat<V>(val[i]);
+    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
   }
 }
 
-// The last n % 16 columns, one lane at a time across rows.
+// Rows r0..r1 over the 16·NV columns at x (x = X + n0): row r's nonzeros from cur[r - r0] on
+// with col < limit (all if limit < 0; cur advanced) added to part[r - r0] (row stride kTile;
+// bias[r] if part is null), into dst[r - r0] (row stride ldd).
+template <typename V, int NV>
+SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float* val,
+                         const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
+                         int64_t* cur, int64_t limit, const float* part, float* dst, int64_t ldd) {
+  for (int64_t r = r0; r < r1; ++r) {
+    V a[NV], b[kSets<V, NV> == 2 ? NV : 1];  // b unused with one set
+    const V b0 = splat<V>(bias ? bias[r] : 0.f);
+    for (int j = 0; j < NV; ++j)
+      a[j] = part ? *reinterpret_cast<const V*>(part + (r - r0) * kTile + 16 * j) : b0;
+    for (V& v : b) v = V{};
+    int64_t i = cur[r - r0];
+    if (limit < 0) axpy_run<V, NV, false>(col, val, x, ldx, i, rowptr[r + 1], limit, a, b);
+    else axpy_run<V, NV, true>(col, val, x, ldx, i, rowptr[r + 1], limit, a, b);
+    cur[r - r0] = i;
+    if constexpr (kSets<V, NV> == 2)
+      for (int j = 0; j < NV; ++j) a[j] += b[j];
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + (r - r0) * ldd + 16 * j) = a[j];
+  }
+}
+
+// n < 16 columns, one lane at a time across rows.
 SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
-                         int64_t n0, int64_t w, float* buf) {
+                         int64_t w, float* buf) {
   for (int64_t r = r0; r < r1; ++r) {
     float acc[16];
     const float b0 = bias ? bias[r] : 0.f;
     for (int64_t j = 0; j < w; ++j) acc[j] = b0;
     for (int64_t i = rowptr[r]; i < rowptr[r + 1]; ++i) {
-      const float* p = x + int64_t(col[i]) * ldx + n0;
+      const float* p = x + int64_t(col[i]) * ldx;
       const float v = val[i];
       for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
     }
@@ -204,32 +262,72 @@ SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float*
   }
 }
 
-// Rows b0..b1 of y = W·X, X[k, j] = x[col·ldx + j] for j < n.
+// x is read in chunks of input rows (a column tile's slice of them within L1: kSliceBytes),
+// each shared by a block of kChunkRows output rows whose partial sums wait in a buffer (L2): a
+// gathered x row is then read from L1, not L2. A chunk spans at least kChunkNz nonzeros of an
+// average row (each row's visit of a chunk costs a loop exit and its partial sums' load / store).
+constexpr int64_t kSliceBytes = 24 << 10;
+constexpr int64_t kChunkNz = 32;
+constexpr int64_t kChunkRows = 512;
+
+// Rows b0..b1 of y = W·X, X = x [in, n] (n >= 16): column tiles of 64 / 32 / 16 (a last
+// partial tile shifted left to end at n: it recomputes a few columns, with identical results),
+// each over chunks of x's rows (above). Columns ascending within a row keep each nonzero in its
+// chunk; unsorted ones are still each added once (a row's visit stops at the first column past
+// the chunk, the last chunk takes the rest).
 template <typename V>
 SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float* val,
-                         const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
+                         const float* bias, const float* x, int64_t in, int64_t n, float* y,
                          int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
-  alignas(64) float buf[kRowBlock * kTile];
-  for (int64_t n0 = 0; n0 < n;) {  // column tiles outer: a tile's slice of x stays in L2
+  std::vector<float> buf_;
+  int64_t cur[kChunkRows];
+  const int64_t per_row =  // nonzeros of an average row
+      std::max<int64_t>(1, (rowptr[b1] - rowptr[b0]) / std::max<int64_t>(1, b1 - b0));
+  const int64_t wmax = n >= 64 ? 64 : n >= 32 ? 32 : 16;
+  for (int64_t n0 = 0; n0 < n;) {  // column tiles outer: a tile's slice of x stays in cache
     const int64_t left = n - n0;
-    const int64_t w = left >= 64 && kWide<V> ? 64 : left >= 32 ? 32 : left >= 16 ? 16 : left;
-    for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
-      const int64_t r1 = std::min(b1, r0 + kRowBlock), rows = r1 - r0;
-      if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
-      else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
-      else if (w == 16) rows_tile<V, 1>(rowptr, col, val, bias, x, ldx, r0, r1, n0, buf);
-      else rows_tail(rowptr, col, val, bias, x, ldx, r0, r1, n0, w, buf);
-      store_tile(buf, y, out, n, transpose_out, r0, rows, n0, w);
+    const int64_t w = std::min<int64_t>(wmax, left > 32 ? 64 : left > 16 ? 32 : 16);
+    const int64_t t0 = std::min(n0, n - w);
+    const int64_t kc = std::max({int64_t(1), kSliceBytes / (w * int64_t(sizeof(float))),
+                                 kChunkNz * in / per_row});
+    const int64_t chunks = (in + kc - 1) / kc;
+    const int64_t rb = chunks > 1 ? kChunkRows : kRowBlock;
+    if ((chunks > 1 || transpose_out) && int64_t(buf_.size()) < rb * kTile) buf_.resize(rb * kTile);
+    float* buf = buf_.data();
+    for (int64_t r0 = b0; r0 < b1; r0 += rb) {
+      const int64_t r1 = std::min(b1, r0 + rb);
+      for (int64_t r = r0; r < r1; ++r) cur[r - r0] = rowptr[r];
+      for (int64_t c = 0; c < chunks; ++c) {
+        const bool last = c + 1 == chunks, direct = last && !transpose_out;
+        const int64_t limit = last ? -1 : (c + 1) * kc;
+        const float* part = c ? buf : nullptr;
+        float* dst = direct ? y + r0 * n + t0 : buf;
+        const int64_t ldd = direct ? n : kTile;
+        if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd);
+        else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd);
+        else rows_tile<V, 1>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd);
+      }
+      if (transpose_out) store_tile(buf, y, out, n, true, r0, r1 - r0, t0, w);
     }
-    n0 += w;
+    n0 = t0 + w;
   }
 }
 
 SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                           const float* bias, const float* x, int64_t ldx, int64_t n, float* y,
+                           const float* bias, const float* x, int64_t in, int64_t n, float* y,
                            int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
-  if (wide512()) mm_leaf_t<v16s>(rowptr, col, val, bias, x, ldx, n, y, out, transpose_out, b0, b1);
-  else mm_leaf_t<v8x2>(rowptr, col, val, bias, x, ldx, n, y, out, transpose_out, b0, b1);
+  if (n < 16) {
+    alignas(64) float buf[kRowBlock * kTile];
+    for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
+      const int64_t r1 = std::min(b1, r0 + kRowBlock);
+      rows_tail(rowptr, col, val, bias, x, n, r0, r1, n, buf);
+      store_tile(buf, y, out, n, transpose_out, r0, r1 - r0, 0, n);
+    }
+  } else if (wide512()) {
+    mm_leaf_t<v16s>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, b0, b1);
+  } else {
+    mm_leaf_t<v8x2>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, b0, b1);
+  }
 }
 
 // Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
@@ -760,6 +858,29 @@ at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x
                        : at::empty({out_features, n}, x.options());
 }
 
+SK_CLONES void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t c0, int64_t c1,
+                              float* dst, int64_t ldd) {
+  transpose(src + c0, lds, rows, c1 - c0, dst + c0 * ldd, ldd);
+}
+
+// x made contiguous; the transpose of a contiguous fp32 matrix (a Linear's input [B, in] as
+// [in, B]) by 8×8 register transposes over the threads (64×4096: ~60 µs vs the generic
+// copy's ~185 µs, 1 thread, AMD EPYC).
+at::Tensor contiguous_x(const at::Tensor& x) {
+  if (x.is_contiguous() || x.dim() != 2 || !x.device().is_cpu() ||
+      x.scalar_type() != at::kFloat || x.stride(0) != 1 || x.stride(1) != x.size(0))
+    return x.contiguous();
+  const int64_t in = x.size(0), n = x.size(1);
+  at::Tensor y = at::empty({in, n}, x.options());
+  const float* src = x.const_data_ptr<float>();  // [n, in] row-major
+  float* dst = y.mutable_data_ptr<float>();
+  at::parallel_for(0, (in + 63) / 64, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 64 * n)),
+                   [&](int64_t b, int64_t e) {
+    transpose_rows(src, in, n, b * 64, std::min(in, e * 64), dst, n);
+  });
+  return y;
+}
+
 // rowptr: contiguous int64 [rows + 1] from 0 to nnz, non-decreasing.
 void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t rows, int64_t nnz) {
   TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
@@ -778,7 +899,7 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
                   const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
                   bool transpose_out) {
   check_dtypes("csr_mm", val, bias, x_any);
-  const at::Tensor x = x_any.contiguous();
+  const at::Tensor x = contiguous_x(x_any);
   at::Tensor y = mm_output("csr_mm", bias, x, out_features, transpose_out);
   TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
                   val.scalar_type() == at::kFloat && col.numel() == val.numel(),
@@ -808,7 +929,7 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
     if (bad) check_columns();  // raises
   } else {
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mm_leaf(rp, cp, vp, bp, xp, n, n, yp, out_features, transpose_out, b, e);
+      mm_leaf(rp, cp, vp, bp, xp, in, n, yp, out_features, transpose_out, b, e);
     });
   }
   return y;

@@ -21,12 +21,12 @@ from ..ops.spmm import ck_conv, csr_conv
 
 def sparse_linear(x, mm, out_features):
     """``x·Wᵀ + b`` (``F.linear``) given ``mm(xt [in, n], transpose_out) -> W·xt + b`` (one of
-    the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1 transposes
-    ``x`` once to ``[in, B]``."""
+    the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1 passes the
+    view ``xᵀ [in, B]`` (the op makes it contiguous: ``csr_mm`` by a blocked transpose)."""
     in_features = x.shape[-1]
     if x.numel() == in_features and in_features:  # batch 1: a column already
         return mm(x.reshape(in_features, 1), True).view(*x.shape[:-1], out_features)
-    return mm(x.reshape(-1, in_features).t().contiguous(), True).view(*x.shape[:-1], out_features)
+    return mm(x.reshape(-1, in_features).t(), True).view(*x.shape[:-1], out_features)
 
 
 #: Input bytes one batched conv call reads (direct KxK and 1×1): a group's input is still in L2
