@@ -233,13 +233,14 @@ SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const floa
 }
 
 // Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
-// column j = h·wp + c goes to y[row, h, c] if c < wv.
+// column j = h·wp + c goes to y[row, h, c] if c < wv and j < n (columns from n on: the
+// vector tail's padding, dropped).
 SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, int64_t n0,
                           int64_t w, int64_t n, int64_t wp, int64_t wv) {
-  const int64_t rows_out = n / wp;
-  for (int64_t j = n0; j < n0 + w;) {
+  const int64_t rows_out = n / wp, end = std::min(n0 + w, n);
+  for (int64_t j = n0; j < end;) {
     const int64_t h = j / wp, c = j % wp;
-    const int64_t len = std::min(n0 + w, h * wp + wp) - j;
+    const int64_t len = std::min(end, h * wp + wp) - j;
     const int64_t keep = std::min(len, std::max<int64_t>(0, wv - c));
     if (keep > 0) {
       for (int64_t r = 0; r < rows; ++r)
@@ -721,6 +722,26 @@ SK_CLONES int64_t first_outside_i32(const int32_t* p, int64_t count, int64_t lo,
   return -1;
 }
 
+// The smallest and largest of p[0:count] (INT32_MAX, INT32_MIN when empty).
+SK_CLONES void minmax_i32(const int32_t* p, int64_t count, int32_t& lo, int32_t& hi) {
+  int32_t mn = INT32_MAX, mx = INT32_MIN;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < count; ++i) {
+    mn = std::min(mn, p[i]);
+    mx = std::max(mx, p[i]);
+  }
+  lo = mn;
+  hi = mx;
+}
+
+// The wide columns a direct conv's tiles compute: n rounded up to whole 16-column vectors where
+// x (numel elements) holds them after the furthest read start (store_wide drops the extra
+// columns), so the last tile runs in vectors, not lane by lane; else n.
+int64_t run_columns(int64_t n, int64_t furthest, int64_t numel) {
+  const int64_t up = (n + 15) / 16 * 16;
+  return furthest + up <= numel ? up : n;
+}
+
 SK_CLONES int64_t first_outside_u8(const uint8_t* p, int64_t count, int64_t hi) {
   uint8_t mx = 0;
 #pragma omp simd reduction(max : mx)
@@ -837,7 +858,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
               " slab=", slab, " wp=", wp, " wv=", wv);
   const int32_t* op = off.const_data_ptr<int32_t>();
   const int64_t nnz = val.numel();
-  if (n > 0) {
+  int32_t lo = 0, hi = 0;
+  minmax_i32(op, nnz, lo, hi);
+  if (n > 0 && nnz > 0 && (lo < 0 || hi + n > x.numel())) {
     const int64_t bad = first_outside_i32(op, nnz, 0, x.numel() - n + 1);
     TORCH_CHECK(bad < 0, "csr_conv: offset ", bad < 0 ? 0 : op[bad], " + n = ", n,
                 " reads past x (", x.numel(), " elements)");
@@ -850,7 +873,8 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   const int64_t span = x.numel();  // every offset is below it
-  conv_grid(out_features, n, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
+  const int64_t run = run_columns(n, nnz ? hi : 0, x.numel());
+  conv_grid(out_features, run, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
     conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e, c0, c1);
   });
   return y;
@@ -966,7 +990,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const int32_t* tp = taps.const_data_ptr<int32_t>();
   const int32_t* cp = chan.const_data_ptr<int32_t>();
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
-  int64_t max_tap = 0;
+  int64_t max_tap = 0, max_chan = 0;
   for (int64_t t = 0; t < nt; ++t) {
     TORCH_CHECK(tp[t] >= 0, "ck_conv: taps must be >= 0, got ", tp[t]);
     max_tap = std::max<int64_t>(max_tap, tp[t]);
@@ -978,6 +1002,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
       TORCH_CHECK(n == 0 || int64_t(cp[i]) * plane + max_tap + n <= x.numel(), "ck_conv: channel ",
                   cp[i], " with tap ", max_tap, " + n = ", n, " reads past x (", x.numel(),
                   " elements)");
+      max_chan = std::max<int64_t>(max_chan, cp[i]);
     }
   at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
   if (y.numel() == 0) return y;
@@ -986,7 +1011,8 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   const int64_t channels = x.numel() / plane + 1;  // every channel index is below it
-  conv_grid(out_features, n, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
+  const int64_t run = run_columns(n, max_chan * plane + max_tap, x.numel());
+  conv_grid(out_features, run, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
     ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, yp, b, e, c0, c1);
   });
   return y;

@@ -156,8 +156,9 @@ def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, di
     for i in range(0, n_img, g):
         xi = x[i:i + g]
         gi = xi.shape[0]
-        if gi not in cache:  # slack: the last wide row reads past the image
-            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw)
+        if gi not in cache:  # slack: the last wide row reads past the image, and 15 more zeros
+            # let the kernel run its last columns as a whole 16-float vector
+            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw + 15)
             cache[gi] = (index(gi * hq, wq), buf)
         idx, buf = cache[gi]
         for dst, src in _phase_copies(xi, buf, (hq, wq), stride, padding):
