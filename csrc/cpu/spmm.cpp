@@ -251,6 +251,13 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
   }
 }
 
+// Whether a direct-conv tile of NV vectors V sums its even and odd nonzeros in two accumulator
+// sets: hiding the FMA latency takes ~8 independent sums (4 cycles × 2 per cycle), so one set
+// suffices from 8 vector registers on: a 64-column v8x2 tile (8 ymm; two sets would spill AVX2's
+// 16) walks its nonzeros once instead of as two 32-column halves.
+template <typename V, int NV>
+constexpr bool kTwoSets = NV * (kWide<V> ? 1 : 2) < 8;
+
 // One row's nonzeros i.. with off < limit (a channel slab) added into acc[0:16·NV] for
 // columns n0..; advances i.
 template <typename V, int NV>
@@ -264,7 +271,8 @@ SK_INLINE void slab_tile(const int32_t* off, const float* val, int64_t& i, int64
     const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
     for (int j = 0; j < NV; ++j) {
       a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-      b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+      if constexpr (kTwoSets<V, NV>) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+      else a[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
     }
   }
   if (i < e && off[i] < limit) {
@@ -322,11 +330,7 @@ struct SlabStep {
   const float* val;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
-      int64_t i2 = i;
-      slab_tile<V, 2>(off, val, i2, e, limit, x + n0, a);
-      slab_tile<V, 2>(off, val, i, e, limit, x + n0 + 32, a + 32);
-    } else if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
+    if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
     else if (w == 32) slab_tile<V, 2>(off, val, i, e, limit, x + n0, a);
     else if (w == 16) slab_tile<V, 1>(off, val, i, e, limit, x + n0, a);
     else slab_tail(off, val, i, e, limit, x + n0, w, a);
@@ -640,7 +644,8 @@ SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* tap
       const V u = splat<V>(v[t]), w = splat<V>(v[t + 1]);
       for (int j = 0; j < NV; ++j) {
         a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-        b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+        if constexpr (kTwoSets<V, NV>) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+        else a[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
     if (t < nt) {
@@ -673,11 +678,7 @@ struct CKStep {
   int64_t nt, plane;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
-      int64_t i2 = i;
-      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i2, e, limit, x + n0, a);
-      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0 + 32, a + 32);
-    } else if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else if (w == 32) ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else if (w == 16) ck_tile<V, 1, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else ck_tail(chan, val, taps, nt, plane, i, e, limit, x + n0, w, a);
