@@ -219,6 +219,27 @@ def test_csr_conv_opcheck_and_bounds():
         ops.csr_conv(rowptr, off, val, torch.empty(0), x, 5, 6, 9, 3, 2)
 
 
+@pytest.mark.parametrize("slack", [0, 7, 15, 40])
+@pytest.mark.parametrize("n,wp,wv", [(45, 9, 7), (63, 9, 7), (70, 10, 10), (200, 40, 33)])
+def test_direct_conv_tail_columns(n, wp, wv, slack):
+    """The last n % 16 wide columns: lane by lane when x ends at the furthest read (slack 0), as a
+    whole vector whose extra columns are dropped when x has 15 more elements (slack >= 15;
+    in between: a partial fit), for csr_conv and ck_conv, 3×3 taps over 3 channels."""
+    ops = kernel_backend("cpp", "spmm")[0]
+    e = torch.empty(0)
+    wt = sparse_weight(70, 3 * 9, 0.4).reshape(70, 3, 3, 3)
+    plane = 3 * wp + n
+    taps = functional.conv_taps((3, 3), (1, 1), (1, 1), plane // wp + 1, wp)
+    rowptr, col, val = csr_from_dense(wt.reshape(70, -1))
+    off = ((col // 9).long() * plane + taps.long()[col.long() % 9]).int()
+    x = torch.randn(int(off.max()) + n + slack)
+    args = (rowptr, off, val, torch.randn(70), x, n, 70, 2 * plane, wp, wv)
+    torch.testing.assert_close(ops.csr_conv(*args), reference.csr_conv(*args), **TOL)
+    x = torch.randn(2 * plane + int(taps.max()) + n + slack)
+    args = (*ck_from_dense(wt), taps, torch.randn(70), x, n, 70, plane, 2, wp, wv)
+    torch.testing.assert_close(ops.ck_conv(*args), reference.ck_conv(*args), **TOL)
+
+
 # --- block CSR ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("out,inp,n", SHAPES)

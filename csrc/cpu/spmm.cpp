@@ -331,13 +331,14 @@ SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const floa
 }
 
 // Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
-// column j = h·wp + c goes to y[row, h, c] if c < wv.
+// column j = h·wp + c goes to y[row, h, c] if c < wv and j < n (columns from n on: the
+// vector tail's padding, dropped).
 SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, int64_t n0,
                           int64_t w, int64_t n, int64_t wp, int64_t wv) {
-  const int64_t rows_out = n / wp;
-  for (int64_t j = n0; j < n0 + w;) {
+  const int64_t rows_out = n / wp, end = std::min(n0 + w, n);
+  for (int64_t j = n0; j < end;) {
     const int64_t h = j / wp, c = j % wp;
-    const int64_t len = std::min(n0 + w, h * wp + wp) - j;
+    const int64_t len = std::min(end, h * wp + wp) - j;
     const int64_t keep = std::min(len, std::max<int64_t>(0, wv - c));
     if (keep > 0) {
       for (int64_t r = 0; r < rows; ++r)
@@ -347,6 +348,13 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
     j += len;
   }
 }
+
+// Whether a direct-conv tile of NV vectors V sums its even and odd nonzeros in two accumulator
+// sets: hiding the FMA latency takes ~8 independent sums (4 cycles × 2 per cycle), so one set
+// suffices from 8 vector registers on: a 64-column v8x2 tile (8 ymm; two sets would spill AVX2's
+// 16) walks its nonzeros once instead of as two 32-column halves.
+template <typename V, int NV>
+constexpr bool kTwoSets = NV * (kWide<V> ? 1 : 2) < 8;
 
 // One row's nonzeros i.. with off < limit (a channel slab) added into acc[0:16·NV] for
 // columns n0..; advances i.
@@ -361,7 +369,8 @@ SK_INLINE void slab_tile(const int32_t* off, const float* val, int64_t& i, int64
     const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
     for (int j = 0; j < NV; ++j) {
       a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-      b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+      if constexpr (kTwoSets<V, NV>) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+      else a[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
     }
   }
   if (i < e && off[i] < limit) {
@@ -419,11 +428,7 @@ struct SlabStep {
   const float* val;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
-      int64_t i2 = i;
-      slab_tile<V, 2>(off, val, i2, e, limit, x + n0, a);
-      slab_tile<V, 2>(off, val, i, e, limit, x + n0 + 32, a + 32);
-    } else if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
+    if (w == 64) slab_tile<V, 4>(off, val, i, e, limit, x + n0, a);
     else if (w == 32) slab_tile<V, 2>(off, val, i, e, limit, x + n0, a);
     else if (w == 16) slab_tile<V, 1>(off, val, i, e, limit, x + n0, a);
     else slab_tail(off, val, i, e, limit, x + n0, w, a);
@@ -737,7 +742,8 @@ SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* tap
       const V u = splat<V>(v[t]), w = splat<V>(v[t + 1]);
       for (int j = 0; j < NV; ++j) {
         a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-        b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+        if constexpr (kTwoSets<V, NV>) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+        else a[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
     if (t < nt) {
@@ -770,11 +776,7 @@ struct CKStep {
   int64_t nt, plane;
   const float* x;
   SK_INLINE void operator()(int64_t w, int64_t& i, int64_t e, int64_t limit, int64_t n0, float* a) const {
-    if (w == 64 && !kWide<V>) {  // two 32-column halves (register pressure, see kWide)
-      int64_t i2 = i;
-      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i2, e, limit, x + n0, a);
-      ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0 + 32, a + 32);
-    } else if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
+    if (w == 64) ck_tile<V, 4, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else if (w == 32) ck_tile<V, 2, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else if (w == 16) ck_tile<V, 1, NT>(chan, val, taps, nt, plane, i, e, limit, x + n0, a);
     else ck_tail(chan, val, taps, nt, plane, i, e, limit, x + n0, w, a);
@@ -817,6 +819,26 @@ SK_CLONES int64_t first_outside_i32(const int32_t* p, int64_t count, int64_t lo,
   for (int64_t i = 0; i < count; ++i)
     if (p[i] < lo || p[i] >= hi) return i;
   return -1;
+}
+
+// The smallest and largest of p[0:count] (INT32_MAX, INT32_MIN when empty).
+SK_CLONES void minmax_i32(const int32_t* p, int64_t count, int32_t& lo, int32_t& hi) {
+  int32_t mn = INT32_MAX, mx = INT32_MIN;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < count; ++i) {
+    mn = std::min(mn, p[i]);
+    mx = std::max(mx, p[i]);
+  }
+  lo = mn;
+  hi = mx;
+}
+
+// The wide columns a direct conv's tiles compute: n rounded up to whole 16-column vectors where
+// x (numel elements) holds them after the furthest read start (store_wide drops the extra
+// columns), so the last tile runs in vectors, not lane by lane; else n.
+int64_t run_columns(int64_t n, int64_t furthest, int64_t numel) {
+  const int64_t up = (n + 15) / 16 * 16;
+  return furthest + up <= numel ? up : n;
 }
 
 SK_CLONES int64_t first_outside_u8(const uint8_t* p, int64_t count, int64_t hi) {
@@ -958,7 +980,9 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
               " slab=", slab, " wp=", wp, " wv=", wv);
   const int32_t* op = off.const_data_ptr<int32_t>();
   const int64_t nnz = val.numel();
-  if (n > 0) {
+  int32_t lo = 0, hi = 0;
+  minmax_i32(op, nnz, lo, hi);
+  if (n > 0 && nnz > 0 && (lo < 0 || hi + n > x.numel())) {
     const int64_t bad = first_outside_i32(op, nnz, 0, x.numel() - n + 1);
     TORCH_CHECK(bad < 0, "csr_conv: offset ", bad < 0 ? 0 : op[bad], " + n = ", n,
                 " reads past x (", x.numel(), " elements)");
@@ -971,7 +995,8 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   const int64_t span = x.numel();  // every offset is below it
-  conv_grid(out_features, n, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
+  const int64_t run = run_columns(n, nnz ? hi : 0, x.numel());
+  conv_grid(out_features, run, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
     conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e, c0, c1);
   });
   return y;
@@ -1087,7 +1112,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const int32_t* tp = taps.const_data_ptr<int32_t>();
   const int32_t* cp = chan.const_data_ptr<int32_t>();
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
-  int64_t max_tap = 0;
+  int64_t max_tap = 0, max_chan = 0;
   for (int64_t t = 0; t < nt; ++t) {
     TORCH_CHECK(tp[t] >= 0, "ck_conv: taps must be >= 0, got ", tp[t]);
     max_tap = std::max<int64_t>(max_tap, tp[t]);
@@ -1099,6 +1124,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
       TORCH_CHECK(n == 0 || int64_t(cp[i]) * plane + max_tap + n <= x.numel(), "ck_conv: channel ",
                   cp[i], " with tap ", max_tap, " + n = ", n, " reads past x (", x.numel(),
                   " elements)");
+      max_chan = std::max<int64_t>(max_chan, cp[i]);
     }
   at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
   if (y.numel() == 0) return y;
@@ -1107,7 +1133,8 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   const int64_t channels = x.numel() / plane + 1;  // every channel index is below it
-  conv_grid(out_features, n, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
+  const int64_t run = run_columns(n, max_chan * plane + max_tap, x.numel());
+  conv_grid(out_features, run, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
     ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, yp, b, e, c0, c1);
   });
   return y;

@@ -113,13 +113,14 @@ def conv_offsets(col, kernel_size, stride, dilation, channels, hq, wq):
     return ((col // rs) * plane + taps[col % rs]).to(torch.int32)
 
 
-def _phase_copies(x, scratch, geometry, stride, padding):
-    """``(destination, source)`` view pairs that copy a batch ``x [N, C, H, W]`` into the
-    phases of ``scratch`` ``[C, sh, sw, N·hq, wq]`` (:func:`conv_geometry`, images stacked in
-    each phase); the rest of ``scratch`` stays zero."""
+def _phase_plan(shape, scratch, geometry, stride, padding):
+    """``(destination, rows, cols)`` per stride phase: copying ``x[:, :, rows, cols]`` (slices)
+    of a batch ``x`` of ``shape [N, C, H, W]``, channels first, into ``destination`` (a view of
+    ``scratch`` ``[C, sh, sw, N·hq, wq]``, :func:`conv_geometry`, images stacked in each phase) fills
+    the phases; the rest of ``scratch`` stays zero. Built once per buffer (the views are reused)."""
     hq, wq = geometry[:2]
     (sh, sw), (ph, pw) = stride, padding
-    n_img, c, h, w = x.shape
+    n_img, c, h, w = shape
     ph6 = scratch[:c * sh * sw * n_img * hq * wq].view(c, sh, sw, n_img, hq, wq)
 
     def span(a, step, pad, size):  # first phase index, count, first source index
@@ -127,15 +128,15 @@ def _phase_copies(x, scratch, geometry, stride, padding):
         i1 = (pad + size - 1 - a) // step
         return i0, i1 - i0 + 1, a + step * i0 - pad
 
-    pairs = []
+    plan = []
     for a in range(sh):
         i0, ni, r0 = span(a, sh, ph, h)
         for b in range(sw):
             j0, nj, c0 = span(b, sw, pw, w)
             if ni > 0 and nj > 0:
-                pairs.append((ph6[:, a, b, :, i0:i0 + ni, j0:j0 + nj],
-                              x[:, :, r0:r0 + sh * (ni - 1) + 1:sh, c0:c0 + sw * (nj - 1) + 1:sw].transpose(0, 1)))
-    return pairs
+                plan.append((ph6[:, a, b, :, i0:i0 + ni, j0:j0 + nj],
+                             slice(r0, r0 + sh * (ni - 1) + 1, sh), slice(c0, c0 + sw * (nj - 1) + 1, sw)))
+    return plan
 
 
 def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache):
@@ -144,8 +145,8 @@ def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, di
     g·hq, wq]`` (image ``i`` holds phase rows ``i·hq ..``), each group one kernel call
     ``run(buf, idx, g·hq, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
     wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and dropped).
-    ``cache`` maps ``g`` to ``(idx, buf)``: ``idx = index(g·hq, wq)`` (offsets or taps) and the
-    buffer, whose padding stays zero."""
+    ``cache`` maps ``g`` to ``(idx, buf, plan)``: ``idx = index(g·hq, wq)`` (offsets or taps), the
+    buffer, whose padding stays zero, and its :func:`_phase_plan`."""
     n_img, c, h, w = x.shape
     (sh, sw), size_of = stride, x.element_size()
     hq, wq, h_out, w_out = conv_geometry(h, w, kernel_size, stride, padding, dilation)
@@ -156,12 +157,13 @@ def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, di
     for i in range(0, n_img, g):
         xi = x[i:i + g]
         gi = xi.shape[0]
-        if gi not in cache:  # slack: the last wide row reads past the image
-            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw)
-            cache[gi] = (index(gi * hq, wq), buf)
-        idx, buf = cache[gi]
-        for dst, src in _phase_copies(xi, buf, (hq, wq), stride, padding):
-            dst.copy_(src)
+        if gi not in cache:  # slack: the last wide row reads past the image, and 15 more zeros
+            # let the kernel run its last columns as a whole 16-float vector
+            buf = x.new_zeros(c * sh * sw * gi * hq * wq + (dilation[1] * (kernel_size[1] - 1)) // sw + 15)
+            cache[gi] = (index(gi * hq, wq), buf, _phase_plan(xi.shape, buf, (hq, wq), stride, padding))
+        idx, buf, plan = cache[gi]
+        for dst, rows, cols in plan:
+            dst.copy_(xi[:, :, rows, cols].transpose(0, 1))
         y = run(buf, idx, gi * hq, ((gi - 1) * hq + h_out) * wq, wq, w_out)  # [out, rows, w_out]
         y = y.unfold(1, h_out, hq).permute(1, 0, 3, 2)  # [gi, out, h_out, w_out]: image j at rows j·hq..
         if out is None:

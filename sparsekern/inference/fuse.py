@@ -83,11 +83,37 @@ def _pair(v):
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
 
 
+def _max_taps(x, dim, k, stride, pad, n_out):
+    """``y[.., i, ..] = max over r < k of x[.., stride·i + r - pad, ..]`` along ``dim`` for
+    ``i < n_out``, positions outside ``x`` being ``-inf`` (one pooling direction): the taps whose
+    slice covers every output make ``y`` (one ``torch.maximum``), the border taps update their part
+    of it in place (no padded copy of ``x``)."""
+    size, whole, part = x.shape[dim], [], []
+    for r in range(k):
+        i0, i1 = max(0, -(-(pad - r) // stride)), min(n_out, (size - 1 - r + pad) // stride + 1)
+        if i0 < i1:
+            index = [slice(None)] * x.dim()
+            index[dim] = slice(stride * i0 + r - pad, stride * (i1 - 1) + r - pad + 1, stride)
+            (whole if (i0, i1) == (0, n_out) else part).append((i0, i1, x[tuple(index)]))
+    if len(whole) >= 2:
+        y = torch.maximum(whole[0][2], whole[1][2])
+        part += whole[2:]
+    else:
+        shape = list(x.shape)
+        shape[dim] = n_out
+        y = x.new_full(shape, float("-inf"))
+        part += whole
+    for i0, i1, src in part:
+        y.narrow(dim, i0, i1 - i0).clamp_min_(src)  # in-place maximum (NaN propagates from both)
+    return y
+
+
 class SeparableMaxPool2d(nn.Module):
     """``nn.MaxPool2d`` (no dilation, ceil_mode or indices) as a max over the ``kh`` strided row
-    slices of the ``-inf``-padded input, then over ``kw`` column slices: ``x [N, C, H, W]`` →
+    slices of the input, then over ``kw`` column slices (:func:`_max_taps`; the padding is ``-inf``:
+    a tap's slice covers only the outputs whose window it reaches): ``x [N, C, H, W]`` →
     ``[N, C, H', W']``, equal to ``F.max_pool2d`` (NaN propagates in both). ~10× faster than torch's
-    CPU kernel on a ResNet stem (``[1, 64, 112, 112]``, 3×3/2: 1.0 vs 11.9 ms, AMD EPYC, 1 thread)."""
+    CPU kernel on a ResNet stem (``[1, 64, 112, 112]``, 3×3/2: 0.63 vs 6.7 ms, AMD EPYC, 1 thread)."""
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -111,15 +137,7 @@ class SeparableMaxPool2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"SeparableMaxPool2d: expected [N, C, H, W], got {tuple(x.shape)}")
         h_out, w_out = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
-        if ph or pw:
-            x = torch.nn.functional.pad(x, (pw, pw, ph, ph), value=float("-inf"))
-        rows = x[:, :, 0:sh * (h_out - 1) + 1:sh]
-        for r in range(1, kh):
-            rows = torch.maximum(rows, x[:, :, r:r + sh * (h_out - 1) + 1:sh])
-        out = rows[..., 0:sw * (w_out - 1) + 1:sw]
-        for s in range(1, kw):
-            out = torch.maximum(out, rows[..., s:s + sw * (w_out - 1) + 1:sw])
-        return out.contiguous()
+        return _max_taps(_max_taps(x, 2, kh, sh, ph, h_out), 3, kw, sw, pw, w_out).contiguous()
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
