@@ -94,8 +94,8 @@ struct v16s {
 static_assert(alignof(v16s) == 4 && alignof(v8x2) == 4, "unaligned vector loads");
 
 // Whether V's 64-column tiles fit the registers: 8 accumulators of 4 × 16 lanes are 8 zmm of
-// 32 with AVX-512, but 16 ymm of 16 with v8x2 (spills): v8x2 tiles are at most 32 columns
-// (csr_mm's 64-column v8x2 tiles use one accumulator set instead: kSets).
+// 32 with AVX-512, but 16 ymm of 16 with v8x2 (spills): 64-column v8x2 tiles use one
+// accumulator set instead (kSets).
 template <typename V>
 constexpr bool kWide = false;
 template <>
@@ -194,8 +194,9 @@ SK_INLINE void store_tile(const float* buf, float* y, int64_t out, int64_t n, bo
   }
 }
 
-// Accumulator sets of a tile of NV vectors: two (even / odd nonzeros, to hide the FMA latency)
-// unless they would not fit the registers (v8x2 at 64 columns: its 8 ymm chains are enough).
+// Accumulator sets of a tile of NV vectors: two (even / odd nonzeros, to hide the FMA latency,
+// ~8 independent sums: 4 cycles × 2 FMAs per cycle) unless they would not fit the registers: a
+// 64-column v8x2 tile (8 ymm; two sets would spill AVX2's 16) walks its nonzeros once with one.
 template <typename V, int NV>
 constexpr int kSets = NV < 4 || kWide<V> ? 2 : 1;
 
@@ -349,37 +350,18 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
   }
 }
 
-// Whether a direct-conv tile of NV vectors V sums its even and odd nonzeros in two accumulator
-// sets: hiding the FMA latency takes ~8 independent sums (4 cycles × 2 per cycle), so one set
-// suffices from 8 vector registers on: a 64-column v8x2 tile (8 ymm; two sets would spill AVX2's
-// 16) walks its nonzeros once instead of as two 32-column halves.
-template <typename V, int NV>
-constexpr bool kTwoSets = NV * (kWide<V> ? 1 : 2) < 8;
-
 // One row's nonzeros i.. with off < limit (a channel slab) added into acc[0:16·NV] for
-// columns n0..; advances i.
+// columns n0..; advances i (axpy_run with the offsets as columns of stride 1).
 template <typename V, int NV>
 SK_INLINE void slab_tile(const int32_t* off, const float* val, int64_t& i, int64_t e,
                          int64_t limit, const float* x, float* acc) {
-  V a[NV], b[NV];
-  for (int j = 0; j < NV; ++j) { a[j] = *reinterpret_cast<const V*>(acc + 16 * j); b[j] = V{}; }
-  for (; i + 1 < e && off[i + 1] < limit; i += 2) {
-    const float* p = x + off[i];
-    const float* q = x + off[i + 1];
-    const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
-    for (int j = 0; j < NV; ++j) {
-      a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-      if constexpr (kTwoSets<V, NV>) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
-      else a[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
-    }
-  }
-  if (i < e && off[i] < limit) {
-    const float* p = x + off[i];
-    const V u = splat<V>(val[i]);
-    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-    ++i;
-  }
-  for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(acc + 16 * j) = a[j] + b[j];
+  V a[NV], b[kSets<V, NV> == 2 ? NV : 1];
+  for (int j = 0; j < NV; ++j) a[j] = *reinterpret_cast<const V*>(acc + 16 * j);
+  for (V& v : b) v = V{};
+  axpy_run<V, NV, true>(off, val, x, 1, i, e, limit, a, b);
+  if constexpr (kSets<V, NV> == 2)
+    for (int j = 0; j < NV; ++j) a[j] += b[j];
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(acc + 16 * j) = a[j];
 }
 
 SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64_t e,
@@ -742,7 +724,7 @@ SK_INLINE void ck_tile(const int32_t* chan, const float* val, const int32_t* tap
       const V u = splat<V>(v[t]), w = splat<V>(v[t + 1]);
       for (int j = 0; j < NV; ++j) {
         a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-        if constexpr (kTwoSets<V, NV>) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+        if constexpr (kSets<V, NV> == 2) b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
         else a[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
