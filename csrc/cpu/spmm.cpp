@@ -702,6 +702,134 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
                  CKStep<v8x2, 0>{chan, val, taps, nt, plane, x});
 }
 
+// ---- csr_group_conv -------------------------------------------------------------------------------
+
+// Geometry of a grouped direct conv (functional.conv_geometry): image [C, H, W], cg = C / groups
+// channels and rows_g = out / groups output rows per group, the group's zero-padded stride phases
+// [cg, sh, sw, hq, wq] (plane = sh·sw·hq·wq per channel), n = h_out·wq wide outputs per row.
+struct GroupGeom {
+  int64_t c, h, w, cg, rows_g, sh, sw, ph, pw, hq, wq, h_out, w_out, n, plane;
+};
+
+// Python floor division (a negative numerator rounds down).
+SK_INLINE int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Copies the cg channels at x [cg, H, W] into the phases of buf (functional._phase_copies): padded
+// pixel (pr, pc) = (r + ph, c + pw) goes to phase (pr % sh, pc % sw), row pr / sh, column pc / sw;
+// buf's padding stays zero. Stride 2 along W splits each row into its even and odd pixels.
+SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, float* buf) {
+  const int64_t phase = g.hq * g.wq;
+  for (int64_t c = 0; c < g.cg; ++c)
+    for (int64_t r = 0, a = g.ph % g.sh, i = g.ph / g.sh; r < g.h; ++r) {  // padded row a + sh·i
+      const float* src = x + (c * g.h + r) * g.w;
+      float* row = buf + c * g.plane + a * g.sw * phase + i * g.wq;
+      if (++a == g.sh) a = 0, ++i;
+      if (g.sw == 1) {
+        float* dst = row + g.pw;
+        SK_SIMD for (int64_t j = 0; j < g.w; ++j) dst[j] = src[j];  // short rows: no memcpy call
+      } else if (g.sw == 2) {
+        float* even = row + (g.pw % 2) * phase + g.pw / 2;  // source pixels 0, 2, 4, ...
+        float* odd = row + ((g.pw + 1) % 2) * phase + (g.pw + 1) / 2;
+        int64_t k = 0;
+        for (; 2 * k + 16 <= g.w; k += 8) {
+          const v8 lo = *reinterpret_cast<const v8*>(src + 2 * k);
+          const v8 hi = *reinterpret_cast<const v8*>(src + 2 * k + 8);
+          typedef int i8 __attribute__((vector_size(32)));
+          *reinterpret_cast<v8*>(even + k) = __builtin_shuffle(lo, hi, i8{0, 2, 4, 6, 8, 10, 12, 14});
+          *reinterpret_cast<v8*>(odd + k) = __builtin_shuffle(lo, hi, i8{1, 3, 5, 7, 9, 11, 13, 15});
+        }
+        for (; 2 * k < g.w; ++k) {
+          even[k] = src[2 * k];
+          if (2 * k + 1 < g.w) odd[k] = src[2 * k + 1];
+        }
+      } else {
+        for (int64_t cc = 0; cc < g.w; ++cc) {
+          const int64_t pc = cc + g.pw;
+          row[(pc % g.sw) * phase + pc / g.sw] = src[cc];
+        }
+      }
+    }
+}
+
+// dst[0:keep] = (bias + Σ_i val[i]·x[off[i] + 0 : 16·NV])[0:keep] over nonzeros i in [i, e):
+// one register tile (two accumulator sets, even/odd nonzeros), keep <= 16·NV; spill: the whole
+// tile may be stored (what lies past keep is rewritten later).
+template <typename V, int NV>
+SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64_t e, float bias,
+                          const float* x, float* dst, int64_t keep, bool spill) {
+  V a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) { a[j] = splat<V>(bias); b[j] = V{}; }
+  for (; i + 1 < e; i += 2) {
+    const float* p = x + off[i];
+    const float* q = x + off[i + 1];
+    const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
+    for (int j = 0; j < NV; ++j) {
+      a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+      b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+    }
+  }
+  if (i < e) {
+    const float* p = x + off[i];
+    const V u = splat<V>(val[i]);
+    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+  }
+  if (spill || keep == 16 * NV) {
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + 16 * j) = a[j] + b[j];
+  } else {
+    alignas(64) float t[16 * NV];
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(t + 16 * j) = a[j] + b[j];
+    for (int64_t j = 0; j < keep; ++j) dst[j] = t[j];
+  }
+}
+
+// Tasks t0..t1 of csr_group_conv, task t = (image t / groups, group t % groups): the group's
+// channels copied into buf (len floats, zeroed here once), then each of its rows o, output row
+// h, in register tiles of 64 (AVX-512) / 32 / 16 columns: y[img, o, h, c] = bias[o] +
+// Σ val·buf[off + h·wq + c]. A row's last partial tile reads past the row (buf has slack) and
+// stores whole into the next rows of the same output plane, which are computed after it; only
+// near the plane's end (other tasks' outputs follow) does it store just its part.
+template <typename V>
+SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
+                           const int32_t* off, const float* val, const float* bias, const float* x,
+                           float* y, int64_t t0, int64_t t1, float* buf, int64_t len) {
+  std::fill(buf, buf + len, 0.f);
+  const int64_t out = groups * g.rows_g;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t img = t / groups, grp = t % groups;
+    group_phase_copy(g, x + (img * g.c + grp * g.cg) * g.h * g.w, buf);
+    for (int64_t o = grp * g.rows_g; o < (grp + 1) * g.rows_g; ++o) {
+      const int64_t b = rowptr[o], e = rowptr[o + 1];
+      const float bo = bias ? bias[o] : 0.f;
+      for (int64_t h = 0; h < g.h_out; ++h) {
+        float* dst = y + ((img * out + o) * g.h_out + h) * g.w_out;
+        const float* src = buf + h * g.wq;
+        const int64_t room = (g.h_out - h) * g.w_out;  // outputs from dst to the plane's end
+        for (int64_t c = 0; c < g.w_out;) {
+          const int64_t left = g.w_out - c;
+          if (kWide<V> && left >= 64) {
+            group_tile<V, 4>(off, val, b, e, bo, src + c, dst + c, 64, true);
+            c += 64;
+          } else if (left > 16) {
+            group_tile<V, 2>(off, val, b, e, bo, src + c, dst + c, std::min<int64_t>(left, 32), c + 32 <= room);
+            c += 32;
+          } else {
+            group_tile<V, 1>(off, val, b, e, bo, src + c, dst + c, left, c + 16 <= room);
+            c += 16;
+          }
+        }
+      }
+    }
+  }
+}
+
+SK_CLONES_FMA void group_leaf(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
+                              const int32_t* off, const float* val, const float* bias,
+                              const float* x, float* y, int64_t t0, int64_t t1, float* buf,
+                              int64_t len) {
+  if (wide512()) group_tasks<v16s>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf, len);
+  else group_tasks<v8x2>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf, len);
+}
+
 }  // namespace
 
 namespace {
@@ -992,6 +1120,76 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   return y;
 }
 
+at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
+                          const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
+                          int64_t groups, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_dtypes("csr_group_conv", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "csr_group_conv: x must be a float32 CPU tensor [N, C, H, W], got ", x.scalar_type(),
+              " ", x.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "csr_group_conv: kernel_size, stride, padding and dilation must have 2 values each");
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0,
+              "csr_group_conv: need kernel_size, stride, dilation > 0 and padding >= 0, got ",
+              kernel_size, " ", stride, " ", padding, " ", dilation);
+  const int64_t n_img = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(groups > 0 && c % groups == 0 && out_features >= 0 && out_features % groups == 0,
+              "csr_group_conv: groups (", groups, ") must divide the input channels (", c,
+              ") and out_features (", out_features, ")");
+  const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
+  TORCH_CHECK(hp > dh * (kh - 1) && wp > dw * (kw - 1), "csr_group_conv: input ", h, "×", w,
+              " (padded ", hp, "×", wp, ") is smaller than the dilated kernel");
+  GroupGeom g{c, h, w, c / groups, out_features / groups, sh, sw, ph, pw, (hp + sh - 1) / sh,
+              (wp + sw - 1) / sw, (hp - dh * (kh - 1) - 1) / sh + 1, (wp - dw * (kw - 1) - 1) / sw + 1,
+              0, 0};
+  g.n = g.h_out * g.wq;
+  g.plane = sh * sw * g.hq * g.wq;
+  TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
+                  val.scalar_type() == at::kFloat && col.numel() == val.numel(),
+              "csr_group_conv: col must be int32 and val float32, contiguous, of equal length");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                                    bias.numel() == out_features),
+              "csr_group_conv: bias must be empty or contiguous float32 [out_features]");
+  const int64_t nnz = val.numel(), rs = kh * kw;
+  check_rowptr("csr_group_conv", rowptr, out_features, nnz);
+  const int32_t* cp = col.const_data_ptr<int32_t>();
+  const int64_t bad = first_outside_i32(cp, nnz, 0, g.cg * rs);
+  TORCH_CHECK(bad < 0, "csr_group_conv: column index ", bad < 0 ? 0 : cp[bad], " outside [0, ",
+              g.cg * rs, ") (C / groups · R · S)");
+  // Buffer: the group's phases, then slack for the last wide row's taps and a whole last tile.
+  const int64_t len = g.cg * g.plane + (dw * (kw - 1)) / sw + kTile;
+  TORCH_CHECK(len < INT32_MAX, "csr_group_conv: a group of ", g.cg, " channels of ", g.hq, "×",
+              g.wq, " pixels per phase is too large for int32 offsets");
+  at::Tensor y = at::empty({n_img, out_features, g.h_out, g.w_out}, x.options());
+  if (y.numel() == 0) return y;
+  // col = c·R·S + r·S + s -> c·plane + tap (r, s) in the phases (functional.conv_taps)
+  std::vector<int32_t> tap(rs), off(nnz);
+  for (int64_t r = 0; r < kh; ++r)
+    for (int64_t s = 0; s < kw; ++s)
+      tap[r * kw + s] = int32_t((((r * dh) % sh) * sw + (s * dw) % sw) * g.hq * g.wq +
+                                (r * dh / sh) * g.wq + (s * dw) / sw);
+  for (int64_t i = 0; i < nnz; ++i) off[i] = int32_t(cp[i] / rs * g.plane + tap[cp[i] % rs]);
+  const int64_t* rp = rowptr.const_data_ptr<int64_t>();
+  const float* vp = val.const_data_ptr<float>();
+  const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t tasks = n_img * groups;
+  // Work per task in multiply-adds plus ~4 per pixel for the copy and the tiles' fixed costs;
+  // tasks of ~kGrainMacs / 8 (a depthwise 7×7 channel is ~0.2 us).
+  const int64_t per_task = std::max<int64_t>(1, (nnz / groups + 4 * g.cg) * g.n);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainMacs / 8 / per_task), [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(len);
+    group_leaf(g, groups, rp, off.data(), vp, bp, xp, yp, t0, t1, buf.data(), len);
+  });
+  return y;
+}
+
 }  // namespace cpu
 }  // namespace sparsekern
 
@@ -1002,4 +1200,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("bsr_mm", &sparsekern::cpu::bsr_mm);
   m.impl("nm_mm", &sparsekern::cpu::nm_mm);
   m.impl("ck_conv", &sparsekern::cpu::ck_conv);
+  m.impl("csr_group_conv", &sparsekern::cpu::csr_group_conv);
 }
