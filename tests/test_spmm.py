@@ -204,6 +204,10 @@ def test_csr_conv_opcheck_and_bounds():
     (3, 3, 3, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),  # one output pixel
     (16, 16, 16, (3, 3), (2, 1), (1, 1), (1, 1), 70, 37),  # 64/32/16-column tiles and tails
     (4, 4, 4, (1, 1), (2, 2), (0, 0), (1, 1), 9, 9),
+    # several bands of output rows per group (input of a band ~16 KB), with padding rows
+    (32, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), 40, 21),
+    (24, 1, 4, (3, 3), (2, 2), (2, 2), (2, 2), 45, 30),
+    (3, 1, 8, (3, 3), (2, 2), (1, 1), (1, 1), 64, 64),  # a stem
 ])
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])

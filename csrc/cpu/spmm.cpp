@@ -712,50 +712,62 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
 // ---- csr_group_conv -------------------------------------------------------------------------------
 
 // Geometry of a grouped direct conv (functional.conv_geometry): image [C, H, W], cg = C / groups
-// channels and rows_g = out / groups output rows per group, the group's zero-padded stride phases
-// [cg, sh, sw, hq, wq] (plane = sh·sw·hq·wq per channel), n = h_out·wq wide outputs per row.
+// channels and rows_g = out / groups output rows per group; outputs in bands of `band` rows
+// (nb bands); a band's input is the group's zero-padded stride phases [cg, sh, sw, hb, wq] from
+// phase row h0 (hb = band + the kernel's extent in phase rows; plane = sh·sw·hb·wq per channel).
 struct GroupGeom {
-  int64_t c, h, w, cg, rows_g, sh, sw, ph, pw, hq, wq, h_out, w_out, n, plane;
+  int64_t c, h, w, cg, rows_g, sh, sw, ph, pw, wq, h_out, w_out, band, nb, hb, plane;
 };
 
 // Python floor division (a negative numerator rounds down).
 SK_INLINE int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// Copies the cg channels at x [cg, H, W] into the phases of buf (functional._phase_copies): padded
-// pixel (pr, pc) = (r + ph, c + pw) goes to phase (pr % sh, pc % sw), row pr / sh, column pc / sw;
-// buf's padding stays zero. Stride 2 along W splits each row into its even and odd pixels.
-SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, float* buf) {
-  const int64_t phase = g.hq * g.wq;
-  for (int64_t c = 0; c < g.cg; ++c)
-    for (int64_t r = 0, a = g.ph % g.sh, i = g.ph / g.sh; r < g.h; ++r) {  // padded row a + sh·i
-      const float* src = x + (c * g.h + r) * g.w;
-      float* row = buf + c * g.plane + a * g.sw * phase + i * g.wq;
-      if (++a == g.sh) a = 0, ++i;
-      if (g.sw == 1) {
-        float* dst = row + g.pw;
-        SK_SIMD for (int64_t j = 0; j < g.w; ++j) dst[j] = src[j];  // short rows: no memcpy call
-      } else if (g.sw == 2) {
-        float* even = row + (g.pw % 2) * phase + g.pw / 2;  // source pixels 0, 2, 4, ...
-        float* odd = row + ((g.pw + 1) % 2) * phase + (g.pw + 1) / 2;
-        int64_t k = 0;
-        for (; 2 * k + 16 <= g.w; k += 8) {
-          const v8 lo = *reinterpret_cast<const v8*>(src + 2 * k);
-          const v8 hi = *reinterpret_cast<const v8*>(src + 2 * k + 8);
-          typedef int i8 __attribute__((vector_size(32)));
-          *reinterpret_cast<v8*>(even + k) = __builtin_shuffle(lo, hi, i8{0, 2, 4, 6, 8, 10, 12, 14});
-          *reinterpret_cast<v8*>(odd + k) = __builtin_shuffle(lo, hi, i8{1, 3, 5, 7, 9, 11, 13, 15});
-        }
-        for (; 2 * k < g.w; ++k) {
-          even[k] = src[2 * k];
-          if (2 * k + 1 < g.w) odd[k] = src[2 * k + 1];
-        }
-      } else {
-        for (int64_t cc = 0; cc < g.w; ++cc) {
-          const int64_t pc = cc + g.pw;
-          row[(pc % g.sw) * phase + pc / g.sw] = src[cc];
+// Copies the rows of the cg channels at x [cg, H, W] that the band of output rows from h0 reads
+// into the phases of buf (functional._phase_copies): padded pixel (pr, pc) = (r + ph, c + pw)
+// goes to phase (pr % sh, pc % sw), row pr / sh - h0, column pc / sw. Stride 2 along W splits
+// each row into its even and odd pixels. Padding rows are zeroed here; padding columns are never
+// written (buf starts zero).
+SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, int64_t h0, float* buf) {
+  const int64_t phase = g.hb * g.wq;
+  for (int64_t a = 0; a < g.sh; ++a) {  // phase row i holds padded row a + sh·(h0 + i)
+    const int64_t i0 = std::min(g.hb, std::max<int64_t>(0, floor_div(g.ph - a + g.sh - 1, g.sh) - h0));
+    const int64_t i1 = std::max(i0, std::min<int64_t>(g.hb, floor_div(g.ph + g.h - 1 - a, g.sh) - h0 + 1));
+    for (int64_t c = 0; c < g.cg; ++c) {
+      float* rows = buf + c * g.plane + a * g.sw * phase;
+      for (int64_t b = 0; b < g.sw; ++b) {
+        std::fill(rows + b * phase, rows + b * phase + i0 * g.wq, 0.f);
+        std::fill(rows + b * phase + i1 * g.wq, rows + (b + 1) * phase, 0.f);
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* src = x + (c * g.h + a + g.sh * (h0 + i) - g.ph) * g.w;
+        float* row = buf + c * g.plane + a * g.sw * phase + i * g.wq;
+        if (g.sw == 1) {
+          float* dst = row + g.pw;
+          SK_SIMD for (int64_t j = 0; j < g.w; ++j) dst[j] = src[j];  // short rows: no memcpy call
+        } else if (g.sw == 2) {
+          float* even = row + (g.pw % 2) * phase + g.pw / 2;  // source pixels 0, 2, 4, ...
+          float* odd = row + ((g.pw + 1) % 2) * phase + (g.pw + 1) / 2;
+          int64_t k = 0;
+          for (; 2 * k + 16 <= g.w; k += 8) {
+            const v8 lo = *reinterpret_cast<const v8*>(src + 2 * k);
+            const v8 hi = *reinterpret_cast<const v8*>(src + 2 * k + 8);
+            typedef int i8 __attribute__((vector_size(32)));
+            *reinterpret_cast<v8*>(even + k) = __builtin_shuffle(lo, hi, i8{0, 2, 4, 6, 8, 10, 12, 14});
+            *reinterpret_cast<v8*>(odd + k) = __builtin_shuffle(lo, hi, i8{1, 3, 5, 7, 9, 11, 13, 15});
+          }
+          for (; 2 * k < g.w; ++k) {
+            even[k] = src[2 * k];
+            if (2 * k + 1 < g.w) odd[k] = src[2 * k + 1];
+          }
+        } else {
+          for (int64_t cc = 0; cc < g.w; ++cc) {
+            const int64_t pc = cc + g.pw;
+            row[(pc % g.sw) * phase + pc / g.sw] = src[cc];
+          }
         }
       }
     }
+  }
 }
 
 // dst[0:keep] = (bias + Σ_i val[i]·x[off[i] + 0 : 16·NV])[0:keep] over nonzeros i in [i, e):
@@ -789,28 +801,27 @@ SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64
   }
 }
 
-// Tasks t0..t1 of csr_group_conv, task t = (image t / groups, group t % groups): the group's
-// channels copied into buf (len floats, zeroed here once), then each of its rows o, output row
-// h, in register tiles of 64 (AVX-512) / 32 / 16 columns: y[img, o, h, c] = bias[o] +
-// Σ val·buf[off + h·wq + c]. A row's last partial tile reads past the row (buf has slack) and
-// stores whole into the next rows of the same output plane, which are computed after it; only
-// near the plane's end (other tasks' outputs follow) does it store just its part.
+// Tasks t0..t1 of csr_group_conv, task t = (image, group, band of output rows h0..h1): the
+// band's input copied into buf, then each of the group's rows o, output row h, in register tiles
+// of 64 (AVX-512) / 32 / 16 columns: y[img, o, h, c] = bias[o] + Σ val·buf[off + (h - h0)·wq + c].
+// A row's last partial tile reads past the row (buf has slack) and stores whole into the band's
+// next rows, which are computed after it; in the band's last row it stores just its part.
 template <typename V>
 SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
                            const int32_t* off, const float* val, const float* bias, const float* x,
-                           float* y, int64_t t0, int64_t t1, float* buf, int64_t len) {
-  std::fill(buf, buf + len, 0.f);
+                           float* y, int64_t t0, int64_t t1, float* buf) {
   const int64_t out = groups * g.rows_g;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t img = t / groups, grp = t % groups;
-    group_phase_copy(g, x + (img * g.c + grp * g.cg) * g.h * g.w, buf);
+    const int64_t img = t / (groups * g.nb), grp = t / g.nb % groups, h0 = t % g.nb * g.band;
+    const int64_t h1 = std::min(g.h_out, h0 + g.band);
+    group_phase_copy(g, x + (img * g.c + grp * g.cg) * g.h * g.w, h0, buf);
     for (int64_t o = grp * g.rows_g; o < (grp + 1) * g.rows_g; ++o) {
       const int64_t b = rowptr[o], e = rowptr[o + 1];
       const float bo = bias ? bias[o] : 0.f;
-      for (int64_t h = 0; h < g.h_out; ++h) {
+      for (int64_t h = h0; h < h1; ++h) {
         float* dst = y + ((img * out + o) * g.h_out + h) * g.w_out;
-        const float* src = buf + h * g.wq;
-        const int64_t room = (g.h_out - h) * g.w_out;  // outputs from dst to the plane's end
+        const float* src = buf + (h - h0) * g.wq;
+        const int64_t room = (h1 - h) * g.w_out;  // outputs from dst to the band's end
         for (int64_t c = 0; c < g.w_out;) {
           const int64_t left = g.w_out - c;
           if (kWide<V> && left >= 64) {
@@ -831,10 +842,9 @@ SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* ro
 
 SK_CLONES_FMA void group_leaf(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
                               const int32_t* off, const float* val, const float* bias,
-                              const float* x, float* y, int64_t t0, int64_t t1, float* buf,
-                              int64_t len) {
-  if (wide512()) group_tasks<v16s>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf, len);
-  else group_tasks<v8x2>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf, len);
+                              const float* x, float* y, int64_t t0, int64_t t1, float* buf) {
+  if (wide512()) group_tasks<v16s>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf);
+  else group_tasks<v8x2>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf);
 }
 
 }  // namespace
@@ -1151,11 +1161,17 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
   TORCH_CHECK(hp > dh * (kh - 1) && wp > dw * (kw - 1), "csr_group_conv: input ", h, "×", w,
               " (padded ", hp, "×", wp, ") is smaller than the dilated kernel");
-  GroupGeom g{c, h, w, c / groups, out_features / groups, sh, sw, ph, pw, (hp + sh - 1) / sh,
-              (wp + sw - 1) / sw, (hp - dh * (kh - 1) - 1) / sh + 1, (wp - dw * (kw - 1) - 1) / sw + 1,
-              0, 0};
-  g.n = g.h_out * g.wq;
-  g.plane = sh * sw * g.hq * g.wq;
+  const int64_t cg = c / groups, wq = (wp + sw - 1) / sw, h_out = (hp - dh * (kh - 1) - 1) / sh + 1;
+  // Bands of output rows whose input (kh's extent in phase rows more) is ~16 KB (stays in L1
+  // while every row of the group reads it; a stem's 3 channels of 224² make 28 bands to share
+  // out), at least 4 extents (the overlap read twice).
+  const int64_t extent = dh * (kh - 1) / sh, row_bytes = std::max<int64_t>(1, cg * sh * sw * wq * 4);
+  int64_t band = std::min(h_out, std::max<int64_t>({1, 4 * extent, (16 << 10) / row_bytes - extent}));
+  const int64_t nb = (h_out + band - 1) / band;
+  band = (h_out + nb - 1) / nb;  // equal bands
+  GroupGeom g{c, h, w, cg, out_features / groups, sh, sw, ph, pw, wq, h_out,
+              (wp - dw * (kw - 1) - 1) / sw + 1, band, nb, band + extent, 0};
+  g.plane = sh * sw * g.hb * wq;
   TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
                   val.scalar_type() == at::kFloat && col.numel() == val.numel(),
               "csr_group_conv: col must be int32 and val float32, contiguous, of equal length");
@@ -1168,9 +1184,9 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   const int64_t bad = first_outside_i32(cp, nnz, 0, g.cg * rs);
   TORCH_CHECK(bad < 0, "csr_group_conv: column index ", bad < 0 ? 0 : cp[bad], " outside [0, ",
               g.cg * rs, ") (C / groups · R · S)");
-  // Buffer: the group's phases, then slack for the last wide row's taps and a whole last tile.
+  // Buffer: a band's phases, then slack (zero) for the last row's taps and a whole last tile.
   const int64_t len = g.cg * g.plane + (dw * (kw - 1)) / sw + kTile;
-  TORCH_CHECK(len < INT32_MAX, "csr_group_conv: a group of ", g.cg, " channels of ", g.hq, "×",
+  TORCH_CHECK(len < INT32_MAX, "csr_group_conv: a group of ", g.cg, " channels of ", g.hb, "×",
               g.wq, " pixels per phase is too large for int32 offsets");
   at::Tensor y = at::empty({n_img, out_features, g.h_out, g.w_out}, x.options());
   if (y.numel() == 0) return y;
@@ -1178,7 +1194,7 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   std::vector<int32_t> tap(rs), off(nnz);
   for (int64_t r = 0; r < kh; ++r)
     for (int64_t s = 0; s < kw; ++s)
-      tap[r * kw + s] = int32_t((((r * dh) % sh) * sw + (s * dw) % sw) * g.hq * g.wq +
+      tap[r * kw + s] = int32_t((((r * dh) % sh) * sw + (s * dw) % sw) * g.hb * g.wq +
                                 (r * dh / sh) * g.wq + (s * dw) / sw);
   for (int64_t i = 0; i < nnz; ++i) off[i] = int32_t(cp[i] / rs * g.plane + tap[cp[i] % rs]);
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
@@ -1186,13 +1202,13 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  const int64_t tasks = n_img * groups;
+  const int64_t tasks = n_img * groups * g.nb;
   // Work per task in multiply-adds plus ~4 per pixel for the copy and the tiles' fixed costs;
   // tasks of ~kGrainMacs / 8 (a depthwise 7×7 channel is ~0.2 us).
-  const int64_t per_task = std::max<int64_t>(1, (nnz / groups + 4 * g.cg) * g.n);
+  const int64_t per_task = std::max<int64_t>(1, (nnz / groups + 4 * g.cg) * g.band * g.wq);
   at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainMacs / 8 / per_task), [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(len);
-    group_leaf(g, groups, rp, off.data(), vp, bp, xp, yp, t0, t1, buf.data(), len);
+    std::vector<float> buf(len);  // the slack past the phases stays zero
+    group_leaf(g, groups, rp, off.data(), vp, bp, xp, yp, t0, t1, buf.data());
   });
   return y;
 }

@@ -95,7 +95,7 @@ COST_NS = {
     "mm": {"dense": 0.02, "csr": 0.04, "nm": 0.035,
            "block": lambda bo, bi: 0.021 if bo >= 4 else 0.033 if bo == 2 else 0.06},
     "conv": {"dense": 0.013, "csr": 0.04, "ck": 0.038},
-    "group": {"dense": 0.2, "csr": 0.15},
+    "group": {"dense": 0.2, "csr": 0.3},  # csr: fixed costs per pixel (copy, tiles) in its rate
 }
 #: bf16 / fp16 Linear (CPU): nanoseconds per weight (stored or not: the bitmap kernel's work is
 #: per column group) per row of x, by regime; AMD EPYC (AVX2), 1 thread, 11008×4096 at batch 1.
