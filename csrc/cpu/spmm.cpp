@@ -43,10 +43,10 @@
 //   csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding,
 //                  dilation) -> y [N, out, H_out, W_out]: grouped (depthwise: groups = C) KxK
 //     convolution as F.conv2d; weight CSR [out, C/groups·R·S] (col = c·R·S + r·S + s, c within
-//     the group); x [N, C, H, W]. One task per (image, group): the group's channels are copied
-//     into a per-thread zero-padded buffer of stride phases (so it stays in cache and a stride is
-//     a shift), then each output row of the group accumulates its nonzero taps in register tiles
-//     along W (no channel slabs: a group is small).
+//     the group); x [N, C, H, W]. One task per (image, group, band of output rows): the input
+//     rows the band reads (~16 KB) are copied into a per-thread zero-padded buffer of stride
+//     phases (so it stays in L1 and a stride is a shift), then each output row of the group
+//     accumulates its nonzero taps in register tiles along W (no channel slabs: a group is small).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
