@@ -626,6 +626,15 @@ def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
     return y.view(out_features, n // wp, wp)[:, :, :wv].contiguous()
 
 
+
+def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation):
+    """Grouped convolution (``F.conv2d`` with ``groups``, zero padding) of ``x [N, C, H, W]`` with a
+    CSR weight ``[out, (C / groups)·R·S]`` (``col = c·R·S + r·S + s``, ``c`` within the group);
+    bias ``[out]`` or empty. Returns ``[N, out, H', W']``."""
+    w = csr_to_dense(rowptr, col, val, (out_features, x.shape[1] // groups * kernel_size[0] * kernel_size[1]))
+    return torch.nn.functional.conv2d(x, w.view(out_features, -1, *kernel_size), bias if bias.numel() else None,
+                                      stride, padding, dilation, groups)
+
 def bsr_to_dense(rowptr, col, val, shape):
     """Dense ``shape`` = ``[out, in]`` matrix of a block-CSR weight: ``val [nnzb, bo, bi]``,
     ``col [nnzb]`` block columns, ``rowptr [⌈out/bo⌉+1]``; the zero padding of edge blocks is cropped."""

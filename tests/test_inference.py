@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import sparsekern as sk
-from sparsekern.inference import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear,
+from sparsekern.inference import (BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d, CSRLinear,
                                   NMConv1x1, NMLinear, SemiStructuredLinear, rank_formats)
 from sparsekern.inference.modules import supports_semi_structured
 
@@ -168,6 +168,50 @@ def test_csr_conv2d_module(stride, padding, dilation):
         CSRConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
 
 
+@pytest.mark.parametrize("inp,groups,out,k,stride,padding,dilation", [
+    (8, 8, 8, 3, 1, 1, 1), (8, 8, 16, 3, 2, 1, 1), (6, 3, 9, 3, 1, 2, 2), (4, 2, 4, (3, 5), (2, 1), (0, 2), 1),
+    (5, 1, 3, 3, 1, 1, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_csr_group_conv2d_module(inp, groups, out, k, stride, padding, dilation, bias):
+    def make(sparsity, seed):
+        return prune_(nn.Conv2d(inp, out, k, stride, padding, dilation, groups=groups, bias=bias), sparsity, seed).eval()
+
+    conv = make(0.6, 0)
+    m = CSRGroupConv2d.from_dense(conv).eval()
+    assert m.groups == groups and m.in_features == inp and f"groups={groups}" in repr(m)
+    assert m.density == pytest.approx(float((conv.weight != 0).float().mean()))
+    torch.testing.assert_close(m.weight_dense(), conv.weight.detach().reshape(out, -1))
+    with torch.no_grad():
+        for shape in [(1, inp + 1, 9, 11), (3, inp + 1, 12, 7), (0, inp + 1, 9, 9)]:
+            x = torch.randn(shape)[:, 1:]  # non-contiguous
+            torch.testing.assert_close(m(x), conv(x), **TOL)
+        other = CSRGroupConv2d.from_dense(make(0.2, 3)).eval()  # other nnz: buffers resized
+        other.load_state_dict(m.state_dict())
+        torch.testing.assert_close(other(x), m(x))
+        torch.testing.assert_close(pickle.loads(pickle.dumps(m))(x), m(x))
+    with pytest.raises(ValueError, match="zero padding"):
+        CSRGroupConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="groups"):
+        CSRGroupConv2d(torch.randn(4, 1, 3, 3), groups=3)
+    with pytest.raises(ValueError, match=f"{inp} input features"):
+        m(torch.randn(1, inp + 1, 9, 9))
+
+
+def test_convert_depthwise_separable_equals_dense():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1, groups=8),
+                                 nn.ReLU(), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+                                 nn.Conv2d(16, 16, 3, padding=1, groups=16, padding_mode="circular")), 0.5).eval()
+    x = torch.randn(2, 3, 11, 10)
+    expect = model(x).detach()
+    conv, report = sk.inference.convert(model, min_speedup=0.0, example_input=x, reps=1, formats="csr",
+                                        return_report=True)
+    assert isinstance(conv[2], CSRGroupConv2d) and isinstance(conv[5], CSRGroupConv2d)
+    assert type(conv[6]) is nn.Conv2d and "padding mode" in report[-1].note
+    assert [r.kind for r in report] == ["Conv2d", "GroupConv2d", "Conv1x1", "GroupConv2d", "Conv2d"]
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expect, **TOL)
+
+
 # --- block, N:M and CK modules ----------------------------------------------------------------------
 
 def nm_weight(out, inp, n, m, seed=0):
@@ -307,7 +351,10 @@ def test_cost_model_choices():
     cands = sparse_candidates(conv, (1, 64, 14, 14))
     assert [c.format for c in cands] == ["ck", "csr"]  # KxK: csr and ck only; whole kernels: ck
     assert isinstance(cands[0].build(), CKConv2d)
-    assert [c.format for c in rank_formats(nn.Conv2d(4, 4, 3, groups=2), (1, 4, 8, 8))] == ["dense"]
+    cands = rank_formats(nn.Conv2d(4, 4, 3, groups=2), (1, 4, 8, 8))
+    assert {c.format for c in cands} == {"dense", "csr"}  # grouped: csr_group_conv
+    assert isinstance(next(c for c in cands if c.format == "csr").build(), CSRGroupConv2d)
+    assert [c.format for c in rank_formats(nn.Conv2d(4, 4, 3, padding="same", groups=2), (1, 4, 8, 8))] == ["dense"]
     assert [c.format for c in rank_formats(nn.Linear(8, 8).double(), (1, 8))] == ["dense"]
     assert {c.format for c in rank_formats(nn.Linear(8, 8).half(), (1, 8))} == {"dense", "bitmap"}  # issue 16
     assert [c.format for c in rank_formats(nn.Conv2d(8, 8, 1).half(), (1, 8, 4, 4))] == ["dense"]
@@ -539,6 +586,8 @@ def test_convert_transformers_conv1d(example):
     lambda: CSRConv1x1.from_dense(prune_(nn.Conv2d(24, 10, 1, stride=2), 0.7)),
     lambda: CSRConv2d.from_dense(prune_(nn.Conv2d(24, 10, 3, padding=1), 0.7)),
     lambda: CKConv2d.from_dense(prune_(nn.Conv2d(24, 10, 3, stride=2, dilation=2), 0.7)),
+    lambda: CSRGroupConv2d.from_dense(prune_(nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24), 0.5)),
+    lambda: CSRGroupConv2d.from_dense(prune_(nn.Conv2d(24, 12, 3, padding=1, groups=4), 0.5)),
 ])
 def test_modules_compile_equal_eager(make):
     """The modules' eager path calls the C++ kernels directly; torch.compile traces the

@@ -120,6 +120,25 @@ def test_mobilenet_folds_depthwise_and_pointwise():
         torch.testing.assert_close(conv(x), ref, atol=1e-4, rtol=1e-4)  # 27 folded layers deep
 
 
+def test_converted_mobilenet_depthwise_sparse_compiles_and_exports():
+    """MobileNetV1 pruned to STR's budget: every depthwise conv becomes a CSRGroupConv2d (BN folded
+    into it), outputs equal the finalized model's; the converted model compiles and exports."""
+    from bench.bench_spmm import pruned_resnet50
+
+    model = pruned_resnet50(model="mobilenet_v1", calibration_batch=2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    conv = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1, formats=("csr",))
+    dw = [m for m in conv.modules() if isinstance(m, sk.inference.CSRGroupConv2d)]
+    assert len(dw) == 13 and all(m.groups == m.in_features for m in dw)
+    with torch.no_grad():
+        eager = conv(x)
+        torch.testing.assert_close(eager, ref, atol=1e-4, rtol=1e-4)  # 27 folded layers deep
+        torch.testing.assert_close(torch.compile(conv, fullgraph=True, backend="eager")(x), eager, atol=0, rtol=0)
+        torch.testing.assert_close(torch.export.export(conv, (x,)).module()(x), eager, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0)), (5, 3, 2),
                                    (2, 2, 1), (1, 1, 0), (4, 3, 2)])
 @pytest.mark.parametrize("hw", [(7, 7), (12, 9), (3, 5), (1, 2)])

@@ -240,6 +240,72 @@ def test_direct_conv_tail_columns(n, wp, wv, slack):
     torch.testing.assert_close(ops.ck_conv(*args), reference.ck_conv(*args), **TOL)
 
 
+# --- grouped / depthwise conv ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [
+    # (in, groups, out, kernel, stride, padding, dilation, H, W): groups from 1 to C, multipliers
+    (8, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 7, 9),  # depthwise
+    (6, 6, 12, (3, 3), (2, 2), (1, 1), (1, 1), 11, 6),  # depthwise, multiplier 2, stride 2
+    (6, 3, 9, (5, 3), (1, 2), (2, 0), (1, 1), 9, 10),
+    (4, 1, 5, (3, 3), (1, 1), (2, 2), (2, 2), 8, 8),  # groups 1
+    (6, 2, 4, (3, 3), (2, 2), (2, 2), (2, 2), 11, 10),  # strided phases with dilation
+    (5, 5, 5, (3, 3), (3, 3), (3, 3), (1, 1), 5, 6),  # stride 3, padding wider than the kernel
+    (3, 3, 3, (3, 3), (1, 1), (0, 0), (1, 1), 3, 3),  # one output pixel
+    (16, 16, 16, (3, 3), (2, 1), (1, 1), (1, 1), 70, 37),  # 64/32/16-column tiles and tails
+    (4, 4, 4, (1, 1), (2, 2), (0, 0), (1, 1), 9, 9),
+    # several bands of output rows per group (input of a band ~16 KB), with padding rows
+    (32, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), 40, 21),
+    (24, 1, 4, (3, 3), (2, 2), (2, 2), (2, 2), 45, 30),
+    (3, 1, 8, (3, 3), (2, 2), (1, 1), (1, 1), 64, 64),  # a stem
+])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_csr_group_conv(kern, cfg, density, has_bias, batch):
+    inp, groups, out, k, stride, padding, dilation, h, w = cfg
+    wt = sparse_weight(out, inp // groups * k[0] * k[1], density).reshape(out, inp // groups, *k)
+    bias = torch.randn(out) if has_bias else torch.empty(0)
+    x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
+    y = kern.csr_group_conv(*csr_from_dense(wt.reshape(out, -1)), bias, x, out, groups, list(k), list(stride),
+                            list(padding), list(dilation))
+    expect = F.conv2d(x, wt, bias if has_bias else None, stride, padding, dilation, groups)
+    torch.testing.assert_close(y, expect, **TOL)
+
+
+def test_csr_group_conv_large_multithreaded_empty_and_opcheck():
+    wt = torch.randn(96, 1, 3, 3)
+    wt = wt * (torch.rand(wt.shape) < 0.5)
+    args = (*csr_from_dense(wt.reshape(96, -1)), torch.randn(96))
+    for x, stride in ((torch.randn(3, 96, 30, 30), [1, 1]), (torch.randn(2, 96, 57, 57).transpose(2, 3), [2, 2])):
+        y = spmm.csr_group_conv(*args, x, 96, 96, [3, 3], stride, [1, 1], [1, 1])
+        torch.testing.assert_close(y, F.conv2d(x, wt, args[-1], stride, 1, 1, 96), **TOL)
+    assert spmm.csr_group_conv(*args, torch.randn(0, 96, 5, 5), 96, 96, [3, 3], [2, 2], [1, 1], [1, 1]).shape == \
+        (0, 96, 3, 3)
+    wt = sparse_weight(6, 2 * 9, 0.5)
+    x = torch.randn(2, 4, 7, 6)
+    for bias, geometry in ((torch.randn(6), ([3, 3], [1, 1], [1, 1], [1, 1])),
+                           (torch.empty(0), ([3, 3], [2, 1], [0, 2], [2, 1]))):
+        torch.library.opcheck(torch.ops.sparsekern.csr_group_conv, (*csr_from_dense(wt), bias, x, 6, 2, *geometry))
+
+
+def test_csr_group_conv_bad_inputs():
+    ops = kernel_backend("cpp", "spmm")[0]
+    rowptr, col, val = csr_from_dense(sparse_weight(6, 2 * 9, 1.0))
+    e, x, g = torch.empty(0), torch.randn(1, 4, 5, 5), ([3, 3], [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="groups"):
+        ops.csr_group_conv(rowptr, col, val, e, x, 6, 4, *g)
+    with pytest.raises(RuntimeError, match="column index"):
+        ops.csr_group_conv(rowptr, col + 9, val, e, x, 6, 2, *g)
+    with pytest.raises(RuntimeError, match="rowptr"):
+        ops.csr_group_conv(rowptr[:-1], col, val, e, torch.randn(1, 4, 5, 5), 6, 2, *g)
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        ops.csr_group_conv(rowptr, col, val, e, torch.randn(1, 4, 2, 5), 6, 2, [3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"x must be a float32 CPU tensor \[N, C, H, W\]"):
+        ops.csr_group_conv(rowptr, col, val, e, torch.randn(4, 5, 5), 6, 2, *g)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.csr_group_conv(rowptr, col, val, torch.randn(5), x, 6, 2, *g)
+
+
 # --- block CSR ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("out,inp,n", SHAPES)
@@ -428,10 +494,12 @@ def _op_cases():
             ("bsr_mm", (*bsr_from_dense(w, (2, 3)), e, x, 9, False)),
             ("nm_mm", (*nm_from_dense(wn, 2, 4), e, x, 2, 4, 9, True)),
             ("ck_conv", (*ck, functional.conv_taps((3, 3), (1, 1), (1, 1), 5, 5), torch.randn(6),
-                         torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))]
+                         torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3)),
+            ("csr_group_conv", (*csr_from_dense(wt.reshape(6, -1)[:, :18]), torch.randn(6), torch.randn(2, 4, 7, 6),
+                                6, 2, [3, 3], [2, 1], [1, 1], [1, 1]))]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_public_function_equals_registered_op(case):
     """spmm.<op> checks the dtypes and calls the registered op (no eager fast path): identical
     results in eager mode, on fake tensors (the op's fake kernel) and under torch.compile."""
@@ -510,6 +578,8 @@ def test_registered_ops_on_meta_tensors():
         (torch.ops.sparsekern.nm_mm, (*nm_from_dense(w24, 2, 4), e, x, 2, 4, 12, True)),
         (torch.ops.sparsekern.csr_conv, (crowptr, off, cval, e, flat, 24, 4, 108, 6, 4)),
         (torch.ops.sparsekern.ck_conv, (rowptr, chan, val, taps, e, flat, 24, 4, 36, 108, 6, 4)),
+        (torch.ops.sparsekern.csr_group_conv, (*csr_from_dense(wc.reshape(4, -1)[:, :9]), e, torch.randn(2, 4, 6, 5),
+                                               4, 4, [3, 3], [2, 1], [1, 1], [2, 1])),
     ]
     for op, args in cases:
         meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
@@ -530,7 +600,9 @@ def _dtype_cases():
             "bsr_mm": [*bsr_from_dense(w, (4, 4)), b, x, 12, False],
             "nm_mm": [*nm_from_dense(w * sk.nm_mask(w, 2, 4), 2, 4), b, x, 2, 4, 12, True],
             "csr_conv": [crowptr, off, cval, bc, flat, 24, 4, 108, 6, 4],
-            "ck_conv": [*ck_from_dense(wc), taps, bc, flat, 24, 4, 36, 108, 6, 4]}
+            "ck_conv": [*ck_from_dense(wc), taps, bc, flat, 24, 4, 36, 108, 6, 4],
+            "csr_group_conv": [*csr_from_dense(wc.reshape(4, -1)[:, :9]), bc, torch.randn(1, 4, 6, 6), 4, 4, [3, 3],
+                               [1, 1], [1, 1], [1, 1]]}
 
 
 @pytest.mark.parametrize("name", list(ARG_POS))

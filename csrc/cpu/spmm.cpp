@@ -43,6 +43,13 @@
 //     kernels: chan int32 [nk] (input channel, ascending), val fp32 [nk, T] (the kernel's T = R·S
 //     dense taps); taps int32 [T] = r·dil·Wp + s·dil; the nonzero offsets of csr_conv are
 //     chan·plane + taps[t]. slab is in channels.
+//   csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding,
+//                  dilation) -> y [N, out, H_out, W_out]: grouped (depthwise: groups = C) KxK
+//     convolution as F.conv2d; weight CSR [out, C/groups·R·S] (col = c·R·S + r·S + s, c within
+//     the group); x [N, C, H, W]. One task per (image, group, band of output rows): the input
+//     rows the band reads (~16 KB) are copied into a per-thread zero-padded buffer of stride
+//     phases (so it stays in L1 and a stride is a shift), then each output row of the group
+//     accumulates its nonzero taps in register tiles along W (no channel slabs: a group is small).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -784,6 +791,146 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
                  CKStep<v8x2, 0>{chan, val, taps, nt, plane, x});
 }
 
+// ---- csr_group_conv -------------------------------------------------------------------------------
+
+// Geometry of a grouped direct conv (functional.conv_geometry): image [C, H, W], cg = C / groups
+// channels and rows_g = out / groups output rows per group; outputs in bands of `band` rows
+// (nb bands); a band's input is the group's zero-padded stride phases [cg, sh, sw, hb, wq] from
+// phase row h0 (hb = band + the kernel's extent in phase rows; plane = sh·sw·hb·wq per channel).
+struct GroupGeom {
+  int64_t c, h, w, cg, rows_g, sh, sw, ph, pw, wq, h_out, w_out, band, nb, hb, plane;
+};
+
+// Python floor division (a negative numerator rounds down).
+SK_INLINE int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Copies the rows of the cg channels at x [cg, H, W] that the band of output rows from h0 reads
+// into the phases of buf (functional._phase_copies): padded pixel (pr, pc) = (r + ph, c + pw)
+// goes to phase (pr % sh, pc % sw), row pr / sh - h0, column pc / sw. Stride 2 along W splits
+// each row into its even and odd pixels. Padding rows are zeroed here; padding columns are never
+// written (buf starts zero).
+SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, int64_t h0, float* buf) {
+  const int64_t phase = g.hb * g.wq;
+  for (int64_t a = 0; a < g.sh; ++a) {  // phase row i holds padded row a + sh·(h0 + i)
+    const int64_t i0 = std::min(g.hb, std::max<int64_t>(0, floor_div(g.ph - a + g.sh - 1, g.sh) - h0));
+    const int64_t i1 = std::max(i0, std::min<int64_t>(g.hb, floor_div(g.ph + g.h - 1 - a, g.sh) - h0 + 1));
+    for (int64_t c = 0; c < g.cg; ++c) {
+      float* rows = buf + c * g.plane + a * g.sw * phase;
+      for (int64_t b = 0; b < g.sw; ++b) {
+        std::fill(rows + b * phase, rows + b * phase + i0 * g.wq, 0.f);
+        std::fill(rows + b * phase + i1 * g.wq, rows + (b + 1) * phase, 0.f);
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* src = x + (c * g.h + a + g.sh * (h0 + i) - g.ph) * g.w;
+        float* row = buf + c * g.plane + a * g.sw * phase + i * g.wq;
+        if (g.sw == 1) {
+          float* dst = row + g.pw;
+          SK_SIMD for (int64_t j = 0; j < g.w; ++j) dst[j] = src[j];  // short rows: no memcpy call
+        } else if (g.sw == 2) {
+          float* even = row + (g.pw % 2) * phase + g.pw / 2;  // source pixels 0, 2, 4, ...
+          float* odd = row + ((g.pw + 1) % 2) * phase + (g.pw + 1) / 2;
+          int64_t k = 0;
+          for (; 2 * k + 16 <= g.w; k += 8) {
+            const v8 lo = *reinterpret_cast<const v8*>(src + 2 * k);
+            const v8 hi = *reinterpret_cast<const v8*>(src + 2 * k + 8);
+            typedef int i8 __attribute__((vector_size(32)));
+            *reinterpret_cast<v8*>(even + k) = __builtin_shuffle(lo, hi, i8{0, 2, 4, 6, 8, 10, 12, 14});
+            *reinterpret_cast<v8*>(odd + k) = __builtin_shuffle(lo, hi, i8{1, 3, 5, 7, 9, 11, 13, 15});
+          }
+          for (; 2 * k < g.w; ++k) {
+            even[k] = src[2 * k];
+            if (2 * k + 1 < g.w) odd[k] = src[2 * k + 1];
+          }
+        } else {
+          for (int64_t cc = 0; cc < g.w; ++cc) {
+            const int64_t pc = cc + g.pw;
+            row[(pc % g.sw) * phase + pc / g.sw] = src[cc];
+          }
+        }
+      }
+    }
+  }
+}
+
+// dst[0:keep] = (bias + Σ_i val[i]·x[off[i] + 0 : 16·NV])[0:keep] over nonzeros i in [i, e):
+// one register tile (two accumulator sets, even/odd nonzeros), keep <= 16·NV; spill: the whole
+// tile may be stored (what lies past keep is rewritten later).
+template <typename V, int NV>
+SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64_t e, float bias,
+                          const float* x, float* dst, int64_t keep, bool spill) {
+  V a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) { a[j] = splat<V>(bias); b[j] = V{}; }
+  for (; i + 1 < e; i += 2) {
+    const float* p = x + off[i];
+    const float* q = x + off[i + 1];
+    const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
+    for (int j = 0; j < NV; ++j) {
+      a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+      b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
+    }
+  }
+  if (i < e) {
+    const float* p = x + off[i];
+    const V u = splat<V>(val[i]);
+    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+  }
+  if (spill || keep == 16 * NV) {
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + 16 * j) = a[j] + b[j];
+  } else {
+    alignas(64) float t[16 * NV];
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(t + 16 * j) = a[j] + b[j];
+    for (int64_t j = 0; j < keep; ++j) dst[j] = t[j];
+  }
+}
+
+// Tasks t0..t1 of csr_group_conv, task t = (image, group, band of output rows h0..h1): the
+// band's input copied into buf, then each of the group's rows o, output row h, in register tiles
+// of 64 (AVX-512) / 32 / 16 columns: y[img, o, h, c] = bias[o] + Σ val·buf[off + (h - h0)·wq + c].
+// A row's last partial tile reads past the row (buf has slack) and stores whole into the band's
+// next rows, which are computed after it; in the band's last row it stores just its part.
+template <typename V>
+SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
+                           const int32_t* off, const float* val, const float* bias, const float* x,
+                           float* y, int64_t t0, int64_t t1, float* buf) {
+  const int64_t out = groups * g.rows_g;
+  int64_t img = t0 / (groups * g.nb), grp = t0 / g.nb % groups, band = t0 % g.nb;
+  for (int64_t t = t0; t < t1; ++t, ++band) {  // (img, grp, band) advanced without divisions
+    if (band == g.nb) band = 0, ++grp;
+    if (grp == groups) grp = 0, ++img;
+    const int64_t h0 = band * g.band, h1 = std::min(g.h_out, h0 + g.band);
+    group_phase_copy(g, x + (img * g.c + grp * g.cg) * g.h * g.w, h0, buf);
+    for (int64_t o = grp * g.rows_g; o < (grp + 1) * g.rows_g; ++o) {
+      const int64_t b = rowptr[o], e = rowptr[o + 1];
+      const float bo = bias ? bias[o] : 0.f;
+      for (int64_t h = h0; h < h1; ++h) {
+        float* dst = y + ((img * out + o) * g.h_out + h) * g.w_out;
+        const float* src = buf + (h - h0) * g.wq;
+        const int64_t room = (h1 - h) * g.w_out;  // outputs from dst to the band's end
+        for (int64_t c = 0; c < g.w_out;) {
+          const int64_t left = g.w_out - c;
+          if (kWide<V> && left >= 64) {
+            group_tile<V, 4>(off, val, b, e, bo, src + c, dst + c, 64, true);
+            c += 64;
+          } else if (left > 16) {
+            group_tile<V, 2>(off, val, b, e, bo, src + c, dst + c, std::min<int64_t>(left, 32), c + 32 <= room);
+            c += 32;
+          } else {
+            group_tile<V, 1>(off, val, b, e, bo, src + c, dst + c, left, c + 16 <= room);
+            c += 16;
+          }
+        }
+      }
+    }
+  }
+}
+
+SK_CLONES_FMA void group_leaf(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
+                              const int32_t* off, const float* val, const float* bias,
+                              const float* x, float* y, int64_t t0, int64_t t1, float* buf) {
+  if (wide512()) group_tasks<v16s>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf);
+  else group_tasks<v8x2>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf);
+}
+
 }  // namespace
 
 namespace {
@@ -1122,6 +1269,84 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   return y;
 }
 
+at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
+                          const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
+                          int64_t groups, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_dtypes("csr_group_conv", val, bias, x_any);
+  const at::Tensor x = x_any.contiguous();
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "csr_group_conv: x must be a float32 CPU tensor [N, C, H, W], got ", x.scalar_type(),
+              " ", x.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "csr_group_conv: kernel_size, stride, padding and dilation must have 2 values each");
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0,
+              "csr_group_conv: need kernel_size, stride, dilation > 0 and padding >= 0, got ",
+              kernel_size, " ", stride, " ", padding, " ", dilation);
+  const int64_t n_img = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(groups > 0 && c % groups == 0 && out_features >= 0 && out_features % groups == 0,
+              "csr_group_conv: groups (", groups, ") must divide the input channels (", c,
+              ") and out_features (", out_features, ")");
+  const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
+  TORCH_CHECK(hp > dh * (kh - 1) && wp > dw * (kw - 1), "csr_group_conv: input ", h, "×", w,
+              " (padded ", hp, "×", wp, ") is smaller than the dilated kernel");
+  const int64_t cg = c / groups, wq = (wp + sw - 1) / sw, h_out = (hp - dh * (kh - 1) - 1) / sh + 1;
+  // Bands of output rows whose input (kh's extent in phase rows more) is ~16 KB (stays in L1
+  // while every row of the group reads it; a stem's 3 channels of 224² make 28 bands to share
+  // out), at least 4 extents (the overlap read twice).
+  const int64_t extent = dh * (kh - 1) / sh, row_bytes = std::max<int64_t>(1, cg * sh * sw * wq * 4);
+  int64_t band = std::min(h_out, std::max<int64_t>({1, 4 * extent, (16 << 10) / row_bytes - extent}));
+  const int64_t nb = (h_out + band - 1) / band;
+  band = (h_out + nb - 1) / nb;  // equal bands
+  GroupGeom g{c, h, w, cg, out_features / groups, sh, sw, ph, pw, wq, h_out,
+              (wp - dw * (kw - 1) - 1) / sw + 1, band, nb, band + extent, 0};
+  g.plane = sh * sw * g.hb * wq;
+  TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
+                  val.scalar_type() == at::kFloat && col.numel() == val.numel(),
+              "csr_group_conv: col must be int32 and val float32, contiguous, of equal length");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                                    bias.numel() == out_features),
+              "csr_group_conv: bias must be empty or contiguous float32 [out_features]");
+  const int64_t nnz = val.numel(), rs = kh * kw;
+  check_rowptr("csr_group_conv", rowptr, out_features, nnz);
+  const int32_t* cp = col.const_data_ptr<int32_t>();
+  const int64_t bad = first_outside_i32(cp, nnz, 0, g.cg * rs);
+  TORCH_CHECK(bad < 0, "csr_group_conv: column index ", bad < 0 ? 0 : cp[bad], " outside [0, ",
+              g.cg * rs, ") (C / groups · R · S)");
+  // Buffer: a band's phases, then slack (zero) for the last row's taps and a whole last tile.
+  const int64_t len = g.cg * g.plane + (dw * (kw - 1)) / sw + kTile;
+  TORCH_CHECK(len < INT32_MAX, "csr_group_conv: a group of ", g.cg, " channels of ", g.hb, "×",
+              g.wq, " pixels per phase is too large for int32 offsets");
+  at::Tensor y = at::empty({n_img, out_features, g.h_out, g.w_out}, x.options());
+  if (y.numel() == 0) return y;
+  // col = c·R·S + r·S + s -> c·plane + tap (r, s) in the phases (functional.conv_taps), by a
+  // table over the cg·R·S columns (no division per nonzero: a depthwise layer's ~5K took ~50 us)
+  std::vector<int32_t> table(g.cg * rs), off(nnz);
+  for (int64_t c = 0; c < g.cg; ++c)
+    for (int64_t r = 0; r < kh; ++r)
+      for (int64_t s = 0; s < kw; ++s)
+        table[(c * kh + r) * kw + s] = int32_t(c * g.plane + (((r * dh) % sh) * sw + (s * dw) % sw) * g.hb * g.wq +
+                                               (r * dh / sh) * g.wq + (s * dw) / sw);
+  for (int64_t i = 0; i < nnz; ++i) off[i] = table[cp[i]];
+  const int64_t* rp = rowptr.const_data_ptr<int64_t>();
+  const float* vp = val.const_data_ptr<float>();
+  const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t tasks = n_img * groups * g.nb;
+  // Work per task in multiply-adds plus ~4 per pixel for the copy and the tiles' fixed costs;
+  // tasks of ~kGrainMacs / 8 (a depthwise 7×7 channel is ~0.2 us).
+  const int64_t per_task = std::max<int64_t>(1, (nnz / groups + 4 * g.cg) * g.band * g.wq);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainMacs / 8 / per_task), [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(len);  // the slack past the phases stays zero
+    group_leaf(g, groups, rp, off.data(), vp, bp, xp, yp, t0, t1, buf.data());
+  });
+  return y;
+}
+
 }  // namespace cpu
 }  // namespace sparsekern
 
@@ -1132,4 +1357,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("bsr_mm", &sparsekern::cpu::bsr_mm);
   m.impl("nm_mm", &sparsekern::cpu::nm_mm);
   m.impl("ck_conv", &sparsekern::cpu::ck_conv);
+  m.impl("csr_group_conv", &sparsekern::cpu::csr_group_conv);
 }

@@ -1,15 +1,15 @@
 """Sparse inference: eval-only sparse modules and ``convert`` (README "Quickstart: sparse inference").
 
 ``convert(model, min_speedup=1.0)`` swaps each ``nn.Linear`` / ``nn.Conv2d`` for the sparse
-module (csr, block, nm or ck format) that a cost model ranks best and a short measurement
+module (csr, block, nm or ck format; csr for grouped / depthwise convs) that a cost model ranks best and a short measurement
 confirms faster than dense. Weight formats: ``formats``; the layers on the spmm ops
 (``sparsekern.ops.spmm``): ``functional``.
 """
 from .convert import Candidate, ConversionReport, LayerReport, convert, rank_formats
 from .fuse import SeparableMaxPool2d
-from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
-                      NMLinear, SemiStructuredLinear)
+from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
+                      CSRLinear, NMConv1x1, NMLinear, SemiStructuredLinear)
 
 __all__ = ["convert", "rank_formats", "Candidate", "ConversionReport", "LayerReport",
            "CSRLinear", "CSRConv1x1", "CSRConv2d", "BSRLinear", "BSRConv1x1", "NMLinear", "NMConv1x1",
-           "CKConv2d", "SemiStructuredLinear", "BitmapLinear", "SeparableMaxPool2d"]
+           "CKConv2d", "CSRGroupConv2d", "SemiStructuredLinear", "BitmapLinear", "SeparableMaxPool2d"]

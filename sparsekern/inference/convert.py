@@ -7,7 +7,7 @@ Per layer (input shape captured by running ``example_input`` through the model):
    stored values are ``numel`` (dense), ``nnz`` (csr), ``nnz blocks × bo·bi`` (block, per block
    shape: the block fill decides), ``out·in·n/m`` (nm, only for a weight that is N:M along
    ``in``) or ``alive kernels × R·S`` (ck), and the columns are the batch (Linear), the pixels
-   (1×1 conv) or the output pixels in wide rows (direct KxK conv). The costs per multiply-add
+   (1×1 conv), the output pixels in wide rows (direct KxK conv) or the output pixels (grouped conv). The costs per multiply-add
    (:data:`COST_NS`) are rough single-thread measurements on AMD EPYC; they only rank.
 2. **Measurement**: the best :data:`TOP_K` sparse candidates run against the dense layer on a
    random input of the layer's shape (interleaved, ``reps`` samples each, minimum times); the
@@ -18,9 +18,10 @@ Per layer (input shape captured by running ``example_input`` through the model):
 
 What each layer kind can become (CPU, fp32): Linear (transformers' ``Conv1D``, stored ``[in, out]``,
 as a Linear) and 1×1 conv: csr, block, nm; KxK conv (groups 1, zero padding): csr (direct sparse
-conv) and ck (kernel skipping). CPU, bf16 / fp16: Linear can become bitmap
-(:class:`BitmapLinear`, for decode). Grouped / depthwise convs, bf16 / fp16 convs and layers not
-run by ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
+conv) and ck (kernel skipping); grouped / depthwise KxK conv (zero padding): csr
+(:class:`CSRGroupConv2d`). CPU, bf16 / fp16: Linear can become bitmap (:class:`BitmapLinear`, for
+decode). bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
+``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
 and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``).
 
 **The batch matters**: each format is measured at the layer's input shape, and the best format
@@ -73,9 +74,9 @@ from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
 from .fuse import batchnorm_pairs, fold_batchnorm, replace_maxpools
-from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRLinear, NMConv1x1,
-                      NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
-                      supports_semi_structured)
+from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
+                      CSRLinear, NMConv1x1, NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
+                      supports_group_conv, supports_semi_structured)
 
 #: Formats ``convert`` can choose from (``formats=`` restricts the sparse ones).
 FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4", "bitmap")
@@ -84,14 +85,17 @@ FORMATS = ("dense", "csr", "block", "nm", "ck", "2:4", "bitmap")
 BLOCK_SHAPES = ((4, 4), (8, 8), (16, 16), (4, 1), (1, 8))
 
 #: Nanoseconds per stored multiply-add per output column, by regime: ``mv`` (Linear, batch 1),
-#: ``mm`` (Linear batch > 1, 1×1 conv), ``conv`` (KxK conv, direct). Block: by block rows ``bo``
-#: (4+ rows share each input row load) for mm, by ``bi`` (contiguous input) for mv. Measured on
-#: AMD EPYC, 1 thread, 4096² Linear and ResNet-50 conv shapes at 90 % (rough: they only rank).
+#: ``mm`` (Linear batch > 1, 1×1 conv), ``conv`` (KxK conv, direct), ``group`` (grouped / depthwise
+#: conv: torch's dense one, csr_group_conv). Block: by block rows ``bo`` (4+ rows share each input
+#: row load) for mm, by ``bi`` (contiguous input) for mv. Measured on AMD EPYC, 1 thread, 4096²
+#: Linear, ResNet-50 conv shapes at 90 % and MobileNetV1's depthwise convs at STR's 89 % budget
+#: (rough: they only rank).
 COST_NS = {
     "mv": {"dense": 0.17, "csr": 0.45, "nm": 0.45, "block": lambda bo, bi: 0.30 if bi >= 4 else 0.6},
     "mm": {"dense": 0.02, "csr": 0.04, "nm": 0.035,
            "block": lambda bo, bi: 0.021 if bo >= 4 else 0.033 if bo == 2 else 0.06},
     "conv": {"dense": 0.013, "csr": 0.04, "ck": 0.038},
+    "group": {"dense": 0.2, "csr": 0.3},  # csr: fixed costs per pixel (copy, tiles) in its rate
 }
 #: bf16 / fp16 Linear (CPU): nanoseconds per weight (stored or not: the bitmap kernel's work is
 #: per column group) per row of x, by regime; AMD EPYC (AVX2), 1 thread, 11008×4096 at batch 1.
@@ -175,13 +179,15 @@ def _linear_view(m):
 
 def layer_kind(m):
     """``"Linear"`` (``nn.Linear`` or transformers' ``Conv1D``), ``"Conv1x1"``, ``"Conv2d"`` (KxK,
-    direct) or None (stays dense)."""
+    direct), ``"GroupConv2d"`` (groups > 1) or None (stays dense)."""
     if isinstance(m, nn.Linear) or (_hf_conv1d_class(m) is not None and m.weight.dim() == 2):
         return "Linear"
     if supports_conv1x1(m):
         return "Conv1x1"
     if supports_conv(m):
         return "Conv2d"
+    if supports_group_conv(m):
+        return "GroupConv2d"
     return None
 
 
@@ -218,8 +224,8 @@ def rank_formats(module, input_shape, formats=None):
         hq, wq, h_out, w_out = conv_geometry(shape[2], shape[3], module.kernel_size, module.stride,
                                              module.padding, module.dilation)
         dense_cols = images * h_out * w_out
-        cols = dense_cols if kind == "Conv1x1" else images * h_out * wq  # direct conv: wide rows
-        regime = "mm" if kind == "Conv1x1" else "conv"
+        cols = images * h_out * wq if kind == "Conv2d" else dense_cols  # direct conv: wide rows
+        regime = {"Conv1x1": "mm", "Conv2d": "conv", "GroupConv2d": "group"}[kind]
     costs = COST_NS[regime]
     if w.dtype != torch.float32 and kind == "Linear":
         costs = COST_NS_16[regime]
@@ -234,7 +240,7 @@ def rank_formats(module, input_shape, formats=None):
     w2 = w.reshape(w.shape[0], -1)
     nnz = int((w2 != 0).sum())
     builders = {"Linear": (CSRLinear, BSRLinear, NMLinear), "Conv1x1": (CSRConv1x1, BSRConv1x1, NMConv1x1),
-                "Conv2d": (CSRConv2d, None, None)}[kind]
+                "Conv2d": (CSRConv2d, None, None), "GroupConv2d": (CSRGroupConv2d, None, None)}[kind]
     if "csr" in allowed:
         cands.append(Candidate("csr", {}, predict(nnz, costs["csr"], cols), lambda: builders[0].from_dense(module)))
     if "block" in allowed and builders[1] is not None:
@@ -576,7 +582,7 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
         row = LayerReport(name, kind or "Conv2d", (), density, "dense")
         report.append(row)
         if kind is None:
-            row.note = "conv with groups > 1 or non-zero/string padding" if isinstance(m, nn.Conv2d) else \
+            row.note = "conv with string padding or a non-zero padding mode" if isinstance(m, nn.Conv2d) else \
                 f"{type(m).__name__} weight of shape {tuple(w.shape)}"
             continue
         if _hf_conv1d_class(m) is not None:

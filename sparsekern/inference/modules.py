@@ -4,10 +4,11 @@ Formats (``formats.py``; the ops: ``sparsekern.ops.spmm``, through ``functional.
 over output rows), ``block`` (block CSR, ``block=(bo, bi)``), ``nm`` (N:M compressed along
 ``in``), ``ck`` (kernel skipping, KxK convs).
 Layer kinds: ``Linear`` (replaces ``nn.Linear``), ``Conv1x1`` (a 1×1 ``nn.Conv2d``, padding 0,
-groups 1, any stride) and ``Conv2d`` (any ``nn.Conv2d`` with groups 1 and zero padding: direct
-sparse convolution)::
+groups 1, any stride), ``Conv2d`` (any ``nn.Conv2d`` with groups 1 and zero padding: direct
+sparse convolution) and ``GroupConv2d`` (grouped / depthwise, zero padding)::
 
     CSRLinear  BSRLinear  NMLinear      CSRConv1x1  BSRConv1x1  NMConv1x1      CSRConv2d  CKConv2d
+    CSRGroupConv2d
 
 The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
 of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
@@ -290,6 +291,55 @@ class CKConv2d(_ConvKxK):
                                    (self.out_features, self.in_features, *self.kernel_size))
 
 
+class CSRGroupConv2d(_CSR, _Sparse):
+    """Grouped KxK convolution (e.g. depthwise, ``groups = C``; zero padding) with W
+    ``[out, C/groups·R·S]`` in CSR: x ``[N, C, H, W]`` fp32 → ``[N, out, H', W']`` as ``F.conv2d``.
+    One ``csr_group_conv`` call: per image and group, the group's channels in a zero-padded buffer
+    and each output row's nonzero taps only (``in_features`` = C)."""
+
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        """weight: fp32 ``[out, C/groups, R, S]``; bias ``[out]`` or None; stride/padding/dilation:
+        int or pair of ints; groups: a positive divisor of out."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+            raise ValueError(f"CSRGroupConv2d: weight must be [out, C/groups, R, S], got "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+            raise ValueError(f"CSRGroupConv2d: groups must be a positive int dividing out = {weight.shape[0]}, "
+                             f"got {groups!r}")
+        super().__init__(weight, bias, weight.shape[0], weight.shape[1] * groups,
+                         kernel_size=tuple(weight.shape[2:]), stride=_pair(stride), padding=_pair(padding),
+                         dilation=_pair(dilation), groups=groups)
+
+    @classmethod
+    def from_dense(cls, conv):
+        if not supports_group_conv(conv):
+            raise ValueError(f"CSRGroupConv2d needs a Conv2d with numeric zero padding; got {conv}")
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @property
+    def density(self):
+        """Fraction of nonzero weights."""
+        numel = self.out_features * self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        return int(torch.count_nonzero(self.val)) / max(1, numel)
+
+    def weight_dense(self):
+        """The dense weight ``[out, C/groups·R·S]``, zeros restored."""
+        shape = (self.out_features, self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1])
+        return formats.csr_to_dense(self.rowptr, self.col, self.val, shape)
+
+    def forward(self, x):
+        self._check(x, 1, ndim=4)
+        b = self._buffers
+        return spmm.csr_group_conv(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, self.groups,
+                                   list(self.kernel_size), list(self.stride), list(self.padding),
+                                   list(self.dilation))
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}")
+
+
 def semi_structured_backend():
     """torch's semi-structured tensor class that :class:`SemiStructuredLinear` builds: cuSPARSELt
     (``to_sparse_semi_structured``'s default), CUTLASS when ``SparseSemiStructuredTensor._FORCE_CUTLASS``
@@ -347,6 +397,11 @@ def supports_conv(conv):
     """Whether a ``nn.Conv2d`` can become a :class:`CSRConv2d` (groups 1, numeric zero padding)."""
     return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str))
+
+
+def supports_group_conv(conv):
+    """Whether a ``nn.Conv2d`` can become a :class:`CSRGroupConv2d` (numeric zero padding, any groups)."""
+    return isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def supports_conv1x1(conv):

@@ -17,15 +17,20 @@ builders: ``sparsekern.inference.formats``; the layers built on these ops:
   ``[out, n / wp, wv]`` (direct KxK convolution);
 * ``ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)``: the alive
   ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv``;
+* ``csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding,
+  dilation)``: a grouped (e.g. depthwise) KxK convolution of ``x [N, C, H, W]`` with a CSR weight
+  ``[out, (C / groups)·R·S]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes; C++ on CPU, the
+  reference elsewhere);
 * ``bitmap_mm(rowptr, mask, val, bias, x, out_features)``: a bf16 / fp16 weight as a bit per
   weight plus its packed nonzeros, times ``x [B, in]`` (Linear layout) → ``[B, out]``, fp32
   accumulation (decode; ``csrc/cpu/spmm_bf16.cpp`` on CPU, the reference elsewhere).
 
-Implementations: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``),
+Implementations: C++ on CPU (``csrc/cpu/spmm.cpp``), Triton on CUDA (``sparsekern/triton/spmm.py``; not
+``csr_group_conv``),
 else the reference (``sparsekern.reference``); ``x`` may have any strides.
 ``val``, ``x`` and a non-empty ``bias`` have one dtype (:func:`check_dtypes`, and its C++ twin: a
 TypeError naming them otherwise, on every device). :func:`csr_mm`, :func:`csr_conv`,
-:func:`bsr_mm`, :func:`nm_mm` and :func:`ck_conv` check the dtypes and call the op.
+:func:`bsr_mm`, :func:`nm_mm`, :func:`ck_conv` and :func:`csr_group_conv` check the dtypes and call the op.
 """
 import torch
 
@@ -47,7 +52,7 @@ def check_dtypes(op, val, bias, x):
 
 #: Positions of (val, bias, x) in each op's arguments.
 ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_conv": (2, 3, 4),
-           "ck_conv": (2, 4, 5)}
+           "ck_conv": (2, 4, 5), "csr_group_conv": (2, 3, 4)}
 
 _SCHEMAS = {
     "csr_mm": "csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
@@ -60,11 +65,20 @@ _SCHEMAS = {
                 "SymInt out_features, SymInt slab, SymInt wp, SymInt wv) -> Tensor",
     "ck_conv": "ck_conv(Tensor rowptr, Tensor chan, Tensor val, Tensor taps, Tensor bias, Tensor x, SymInt n, "
                "SymInt out_features, SymInt plane, SymInt slab, SymInt wp, SymInt wv) -> Tensor",
+    "csr_group_conv": "csr_group_conv(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, "
+                      "SymInt out_features, SymInt groups, int[] kernel_size, int[] stride, int[] padding, "
+                      "int[] dilation) -> Tensor",
 }
 
 
 def _mm_shape(x, out_features, transpose_out):
     return (x.shape[1], out_features) if transpose_out else (out_features, x.shape[1])
+
+
+def _group_conv_shape(x, out_features, kernel_size, stride, padding, dilation):
+    hw = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+          for d in range(2)]
+    return (x.shape[0], out_features, *hw)
 
 
 #: Each op's output shape from its arguments.
@@ -74,6 +88,7 @@ _SHAPES = {
     "nm_mm": lambda val, idx, bias, x, n, m, out, tr: _mm_shape(x, out, tr),
     "csr_conv": lambda rowptr, off, val, bias, x, n, out, slab, wp, wv: (out, n // wp, wv),
     "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out, plane, slab, wp, wv: (out, n // wp, wv),
+    "csr_group_conv": lambda rowptr, col, val, bias, x, out, groups, *geometry: _group_conv_shape(x, out, *geometry),
 }
 
 
@@ -90,16 +105,17 @@ def _checked(name, kernel):
     return impl
 
 
-def _define(name):
+def _define(name, triton=True):
     x_pos = ARG_POS[name][2]
     fake = _checked(name, lambda *args: args[x_pos].new_empty(_SHAPES[name](*args)))
-    cuda = _checked(name, lambda *args: getattr(triton_module("spmm"), name)(*args))
+    cuda = _checked(name, lambda *args: getattr(triton_module("spmm"), name)(*args)) if triton else None
     return define(_SCHEMAS[name], "spmm", cpp=True, fake=fake, reference=_checked(name, getattr(reference, name)),
                   cuda=cuda)
 
 
 _csr_mm, _bsr_mm, _nm_mm, _csr_conv, _ck_conv = (_define(n) for n in ("csr_mm", "bsr_mm", "nm_mm", "csr_conv",
                                                                      "ck_conv"))
+_csr_group_conv = _define("csr_group_conv", triton=False)
 
 
 # --- bitmap_mm: bf16 / fp16 weights (csrc/cpu/spmm_bf16.cpp; the reference on other devices) -------
@@ -154,6 +170,12 @@ def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, 
     """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`."""
     check_dtypes("ck_conv", val, bias, x)
     return _ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)
+
+
+def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation):
+    """``torch.ops.sparsekern.csr_group_conv`` after :func:`check_dtypes`."""
+    check_dtypes("csr_group_conv", val, bias, x)
+    return _csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation)
 
 
 def bitmap_mm(rowptr, mask, val, bias, x, out_features):
