@@ -137,6 +137,9 @@ class SeparableMaxPool2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"SeparableMaxPool2d: expected [N, C, H, W], got {tuple(x.shape)}")
         h_out, w_out = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+        if h_out < 1 or w_out < 1:  # torch's pool raises too
+            raise ValueError(f"SeparableMaxPool2d: input {tuple(x.shape)} is smaller than the {kh}×{kw} window "
+                             f"with padding ({ph}, {pw}): output would be {h_out}×{w_out}")
         return _max_taps(_max_taps(x, 2, kh, sh, ph, h_out), 3, kw, sw, pw, w_out).contiguous()
 
     def extra_repr(self):
