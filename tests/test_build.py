@@ -115,6 +115,16 @@ assert not sk._ext.LOADED and not [n for n in IMPLS if has_cpp(n)]
 w = torch.randn(8, 4, 3, 3)
 assert torch.equal(sk.hard_threshold(w, 0.5), R.hard_threshold_forward(w, torch.tensor([0.5])))
 assert torch.equal(sk.window_mask(w, 0.5), R.window_mask(w, 0.5))
+# no C++ Autograd kernel either: define()'s Python one raises on backward (never a silent None)
+x = torch.randn(4, 2, requires_grad=True)
+y = torch.ops.sparsekern.csr_mm(torch.tensor([0, 1, 1]), torch.tensor([3], dtype=torch.int32), torch.ones(1),
+                                torch.empty(0), x, 2, False)
+try:
+    y.sum().backward()
+except RuntimeError as e:
+    assert "sparsekern::csr_mm has no autograd formula" in str(e), e
+else:
+    raise AssertionError("backward through csr_mm did not raise")
 print("ok")
 """, SPARSEKERN_NO_EXT="1")
     assert out.strip() == "ok"

@@ -53,6 +53,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1358,4 +1359,11 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("nm_mm", &sparsekern::cpu::nm_mm);
   m.impl("ck_conv", &sparsekern::cpu::ck_conv);
   m.impl("csr_group_conv", &sparsekern::cpu::csr_group_conv);
+}
+
+// No gradient: backpropagating through an spmm op raises ("not implemented"), in C++ (a Python
+// autograd kernel would cost ~7 us a call; sparsekern/ops/_common.define skips it when this exists).
+TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
+  for (const char* op : {"csr_mm", "csr_conv", "bsr_mm", "nm_mm", "ck_conv", "csr_group_conv"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }

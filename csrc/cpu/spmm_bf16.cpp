@@ -22,6 +22,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -253,4 +254,9 @@ at::Tensor bitmap_mm(const at::Tensor& rowptr, const at::Tensor& mask, const at:
 // The op's schema is defined once, in sparsekern/ops/spmm.py.
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("bitmap_mm", &sparsekern::cpu::bitmap_mm);
+}
+
+// No gradient: backward raises in C++ (see spmm.cpp).
+TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
+  m.impl("bitmap_mm", torch::autograd::autogradNotImplementedFallback());
 }

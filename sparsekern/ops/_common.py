@@ -39,7 +39,9 @@ def define(schema, family, *, reference, fake, cuda=None, cpp=False, backward=No
     :func:`check_cpp`). ``backward`` / ``setup_context``: ``torch.library.register_autograd``'s;
     without them backpropagating through the op raises (never a silent zero gradient), except
     for ops without ``float_outputs`` (bool / integer results, which never carry a gradient):
-    their Autograd key falls through (no Python autograd kernel: ~7 µs less a call).
+    their Autograd key falls through (no Python autograd kernel: ~7 µs less a call); ops whose
+    Autograd kernel the C++ library registers (the spmm ops: ``autogradNotImplementedFallback``,
+    raising on backward) get no Python one either.
     Returns the op's default overload.
     """
     name = schema[:schema.index("(")]
@@ -51,6 +53,8 @@ def define(schema, family, *, reference, fake, cuda=None, cpp=False, backward=No
     torch.library.register_fake(op, fake, lib=LIB)
     if not float_outputs:
         LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    elif backward is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{name}", "Autograd"):
+        pass  # the C++ library's Autograd kernel raises on backward (no Python autograd kernel: ~7 µs less a call)
     else:
         if backward is None:
             def backward(ctx, *grads):
