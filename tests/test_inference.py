@@ -351,6 +351,15 @@ def test_cost_model_choices():
     cands = sparse_candidates(conv, (1, 64, 14, 14))
     assert [c.format for c in cands] == ["ck", "csr"]  # KxK: csr and ck only; whole kernels: ck
     assert isinstance(cands[0].build(), CKConv2d)
+    strided = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # strided KxK: the grouped kernel (groups 1) too
+    cands = [c for c in sparse_candidates(strided, (1, 8, 15, 15)) if c.params == {"kernel": "grouped"}]
+    assert len(cands) == 1 and cands[0].format == "csr"
+    grouped = cands[0].build().eval()
+    assert isinstance(grouped, CSRGroupConv2d) and grouped.groups == 1
+    x = torch.randn(2, 8, 15, 15)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x), strided(x), **TOL)
+    assert not [c for c in rank_formats(conv, (1, 64, 14, 14)) if c.params == {"kernel": "grouped"}]  # stride 1
     cands = rank_formats(nn.Conv2d(4, 4, 3, groups=2), (1, 4, 8, 8))
     assert {c.format for c in cands} == {"dense", "csr"}  # grouped: csr_group_conv
     assert isinstance(next(c for c in cands if c.format == "csr").build(), CSRGroupConv2d)
@@ -533,7 +542,7 @@ def test_convert_keeps_layers_read_from_outside_dense():
         assert set(dense) == {"pw", "unbatched"}, report
         assert ".stride" in dense["pw"] and "CSRConv1x1" in dense["pw"], report
         assert "[N, C, H, W]" in dense["unbatched"], report
-        assert isinstance(conv.conv, (CSRConv2d, CKConv2d))
+        assert isinstance(conv.conv, (CSRConv2d, CKConv2d, CSRGroupConv2d))
         torch.testing.assert_close(conv(x), expect, **TOL)
 
 

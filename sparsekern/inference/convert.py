@@ -18,7 +18,7 @@ Per layer (input shape captured by running ``example_input`` through the model):
 
 What each layer kind can become (CPU, fp32): Linear (transformers' ``Conv1D``, stored ``[in, out]``,
 as a Linear) and 1×1 conv: csr, block, nm; KxK conv (groups 1, zero padding): csr (direct sparse
-conv) and ck (kernel skipping); grouped / depthwise KxK conv (zero padding): csr
+conv; strided ones also as :class:`CSRGroupConv2d`, ``kernel=grouped``) and ck (kernel skipping); grouped / depthwise KxK conv (zero padding): csr
 (:class:`CSRGroupConv2d`). CPU, bf16 / fp16: Linear can become bitmap (:class:`BitmapLinear`, for
 decode). bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
 ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
@@ -254,6 +254,11 @@ def rank_formats(module, input_shape, formats=None):
             n, m = pattern
             cands.append(Candidate("nm", {"n": n, "m": m}, predict(w2.numel() * n / m, costs["nm"], cols),
                                    lambda: builders[2].from_dense(module, n=n, m=m)))
+    if "csr" in allowed and kind == "Conv2d" and tuple(module.stride) != (1, 1):
+        # strided: csr_group_conv (groups 1) splits the stride phases in its C++ copy, where the direct
+        # conv's strided torch copy costs as much as the conv at 56×56 (measured, with the others)
+        cands.append(Candidate("csr", {"kernel": "grouped"}, predict(nnz, costs["csr"], dense_cols),
+                               lambda: CSRGroupConv2d.from_dense(module)))
     if "ck" in allowed and kind == "Conv2d":
         kernels = int((w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).sum())
         stored = kernels * module.kernel_size[0] * module.kernel_size[1]
