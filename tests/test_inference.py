@@ -366,7 +366,8 @@ def test_cost_model_choices():
     assert [c.format for c in rank_formats(nn.Conv2d(4, 4, 3, padding="same", groups=2), (1, 4, 8, 8))] == ["dense"]
     assert [c.format for c in rank_formats(nn.Linear(8, 8).double(), (1, 8))] == ["dense"]
     assert {c.format for c in rank_formats(nn.Linear(8, 8).half(), (1, 8))} == {"dense", "bitmap"}  # issue 16
-    assert [c.format for c in rank_formats(nn.Conv2d(8, 8, 1).half(), (1, 8, 4, 4))] == ["dense"]
+    assert {c.format for c in rank_formats(nn.Conv2d(8, 8, 1).half(), (1, 8, 4, 4))} == {"dense", "bitmap"}
+    assert [c.format for c in rank_formats(nn.Conv2d(8, 8, 3).half(), (1, 8, 4, 4))] == ["dense"]
     assert {c.format for c in rank_formats(lin, (64, 256), formats=("csr",))} == {"dense", "csr"}
 
 

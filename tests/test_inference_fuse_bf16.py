@@ -13,7 +13,7 @@ from torch import nn
 import sparsekern as sk
 from bench.models import Bottleneck, mobilenet_v1
 from sparsekern import reference
-from sparsekern.inference import BitmapLinear, SeparableMaxPool2d, formats
+from sparsekern.inference import BitmapConv1x1, BitmapLinear, SeparableMaxPool2d, formats
 from sparsekern.inference.fuse import batchnorm_pairs
 from sparsekern.ops import spmm
 
@@ -275,6 +275,58 @@ def test_bitmap_linear_module(dtype):
         m(x.float())
     with pytest.raises(ValueError, match="70 input features"):
         m(torch.randn(2, 71).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DT16)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bitmap_conv1x1_module(dtype, stride):
+    """Equals the dense 16-bit 1×1 conv (within one rounding), strided and non-contiguous inputs,
+    empty batch; channels-last output chains into the next one; state_dict; errors."""
+    conv = nn.Conv2d(20, 12, 1, stride=stride).to(dtype).eval()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(12, 20, 1, 1) < 0.4)
+    m = BitmapConv1x1.from_dense(conv).eval()
+    nxt = nn.Conv2d(12, 7, 1, bias=False).to(dtype).eval()
+    m2 = BitmapConv1x1.from_dense(nxt).eval()
+    assert m.stride == stride and torch.equal(m.weight_dense(), conv.weight.detach())
+    with torch.no_grad():
+        for x in (torch.randn(2, 20, 7, 9).to(dtype), torch.randn(3, 9, 7, 20).to(dtype).permute(0, 3, 2, 1),
+                  torch.randn(0, 20, 4, 4).to(dtype)):
+            y = m(x)
+            torch.testing.assert_close(y, conv(x), **TOL16[dtype])
+            torch.testing.assert_close(m2(y), nxt(y), **TOL16[dtype])
+        other = BitmapConv1x1(_sparse((12, 20, 1, 1), 0.9, dtype, seed=3), torch.zeros(12, dtype=dtype), stride)
+        other.load_state_dict(m.state_dict())
+        x = torch.randn(1, 20, 5, 5).to(dtype)
+        assert torch.equal(other.eval()(x), m(x))
+    with pytest.raises(ValueError, match=r"\[out, in, 1, 1\]"):
+        BitmapConv1x1(torch.randn(4, 4).to(dtype))
+    with pytest.raises(ValueError, match="1×1 Conv2d"):
+        BitmapConv1x1.from_dense(nn.Conv2d(4, 4, 3).to(dtype))
+    with pytest.raises(ValueError, match=r"expected \[N, 20, H, W\]"):
+        m(torch.randn(2, 21, 3, 3).to(dtype))
+    with pytest.raises(ValueError, match="input must be a"):
+        m(torch.randn(2, 20, 3, 3))
+
+
+def test_convert_bf16_convnet():
+    """A bf16 net of 1×1 convs (BN folded) converts to BitmapConv1x1, equal outputs, exports."""
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 1, stride=2),
+                          nn.Conv2d(16, 8, 3, padding=1)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.mul_(torch.rand(p.shape) < 0.4)
+    x = torch.randn(1, 16, 9, 9).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    conv, report = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1,
+                                        return_report=True)
+    assert isinstance(conv[0], BitmapConv1x1) and isinstance(conv[3], BitmapConv1x1) and conv[3].stride == 2
+    assert isinstance(conv[4], nn.Conv2d)  # 3×3 bf16: dense
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), ref, atol=2 ** -6, rtol=2 ** -6)  # a few layers deep, BN folded
+        torch.testing.assert_close(torch.export.export(conv, (x,)).module()(x), conv(x), atol=0, rtol=0)
 
 
 def test_convert_bf16_mlp_export():

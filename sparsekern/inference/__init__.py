@@ -7,9 +7,9 @@ confirms faster than dense. Weight formats: ``formats``; the layers on the spmm 
 """
 from .convert import Candidate, ConversionReport, LayerReport, convert, rank_formats
 from .fuse import SeparableMaxPool2d
-from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
+from .modules import (BitmapConv1x1, BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
                       CSRLinear, NMConv1x1, NMLinear, SemiStructuredLinear)
 
 __all__ = ["convert", "rank_formats", "Candidate", "ConversionReport", "LayerReport",
            "CSRLinear", "CSRConv1x1", "CSRConv2d", "BSRLinear", "BSRConv1x1", "NMLinear", "NMConv1x1",
-           "CKConv2d", "CSRGroupConv2d", "SemiStructuredLinear", "BitmapLinear", "SeparableMaxPool2d"]
+           "CKConv2d", "CSRGroupConv2d", "SemiStructuredLinear", "BitmapLinear", "BitmapConv1x1", "SeparableMaxPool2d"]

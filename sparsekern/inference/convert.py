@@ -19,8 +19,8 @@ Per layer (input shape captured by running ``example_input`` through the model):
 What each layer kind can become (CPU, fp32): Linear (transformers' ``Conv1D``, stored ``[in, out]``,
 as a Linear) and 1×1 conv: csr, block, nm; KxK conv (groups 1, zero padding): csr (direct sparse
 conv; strided ones also as :class:`CSRGroupConv2d`, ``kernel=grouped``) and ck (kernel skipping); grouped / depthwise KxK conv (zero padding): csr
-(:class:`CSRGroupConv2d`). CPU, bf16 / fp16: Linear can become bitmap (:class:`BitmapLinear`, for
-decode). bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
+(:class:`CSRGroupConv2d`). CPU, bf16 / fp16: Linear and 1×1 conv can become bitmap (:class:`BitmapLinear`,
+:class:`BitmapConv1x1`). Other bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
 ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
 and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``).
 
@@ -74,7 +74,7 @@ from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
 from .fuse import batchnorm_pairs, fold_batchnorm, replace_maxpools
-from .modules import (BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
+from .modules import (BitmapConv1x1, BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
                       CSRLinear, NMConv1x1, NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
                       supports_group_conv, supports_semi_structured)
 
@@ -97,7 +97,7 @@ COST_NS = {
     "conv": {"dense": 0.013, "csr": 0.04, "ck": 0.038},
     "group": {"dense": 0.2, "csr": 0.3},  # csr: fixed costs per pixel (copy, tiles) in its rate
 }
-#: bf16 / fp16 Linear (CPU): nanoseconds per weight (stored or not: the bitmap kernel's work is
+#: bf16 / fp16 Linear and 1×1 conv (CPU): nanoseconds per weight (stored or not: the bitmap kernel's work is
 #: per column group) per row of x, by regime; AMD EPYC (AVX2), 1 thread, 11008×4096 at batch 1.
 COST_NS_16 = {"mv": {"dense": 0.22, "bitmap": 0.15}, "mm": {"dense": 0.02, "bitmap": 0.1}}
 #: Fixed microseconds per call (module, dispatch: the sparse modules call the C++ kernels
@@ -227,7 +227,7 @@ def rank_formats(module, input_shape, formats=None):
         cols = images * h_out * wq if kind == "Conv2d" else dense_cols  # direct conv: wide rows
         regime = {"Conv1x1": "mm", "Conv2d": "conv", "GroupConv2d": "group"}[kind]
     costs = COST_NS[regime]
-    if w.dtype != torch.float32 and kind == "Linear":
+    if w.dtype != torch.float32 and kind in ("Linear", "Conv1x1"):
         costs = COST_NS_16[regime]
 
     def predict(stored, c, c_cols, sparse=True):  # ms
@@ -263,9 +263,10 @@ def rank_formats(module, input_shape, formats=None):
         kernels = int((w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).sum())
         stored = kernels * module.kernel_size[0] * module.kernel_size[1]
         cands.append(Candidate("ck", {}, predict(stored, costs["ck"], cols), lambda: CKConv2d.from_dense(module)))
-    if "bitmap" in allowed and kind == "Linear":
+    if "bitmap" in allowed and kind in ("Linear", "Conv1x1"):
+        bitmap = BitmapLinear if kind == "Linear" else BitmapConv1x1
         cands.append(Candidate("bitmap", {}, predict(w.numel(), costs["bitmap"], cols),
-                               lambda: BitmapLinear.from_dense(module)))
+                               lambda: bitmap.from_dense(module)))
     if "2:4" in allowed and kind == "Linear" and supports_semi_structured(w):  # UNVERIFIED (CUDA)
         cands.append(Candidate("2:4", {}, cands[0].predicted_ms * 0.7,
                                lambda: SemiStructuredLinear.from_dense(module)))
