@@ -596,14 +596,15 @@ def unpack_mask(packed, shape):
 
 # --- spmm family (sparse inference) -------------------------------------------------------------
 
-def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, relu=False):
     """``W·x + bias[:, None]`` for W in CSR (``rowptr [out+1]``, ``col [nnz]``, ``val [nnz]``)
     and ``x [in, n]``; bias ``[out]`` or empty. Returns ``[out, n]``, or its transpose
-    ``[n, out]`` (contiguous) when ``transpose_out``."""
+    ``[n, out]`` (contiguous) when ``transpose_out``; ``torch.relu`` of it when ``relu``."""
     w = csr_to_dense(rowptr, col, val, (out_features, x.shape[0]))
     y = w @ x
     if bias.numel():
         y = y + bias[:, None]
+    y = torch.relu(y) if relu else y
     return y.t().contiguous() if transpose_out else y
 
 
@@ -615,25 +616,29 @@ def csr_to_dense(rowptr, col, val, shape):
     return w
 
 
-def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
+def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, relu=False):
     """``z[o, j] = bias[o] + Σ val[i]·x[off[i] + j]`` over row ``o``'s nonzeros, ``j < n``, kept
     as ``y[o, h, c] = z[o, h·wp + c]`` for ``c < wv``: ``[out, n / wp, wv]`` (the direct sparse
-    convolution of ``sparsekern.inference.functional.csr_conv2d``; ``slab`` only blocks the kernel's loops)."""
+    convolution of ``sparsekern.inference.functional.csr_conv2d``; ``slab`` only blocks the kernel's loops);
+    ``torch.relu`` of it when ``relu``."""
     rows = torch.repeat_interleave(torch.arange(out_features, device=val.device), rowptr.diff())
     cols = x[off.long()[:, None] + torch.arange(n, device=x.device)]
     y = x.new_zeros(out_features, n).index_add_(0, rows, val[:, None] * cols)
     y = y + bias[:, None] if bias.numel() else y
+    y = torch.relu(y) if relu else y
     return y.view(out_features, n // wp, wp)[:, :, :wv].contiguous()
 
 
 
-def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation):
+def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation,
+                   relu=False):
     """Grouped convolution (``F.conv2d`` with ``groups``, zero padding) of ``x [N, C, H, W]`` with a
     CSR weight ``[out, (C / groups)·R·S]`` (``col = c·R·S + r·S + s``, ``c`` within the group);
-    bias ``[out]`` or empty. Returns ``[N, out, H', W']``."""
+    bias ``[out]`` or empty. Returns ``[N, out, H', W']``; ``torch.relu`` of it when ``relu``."""
     w = csr_to_dense(rowptr, col, val, (out_features, x.shape[1] // groups * kernel_size[0] * kernel_size[1]))
-    return torch.nn.functional.conv2d(x, w.view(out_features, -1, *kernel_size), bias if bias.numel() else None,
-                                      stride, padding, dilation, groups)
+    y = torch.nn.functional.conv2d(x, w.view(out_features, -1, *kernel_size), bias if bias.numel() else None,
+                                   stride, padding, dilation, groups)
+    return torch.relu(y) if relu else y
 
 def bsr_to_dense(rowptr, col, val, shape):
     """Dense ``shape`` = ``[out, in]`` matrix of a block-CSR weight: ``val [nnzb, bo, bi]``,
@@ -671,11 +676,11 @@ def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
     return y.t().contiguous() if transpose_out else y
 
 
-def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, relu=False):
     """:func:`csr_conv` of a kernel-skipping weight: row ``o``'s kernel ``i`` (input channel
     ``chan[i]``, taps ``val[i, t]``) reads ``x[chan[i]·plane + taps[t] + j]``."""
     off = (chan.long()[:, None] * plane + taps.long()[None, :]).reshape(-1)
-    return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv)
+    return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv, relu)
 
 
 def bitmap_to_dense(rowptr, mask, val, shape):

@@ -1,5 +1,5 @@
-"""Issue 16: BatchNorm folding and the separable max pool of ``convert`` (outputs equal the
-unfused model), convert's batch choice, and the bf16 / fp16 bitmap format (``bitmap_mm``,
+"""Issue 16: BatchNorm folding, ReLU fusion and the separable max pool of ``convert`` (outputs
+equal the unfused model), convert's batch choice, and the bf16 / fp16 bitmap format (``bitmap_mm``,
 ``BitmapLinear``): kernel vs reference and dense, opcheck, compile / export, a transformers Llama
 converted end to end."""
 import copy
@@ -13,8 +13,9 @@ from torch import nn
 import sparsekern as sk
 from bench.models import Bottleneck, mobilenet_v1
 from sparsekern import reference
-from sparsekern.inference import BitmapConv1x1, BitmapLinear, SeparableMaxPool2d, formats
-from sparsekern.inference.fuse import batchnorm_pairs
+from sparsekern.inference import (BitmapConv1x1, BitmapLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
+                                  CSRLinear, SeparableMaxPool2d, formats)
+from sparsekern.inference.fuse import batchnorm_pairs, fuse_relu
 from sparsekern.ops import spmm
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -132,6 +133,8 @@ def test_converted_mobilenet_depthwise_sparse_compiles_and_exports():
     conv = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1, formats=("csr",))
     dw = [m for m in conv.modules() if isinstance(m, sk.inference.CSRGroupConv2d) and m.groups > 1]
     assert len(dw) == 13 and all(m.groups == m.in_features for m in dw)
+    assert sum(getattr(m, "relu", None) is True for m in conv.modules()) == 27  # every conv's ReLU fused
+    assert not any(isinstance(m, nn.ReLU) for m in conv.modules())
     with torch.no_grad():
         eager = conv(x)
         torch.testing.assert_close(eager, ref, atol=1e-4, rtol=1e-4)  # 27 folded layers deep
@@ -408,3 +411,96 @@ def test_bitmap_op_called_directly_takes_strided_x_and_raises_type_errors():
         op(rowptr, mask, val, none, xt.half(), 8)
     with pytest.raises(TypeError, match="val must be bfloat16 or float16"):
         op(rowptr, mask, val.float(), none.float(), xt.float(), 8)
+
+
+# --- ReLU fusion ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,fused", [("mobilenet_v1", 27), ("resnet50", 1)])
+def test_fuse_relu_whole_model_equals_unfused(name, fused):
+    """STR-pruned MobileNetV1 / ResNet-50 converted: each ReLU module that follows one conv only runs
+    in its kernel (MobileNetV1: all 27; ResNet: the stem's, each bottleneck's ``self.relu`` runs
+    three times and stays), the model keeps its class, outputs equal the unfused converted model's
+    and, within the whole-model tolerance, the finalized model's."""
+    from bench.bench_spmm import pruned_resnet50
+
+    model = pruned_resnet50(model=name, calibration_batch=2)
+    x = torch.randn(1, 3, 64, 64)
+    unfused = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1,
+                                   formats=("csr",), fuse_relu=False)
+    assert not any(getattr(m, "relu", None) is True for m in unfused.modules())
+    conv = copy.deepcopy(unfused)
+    names = fuse_relu(conv)
+    assert len(names) == fused and all(conv.get_submodule(n).relu for n in names)
+    assert type(conv) is type(model)
+    with torch.no_grad():
+        ref, out = model(x), conv(x)
+        torch.testing.assert_close(out, unfused(x), atol=0, rtol=0)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # as the unfused model's (27+ layers deep)
+
+
+def _dense_conv(groups=1, k=3, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, 4, k, padding=k // 2, groups=groups)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.5)
+    return conv
+
+
+class _ReluSites(nn.Module):
+    """Converted layers followed by each kind of ReLU, and the cases that must not fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.e, self.g = (CSRConv2d.from_dense(_dense_conv(seed=i)) for i in range(3))
+        self.b = CKConv2d.from_dense(_dense_conv(seed=3))
+        self.c = CSRGroupConv2d.from_dense(_dense_conv(groups=4, seed=4))
+        self.d, self.f = (CSRConv1x1.from_dense(_dense_conv(k=1, seed=i)) for i in (5, 6))
+        self.fc = CSRLinear.from_dense(nn.Linear(4, 3))
+        self.bn = nn.Identity()  # a folded BatchNorm
+        self.relu_a, self.relu_c, self.relu_d, self.relu_fc = nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU(), nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # reused
+
+    def forward(self, x):
+        a = self.relu_a(self.bn(self.a(x)))  # fused through the identity
+        b = F.relu(self.b(a))  # functional: not fused (would need the graph rewritten)
+        c = self.relu_c(self.c(b))  # fused
+        d = self.d(c)
+        d = self.relu_d(d) + d  # output used twice: not fused
+        e = self.e(d) + 1  # no ReLU
+        f = self.f(self.f(e).relu())  # layer called twice: not fused
+        g = self.relu(self.g(f))  # a ReLU module reused below: not fused
+        h = self.relu(g - a)
+        return self.relu_fc(self.fc(h.mean((2, 3))))  # fused (Linear)
+
+
+def test_fuse_relu_rules():
+    model = _ReluSites().eval()
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        ref = model(x)
+    fused = copy.deepcopy(model)
+    assert sorted(fuse_relu(fused)) == ["a", "c", "fc"]
+    assert type(fused) is _ReluSites and type(fused.relu) is nn.ReLU and type(fused.relu_d) is nn.ReLU
+    assert all(type(getattr(fused, n)) is nn.Identity for n in ("relu_a", "relu_c", "relu_fc"))
+    assert not any(getattr(fused, n).relu for n in "bdefg")
+    assert "relu=True" in repr(fused.a) and "relu=True" in repr(fused.fc) and "relu=False" in repr(fused.d)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref, atol=0, rtol=0)
+        torch.testing.assert_close(copy.deepcopy(fused)(x), ref, atol=0, rtol=0)  # relu survives a copy
+        assert fuse_relu(fused) == []  # nothing left to fuse
+        torch.testing.assert_close(torch.export.export(fused, (x,)).module()(x), ref, atol=0, rtol=0)
+
+
+def test_fuse_relu_leaves_untraceable_models():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = CSRConv2d.from_dense(_dense_conv())
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.relu(y) if y.sum() > 0 else y  # data-dependent: torch.fx cannot trace
+
+    model = Branchy().eval()
+    assert fuse_relu(model) == [] and not model.conv.relu
+    assert "relu=False" in repr(model.conv)

@@ -53,13 +53,15 @@ SHAPES = [(1, 1, 1), (7, 5, 1), (7, 5, 3), (33, 17, 16), (65, 129, 100), (130, 7
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("transpose_out", [False, True])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_csr_mm_matches_dense(kern, out, inp, n, density, transpose_out, has_bias):
+@pytest.mark.parametrize("relu", [False, True])
+def test_csr_mm_matches_dense(kern, out, inp, n, density, transpose_out, has_bias, relu):
     w = sparse_weight(out, inp, density)
     x = torch.randn(inp, n)
     bias = torch.randn(out) if has_bias else torch.empty(0)
     rowptr, col, val = csr_from_dense(w)
-    y = kern.csr_mm(rowptr, col, val, bias, x, out, transpose_out)
+    y = kern.csr_mm(rowptr, col, val, bias, x, out, transpose_out, relu)
     expect = w @ x + (bias[:, None] if has_bias else 0)
+    expect = expect.relu() if relu else expect
     torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
     assert y.is_contiguous()
 
@@ -96,9 +98,11 @@ def test_csr_conv1x1(stride, n, per_call, monkeypatch):
 @pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
 @pytest.mark.parametrize("n", [16, 20, 70])
 @pytest.mark.parametrize("transpose_out", [False, True])
-def test_csr_mm_input_chunks(order, n, transpose_out):
+@pytest.mark.parametrize("relu", [False, True])
+def test_csr_mm_input_chunks(order, n, transpose_out, relu):
     """The C++ kernel's reduction in chunks of x rows over blocks of many rows (in = 2000, 1100
-    rows), a last column tile shifted left (n = 20, 70), columns in any order within a row."""
+    rows), a last column tile shifted left (n = 20, 70), columns in any order within a row; the
+    fused ReLU applies to the whole sum (the last chunk), not to partial sums."""
     w, b = sparse_weight(1100, 2000, 0.3), torch.randn(1100)
     rowptr, col, val = csr_from_dense(w)
     if order != "ascending":
@@ -108,7 +112,8 @@ def test_csr_mm_input_chunks(order, n, transpose_out):
         col, val = col[perm].contiguous(), val[perm].contiguous()
     x = torch.randn(2000, n)
     expect = w @ x + b[:, None]
-    y = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out)
+    expect = expect.relu() if relu else expect
+    y = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out, relu)
     torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
 
 
@@ -134,6 +139,7 @@ def test_opcheck():
     rowptr, col, val = csr_from_dense(w)
     for x, tr in ((torch.randn(11, 5), True), (torch.randn(11, 1), False)):
         torch.library.opcheck(torch.ops.sparsekern.csr_mm, (rowptr, col, val, torch.randn(9), x, 9, tr))
+        torch.library.opcheck(torch.ops.sparsekern.csr_mm, (rowptr, col, val, torch.randn(9), x, 9, tr, True))
 
 
 def test_compile_fullgraph():
@@ -186,7 +192,8 @@ BATCHES = [(1, None), (2, None), (5, None), (5, 2)]
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("batch,per_call", BATCHES)
-def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
+@pytest.mark.parametrize("relu", [False, True])
+def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, relu, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = sparse_weight(out, inp * k[0] * k[1], density).reshape(out, inp, *k)
     bias = torch.randn(out) if has_bias else None
@@ -196,10 +203,11 @@ def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, monkeypatch):
         monkeypatch.setattr(functional, "conv_group", lambda n, image_bytes: per_call)
     args = (*csr_from_dense(wt.reshape(out, -1)), bias, out, k, stride, padding, dilation)
     cache = {}
-    y = functional.csr_conv2d(x, *args, cache=cache)
+    y = functional.csr_conv2d(x, *args, cache=cache, relu=relu)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
+    expect = expect.relu() if relu else expect
     torch.testing.assert_close(y, expect, **TOL)
-    y = functional.csr_conv2d(x.flip(0), *args, cache=cache)  # reused offsets and buffers
+    y = functional.csr_conv2d(x.flip(0), *args, cache=cache, relu=relu)  # reused offsets and buffers
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -207,7 +215,8 @@ def test_csr_conv_opcheck_and_bounds():
     rowptr, col, val = csr_from_dense(sparse_weight(6, 4, 0.5))
     off = (col * 3).int()
     x = torch.randn(4 * 3 + 6)
-    torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 6, 6, 7, 3, 2))
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 6, 6, 7, 3, 2, relu))
     ops = kernel_backend("cpp", "spmm")[0]  # the C++ kernel's checks
     for slab, wp, wv in ((4, 3, 2), (100, 6, 6), (1, 2, 0)):
         torch.testing.assert_close(
@@ -221,7 +230,8 @@ def test_csr_conv_opcheck_and_bounds():
 
 @pytest.mark.parametrize("slack", [0, 7, 15, 40])
 @pytest.mark.parametrize("n,wp,wv", [(45, 9, 7), (63, 9, 7), (70, 10, 10), (200, 40, 33)])
-def test_direct_conv_tail_columns(n, wp, wv, slack):
+@pytest.mark.parametrize("relu", [False, True])
+def test_direct_conv_tail_columns(n, wp, wv, slack, relu):
     """The last n % 16 wide columns: lane by lane when x ends at the furthest read (slack 0), as a
     whole vector whose extra columns are dropped when x has 15 more elements (slack >= 15;
     in between: a partial fit), for csr_conv and ck_conv, 3×3 taps over 3 channels."""
@@ -233,10 +243,10 @@ def test_direct_conv_tail_columns(n, wp, wv, slack):
     rowptr, col, val = csr_from_dense(wt.reshape(70, -1))
     off = ((col // 9).long() * plane + taps.long()[col.long() % 9]).int()
     x = torch.randn(int(off.max()) + n + slack)
-    args = (rowptr, off, val, torch.randn(70), x, n, 70, 2 * plane, wp, wv)
+    args = (rowptr, off, val, torch.randn(70), x, n, 70, 2 * plane, wp, wv, relu)
     torch.testing.assert_close(ops.csr_conv(*args), reference.csr_conv(*args), **TOL)
     x = torch.randn(2 * plane + int(taps.max()) + n + slack)
-    args = (*ck_from_dense(wt), taps, torch.randn(70), x, n, 70, plane, 2, wp, wv)
+    args = (*ck_from_dense(wt), taps, torch.randn(70), x, n, 70, plane, 2, wp, wv, relu)
     torch.testing.assert_close(ops.ck_conv(*args), reference.ck_conv(*args), **TOL)
 
 
@@ -261,15 +271,16 @@ def test_direct_conv_tail_columns(n, wp, wv, slack):
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_csr_group_conv(kern, cfg, density, has_bias, batch):
+@pytest.mark.parametrize("relu", [False, True])
+def test_csr_group_conv(kern, cfg, density, has_bias, batch, relu):
     inp, groups, out, k, stride, padding, dilation, h, w = cfg
     wt = sparse_weight(out, inp // groups * k[0] * k[1], density).reshape(out, inp // groups, *k)
     bias = torch.randn(out) if has_bias else torch.empty(0)
     x = torch.randn(batch, inp + 1, h, w)[:, 1:]  # non-contiguous
     y = kern.csr_group_conv(*csr_from_dense(wt.reshape(out, -1)), bias, x, out, groups, list(k), list(stride),
-                            list(padding), list(dilation))
+                            list(padding), list(dilation), relu)
     expect = F.conv2d(x, wt, bias if has_bias else None, stride, padding, dilation, groups)
-    torch.testing.assert_close(y, expect, **TOL)
+    torch.testing.assert_close(y, expect.relu() if relu else expect, **TOL)
 
 
 def test_csr_group_conv_large_multithreaded_empty_and_opcheck():
@@ -285,7 +296,9 @@ def test_csr_group_conv_large_multithreaded_empty_and_opcheck():
     x = torch.randn(2, 4, 7, 6)
     for bias, geometry in ((torch.randn(6), ([3, 3], [1, 1], [1, 1], [1, 1])),
                            (torch.empty(0), ([3, 3], [2, 1], [0, 2], [2, 1]))):
-        torch.library.opcheck(torch.ops.sparsekern.csr_group_conv, (*csr_from_dense(wt), bias, x, 6, 2, *geometry))
+        for relu in (False, True):
+            torch.library.opcheck(torch.ops.sparsekern.csr_group_conv,
+                                  (*csr_from_dense(wt), bias, x, 6, 2, *geometry, relu))
 
 
 def test_csr_group_conv_bad_inputs():
@@ -391,7 +404,8 @@ CONV_CFGS = [
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("batch,per_call", BATCHES)
-def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
+@pytest.mark.parametrize("relu", [False, True])
+def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, relu, monkeypatch):
     out, inp, k, stride, padding, dilation, h, w = cfg
     wt = torch.randn(out, inp, *k)
     wt = wt * sk.ck_mask(wt, sparsity)
@@ -407,10 +421,11 @@ def test_ck_conv2d(kern, cfg, sparsity, has_bias, batch, per_call, monkeypatch):
     assert torch.equal(formats.ck_to_dense(rowptr, chan, val, wt.shape), wt)
     args = (rowptr, chan, val, bias, out, k, stride, padding, dilation)
     cache = {}
-    y = functional.ck_conv2d(x, *args, cache=cache)
+    y = functional.ck_conv2d(x, *args, cache=cache, relu=relu)
     expect = F.conv2d(x, wt, bias, stride, padding, dilation)
+    expect = expect.relu() if relu else expect
     torch.testing.assert_close(y, expect, **TOL)
-    y = functional.ck_conv2d(x.flip(0), *args, cache=cache)
+    y = functional.ck_conv2d(x.flip(0), *args, cache=cache, relu=relu)
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
@@ -447,8 +462,9 @@ def test_new_ops_opcheck():
     wt = torch.randn(6, 4, 3, 3)
     rowptr, chan, val = ck_from_dense(wt * sk.ck_mask(wt, 0.5))
     taps = functional.conv_taps((3, 3), (1, 1), (1, 1), 5, 5)
-    torch.library.opcheck(torch.ops.sparsekern.ck_conv,
-                          (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3))
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.sparsekern.ck_conv,
+                              (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3, relu))
 
 
 def test_new_ops_compile_fullgraph():
@@ -628,3 +644,17 @@ def test_mixed_dtypes_raise_naming_the_arguments(name, path):
         bad[i] = bad[i].to(dtype)
         with pytest.raises(TypeError, match=match):
             fn(*bad)
+
+
+@pytest.mark.parametrize("name", spmm.RELU_OPS)
+def test_public_function_relu(name):
+    """``relu=True`` of the public function: the registered op with its fused ReLU, equal to
+    ``relu`` of the op's result without it; a non-bool ``relu`` is a TypeError naming it."""
+    for case, args in _op_cases():
+        if case == name:
+            fn = getattr(spmm, name)
+            y = fn(*args, relu=True)
+            assert torch.equal(y, getattr(torch.ops.sparsekern, name)(*args, True))
+            assert torch.equal(y, fn(*args).relu()) and (y == 0).any()
+            with pytest.raises(TypeError, match="relu must be a bool"):
+                fn(*args, relu="True")

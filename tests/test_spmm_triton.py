@@ -410,3 +410,25 @@ def test_fp32_precision_of_either_api(legacy, precision):
     assert [(name, kw.get("PRECISION")) for name, _, kw in launches] == [
         ("_bsr_kernel", precision), ("_nm_dot_kernel" if precision == "tf32" else "_gather_kernel",
                                      precision if precision == "tf32" else None)]
+
+
+def test_relu_ops_cuda_implementation():
+    """The ops' CUDA implementations (``ops.spmm``'s adapters: the Triton launch, then the ReLU)
+    with ``relu`` True / False / left out, against the reference."""
+    from sparsekern.ops._common import IMPLS
+
+    w = sparse_weight(9, 8, 0.5)
+    rowptr, col, val = csr_from_dense(w)
+    wt = torch.randn(6, 4, 3, 3)
+    ck = ck_from_dense(wt * (torch.rand(6, 4, 1, 1) < 0.5))
+    cases = {"csr_mm": ((rowptr, col, val, torch.randn(9), torch.randn(8, 5)), (9, True)),
+             "csr_conv": ((rowptr, (col * 3).int(), val, NO_BIAS, torch.randn(8 * 3 + 6)), (6, 9, 7, 3, 2)),
+             "ck_conv": ((*ck, conv_taps((3, 3), (1, 1), (1, 1), 5, 5), torch.randn(6), torch.randn(4 * 25 + 2)),
+                         (15, 6, 25, 2, 5, 3))}
+    for name, (tensors, rest) in cases.items():
+        launch, ref = IMPLS[name].cuda, getattr(reference, name)
+        for relu in (False, True):
+            y = launch(*dev(*tensors), *rest, relu).cpu()
+            torch.testing.assert_close(y, ref(*tensors, *rest, relu), **TOL)
+            assert (y.min() >= 0) == relu
+        torch.testing.assert_close(launch(*dev(*tensors), *rest).cpu(), ref(*tensors, *rest), **TOL)

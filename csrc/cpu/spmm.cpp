@@ -2,11 +2,13 @@
 //
 // The ops' CPU implementations (schemas in sparsekern/ops/spmm.py; x of any strides, copied to
 // contiguous here; val / x / bias dtypes checked as in Python):
-//   csr_mm(rowptr, col, val, bias, x, out_features, transpose_out) -> y
+//   csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, relu) -> y
 //     rowptr: int64 [out_features + 1]; col: int32 [nnz] (column = input feature);
 //     val: fp32 [nnz]; bias: fp32 [out_features] or empty [0]; x: fp32 [in, n].
 //     transpose_out=false: y = W·x + bias[:, None], shape [out_features, n] (1×1 conv layout);
 //     transpose_out=true:  y = (W·x + bias[:, None])ᵀ, shape [n, out_features] (Linear layout).
+//     relu=true: max(y, 0), applied to the sums as they are stored (a NaN stays NaN, as torch.relu);
+//     csr_conv, ck_conv and csr_group_conv take the same last argument.
 //
 // Performance structure (the approach of XNNPACK's sparse inference): the n dimension (batch or
 // pixels) is the vector dimension. For each output row and each of its nonzeros (k, v) the
@@ -20,7 +22,7 @@
 // one dot product per row. Each leaf is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
 // the baseline (target_clones), with FMA contraction enabled here.
 //
-//   csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv) -> y [out, n / wp, wv]
+//   csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, relu) -> y [out, n / wp, wv]
 //     The same kernel with a per-nonzero element offset instead of a column index:
 //     z[o, j] = bias[o] + Σ_i val[i]·x[off[i] + j] over row o's nonzeros (j < n, x flat fp32,
 //     off int32), stored as rows of wp of which the first wv are kept: y[o, h, c] = z[o, h·wp + c].
@@ -38,13 +40,13 @@
 //     N:M compressed: val fp32 [out, in·n/m], idx uint8 [out, in·n/m] (position 0..m-1 in its
 //     group); stored value j of a row is W[row, (j / n)·m + idx]. CSR with 1-byte implicit
 //     columns (the groups give the column base).
-//   ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)
+//   ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, relu)
 //     -> y [out, n / wp, wv]: kernel-skipping (CK) direct convolution. Row o holds its alive
 //     kernels: chan int32 [nk] (input channel, ascending), val fp32 [nk, T] (the kernel's T = R·S
 //     dense taps); taps int32 [T] = r·dil·Wp + s·dil; the nonzero offsets of csr_conv are
 //     chan·plane + taps[t]. slab is in channels.
 //   csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding,
-//                  dilation) -> y [N, out, H_out, W_out]: grouped (depthwise: groups = C) KxK
+//                  dilation, relu) -> y [N, out, H_out, W_out]: grouped (depthwise: groups = C) KxK
 //     convolution as F.conv2d; weight CSR [out, C/groups·R·S] (col = c·R·S + r·S + s, c within
 //     the group); x [N, C, H, W]. One task per (image, group, band of output rows): the input
 //     rows the band reads (~16 KB) are copied into a per-thread zero-padded buffer of stride
@@ -124,6 +126,11 @@ template <>
 SK_INLINE v16s splat<v16s>(float a) { return {v16{} + a}; }
 template <>
 SK_INLINE v8x2 splat<v8x2>(float a) { return {v8{} + a, v8{} + a}; }
+
+// max(a, 0) per lane; a NaN stays NaN (torch.relu).
+SK_INLINE float relu0(float a) { return a < 0.f ? 0.f : a; }
+SK_INLINE v16s relu0(const v16s& a) { return {a.v < v16{} ? v16{} : a.v}; }
+SK_INLINE v8x2 relu0(const v8x2& a) { return {a.lo < v8{} ? v8{} : a.lo, a.hi < v8{} ? v8{} : a.hi}; }
 
 // Multiply-adds per task (~50-100 us): a layer below two grains (e.g. ResNet-50's fc at batch 1,
 // 90 % sparse: 205K) stays on one thread, as MKL keeps small dense layers: a parallel region
@@ -233,11 +240,12 @@ SK_INLINE void axpy_run(const int32_t* col, const float* val, const float* x, in
 
 // Rows r0..r1 over the 16·NV columns at x (x = X + n0): row r's nonzeros from cur[r - r0] on
 // with col < limit (all if limit < 0; cur advanced) added to part[r - r0] (row stride kTile;
-// bias[r] if part is null), into dst[r - r0] (row stride ldd).
+// bias[r] if part is null), into dst[r - r0] (row stride ldd); max(·, 0) if relu (the last chunk).
 template <typename V, int NV>
 SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
-                         int64_t* cur, int64_t limit, const float* part, float* dst, int64_t ldd) {
+                         int64_t* cur, int64_t limit, const float* part, float* dst, int64_t ldd,
+                         bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
     V a[NV], b[kSets<V, NV> == 2 ? NV : 1];  // b unused with one set
     const V b0 = splat<V>(bias ? bias[r] : 0.f);
@@ -250,6 +258,8 @@ SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float*
     cur[r - r0] = i;
     if constexpr (kSets<V, NV> == 2)
       for (int j = 0; j < NV; ++j) a[j] += b[j];
+    if (relu)
+      for (int j = 0; j < NV; ++j) a[j] = relu0(a[j]);
     for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + (r - r0) * ldd + 16 * j) = a[j];
   }
 }
@@ -257,7 +267,7 @@ SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float*
 // n < 16 columns, one lane at a time across rows.
 SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
-                         int64_t w, float* buf) {
+                         int64_t w, float* buf, bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
     float acc[16];
     const float b0 = bias ? bias[r] : 0.f;
@@ -267,7 +277,7 @@ SK_INLINE void rows_tail(const int64_t* rowptr, const int32_t* col, const float*
       const float v = val[i];
       for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
     }
-    for (int64_t j = 0; j < w; ++j) buf[(r - r0) * kTile + j] = acc[j];
+    for (int64_t j = 0; j < w; ++j) buf[(r - r0) * kTile + j] = relu ? relu0(acc[j]) : acc[j];
   }
 }
 
@@ -287,7 +297,7 @@ constexpr int64_t kChunkRows = 512;
 template <typename V>
 SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t in, int64_t n, float* y,
-                         int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+                         int64_t out, bool transpose_out, bool relu, int64_t b0, int64_t b1) {
   std::vector<float> buf_;
   int64_t cur[kChunkRows];
   const int64_t per_row =  // nonzeros of an average row
@@ -312,9 +322,10 @@ SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float*
         const float* part = c ? buf : nullptr;
         float* dst = direct ? y + r0 * n + t0 : buf;
         const int64_t ldd = direct ? n : kTile;
-        if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd);
-        else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd);
-        else rows_tile<V, 1>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd);
+        const bool rl = relu && last;
+        if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl);
+        else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl);
+        else rows_tile<V, 1>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl);
       }
       if (transpose_out) store_tile(buf, y, out, n, true, r0, r1 - r0, t0, w);
     }
@@ -324,35 +335,39 @@ SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float*
 
 SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
                            const float* bias, const float* x, int64_t in, int64_t n, float* y,
-                           int64_t out, bool transpose_out, int64_t b0, int64_t b1) {
+                           int64_t out, bool transpose_out, bool relu, int64_t b0, int64_t b1) {
   if (n < 16) {
     alignas(64) float buf[kRowBlock * kTile];
     for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
       const int64_t r1 = std::min(b1, r0 + kRowBlock);
-      rows_tail(rowptr, col, val, bias, x, n, r0, r1, n, buf);
+      rows_tail(rowptr, col, val, bias, x, n, r0, r1, n, buf, relu);
       store_tile(buf, y, out, n, transpose_out, r0, r1 - r0, 0, n);
     }
   } else if (wide512()) {
-    mm_leaf_t<v16s>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, b0, b1);
+    mm_leaf_t<v16s>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, relu, b0, b1);
   } else {
-    mm_leaf_t<v8x2>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, b0, b1);
+    mm_leaf_t<v8x2>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, relu, b0, b1);
   }
 }
 
 // Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
 // column j = h·wp + c goes to y[row, h, c] if c < wv and j < n (columns from n on: the
-// vector tail's padding, dropped).
+// vector tail's padding, dropped); max(·, 0) if relu.
 SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, int64_t n0,
-                          int64_t w, int64_t n, int64_t wp, int64_t wv) {
+                          int64_t w, int64_t n, int64_t wp, int64_t wv, bool relu) {
   const int64_t rows_out = n / wp, end = std::min(n0 + w, n);
   for (int64_t j = n0; j < end;) {
     const int64_t h = j / wp, c = j % wp;
     const int64_t len = std::min(end, h * wp + wp) - j;
     const int64_t keep = std::min(len, std::max<int64_t>(0, wv - c));
-    if (keep > 0) {
-      for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(y + ((r0 + r) * rows_out + h) * wv + c, acc + r * kTile + (j - n0),
-                    keep * sizeof(float));
+    for (int64_t r = 0; r < rows && keep > 0; ++r) {
+      float* dst = y + ((r0 + r) * rows_out + h) * wv + c;
+      const float* src = acc + r * kTile + (j - n0);
+      if (relu) {
+        SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = relu0(src[k]);
+      } else {
+        std::memcpy(dst, src, keep * sizeof(float));
+      }
     }
     j += len;
   }
@@ -386,11 +401,11 @@ SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64
 // kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses it;
 // the rows' partial sums live in a small buffer. step(w, i, e, limit, n0, acc) adds row entries
 // i.. (up to e, position < limit) to acc[0:w] for output columns n0.. (csr_conv: nonzeros; ck_conv:
-// kernels). Shared by conv_leaf and ck_leaf.
+// kernels); relu: max(·, 0) as the tile is stored. Shared by conv_leaf and ck_leaf.
 template <typename Step>
 SK_INLINE void slab_blocked(const int64_t* rowptr, const float* bias, int64_t n, int64_t slab,
-                            int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
-                            int64_t c0, int64_t c1, const Step& step) {
+                            int64_t span, int64_t wp, int64_t wv, bool relu, float* y, int64_t b0,
+                            int64_t b1, int64_t c0, int64_t c1, const Step& step) {
   alignas(64) float acc[kConvRows * kTile];
   int64_t cur[kConvRows];
   for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
@@ -405,7 +420,7 @@ SK_INLINE void slab_blocked(const int64_t* rowptr, const float* bias, int64_t n,
       for (int64_t limit = slab; limit - slab < span; limit += slab) {
         for (int64_t r = 0; r < rows; ++r) step(w, cur[r], rowptr[r0 + r + 1], limit, n0, acc + r * kTile);
       }
-      store_wide(acc, y, r0, rows, n0, w, n, wp, wv);
+      store_wide(acc, y, r0, rows, n0, w, n, wp, wv, relu);
       n0 += w;
     }
   }
@@ -427,18 +442,18 @@ struct SlabStep {
 
 SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, const float* x, int64_t n, int64_t slab,
-                         int64_t span, int64_t wp, int64_t wv, float* y, int64_t b0, int64_t b1,
-                         int64_t c0, int64_t c1) {
-  if (wide512()) slab_blocked(rowptr, bias, n, slab, span, wp, wv, y, b0, b1, c0, c1, SlabStep<v16s>{off, val, x});
-  else slab_blocked(rowptr, bias, n, slab, span, wp, wv, y, b0, b1, c0, c1, SlabStep<v8x2>{off, val, x});
+                         int64_t span, int64_t wp, int64_t wv, bool relu, float* y, int64_t b0,
+                         int64_t b1, int64_t c0, int64_t c1) {
+  if (wide512()) slab_blocked(rowptr, bias, n, slab, span, wp, wv, relu, y, b0, b1, c0, c1, SlabStep<v16s>{off, val, x});
+  else slab_blocked(rowptr, bias, n, slab, span, wp, wv, relu, y, b0, b1, c0, c1, SlabStep<v8x2>{off, val, x});
 }
 
-// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]]. Checks the column indices as it reads them
-// (no separate pass over col: batch 1 is memory bound): an index outside [0, in) reads x[0]
-// instead and makes the result true (the caller then raises).
+// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]] (max(·, 0) if relu). Checks the column indices
+// as it reads them (no separate pass over col: batch 1 is memory bound): an index outside
+// [0, in) reads x[0] instead and makes the result true (the caller then raises).
 SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
-                           const float* bias, const float* x, int64_t in, float* y, int64_t b0,
-                           int64_t b1) {
+                           const float* bias, const float* x, int64_t in, float* y, bool relu,
+                           int64_t b0, int64_t b1) {
   const uint32_t limit = uint32_t(std::min<int64_t>(in, UINT32_MAX));
   uint32_t bad = 0;
   for (int64_t r = b0; r < b1; ++r) {
@@ -458,7 +473,9 @@ SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const floa
       bad |= !ok;
       s[0] += val[i] * x[ok ? c : 0];
     }
-    y[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + (bias ? bias[r] : 0.f);
+    const float sum =
+        ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + (bias ? bias[r] : 0.f);
+    y[r] = relu ? relu0(sum) : sum;
   }
   return bad != 0;
 }
@@ -776,19 +793,20 @@ struct CKStep {
 SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
-                           int64_t wv, float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
+                           int64_t wv, bool relu, float* y, int64_t b0, int64_t b1, int64_t c0,
+                           int64_t c1) {
   const bool w512 = wide512();
   if (nt == 9 && w512)  // 3×3
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
                  CKStep<v16s, 9>{chan, val, taps, nt, plane, x});
   else if (nt == 9)
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
                  CKStep<v8x2, 9>{chan, val, taps, nt, plane, x});
   else if (w512)
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
                  CKStep<v16s, 0>{chan, val, taps, nt, plane, x});
   else
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
                  CKStep<v8x2, 0>{chan, val, taps, nt, plane, x});
 }
 
@@ -855,10 +873,10 @@ SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, int64_t h0, 
 
 // dst[0:keep] = (bias + Σ_i val[i]·x[off[i] + 0 : 16·NV])[0:keep] over nonzeros i in [i, e):
 // one register tile (two accumulator sets, even/odd nonzeros), keep <= 16·NV; spill: the whole
-// tile may be stored (what lies past keep is rewritten later).
+// tile may be stored (what lies past keep is rewritten later); max(·, 0) if relu.
 template <typename V, int NV>
 SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64_t e, float bias,
-                          const float* x, float* dst, int64_t keep, bool spill) {
+                          const float* x, float* dst, int64_t keep, bool spill, bool relu) {
   V a[NV], b[NV];
   for (int j = 0; j < NV; ++j) { a[j] = splat<V>(bias); b[j] = V{}; }
   for (; i + 1 < e; i += 2) {
@@ -875,11 +893,12 @@ SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64
     const V u = splat<V>(val[i]);
     for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
   }
+  for (int j = 0; j < NV; ++j) a[j] = relu ? relu0(a[j] + b[j]) : a[j] + b[j];
   if (spill || keep == 16 * NV) {
-    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + 16 * j) = a[j] + b[j];
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + 16 * j) = a[j];
   } else {
     alignas(64) float t[16 * NV];
-    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(t + 16 * j) = a[j] + b[j];
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(t + 16 * j) = a[j];
     for (int64_t j = 0; j < keep; ++j) dst[j] = t[j];
   }
 }
@@ -892,7 +911,7 @@ SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64
 template <typename V>
 SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
                            const int32_t* off, const float* val, const float* bias, const float* x,
-                           float* y, int64_t t0, int64_t t1, float* buf) {
+                           bool relu, float* y, int64_t t0, int64_t t1, float* buf) {
   const int64_t out = groups * g.rows_g;
   int64_t img = t0 / (groups * g.nb), grp = t0 / g.nb % groups, band = t0 % g.nb;
   for (int64_t t = t0; t < t1; ++t, ++band) {  // (img, grp, band) advanced without divisions
@@ -910,13 +929,14 @@ SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* ro
         for (int64_t c = 0; c < g.w_out;) {
           const int64_t left = g.w_out - c;
           if (kWide<V> && left >= 64) {
-            group_tile<V, 4>(off, val, b, e, bo, src + c, dst + c, 64, true);
+            group_tile<V, 4>(off, val, b, e, bo, src + c, dst + c, 64, true, relu);
             c += 64;
           } else if (left > 16) {
-            group_tile<V, 2>(off, val, b, e, bo, src + c, dst + c, std::min<int64_t>(left, 32), c + 32 <= room);
+            group_tile<V, 2>(off, val, b, e, bo, src + c, dst + c, std::min<int64_t>(left, 32), c + 32 <= room,
+                             relu);
             c += 32;
           } else {
-            group_tile<V, 1>(off, val, b, e, bo, src + c, dst + c, left, c + 16 <= room);
+            group_tile<V, 1>(off, val, b, e, bo, src + c, dst + c, left, c + 16 <= room, relu);
             c += 16;
           }
         }
@@ -927,9 +947,9 @@ SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* ro
 
 SK_CLONES_FMA void group_leaf(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
                               const int32_t* off, const float* val, const float* bias,
-                              const float* x, float* y, int64_t t0, int64_t t1, float* buf) {
-  if (wide512()) group_tasks<v16s>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf);
-  else group_tasks<v8x2>(g, groups, rowptr, off, val, bias, x, y, t0, t1, buf);
+                              const float* x, bool relu, float* y, int64_t t0, int64_t t1, float* buf) {
+  if (wide512()) group_tasks<v16s>(g, groups, rowptr, off, val, bias, x, relu, y, t0, t1, buf);
+  else group_tasks<v8x2>(g, groups, rowptr, off, val, bias, x, relu, y, t0, t1, buf);
 }
 
 }  // namespace
@@ -1049,7 +1069,7 @@ void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t rows, int64_
 
 at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
                   const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
-                  bool transpose_out) {
+                  bool transpose_out, bool relu) {
   check_dtypes("csr_mm", val, bias, x_any);
   const at::Tensor x = contiguous_x(x_any);
   at::Tensor y = mm_output("csr_mm", bias, x, out_features, transpose_out);
@@ -1076,12 +1096,12 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   if (n == 1) {
     std::atomic<bool> bad{false};
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      if (mv_leaf(rp, cp, vp, bp, xp, in, yp, b, e)) bad = true;
+      if (mv_leaf(rp, cp, vp, bp, xp, in, yp, relu, b, e)) bad = true;
     });
     if (bad) check_columns();  // raises
   } else {
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mm_leaf(rp, cp, vp, bp, xp, in, n, yp, out_features, transpose_out, b, e);
+      mm_leaf(rp, cp, vp, bp, xp, in, n, yp, out_features, transpose_out, relu, b, e);
     });
   }
   return y;
@@ -1089,7 +1109,7 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
 
 at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::Tensor& val,
                     const at::Tensor& bias, const at::Tensor& x_any, int64_t n, int64_t out_features,
-                    int64_t slab, int64_t wp, int64_t wv) {
+                    int64_t slab, int64_t wp, int64_t wv, bool relu) {
   check_dtypes("csr_conv", val, bias, x_any);
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
@@ -1127,7 +1147,7 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const int64_t span = x.numel();  // every offset is below it
   const int64_t run = run_columns(n, nnz ? hi : 0, x.numel());
   conv_grid(out_features, run, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
-    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, yp, b, e, c0, c1);
+    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, relu, yp, b, e, c0, c1);
   });
   return y;
 }
@@ -1214,7 +1234,8 @@ at::Tensor nm_mm(const at::Tensor& val, const at::Tensor& idx, const at::Tensor&
 
 at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::Tensor& val,
                    const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& x_any, int64_t n,
-                   int64_t out_features, int64_t plane, int64_t slab, int64_t wp, int64_t wv) {
+                   int64_t out_features, int64_t plane, int64_t slab, int64_t wp, int64_t wv,
+                   bool relu) {
   check_dtypes("ck_conv", val, bias, x_any);
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
@@ -1265,7 +1286,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const int64_t channels = x.numel() / plane + 1;  // every channel index is below it
   const int64_t run = run_columns(n, max_chan * plane + max_tap, x.numel());
   conv_grid(out_features, run, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
-    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, yp, b, e, c0, c1);
+    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, relu, yp, b, e, c0, c1);
   });
   return y;
 }
@@ -1273,7 +1294,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
 at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
                           const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
                           int64_t groups, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+                          at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   check_dtypes("csr_group_conv", val, bias, x_any);
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
@@ -1343,7 +1364,7 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   const int64_t per_task = std::max<int64_t>(1, (nnz / groups + 4 * g.cg) * g.band * g.wq);
   at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainMacs / 8 / per_task), [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(len);  // the slack past the phases stays zero
-    group_leaf(g, groups, rp, off.data(), vp, bp, xp, yp, t0, t1, buf.data());
+    group_leaf(g, groups, rp, off.data(), vp, bp, xp, relu, yp, t0, t1, buf.data());
   });
   return y;
 }

@@ -22,7 +22,8 @@ conv; strided ones also as :class:`CSRGroupConv2d`, ``kernel=grouped``) and ck (
 (:class:`CSRGroupConv2d`). CPU, bf16 / fp16: Linear and 1×1 conv can become bitmap (:class:`BitmapLinear`,
 :class:`BitmapConv1x1`). Other bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
 ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
-and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``).
+and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``); after
+them, the ReLU after a converted CSR / CK layer runs in its kernel (``fuse_relu``).
 
 **The batch matters**: each format is measured at the layer's input shape, and the best format
 at batch 1 (a mat-vec) is not the best at batch 64. Pass ``example_input`` with the batch the
@@ -73,7 +74,7 @@ from torch import nn
 from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
-from .fuse import batchnorm_pairs, fold_batchnorm, replace_maxpools
+from .fuse import batchnorm_pairs, fold_batchnorm, fuse_relu as fuse_relus, replace_maxpools, swap_module
 from .modules import (BitmapConv1x1, BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
                       CSRLinear, NMConv1x1, NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
                       supports_group_conv, supports_semi_structured)
@@ -448,14 +449,6 @@ def _probe(model, candidates, example_input):
     return {name: seen[id(m)] for name, m in candidates}
 
 
-def _replace_everywhere(model, old, new):
-    """Put ``new`` wherever ``old`` is registered in ``model`` (a module shared by two parents)."""
-    for parent in model.modules():
-        for attr, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, attr, new)
-
-
 _MISSING = object()
 
 
@@ -517,7 +510,7 @@ def _choose(m, row, cands, x, min_speedup, reps, reads=None):
 
 
 def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, return_report=False,
-            fold_bn=True, batch_size=None, fast_pool=True):
+            fold_bn=True, batch_size=None, fast_pool=True, fuse_relu=True):
     """Replace each ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``) of ``model`` (in
     place) by the sparse inference module that the cost model ranks best and a measurement
     confirms at least ``min_speedup``× faster than the dense layer on this device (module
@@ -541,6 +534,12 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
     (``sparsekern.inference.fuse``: needs a model ``torch.fx`` can trace; the BatchNorm becomes
     ``nn.Identity``, the conv gets a bias; zeros stay zero). The folded model's outputs equal the
     original's within fp32 rounding.
+
+    fuse_relu: then fuse each ``nn.ReLU`` module whose only input is a converted CSR / CK layer's
+    output (through a folded BatchNorm's identity) and that runs nowhere else into that layer's
+    kernel (``fuse.fuse_relu``: the layer's ``relu`` set, the ReLU an ``nn.Identity``; the model
+    keeps its class). Functional ReLUs and ReLU modules reused elsewhere (ResNet's ``self.relu``)
+    stay: removing them would mean returning a rewritten ``torch.fx.GraphModule``.
 
     fast_pool: swap each ``nn.MaxPool2d`` (dilation 1, no ceil_mode / indices) for
     ``fuse.SeparableMaxPool2d`` (same outputs; torch's CPU max pool took ~10 % of a converted
@@ -626,7 +625,12 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
             row.note = f"{folded[name]} folded; {row.note}"
         if sparse is not None:
             if name:
-                _replace_everywhere(model, m, sparse)
+                swap_module(model, m, sparse)  # everywhere: a module shared by two parents
             else:
                 model = sparse
+    if fuse_relu:
+        fused = fuse_relus(model)
+        for row in report:
+            if row.name in fused:
+                row.note = f"{row.note}; ReLU fused"
     return (model, report) if return_report else model

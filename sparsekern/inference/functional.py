@@ -176,14 +176,15 @@ def _bias(bias, val):
     return bias if bias is not None else val.new_empty(0)
 
 
-def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
+def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None,
+               relu=False):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
     ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Groups of images are
     copied into a zero-padded buffer of stride phases (:func:`conv_geometry`, images stacked as in
     :func:`_direct_conv2d`) and convolved directly, one ``csr_conv`` call per group, at stride 1
     over the phases, in wide rows: only the strided outputs are computed. ``cache``: a dict kept
     by the caller for this input's ``(C, H, W)`` (and thread): the :func:`conv_offsets` and
-    buffers per group size, reused by later calls."""
+    buffers per group size, reused by later calls. ``relu``: ``max(y, 0)`` in the kernel's store."""
     b = _bias(bias, val)
 
     def index(hq, wq):
@@ -191,15 +192,17 @@ def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, pad
 
     def run(buf, offsets, hq, n, wq, w_out):
         slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
-        return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out)
+        return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out, relu=relu)
 
     return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
                           {} if cache is None else cache)
 
 
-def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None):
+def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None,
+              relu=False):
     """:func:`csr_conv2d` with a CK weight (``formats.ck_from_dense``): ``x [N, C, H, W]`` →
-    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size."""
+    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size; ``relu`` as
+    :func:`csr_conv2d`'s."""
     b = _bias(bias, val)
 
     def index(hq, wq):
@@ -208,7 +211,7 @@ def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, pad
 
     def run(buf, taps, hq, n, wq, w_out):
         plane = stride[0] * stride[1] * hq * wq
-        return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out)
+        return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out, relu=relu)
 
     return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
                           {} if cache is None else cache)
@@ -232,32 +235,33 @@ def direct_conv_cache(val, x):
 _CONV2D = {"csr": csr_conv2d, "ck": ck_conv2d}
 
 
-def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False):
     h_out, w_out = conv_geometry(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)[2:]
     return x.new_empty(x.shape[0], out_features, h_out, w_out)
 
 
 def _conv2d_op(fmt):
-    def impl(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+    def impl(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False):
         geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
-        return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x))
+        return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x), relu)
 
     return define(f"{fmt}_conv2d(Tensor x, Tensor rowptr, Tensor idx, Tensor val, Tensor? bias, SymInt out_features, "
-                  "SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation) -> Tensor",
+                  "SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool relu=False) "
+                  "-> Tensor",
                   "inference", reference=impl, fake=_fake_conv2d)
 
 
 _CONV2D_OPS = {fmt: _conv2d_op(fmt) for fmt in _CONV2D}
 
 
-def conv2d(fmt, x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation):
+def conv2d(fmt, x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False):
     """The KxK convolution of the inference modules, weight in format ``fmt``: ``"csr"``
     (:func:`csr_conv2d`, ``idx = col``) or ``"ck"`` (:func:`ck_conv2d`, ``idx = chan``), with the
-    weight's :func:`direct_conv_cache`. Under torch.compile / export: the op
-    ``sparsekern::<fmt>_conv2d``, opaque to the compiler (the caches stay in its implementation;
+    weight's :func:`direct_conv_cache`; ``relu``: ``max(y, 0)`` fused. Under torch.compile / export: the
+    op ``sparsekern::<fmt>_conv2d``, opaque to the compiler (the caches stay in its implementation;
     its fake kernel gives the output shape)."""
     if torch.compiler.is_compiling():
         return _CONV2D_OPS[fmt](x, rowptr, idx, val, bias, out_features, list(kernel_size), list(stride),
-                                list(padding), list(dilation))
+                                list(padding), list(dilation), relu)
     return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation,
-                        direct_conv_cache(val, x))
+                        direct_conv_cache(val, x), relu)

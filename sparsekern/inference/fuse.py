@@ -1,4 +1,4 @@
-"""Eval-mode BatchNorm folding for :func:`sparsekern.inference.convert`.
+"""Eval-mode BatchNorm folding and ReLU fusion for :func:`sparsekern.inference.convert`.
 
 A ``Conv2d`` whose output goes only to an eval ``BatchNorm2d`` is replaced by one conv with
 ``W' = W·s`` and ``b' = (b - mean)·s + beta`` (``s = gamma / sqrt(var + eps)``, per output channel,
@@ -11,11 +11,37 @@ does not trace (data-dependent control flow, most transformers) is left as it is
 folded only if the conv and the BatchNorm are each called once in the graph, the conv's output
 has the BatchNorm as its only user, the BatchNorm is in eval mode with running statistics and
 the conv is a plain ``nn.Conv2d`` (no overridden ``forward``).
+
+After conversion, :func:`fuse_relu` moves the ReLU that follows a converted CSR / CK layer into its
+kernel (the module's ``relu``): on the same graph (sparsekern's modules traced as leaves), an
+``nn.ReLU`` module called only there, whose input is the layer's output, possibly through the
+``nn.Identity`` of a folded BatchNorm, with no other user on the way, becomes ``nn.Identity``; the
+layer must be called once in the graph. The model keeps its class and forward: a functional ReLU
+or a ReLU module reused elsewhere (ResNet's ``self.relu``) would need the graph rewritten (the model
+returned as a ``torch.fx.GraphModule``), so those stay as they are.
 """
 from collections import Counter
 
 import torch
 from torch import nn
+
+from .modules import CKConv2d, _CSR
+
+
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx`` tracer that keeps sparsekern's modules (sparse layers, ``SeparableMaxPool2d``)
+    as single calls, as torch's own."""
+
+    def is_leaf_module(self, m, qualname):
+        return type(m).__module__.startswith("sparsekern.") or super().is_leaf_module(m, qualname)
+
+
+def trace(model):
+    """``(graph, note)``: ``model``'s ``torch.fx`` graph (:class:`_Tracer`), or ``None`` and why not."""
+    try:
+        return _Tracer().trace(model), ""
+    except Exception as e:  # noqa: BLE001 (any tracing failure: the model is left as it is)
+        return None, f"torch.fx cannot trace the model ({type(e).__name__})"
 
 
 def batchnorm_pairs(model):
@@ -23,10 +49,9 @@ def batchnorm_pairs(model):
     folds (module docstring), and why none could be looked for (``""`` if traced)."""
     if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
         return [], ""  # nothing to fold: the model is not traced (tracing runs its forward's Python)
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as e:  # noqa: BLE001 (any tracing failure: nothing is folded)
-        return [], f"not folded: torch.fx cannot trace the model ({type(e).__name__})"
+    graph, note = trace(model)
+    if graph is None:
+        return [], f"not folded: {note}"
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
@@ -70,13 +95,59 @@ def fold_batchnorm(model, pairs):
         w, b = fold_conv_bn(conv, bn)
         conv.weight = nn.Parameter(w, requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(b, requires_grad=conv.weight.requires_grad)
-        identity = nn.Identity()
-        for parent in model.modules():
-            for attr, child in list(parent._modules.items()):
-                if child is bn:
-                    setattr(parent, attr, identity)
+        swap_module(model, bn, nn.Identity())
         folded[conv_name] = bn_name
     return folded
+
+
+def swap_module(model, old, new):
+    """Put module ``new`` in place of ``old`` wherever ``old`` is a child in ``model`` (a module
+    may be shared by two parents)."""
+    for parent in model.modules():
+        for attr, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, attr, new)
+
+
+def _is_identity(node, arg, modules):
+    """Whether graph ``node`` is an ``nn.Identity`` call on ``arg``."""
+    return node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and node.args == (arg,)
+
+
+def _is_relu(node, modules):
+    """Whether graph ``node`` is an ``nn.ReLU`` module call on its one input."""
+    return (node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU and len(node.args) == 1
+            and not node.kwargs)
+
+
+def fuse_relu(model):
+    """Fuse into each converted CSR / CK layer of ``model`` the ReLU module after it (module
+    docstring), in place: the layer's ``relu`` becomes True, the ReLU an ``nn.Identity``.
+    Returns the names of the layers fused."""
+    modules = dict(model.named_modules())
+    if not any(isinstance(m, (_CSR, CKConv2d)) and not m.relu for m in modules.values()):
+        return []  # nothing to fuse: the model is not traced
+    graph, _ = trace(model)
+    if graph is None:
+        return []
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    fused = []
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, (_CSR, CKConv2d)) or layer.relu or calls[node.target] != 1:
+            continue
+        end = node  # the layer's output, through folded BatchNorms' identities
+        while len(end.users) == 1 and _is_identity(next(iter(end.users)), end, modules):
+            end = next(iter(end.users))
+        if len(end.users) != 1:
+            continue
+        (relu,) = end.users
+        if not _is_relu(relu, modules) or calls[relu.target] != 1:
+            continue
+        swap_module(model, modules[relu.target], nn.Identity())
+        layer.relu = True
+        fused.append(node.target)
+    return fused
 
 
 def _pair(v):
@@ -152,10 +223,6 @@ def replace_maxpools(model):
     swapped = []
     for name, m in list(model.named_modules()):
         if name and SeparableMaxPool2d.supports(m):
-            new = SeparableMaxPool2d.from_dense(m)
-            for parent in model.modules():
-                for attr, child in list(parent._modules.items()):
-                    if child is m:
-                        setattr(parent, attr, new)
+            swap_module(model, m, SeparableMaxPool2d.from_dense(m))
             swapped.append(name)
     return swapped

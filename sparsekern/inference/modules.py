@@ -10,6 +10,10 @@ sparse convolution) and ``GroupConv2d`` (grouped / depthwise, zero padding)::
     CSRLinear  BSRLinear  NMLinear      CSRConv1x1  BSRConv1x1  NMConv1x1      CSRConv2d  CKConv2d
     CSRGroupConv2d
 
+CSR and CK modules have a ``relu`` attribute (default False; set by ``fuse.fuse_relu``): ``True``
+applies ``max(y, 0)`` in the kernel's store, the ReLU after the layer fused. Like ``stride``, it is
+a plain attribute (pickled, in ``extra_repr``), not in the ``state_dict``.
+
 The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
 of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
 the block shape and ``n:m`` come with them).
@@ -89,6 +93,7 @@ class _Sparse(nn.Module):
 
 class _CSR:
     format = "csr"
+    relu = False  # ReLU fused into the kernel's store (module docstring)
 
     def _encode(self, w):
         rowptr, col, val = formats.csr_from_dense(w.reshape(w.shape[0], -1))
@@ -96,7 +101,8 @@ class _CSR:
 
     def _mm(self, x, transpose_out):
         b = self._buffers
-        return spmm.csr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out)
+        return spmm.csr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out,
+                           relu=self.relu)
 
     def weight_dense(self):
         """The dense weight ``[out, in]`` (``[out, C·R·S]`` for a KxK conv), zeros restored."""
@@ -166,7 +172,7 @@ class _Linear(_Sparse):
                 f"bias={self.bias is not None}, density={self.density:.3f}{self._fmt_repr()}")
 
     def _fmt_repr(self):
-        return "".join(f", {k}={getattr(self, k)}" for k in ("block", "n", "m") if hasattr(self, k))
+        return "".join(f", {k}={getattr(self, k)}" for k in ("block", "n", "m", "relu") if hasattr(self, k))
 
 
 class _Conv1x1(_Linear):
@@ -219,12 +225,13 @@ class _ConvKxK(_Sparse):
         self._check(x, 1, ndim=4)
         b = self._buffers
         return functional.conv2d(self.format, x, b["rowptr"], b[self._index], b["val"], b["bias"],
-                                 self.out_features, self.kernel_size, self.stride, self.padding, self.dilation)
+                                 self.out_features, self.kernel_size, self.stride, self.padding, self.dilation,
+                                 relu=self.relu)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}")
+                f"bias={self.bias is not None}, density={self.density:.3f}, relu={self.relu}")
 
 
 # --- the modules -----------------------------------------------------------------------------------
@@ -280,6 +287,7 @@ class CKConv2d(_ConvKxK):
 
     format = "ck"
     _index = "chan"
+    relu = False  # ReLU fused into the kernel's store (module docstring)
 
     def _encode(self, w):
         rowptr, chan, val = formats.ck_from_dense(w)
@@ -332,12 +340,12 @@ class CSRGroupConv2d(_CSR, _Sparse):
         b = self._buffers
         return spmm.csr_group_conv(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, self.groups,
                                    list(self.kernel_size), list(self.stride), list(self.padding),
-                                   list(self.dilation))
+                                   list(self.dilation), relu=self.relu)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}")
+                f"bias={self.bias is not None}, density={self.density:.3f}, relu={self.relu}")
 
 
 def semi_structured_backend():

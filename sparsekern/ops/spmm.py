@@ -8,19 +8,20 @@ builders: ``sparsekern.inference.formats``; the layers built on these ops:
   over output rows (``rowptr`` int64 ``[out + 1]``, ``col`` int32 ``[nnz]``, ``val [nnz]``) times
   ``x [in, n]``: the ``n`` columns (batch or pixels) are the kernel's vector dimension.
   ``transpose_out`` returns ``[n, out]`` (Linear layout) instead of ``[out, n]`` (1×1 conv layout);
+  ``relu``: ``max(y, 0)`` in the kernel's final store (the ReLU after a conv / Linear, fused);
 * ``bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out)``: block CSR, ``val [nnzb, bo,
   bi]``, ``col`` block columns, ``rowptr`` ``[⌈out/bo⌉+1]``;
 * ``nm_mm(val, idx, bias, x, n, m, out_features, transpose_out)``: N:M compressed along ``in``,
   ``val [out, in·n/m]``, ``idx`` uint8 (position in group ``j // n``);
 * ``csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv)``: each nonzero reads its
   run ``x[off : off + n]`` of a flat input; the first ``wv`` of every ``wp`` outputs are kept:
-  ``[out, n / wp, wv]`` (direct KxK convolution);
+  ``[out, n / wp, wv]`` (direct KxK convolution); ``relu`` as ``csr_mm``'s;
 * ``ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)``: the alive
-  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv``;
+  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv`` (``relu`` too);
 * ``csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding,
   dilation)``: a grouped (e.g. depthwise) KxK convolution of ``x [N, C, H, W]`` with a CSR weight
   ``[out, (C / groups)·R·S]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes; C++ on CPU, the
-  reference elsewhere);
+  reference elsewhere); ``relu`` as ``csr_mm``'s;
 * ``bitmap_mm(rowptr, mask, val, bias, x, out_features)``: a bf16 / fp16 weight as a bit per
   weight plus its packed nonzeros, times ``x [B, in]`` (Linear layout) → ``[B, out]``, fp32
   accumulation (decode; ``csrc/cpu/spmm_bf16.cpp`` on CPU, the reference elsewhere).
@@ -35,7 +36,7 @@ TypeError naming them otherwise, on every device). :func:`csr_mm`, :func:`csr_co
 import torch
 
 from .. import reference
-from ._common import FLOAT_DTYPES, check_cpp, define, triton_module
+from ._common import FLOAT_DTYPES, check_bool, check_cpp, define, triton_module
 
 
 def check_dtypes(op, val, bias, x):
@@ -56,19 +57,22 @@ ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_co
 
 _SCHEMAS = {
     "csr_mm": "csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
-              "bool transpose_out) -> Tensor",
+              "bool transpose_out, bool relu=False) -> Tensor",
     "bsr_mm": "bsr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
               "bool transpose_out) -> Tensor",
     "nm_mm": "nm_mm(Tensor val, Tensor idx, Tensor bias, Tensor x, SymInt n, SymInt m, SymInt out_features, "
              "bool transpose_out) -> Tensor",
     "csr_conv": "csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, SymInt n, "
-                "SymInt out_features, SymInt slab, SymInt wp, SymInt wv) -> Tensor",
+                "SymInt out_features, SymInt slab, SymInt wp, SymInt wv, bool relu=False) -> Tensor",
     "ck_conv": "ck_conv(Tensor rowptr, Tensor chan, Tensor val, Tensor taps, Tensor bias, Tensor x, SymInt n, "
-               "SymInt out_features, SymInt plane, SymInt slab, SymInt wp, SymInt wv) -> Tensor",
+               "SymInt out_features, SymInt plane, SymInt slab, SymInt wp, SymInt wv, bool relu=False) -> Tensor",
     "csr_group_conv": "csr_group_conv(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, "
                       "SymInt out_features, SymInt groups, int[] kernel_size, int[] stride, int[] padding, "
-                      "int[] dilation) -> Tensor",
+                      "int[] dilation, bool relu=False) -> Tensor",
 }
+
+#: The ops with a fused ReLU (a last argument ``relu``).
+RELU_OPS = ("csr_mm", "csr_conv", "ck_conv", "csr_group_conv")
 
 
 def _mm_shape(x, out_features, transpose_out):
@@ -83,12 +87,13 @@ def _group_conv_shape(x, out_features, kernel_size, stride, padding, dilation):
 
 #: Each op's output shape from its arguments.
 _SHAPES = {
-    "csr_mm": lambda rowptr, col, val, bias, x, out, tr: _mm_shape(x, out, tr),
+    "csr_mm": lambda rowptr, col, val, bias, x, out, tr, relu=False: _mm_shape(x, out, tr),
     "bsr_mm": lambda rowptr, col, val, bias, x, out, tr: _mm_shape(x, out, tr),
     "nm_mm": lambda val, idx, bias, x, n, m, out, tr: _mm_shape(x, out, tr),
-    "csr_conv": lambda rowptr, off, val, bias, x, n, out, slab, wp, wv: (out, n // wp, wv),
-    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out, plane, slab, wp, wv: (out, n // wp, wv),
-    "csr_group_conv": lambda rowptr, col, val, bias, x, out, groups, *geometry: _group_conv_shape(x, out, *geometry),
+    "csr_conv": lambda rowptr, off, val, bias, x, n, out, slab, wp, wv, relu=False: (out, n // wp, wv),
+    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out, plane, slab, wp, wv, relu=False: (out, n // wp, wv),
+    "csr_group_conv": lambda rowptr, col, val, bias, x, out, groups, ks, st, pad, dil, relu=False:
+        _group_conv_shape(x, out, ks, st, pad, dil),
 }
 
 
@@ -96,19 +101,33 @@ def _checked(name, kernel):
     """``kernel(*args)`` of op ``name`` after :func:`check_dtypes`, with a contiguous ``x``."""
     iv, ib, ix = ARG_POS[name]
 
-    def impl(*args):
+    def impl(*args, **kwargs):  # kwargs: relu, when called as a Python function
         check_dtypes(name, args[iv], args[ib], args[ix])
         args = list(args)
         args[ix] = args[ix].contiguous()
-        return kernel(*args)
+        return kernel(*args, **kwargs)
 
     return impl
 
 
+def _triton(name):
+    """The CUDA implementation of op ``name``: its Triton launcher (the schema's arguments but
+    ``relu``), then an in-place ReLU when ``relu`` is True (the Triton kernels have no epilogue)."""
+    n = _SCHEMAS[name].count(",") if name in RELU_OPS else None  # arguments before relu
+
+    def launch(*args, relu=False):
+        if n is not None and len(args) > n:
+            *args, relu = args
+        y = getattr(triton_module("spmm"), name)(*args)
+        return y.relu_() if relu else y
+
+    return launch
+
+
 def _define(name, triton=True):
     x_pos = ARG_POS[name][2]
-    fake = _checked(name, lambda *args: args[x_pos].new_empty(_SHAPES[name](*args)))
-    cuda = _checked(name, lambda *args: getattr(triton_module("spmm"), name)(*args)) if triton else None
+    fake = _checked(name, lambda *args, **kwargs: args[x_pos].new_empty(_SHAPES[name](*args, **kwargs)))
+    cuda = _checked(name, _triton(name)) if triton else None
     return define(_SCHEMAS[name], "spmm", cpp=True, fake=fake, reference=_checked(name, getattr(reference, name)),
                   cuda=cuda)
 
@@ -142,10 +161,10 @@ _bitmap_mm = define("bitmap_mm(Tensor rowptr, Tensor mask, Tensor val, Tensor bi
 check_cpp("spmm")
 
 
-def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
-    """``torch.ops.sparsekern.csr_mm`` after :func:`check_dtypes`."""
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, *, relu=False):
+    """``torch.ops.sparsekern.csr_mm`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
     check_dtypes("csr_mm", val, bias, x)
-    return _csr_mm(rowptr, col, val, bias, x, out_features, transpose_out)
+    return _csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, check_bool(relu, "relu"))
 
 
 def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
@@ -154,10 +173,10 @@ def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     return _bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out)
 
 
-def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv):
-    """``torch.ops.sparsekern.csr_conv`` after :func:`check_dtypes`."""
+def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, *, relu=False):
+    """``torch.ops.sparsekern.csr_conv`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
     check_dtypes("csr_conv", val, bias, x)
-    return _csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv)
+    return _csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, check_bool(relu, "relu"))
 
 
 def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
@@ -166,16 +185,19 @@ def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
     return _nm_mm(val, idx, bias, x, n, m, out_features, transpose_out)
 
 
-def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv):
-    """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`."""
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, *, relu=False):
+    """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
     check_dtypes("ck_conv", val, bias, x)
-    return _ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)
+    return _ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv,
+                    check_bool(relu, "relu"))
 
 
-def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation):
-    """``torch.ops.sparsekern.csr_group_conv`` after :func:`check_dtypes`."""
+def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation, *,
+                   relu=False):
+    """``torch.ops.sparsekern.csr_group_conv`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
     check_dtypes("csr_group_conv", val, bias, x)
-    return _csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation)
+    return _csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation,
+                           check_bool(relu, "relu"))
 
 
 def bitmap_mm(rowptr, mask, val, bias, x, out_features):
