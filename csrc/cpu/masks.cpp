@@ -44,6 +44,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // AVX2 leaves (gathers, packs, pshufb) of the v3 instance
+#endif
+
 #include "common.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -231,7 +235,9 @@ namespace v3 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 constexpr int W = 8;
+#define SK_LANES_AVX2 1  // AVX2 intrinsics where GCC's generic vectors lower poorly
 #include "masks_lanes.inc"
+#undef SK_LANES_AVX2
 #pragma GCC pop_options
 }  // namespace v3
 #endif
