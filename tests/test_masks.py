@@ -45,7 +45,7 @@ import math, torch, sparsekern
 from sparsekern import reference as R
 ops = torch.ops.sparsekern
 for seed, shape in enumerate([(40, 24, 3, 3), (7, 5, 3, 3), (9, 8, 1, 3), (17, 16, 5, 5), (33, 64, 1, 1),
-                              (64, 3, 3, 3)]):
+                              (64, 3, 3, 3), (70, 13, 3, 3)]):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     w = (w * 1.5).round() / 2 if seed % 2 else w
     w.view(-1)[3] = math.nan
@@ -217,6 +217,50 @@ def test_ck_cut_every_keep(ties, shape):
             s = (g - keep) / g
             assert g - R.spec_round(g * s) == keep
             _eq(torch.ops.sparsekern.ck_mask(w, s, group), R.ck_mask(w, s, group))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ck_bisection_constant_and_narrow_columns(dtype):
+    """CK groups of more than 64 kernels take the bisection, started from the common prefix of
+    every column's min and max score: columns of equal scores (only the lower-index rule
+    decides), of scores within 0.1 %, all zero, with NaN, equal magnitudes of both signs; 11
+    columns (a partial vector), both groupings, CK alone and after a window (intra)."""
+    _backend("cpp")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(97, 11, 3, 3, generator=g)
+    w[:, 0] = 0.5
+    w[:, 1] = 1 + torch.rand(97, 3, 3, generator=g) * 1e-3
+    w[:, 2] = 0.0
+    w[:, 3] = 2.0
+    w[::3, 3] = -2.0
+    w[5, 4, 1, 1] = math.nan
+    w[60:, 5] *= 1e-30  # scores across many exponents (subnormal in fp32)
+    w = w.to(dtype)
+    for x in (w, w.transpose(0, 1).contiguous()):  # G = 97: groups "in" of w, "out" of its transpose
+        group = "in" if x is w else "out"
+        for keep in (0, 1, 2, 17, 48, 49, 50, 95, 96, 97):
+            s = (97 - keep) / 97
+            _eq(torch.ops.sparsekern.ck_mask(x, s, group), R.ck_mask(x, s, group))
+        for s, f in ((0.5, 0.5), (0.9, 0.3)):
+            _eq(sk.intra_mask(x, s, f, group), R.intra_mask(x, s, f, group))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nk", [1, 7, 8, 9, 15, 16, 17, 31, 33, 71, 72, 73, 145])
+def test_3x3_kernel_counts_around_vector_blocks(dtype, nk):
+    """3×3 windows and CK alone on kernel counts around the blocks of the vector leaves (8 or 16
+    kernels per gather / transpose, 16 per byte-shuffle expansion; the rest one by one), with
+    ties and a NaN, as one [nk, 1] and one [1, nk] filter bank (CK groups of nk or 1 kernels)."""
+    _backend("cpp")
+    for ties in (False, True):
+        w = _weight((nk, 1, 3, 3), dtype, ties, seed=nk)
+        w.view(-1)[min(4, w.numel() - 1)] = math.nan
+        for x in (w, w.reshape(1, nk, 3, 3)):
+            for s in (0.0, 0.3, 0.5, 1.0):
+                _eq(sk.window_mask(x, s), R.window_mask(x, s))
+                for group in ("in", "out"):
+                    _eq(sk.ck_mask(x, s, group), R.ck_mask(x, s, group))
+                    _eq(sk.intra_mask(x, s, 0.5, group), R.intra_mask(x, s, 0.5, group))
 
 
 def test_lower_index_wins_ties():

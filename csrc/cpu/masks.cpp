@@ -24,8 +24,12 @@
 // partners at fixed offsets (no gathers), scores as sliding maxima of the kept keys. CK groups
 // are columns of the [K, C] score matrix (rows for by_out, after a transpose): W groups at once,
 // the cut from a short per-lane sorted list (keep or G − keep + 1 small), two sorted halves
-// (33..64 kernels) or by bisection on its bits; 3×3 fp32 CK alone scores straight from w (max of
-// 9 = max of 3 triples, by shuffles) and expands the kept kernels by byte shuffles. Blocks: sums
+// (33..64 kernels) or by a search between the column's min and max (interpolated and midpoint
+// steps); 3×3 fp32 CK alone scores straight from w (max of 9 = max of 3 triples, by shuffles)
+// and expands the kept kernels by byte shuffles. The AVX2 instance (SK_LANES_AVX2) replaces the
+// two-source permutes and 8-byte shuffles GCC lowers poorly there (two vpermd and a blend each;
+// scalar bytes) by intrinsics: 3×3 rows by an 8×8 unpack transpose plus one gather, scores by
+// overlapping loads and an unpack tree, mask bytes by packs, expansion by 16-byte pshufb. Blocks: sums
 // vectorized per block size, a 16-bit radix select (two histogram passes) and its application in
 // parallel chunks. Tasks get at least kGrain elements, so small layers run on one thread.
 
@@ -43,6 +47,10 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // AVX2 leaves (gathers, packs, pshufb) of the v3 instance
+#endif
 
 #include "common.h"
 
@@ -231,7 +239,9 @@ namespace v3 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 constexpr int W = 8;
+#define SK_LANES_AVX2 1  // AVX2 intrinsics where GCC's generic vectors lower poorly
 #include "masks_lanes.inc"
+#undef SK_LANES_AVX2
 #pragma GCC pop_options
 }  // namespace v3
 #endif
