@@ -215,12 +215,15 @@ SK_INLINE void store_tile(const float* buf, float* y, int64_t out, int64_t n, bo
 template <typename V, int NV>
 constexpr int kSets = NV < 4 || kWide<V> ? 2 : 1;
 
-// Adds a row's nonzeros i.. (up to e; while col < limit if Bounded) into a (and b, the odd
-// nonzeros' set, with two sets): a[j] += val[i]·x[col[i]·ldx + 16·j : +16]; advances i.
+// Adds a row's nonzeros i.. (up to e; while col < limit if Bounded) into a:
+// a[j] += val[i]·x[col[i]·ldx + 16·j : +16] (odd nonzeros in a second set b, merged at the end,
+// with two sets); advances i.
 template <typename V, int NV, bool Bounded>
 SK_INLINE void axpy_run(const int32_t* col, const float* val, const float* x, int64_t ldx,
-                        int64_t& i, int64_t e, int64_t limit, V* a, V* b) {
+                        int64_t& i, int64_t e, int64_t limit, V* a) {
   if constexpr (kSets<V, NV> == 2) {
+    V b[NV];
+    for (V& v : b) v = V{};
     for (; i + 1 < e && (!Bounded || col[i + 1] < limit); i += 2) {
       const float* p = x + int64_t(col[i]) * ldx;
       const float* q = x + int64_t(col[i + 1]) * ldx;
@@ -230,6 +233,13 @@ SK_INLINE void axpy_run(const int32_t* col, const float* val, const float* x, in
         b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
       }
     }
+    for (; i < e && (!Bounded || col[i] < limit); ++i) {
+      const float* p = x + int64_t(col[i]) * ldx;
+      const V u = splat<V>(val[i]);
+      for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
+    }
+    for (int j = 0; j < NV; ++j) a[j] += b[j];
+    return;
   }
   for (; i < e && (!Bounded || col[i] < limit); ++i) {
     const float* p = x + int64_t(col[i]) * ldx;
@@ -247,17 +257,14 @@ SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float*
                          int64_t* cur, int64_t limit, const float* part, float* dst, int64_t ldd,
                          bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
-    V a[NV], b[kSets<V, NV> == 2 ? NV : 1];  // b unused with one set
+    V a[NV];
     const V b0 = splat<V>(bias ? bias[r] : 0.f);
     for (int j = 0; j < NV; ++j)
       a[j] = part ? *reinterpret_cast<const V*>(part + (r - r0) * kTile + 16 * j) : b0;
-    for (V& v : b) v = V{};
     int64_t i = cur[r - r0];
-    if (limit < 0) axpy_run<V, NV, false>(col, val, x, ldx, i, rowptr[r + 1], limit, a, b);
-    else axpy_run<V, NV, true>(col, val, x, ldx, i, rowptr[r + 1], limit, a, b);
+    if (limit < 0) axpy_run<V, NV, false>(col, val, x, ldx, i, rowptr[r + 1], limit, a);
+    else axpy_run<V, NV, true>(col, val, x, ldx, i, rowptr[r + 1], limit, a);
     cur[r - r0] = i;
-    if constexpr (kSets<V, NV> == 2)
-      for (int j = 0; j < NV; ++j) a[j] += b[j];
     if (relu)
       for (int j = 0; j < NV; ++j) a[j] = relu0(a[j]);
     for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + (r - r0) * ldd + 16 * j) = a[j];
@@ -378,12 +385,9 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
 template <typename V, int NV>
 SK_INLINE void slab_tile(const int32_t* off, const float* val, int64_t& i, int64_t e,
                          int64_t limit, const float* x, float* acc) {
-  V a[NV], b[kSets<V, NV> == 2 ? NV : 1];
+  V a[NV];
   for (int j = 0; j < NV; ++j) a[j] = *reinterpret_cast<const V*>(acc + 16 * j);
-  for (V& v : b) v = V{};
-  axpy_run<V, NV, true>(off, val, x, 1, i, e, limit, a, b);
-  if constexpr (kSets<V, NV> == 2)
-    for (int j = 0; j < NV; ++j) a[j] += b[j];
+  axpy_run<V, NV, true>(off, val, x, 1, i, e, limit, a);
   for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(acc + 16 * j) = a[j];
 }
 
@@ -872,28 +876,16 @@ SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, int64_t h0, 
 }
 
 // dst[0:keep] = (bias + Σ_i val[i]·x[off[i] + 0 : 16·NV])[0:keep] over nonzeros i in [i, e):
-// one register tile (two accumulator sets, even/odd nonzeros), keep <= 16·NV; spill: the whole
+// one register tile (axpy_run), keep <= 16·NV; spill: the whole
 // tile may be stored (what lies past keep is rewritten later); max(·, 0) if relu.
 template <typename V, int NV>
 SK_INLINE void group_tile(const int32_t* off, const float* val, int64_t i, int64_t e, float bias,
                           const float* x, float* dst, int64_t keep, bool spill, bool relu) {
-  V a[NV], b[NV];
-  for (int j = 0; j < NV; ++j) { a[j] = splat<V>(bias); b[j] = V{}; }
-  for (; i + 1 < e; i += 2) {
-    const float* p = x + off[i];
-    const float* q = x + off[i + 1];
-    const V u = splat<V>(val[i]), w = splat<V>(val[i + 1]);
-    for (int j = 0; j < NV; ++j) {
-      a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-      b[j] += w * *reinterpret_cast<const V*>(q + 16 * j);
-    }
-  }
-  if (i < e) {
-    const float* p = x + off[i];
-    const V u = splat<V>(val[i]);
-    for (int j = 0; j < NV; ++j) a[j] += u * *reinterpret_cast<const V*>(p + 16 * j);
-  }
-  for (int j = 0; j < NV; ++j) a[j] = relu ? relu0(a[j] + b[j]) : a[j] + b[j];
+  V a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = splat<V>(bias);
+  axpy_run<V, NV, false>(off, val, x, 1, i, e, -1, a);  // the offsets as columns of stride 1
+  if (relu)
+    for (int j = 0; j < NV; ++j) a[j] = relu0(a[j]);
   if (spill || keep == 16 * NV) {
     for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + 16 * j) = a[j];
   } else {
