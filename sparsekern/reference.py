@@ -596,16 +596,23 @@ def unpack_mask(packed, shape):
 
 # --- spmm family (sparse inference) -------------------------------------------------------------
 
-def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, relu=False):
+def _epilogue(y, relu, residual):
+    """``y + residual`` (a tensor of ``y``'s shape, or None), then ``torch.relu`` when ``relu``."""
+    y = y + residual if residual is not None else y
+    return torch.relu(y) if relu else y
+
+
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, relu=False, residual=None):
     """``W·x + bias[:, None]`` for W in CSR (``rowptr [out+1]``, ``col [nnz]``, ``val [nnz]``)
     and ``x [in, n]``; bias ``[out]`` or empty. Returns ``[out, n]``, or its transpose
-    ``[n, out]`` (contiguous) when ``transpose_out``; ``torch.relu`` of it when ``relu``."""
+    ``[n, out]`` (contiguous) when ``transpose_out``; plus ``residual`` (None or a tensor of the
+    output's shape), then ``torch.relu`` when ``relu``."""
     w = csr_to_dense(rowptr, col, val, (out_features, x.shape[0]))
     y = w @ x
     if bias.numel():
         y = y + bias[:, None]
-    y = torch.relu(y) if relu else y
-    return y.t().contiguous() if transpose_out else y
+    y = y.t().contiguous() if transpose_out else y
+    return _epilogue(y, relu, residual)
 
 
 def csr_to_dense(rowptr, col, val, shape):
@@ -616,17 +623,16 @@ def csr_to_dense(rowptr, col, val, shape):
     return w
 
 
-def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, relu=False):
+def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, relu=False, residual=None):
     """``z[o, j] = bias[o] + Σ val[i]·x[off[i] + j]`` over row ``o``'s nonzeros, ``j < n``, kept
     as ``y[o, h, c] = z[o, h·wp + c]`` for ``c < wv``: ``[out, n / wp, wv]`` (the direct sparse
     convolution of ``sparsekern.inference.functional.csr_conv2d``; ``slab`` only blocks the kernel's loops);
-    ``torch.relu`` of it when ``relu``."""
+    plus ``residual`` (None or ``[out, n / wp, wv]``), then ``torch.relu`` when ``relu``."""
     rows = torch.repeat_interleave(torch.arange(out_features, device=val.device), rowptr.diff())
     cols = x[off.long()[:, None] + torch.arange(n, device=x.device)]
     y = x.new_zeros(out_features, n).index_add_(0, rows, val[:, None] * cols)
     y = y + bias[:, None] if bias.numel() else y
-    y = torch.relu(y) if relu else y
-    return y.view(out_features, n // wp, wp)[:, :, :wv].contiguous()
+    return _epilogue(y.view(out_features, n // wp, wp)[:, :, :wv].contiguous(), relu, residual)
 
 
 
@@ -676,11 +682,12 @@ def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
     return y.t().contiguous() if transpose_out else y
 
 
-def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, relu=False):
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, relu=False, residual=None):
     """:func:`csr_conv` of a kernel-skipping weight: row ``o``'s kernel ``i`` (input channel
     ``chan[i]``, taps ``val[i, t]``) reads ``x[chan[i]·plane + taps[t] + j]``."""
     off = (chan.long()[:, None] * plane + taps.long()[None, :]).reshape(-1)
-    return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv, relu)
+    return csr_conv(rowptr * taps.numel(), off, val.reshape(-1), bias, x, n, out_features, slab, wp, wv, relu,
+                    residual)
 
 
 def bitmap_to_dense(rowptr, mask, val, shape):

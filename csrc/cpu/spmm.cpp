@@ -209,6 +209,27 @@ SK_INLINE void store_tile(const float* buf, float* y, int64_t out, int64_t n, bo
   }
 }
 
+// The residual epilogue on len contiguous outputs at dst (already stored): dst += res (the
+// residual element at dst's place), then max(·, 0) if relu.
+SK_INLINE void add_residual(float* dst, const float* res, int64_t len, bool relu) {
+  if (relu) {
+    SK_SIMD for (int64_t k = 0; k < len; ++k) dst[k] = relu0(dst[k] + res[k]);
+  } else {
+    SK_SIMD for (int64_t k = 0; k < len; ++k) dst[k] += res[k];
+  }
+}
+
+// The residual epilogue on rows r0..r0+rows, columns n0..n0+w of y (store_tile's block; res:
+// the residual, y's layout).
+SK_INLINE void residual_tile(float* y, const float* res, int64_t out, int64_t n, bool transpose_out,
+                             int64_t r0, int64_t rows, int64_t n0, int64_t w, bool relu) {
+  if (transpose_out) {
+    for (int64_t c = n0; c < n0 + w; ++c) add_residual(y + c * out + r0, res + c * out + r0, rows, relu);
+  } else {
+    for (int64_t r = r0; r < r0 + rows; ++r) add_residual(y + r * n + n0, res + r * n + n0, w, relu);
+  }
+}
+
 // Accumulator sets of a tile of NV vectors: two (even / odd nonzeros, to hide the FMA latency,
 // ~8 independent sums: 4 cycles × 2 FMAs per cycle) unless they would not fit the registers: a
 // 64-column v8x2 tile (8 ymm; two sets would spill AVX2's 16) walks its nonzeros once with one.
@@ -250,12 +271,13 @@ SK_INLINE void axpy_run(const int32_t* col, const float* val, const float* x, in
 
 // Rows r0..r1 over the 16·NV columns at x (x = X + n0): row r's nonzeros from cur[r - r0] on
 // with col < limit (all if limit < 0; cur advanced) added to part[r - r0] (row stride kTile;
-// bias[r] if part is null), into dst[r - r0] (row stride ldd); max(·, 0) if relu (the last chunk).
+// bias[r] if part is null), into dst[r - r0] (row stride ldd); then + res[r - r0] (row stride
+// ldd; if not null) and max(·, 0) if relu (the last chunk).
 template <typename V, int NV>
 SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t ldx, int64_t r0, int64_t r1,
                          int64_t* cur, int64_t limit, const float* part, float* dst, int64_t ldd,
-                         bool relu) {
+                         bool relu, const float* res) {
   for (int64_t r = r0; r < r1; ++r) {
     V a[NV];
     const V b0 = splat<V>(bias ? bias[r] : 0.f);
@@ -265,6 +287,8 @@ SK_INLINE void rows_tile(const int64_t* rowptr, const int32_t* col, const float*
     if (limit < 0) axpy_run<V, NV, false>(col, val, x, ldx, i, rowptr[r + 1], limit, a);
     else axpy_run<V, NV, true>(col, val, x, ldx, i, rowptr[r + 1], limit, a);
     cur[r - r0] = i;
+    if (res)
+      for (int j = 0; j < NV; ++j) a[j] += *reinterpret_cast<const V*>(res + (r - r0) * ldd + 16 * j);
     if (relu)
       for (int j = 0; j < NV; ++j) a[j] = relu0(a[j]);
     for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dst + (r - r0) * ldd + 16 * j) = a[j];
@@ -304,7 +328,8 @@ constexpr int64_t kChunkRows = 512;
 template <typename V>
 SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float* val,
                          const float* bias, const float* x, int64_t in, int64_t n, float* y,
-                         int64_t out, bool transpose_out, bool relu, int64_t b0, int64_t b1) {
+                         int64_t out, bool transpose_out, bool relu, const float* res, int64_t b0,
+                         int64_t b1) {
   std::vector<float> buf_;
   int64_t cur[kChunkRows];
   const int64_t per_row =  // nonzeros of an average row
@@ -329,12 +354,16 @@ SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float*
         const float* part = c ? buf : nullptr;
         float* dst = direct ? y + r0 * n + t0 : buf;
         const int64_t ldd = direct ? n : kTile;
-        const bool rl = relu && last;
-        if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl);
-        else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl);
-        else rows_tile<V, 1>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl);
+        const bool rl = relu && last && (direct || !res);  // else residual_tile: the sum, then the max
+        const float* rs = direct && res ? res + r0 * n + t0 : nullptr;
+        if (w == 64) rows_tile<V, 4>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl, rs);
+        else if (w == 32) rows_tile<V, 2>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl, rs);
+        else rows_tile<V, 1>(rowptr, col, val, bias, x + t0, n, r0, r1, cur, limit, part, dst, ldd, rl, rs);
       }
-      if (transpose_out) store_tile(buf, y, out, n, true, r0, r1 - r0, t0, w);
+      if (transpose_out) {
+        store_tile(buf, y, out, n, true, r0, r1 - r0, t0, w);
+        if (res) residual_tile(y, res, out, n, true, r0, r1 - r0, t0, w, relu);
+      }
     }
     n0 = t0 + w;
   }
@@ -342,26 +371,28 @@ SK_INLINE void mm_leaf_t(const int64_t* rowptr, const int32_t* col, const float*
 
 SK_CLONES_FMA void mm_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
                            const float* bias, const float* x, int64_t in, int64_t n, float* y,
-                           int64_t out, bool transpose_out, bool relu, int64_t b0, int64_t b1) {
+                           int64_t out, bool transpose_out, bool relu, const float* res, int64_t b0,
+                           int64_t b1) {
   if (n < 16) {
     alignas(64) float buf[kRowBlock * kTile];
     for (int64_t r0 = b0; r0 < b1; r0 += kRowBlock) {
       const int64_t r1 = std::min(b1, r0 + kRowBlock);
-      rows_tail(rowptr, col, val, bias, x, n, r0, r1, n, buf, relu);
+      rows_tail(rowptr, col, val, bias, x, n, r0, r1, n, buf, relu && !res);
       store_tile(buf, y, out, n, transpose_out, r0, r1 - r0, 0, n);
+      if (res) residual_tile(y, res, out, n, transpose_out, r0, r1 - r0, 0, n, relu);
     }
   } else if (wide512()) {
-    mm_leaf_t<v16s>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, relu, b0, b1);
+    mm_leaf_t<v16s>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, relu, res, b0, b1);
   } else {
-    mm_leaf_t<v8x2>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, relu, b0, b1);
+    mm_leaf_t<v8x2>(rowptr, col, val, bias, x, in, n, y, out, transpose_out, relu, res, b0, b1);
   }
 }
 
 // Wide columns n0..n0+w of rows r0.. (acc, row stride kTile) into y [out, n / wp, wv]: wide
 // column j = h·wp + c goes to y[row, h, c] if c < wv and j < n (columns from n on: the
-// vector tail's padding, dropped); max(·, 0) if relu.
+// vector tail's padding, dropped); + res[row, h, c] if res (y's layout); max(·, 0) if relu.
 SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, int64_t n0,
-                          int64_t w, int64_t n, int64_t wp, int64_t wv, bool relu) {
+                          int64_t w, int64_t n, int64_t wp, int64_t wv, bool relu, const float* res) {
   const int64_t rows_out = n / wp, end = std::min(n0 + w, n);
   for (int64_t j = n0; j < end;) {
     const int64_t h = j / wp, c = j % wp;
@@ -370,7 +401,14 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
     for (int64_t r = 0; r < rows && keep > 0; ++r) {
       float* dst = y + ((r0 + r) * rows_out + h) * wv + c;
       const float* src = acc + r * kTile + (j - n0);
-      if (relu) {
+      if (res) {
+        const float* rs = res + (dst - y);
+        if (relu) {
+          SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = relu0(src[k] + rs[k]);
+        } else {
+          SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = src[k] + rs[k];
+        }
+      } else if (relu) {
         SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = relu0(src[k]);
       } else {
         std::memcpy(dst, src, keep * sizeof(float));
@@ -405,11 +443,12 @@ SK_INLINE void slab_tail(const int32_t* off, const float* val, int64_t& i, int64
 // kConvRows rows, so the input a slab touches stays in L1 while every row of the block uses it;
 // the rows' partial sums live in a small buffer. step(w, i, e, limit, n0, acc) adds row entries
 // i.. (up to e, position < limit) to acc[0:w] for output columns n0.. (csr_conv: nonzeros; ck_conv:
-// kernels); relu: max(·, 0) as the tile is stored. Shared by conv_leaf and ck_leaf.
+// kernels); res (y's layout, or null) added and relu: max(·, 0) as the tile is stored. Shared by conv_leaf and ck_leaf.
 template <typename Step>
 SK_INLINE void slab_blocked(const int64_t* rowptr, const float* bias, int64_t n, int64_t slab,
-                            int64_t span, int64_t wp, int64_t wv, bool relu, float* y, int64_t b0,
-                            int64_t b1, int64_t c0, int64_t c1, const Step& step) {
+                            int64_t span, int64_t wp, int64_t wv, bool relu, const float* res,
+                            float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1,
+                            const Step& step) {
   alignas(64) float acc[kConvRows * kTile];
   int64_t cur[kConvRows];
   for (int64_t r0 = b0; r0 < b1; r0 += kConvRows) {
@@ -424,7 +463,7 @@ SK_INLINE void slab_blocked(const int64_t* rowptr, const float* bias, int64_t n,
       for (int64_t limit = slab; limit - slab < span; limit += slab) {
         for (int64_t r = 0; r < rows; ++r) step(w, cur[r], rowptr[r0 + r + 1], limit, n0, acc + r * kTile);
       }
-      store_wide(acc, y, r0, rows, n0, w, n, wp, wv, relu);
+      store_wide(acc, y, r0, rows, n0, w, n, wp, wv, relu, res);
       n0 += w;
     }
   }
@@ -446,18 +485,18 @@ struct SlabStep {
 
 SK_CLONES_FMA void conv_leaf(const int64_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, const float* x, int64_t n, int64_t slab,
-                         int64_t span, int64_t wp, int64_t wv, bool relu, float* y, int64_t b0,
-                         int64_t b1, int64_t c0, int64_t c1) {
-  if (wide512()) slab_blocked(rowptr, bias, n, slab, span, wp, wv, relu, y, b0, b1, c0, c1, SlabStep<v16s>{off, val, x});
-  else slab_blocked(rowptr, bias, n, slab, span, wp, wv, relu, y, b0, b1, c0, c1, SlabStep<v8x2>{off, val, x});
+                         int64_t span, int64_t wp, int64_t wv, bool relu, const float* res,
+                         float* y, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
+  if (wide512()) slab_blocked(rowptr, bias, n, slab, span, wp, wv, relu, res, y, b0, b1, c0, c1, SlabStep<v16s>{off, val, x});
+  else slab_blocked(rowptr, bias, n, slab, span, wp, wv, relu, res, y, b0, b1, c0, c1, SlabStep<v8x2>{off, val, x});
 }
 
-// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]] (max(·, 0) if relu). Checks the column indices
+// n = 1: y[r] = bias[r] + Σ_i val[i]·x[col[i]] (+ res[r] if res; max(·, 0) if relu). Checks the column indices
 // as it reads them (no separate pass over col: batch 1 is memory bound): an index outside
 // [0, in) reads x[0] instead and makes the result true (the caller then raises).
 SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const float* val,
                            const float* bias, const float* x, int64_t in, float* y, bool relu,
-                           int64_t b0, int64_t b1) {
+                           const float* res, int64_t b0, int64_t b1) {
   const uint32_t limit = uint32_t(std::min<int64_t>(in, UINT32_MAX));
   uint32_t bad = 0;
   for (int64_t r = b0; r < b1; ++r) {
@@ -477,8 +516,9 @@ SK_CLONES_FMA bool mv_leaf(const int64_t* rowptr, const int32_t* col, const floa
       bad |= !ok;
       s[0] += val[i] * x[ok ? c : 0];
     }
-    const float sum =
+    float sum =
         ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + (bias ? bias[r] : 0.f);
+    if (res) sum += res[r];
     y[r] = relu ? relu0(sum) : sum;
   }
   return bad != 0;
@@ -797,20 +837,20 @@ struct CKStep {
 SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const float* val,
                            const int32_t* taps, int64_t nt, int64_t plane, const float* bias,
                            const float* x, int64_t n, int64_t slab, int64_t channels, int64_t wp,
-                           int64_t wv, bool relu, float* y, int64_t b0, int64_t b1, int64_t c0,
-                           int64_t c1) {
+                           int64_t wv, bool relu, const float* res, float* y, int64_t b0,
+                           int64_t b1, int64_t c0, int64_t c1) {
   const bool w512 = wide512();
   if (nt == 9 && w512)  // 3×3
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, res, y, b0, b1, c0, c1,
                  CKStep<v16s, 9>{chan, val, taps, nt, plane, x});
   else if (nt == 9)
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, res, y, b0, b1, c0, c1,
                  CKStep<v8x2, 9>{chan, val, taps, nt, plane, x});
   else if (w512)
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, res, y, b0, b1, c0, c1,
                  CKStep<v16s, 0>{chan, val, taps, nt, plane, x});
   else
-    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, y, b0, b1, c0, c1,
+    slab_blocked(rowptr, bias, n, slab, channels, wp, wv, relu, res, y, b0, b1, c0, c1,
                  CKStep<v8x2, 0>{chan, val, taps, nt, plane, x});
 }
 
@@ -1007,6 +1047,19 @@ void check_dtypes(const char* op, const at::Tensor& val, const at::Tensor& bias,
 }
 
 // The x / bias / output checks shared by csr_mm, bsr_mm and nm_mm; returns the empty output.
+// The residual's data for an output y: null without one, else residual (y's shape, float32 on
+// the CPU; kept contiguous in keep).
+const float* residual_data(const char* op, const std::optional<at::Tensor>& residual,
+                           const at::Tensor& y, at::Tensor& keep) {
+  if (!residual.has_value()) return nullptr;
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.sizes() == y.sizes(), op,
+              ": residual must be a float32 CPU tensor of the output's shape ", y.sizes(), ", got ",
+              r.scalar_type(), " ", r.sizes(), " on ", r.device());
+  keep = r.contiguous();
+  return keep.const_data_ptr<float>();
+}
+
 at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x,
                      int64_t out_features, bool transpose_out) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
@@ -1061,10 +1114,12 @@ void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t rows, int64_
 
 at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
                   const at::Tensor& bias, const at::Tensor& x_any, int64_t out_features,
-                  bool transpose_out, bool relu) {
+                  bool transpose_out, bool relu, const std::optional<at::Tensor>& residual) {
   check_dtypes("csr_mm", val, bias, x_any);
   const at::Tensor x = contiguous_x(x_any);
   at::Tensor y = mm_output("csr_mm", bias, x, out_features, transpose_out);
+  at::Tensor res_keep;
+  const float* res = residual_data("csr_mm", residual, y, res_keep);
   TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous() && val.is_contiguous() &&
                   val.scalar_type() == at::kFloat && col.numel() == val.numel(),
               "csr_mm: col must be int32 and val float32, contiguous, of equal length");
@@ -1088,12 +1143,12 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   if (n == 1) {
     std::atomic<bool> bad{false};
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      if (mv_leaf(rp, cp, vp, bp, xp, in, yp, relu, b, e)) bad = true;
+      if (mv_leaf(rp, cp, vp, bp, xp, in, yp, relu, res, b, e)) bad = true;
     });
     if (bad) check_columns();  // raises
   } else {
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mm_leaf(rp, cp, vp, bp, xp, in, n, yp, out_features, transpose_out, relu, b, e);
+      mm_leaf(rp, cp, vp, bp, xp, in, n, yp, out_features, transpose_out, relu, res, b, e);
     });
   }
   return y;
@@ -1101,7 +1156,8 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
 
 at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::Tensor& val,
                     const at::Tensor& bias, const at::Tensor& x_any, int64_t n, int64_t out_features,
-                    int64_t slab, int64_t wp, int64_t wv, bool relu) {
+                    int64_t slab, int64_t wp, int64_t wv, bool relu,
+                    const std::optional<at::Tensor>& residual) {
   check_dtypes("csr_conv", val, bias, x_any);
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
@@ -1130,6 +1186,8 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
                 " reads past x (", x.numel(), " elements)");
   }
   at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
+  at::Tensor res_keep;
+  const float* res = residual_data("csr_conv", residual, y, res_keep);
   if (y.numel() == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const float* vp = val.const_data_ptr<float>();
@@ -1139,7 +1197,7 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
   const int64_t span = x.numel();  // every offset is below it
   const int64_t run = run_columns(n, nnz ? hi : 0, x.numel());
   conv_grid(out_features, run, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
-    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, relu, yp, b, e, c0, c1);
+    conv_leaf(rp, op, vp, bp, xp, n, slab, span, wp, wv, relu, res, yp, b, e, c0, c1);
   });
   return y;
 }
@@ -1227,7 +1285,7 @@ at::Tensor nm_mm(const at::Tensor& val, const at::Tensor& idx, const at::Tensor&
 at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::Tensor& val,
                    const at::Tensor& taps, const at::Tensor& bias, const at::Tensor& x_any, int64_t n,
                    int64_t out_features, int64_t plane, int64_t slab, int64_t wp, int64_t wv,
-                   bool relu) {
+                   bool relu, const std::optional<at::Tensor>& residual) {
   check_dtypes("ck_conv", val, bias, x_any);
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
@@ -1270,6 +1328,8 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
       max_chan = std::max<int64_t>(max_chan, cp[i]);
     }
   at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
+  at::Tensor res_keep;
+  const float* res = residual_data("ck_conv", residual, y, res_keep);
   if (y.numel() == 0) return y;
   const float* vp = val.const_data_ptr<float>();
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
@@ -1278,7 +1338,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
   const int64_t channels = x.numel() / plane + 1;  // every channel index is below it
   const int64_t run = run_columns(n, max_chan * plane + max_tap, x.numel());
   conv_grid(out_features, run, val.numel(), [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
-    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, relu, yp, b, e, c0, c1);
+    ck_leaf(rp, cp, vp, tp, nt, plane, bp, xp, n, slab, channels, wp, wv, relu, res, yp, b, e, c0, c1);
   });
   return y;
 }

@@ -19,14 +19,38 @@ from ..ops._common import define
 from ..ops.spmm import ck_conv, csr_conv
 
 
-def sparse_linear(x, mm, out_features):
-    """``x·Wᵀ + b`` (``F.linear``) given ``mm(xt [in, n], transpose_out) -> W·xt + b`` (one of
-    the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1 passes the
-    view ``xᵀ [in, B]`` (the op makes it contiguous: ``csr_mm`` by a blocked transpose)."""
+def fits(residual, shape, like):
+    """Whether ``residual`` can be fused into a kernel's store for an output ``shape`` like ``like``
+    (same shape, dtype and device)."""
+    return tuple(residual.shape) == tuple(shape) and residual.dtype == like.dtype and residual.device == like.device
+
+
+def add_act(y, residual, relu):
+    """The epilogue unfused: ``y + residual`` (broadcast as ``+``), then ``max(·, 0)`` if ``relu``."""
+    y = y + residual
+    return y.relu_() if relu else y
+
+
+def _call(mm, xt, transpose_out, relu, residual):
+    """``mm(xt, transpose_out)`` with the epilogue arguments only when set (the BSR / N:M ops have none)."""
+    if relu or residual is not None:
+        return mm(xt, transpose_out, relu, residual)
+    return mm(xt, transpose_out)
+
+
+def sparse_linear(x, mm, out_features, relu=False, residual=None):
+    """``x·Wᵀ + b`` (``F.linear``) given ``mm(xt [in, n], transpose_out[, relu, residual]) -> W·xt +
+    b`` (one of the raw ops with its weight bound): ``x [..., in]`` → ``[..., out]``. Batch > 1
+    passes the view ``xᵀ [in, B]`` (the op makes it contiguous: ``csr_mm`` by a blocked transpose).
+    ``relu`` / ``residual``: ``max(y + residual, 0)``, in the kernel's store when ``residual`` has
+    the output's shape (:func:`fits`), else :func:`add_act` after it."""
     in_features = x.shape[-1]
-    if x.numel() == in_features and in_features:  # batch 1: a column already
-        return mm(x.reshape(in_features, 1), True).view(*x.shape[:-1], out_features)
-    return mm(x.reshape(-1, in_features).t(), True).view(*x.shape[:-1], out_features)
+    shape = (*x.shape[:-1], out_features)
+    xt = x.reshape(in_features, 1) if x.numel() == in_features and in_features else x.reshape(-1, in_features).t()
+    if residual is None or fits(residual, shape, x):
+        r = None if residual is None else residual.reshape(-1, out_features)
+        return _call(mm, xt, True, relu, r).view(shape)
+    return add_act(_call(mm, xt, True, False, None).view(shape), residual, relu)
 
 
 #: Input bytes one batched conv call reads (direct KxK and 1×1): a group's input is still in L2
@@ -43,23 +67,29 @@ def conv_group(n_img, image_bytes):
     return -(-n_img // calls) if n_img else 1
 
 
-def sparse_conv1x1(x, mm, out_features, stride=1):
+def sparse_conv1x1(x, mm, out_features, stride=1, relu=False, residual=None):
     """1×1 convolution (padding 0, groups 1) given ``mm`` as in :func:`sparse_linear`:
     ``x [N, in, H, W]`` → ``[N, out, H', W']``: one call ``W·[x[i] … x[i+g-1]]`` per group of
     ``g`` images (:func:`conv_group`: as many as fit :data:`CONV_GROUP_BYTES`, so the input a
-    call reads stays in cache), their ``g·H'·W'`` pixels side by side."""
+    call reads stays in cache), their ``g·H'·W'`` pixels side by side. ``relu`` / ``residual`` as
+    :func:`sparse_linear`'s (fused for one image; a batch's output is not in the residual's layout)."""
     if stride != 1:
         x = x[:, :, ::stride, ::stride]
     n, c, h, w = x.shape
     if n <= 1:
-        return mm(x.reshape(c, n * h * w), False).view(n, out_features, h, w)
+        xr = x.reshape(c, n * h * w)
+        if residual is None or fits(residual, (n, out_features, h, w), x):
+            r = None if residual is None else residual.reshape(out_features, n * h * w)
+            return _call(mm, xr, False, relu, r).view(n, out_features, h, w)
+        return add_act(_call(mm, xr, False, False, None).view(n, out_features, h, w), residual, relu)
+    fused = relu and residual is None
     g = conv_group(n, c * h * w * x.element_size())
     out = x.new_empty(n, out_features, h, w)
     for i in range(0, n, g):
         xi = x[i:i + g]
-        y = mm(xi.transpose(0, 1).reshape(c, xi.shape[0] * h * w), False)
+        y = _call(mm, xi.transpose(0, 1).reshape(c, xi.shape[0] * h * w), False, fused, None)
         out[i:i + g] = y.view(out_features, xi.shape[0], h, w).transpose(0, 1)
-    return out
+    return out if residual is None else add_act(out, residual, relu)
 
 
 # --- direct KxK convolution -----------------------------------------------------------------------
@@ -139,19 +169,26 @@ def _phase_plan(shape, scratch, geometry, stride, padding):
     return plan
 
 
-def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache):
+def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache, relu=False,
+                   residual=None):
     """The batch loop of :func:`csr_conv2d` / :func:`ck_conv2d`: groups of ``g`` images
     (:func:`conv_group`) stacked in one zero-padded tall image of stride phases ``[C, sh, sw,
     g·hq, wq]`` (image ``i`` holds phase rows ``i·hq ..``), each group one kernel call
-    ``run(buf, idx, g·hq, n, wq, w_out) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq + h_out)·wq``
-    wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and dropped).
+    ``run(buf, idx, g·hq, n, wq, w_out, relu, residual) -> [out, n / wq, w_out]`` over ``n = ((g-1)·hq +
+    h_out)·wq`` wide pixels (the ``hq - h_out`` rows between two images' outputs are computed and
+    dropped). ``relu`` / ``residual``: ``max(y + residual, 0)``, in the kernel's store for one image
+    and a residual of the output's shape (:func:`fits`), else :func:`add_act` after it.
     ``cache`` maps ``g`` to ``(idx, buf, plan)``: ``idx = index(g·hq, wq)`` (offsets or taps), the
     buffer, whose padding stays zero, and its :func:`_phase_plan`."""
     n_img, c, h, w = x.shape
     (sh, sw), size_of = stride, x.element_size()
     hq, wq, h_out, w_out = conv_geometry(h, w, kernel_size, stride, padding, dilation)
+    if residual is not None and (n_img != 1 or not fits(residual, (1, out_features, h_out, w_out), x)):
+        y = _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation, cache)
+        return add_act(y, residual, relu)
     if n_img == 0:
         return x.new_empty(0, out_features, h_out, w_out)
+    r = None if residual is None else residual.reshape(out_features, h_out, w_out)
     g = conv_group(n_img, c * sh * sw * hq * wq * size_of)
     out = None if g >= n_img else x.new_empty(n_img, out_features, h_out, w_out)  # None: one call
     for i in range(0, n_img, g):
@@ -164,7 +201,7 @@ def _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, di
         idx, buf, plan = cache[gi]
         for dst, rows, cols in plan:
             dst.copy_(xi[:, :, rows, cols].transpose(0, 1))
-        y = run(buf, idx, gi * hq, ((gi - 1) * hq + h_out) * wq, wq, w_out)  # [out, rows, w_out]
+        y = run(buf, idx, gi * hq, ((gi - 1) * hq + h_out) * wq, wq, w_out, relu, r)  # [out, rows, w_out]
         y = y.unfold(1, h_out, hq).permute(1, 0, 3, 2)  # [gi, out, h_out, w_out]: image j at rows j·hq..
         if out is None:
             return y.contiguous()
@@ -177,44 +214,46 @@ def _bias(bias, val):
 
 
 def csr_conv2d(x, rowptr, col, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None,
-               relu=False):
+               relu=False, residual=None):
     """KxK convolution (groups 1, zero padding) with a CSR weight ``[out, C·R·S]``:
     ``x [N, C, H, W]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes). Groups of images are
     copied into a zero-padded buffer of stride phases (:func:`conv_geometry`, images stacked as in
     :func:`_direct_conv2d`) and convolved directly, one ``csr_conv`` call per group, at stride 1
     over the phases, in wide rows: only the strided outputs are computed. ``cache``: a dict kept
     by the caller for this input's ``(C, H, W)`` (and thread): the :func:`conv_offsets` and
-    buffers per group size, reused by later calls. ``relu``: ``max(y, 0)`` in the kernel's store."""
+    buffers per group size, reused by later calls. ``relu`` / ``residual``: ``max(y + residual, 0)``
+    (:func:`_direct_conv2d`)."""
     b = _bias(bias, val)
 
     def index(hq, wq):
         return conv_offsets(col, kernel_size, stride, dilation, x.shape[1], hq, wq)
 
-    def run(buf, offsets, hq, n, wq, w_out):
+    def run(buf, offsets, hq, n, wq, w_out, relu, residual):
         slab = SLAB_CHANNELS * stride[0] * stride[1] * hq * wq
-        return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out, relu=relu)
+        return csr_conv(rowptr, offsets, val, b, buf, n, out_features, slab, wq, w_out, relu=relu, residual=residual)
 
     return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
-                          {} if cache is None else cache)
+                          {} if cache is None else cache, relu, residual)
 
 
 def ck_conv2d(x, rowptr, chan, val, bias, out_features, kernel_size, stride, padding, dilation, cache=None,
-              relu=False):
+              relu=False, residual=None):
     """:func:`csr_conv2d` with a CK weight (``formats.ck_from_dense``): ``x [N, C, H, W]`` →
-    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size; ``relu`` as
-    :func:`csr_conv2d`'s."""
+    ``[N, out, H', W']``; ``cache`` holds :func:`conv_taps` and buffers per group size; ``relu`` /
+    ``residual`` as :func:`csr_conv2d`'s."""
     b = _bias(bias, val)
 
     def index(hq, wq):
         _check_int32("ck_conv2d", x.shape[1], stride, hq, wq)
         return conv_taps(kernel_size, stride, dilation, hq, wq)
 
-    def run(buf, taps, hq, n, wq, w_out):
+    def run(buf, taps, hq, n, wq, w_out, relu, residual):
         plane = stride[0] * stride[1] * hq * wq
-        return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out, relu=relu)
+        return ck_conv(rowptr, chan, val, taps, b, buf, n, out_features, plane, SLAB_CHANNELS, wq, w_out, relu=relu,
+                       residual=residual)
 
     return _direct_conv2d(x, run, index, out_features, kernel_size, stride, padding, dilation,
-                          {} if cache is None else cache)
+                          {} if cache is None else cache, relu, residual)
 
 
 # --- the inference modules' KxK convolution --------------------------------------------------------
@@ -235,33 +274,41 @@ def direct_conv_cache(val, x):
 _CONV2D = {"csr": csr_conv2d, "ck": ck_conv2d}
 
 
-def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False):
+def _fake_conv2d(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False,
+                 residual=None):
     h_out, w_out = conv_geometry(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)[2:]
-    return x.new_empty(x.shape[0], out_features, h_out, w_out)
+    y = x.new_empty(x.shape[0], out_features, h_out, w_out)
+    if residual is None:
+        return y
+    return y.new_empty(torch.broadcast_shapes(y.shape, residual.shape), dtype=torch.result_type(y, residual))
 
 
 def _conv2d_op(fmt):
-    def impl(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False):
+    def impl(x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False,
+             residual=None):
         geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
-        return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x), relu)
+        return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, *geometry, direct_conv_cache(val, x), relu,
+                            residual)
 
     return define(f"{fmt}_conv2d(Tensor x, Tensor rowptr, Tensor idx, Tensor val, Tensor? bias, SymInt out_features, "
-                  "SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool relu=False) "
-                  "-> Tensor",
+                  "SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool relu=False, "
+                  "Tensor? residual=None) -> Tensor",
                   "inference", reference=impl, fake=_fake_conv2d)
 
 
 _CONV2D_OPS = {fmt: _conv2d_op(fmt) for fmt in _CONV2D}
 
 
-def conv2d(fmt, x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False):
+def conv2d(fmt, x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation, relu=False,
+           residual=None):
     """The KxK convolution of the inference modules, weight in format ``fmt``: ``"csr"``
     (:func:`csr_conv2d`, ``idx = col``) or ``"ck"`` (:func:`ck_conv2d`, ``idx = chan``), with the
-    weight's :func:`direct_conv_cache`; ``relu``: ``max(y, 0)`` fused. Under torch.compile / export: the
+    weight's :func:`direct_conv_cache`; ``relu`` / ``residual``: ``max(y + residual, 0)`` (fused for
+    one image, :func:`_direct_conv2d`). Under torch.compile / export: the
     op ``sparsekern::<fmt>_conv2d``, opaque to the compiler (the caches stay in its implementation;
     its fake kernel gives the output shape)."""
     if torch.compiler.is_compiling():
         return _CONV2D_OPS[fmt](x, rowptr, idx, val, bias, out_features, list(kernel_size), list(stride),
-                                list(padding), list(dilation), relu)
+                                list(padding), list(dilation), relu, residual)
     return _CONV2D[fmt](x, rowptr, idx, val, bias, out_features, kernel_size, stride, padding, dilation,
-                        direct_conv_cache(val, x), relu)
+                        direct_conv_cache(val, x), relu, residual)

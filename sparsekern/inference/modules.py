@@ -81,6 +81,18 @@ class _Sparse(nn.Module):
             raise ValueError(f"{name}: expected {self.in_features} input features at dim {channel_dim}, "
                              f"got input of shape {tuple(x.shape)}")
 
+    def _residual(self, residual):
+        """``residual`` after checking it is a tensor (or None) that supports the epilogue: only CSR /
+        CK modules (those with a fused ``relu``) take one."""
+        if residual is None:
+            return None
+        if not hasattr(self, "relu"):
+            raise TypeError(f"{type(self).__name__} takes no residual (only the CSR and CK modules do)")
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: residual must be a torch.Tensor or None, got "
+                            f"{type(residual).__name__}")
+        return residual
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in self._buffers:  # nnz differs between weights of one layer shape
             t = state_dict.get(prefix + key)
@@ -99,10 +111,10 @@ class _CSR:
         rowptr, col, val = formats.csr_from_dense(w.reshape(w.shape[0], -1))
         return {"rowptr": rowptr, "col": col, "val": val}
 
-    def _mm(self, x, transpose_out):
+    def _mm(self, x, transpose_out, relu=False, residual=None):
         b = self._buffers
         return spmm.csr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out,
-                           relu=self.relu)
+                           relu=relu, residual=residual)
 
     def weight_dense(self):
         """The dense weight ``[out, in]`` (``[out, C·R·S]`` for a KxK conv), zeros restored."""
@@ -163,9 +175,13 @@ class _Linear(_Sparse):
     def from_dense(cls, linear, **fmt):
         return cls(linear.weight, linear.bias, **fmt)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """``residual`` (CSR modules): ``max(x·Wᵀ + b + residual, 0)`` if ``relu`` else without the
+        max (:func:`functional.sparse_linear`; fused into the kernel's store when ``residual`` has the
+        output's shape, dtype and device)."""
         self._check(x, -1)
-        return functional.sparse_linear(x, self._mm, self.out_features)
+        return functional.sparse_linear(x, self._mm, self.out_features, getattr(self, "relu", False),
+                                         self._residual(residual))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -190,9 +206,11 @@ class _Conv1x1(_Linear):
                              f"strides; got {conv}")
         return cls(conv.weight, conv.bias, conv.stride[0], **fmt)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """``residual`` (CSR modules): added before the ReLU, as :meth:`_Linear.forward`'s."""
         self._check(x, 1, ndim=4)
-        return functional.sparse_conv1x1(x, self._mm, self.out_features, self.stride)
+        return functional.sparse_conv1x1(x, self._mm, self.out_features, self.stride, getattr(self, "relu", False),
+                                         self._residual(residual))
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size=(1, 1), stride={self.stride}, "
@@ -221,12 +239,14 @@ class _ConvKxK(_Sparse):
             raise ValueError(f"{cls.__name__} needs a Conv2d with groups 1 and numeric zero padding; got {conv}")
         return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """``residual``: ``max(conv(x) + residual, 0)`` if ``relu`` else without the max (fused
+        into the kernel's store for one image with ``residual`` of the output's shape, dtype, device)."""
         self._check(x, 1, ndim=4)
         b = self._buffers
         return functional.conv2d(self.format, x, b["rowptr"], b[self._index], b["val"], b["bias"],
                                  self.out_features, self.kernel_size, self.stride, self.padding, self.dilation,
-                                 relu=self.relu)
+                                 relu=self.relu, residual=self._residual(residual))
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "

@@ -9,15 +9,18 @@ builders: ``sparsekern.inference.formats``; the layers built on these ops:
   ``x [in, n]``: the ``n`` columns (batch or pixels) are the kernel's vector dimension.
   ``transpose_out`` returns ``[n, out]`` (Linear layout) instead of ``[out, n]`` (1×1 conv layout);
   ``relu``: ``max(y, 0)`` in the kernel's final store (the ReLU after a conv / Linear, fused);
+  ``residual`` (None or a tensor of the output's shape): ``max(y + residual, 0)`` (a residual
+  block's add, then its ReLU, fused);
 * ``bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out)``: block CSR, ``val [nnzb, bo,
   bi]``, ``col`` block columns, ``rowptr`` ``[⌈out/bo⌉+1]``;
 * ``nm_mm(val, idx, bias, x, n, m, out_features, transpose_out)``: N:M compressed along ``in``,
   ``val [out, in·n/m]``, ``idx`` uint8 (position in group ``j // n``);
 * ``csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv)``: each nonzero reads its
   run ``x[off : off + n]`` of a flat input; the first ``wv`` of every ``wp`` outputs are kept:
-  ``[out, n / wp, wv]`` (direct KxK convolution); ``relu`` as ``csr_mm``'s;
+  ``[out, n / wp, wv]`` (direct KxK convolution); ``relu`` and ``residual`` as ``csr_mm``'s;
 * ``ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv)``: the alive
-  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv`` (``relu`` too);
+  ``R×S`` kernels of each output channel with their dense taps, as ``csr_conv`` (``relu`` and
+  ``residual`` too);
 * ``csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding,
   dilation)``: a grouped (e.g. depthwise) KxK convolution of ``x [N, C, H, W]`` with a CSR weight
   ``[out, (C / groups)·R·S]`` → ``[N, out, H', W']`` (``F.conv2d`` shapes; C++ on CPU, the
@@ -57,22 +60,26 @@ ARG_POS = {"csr_mm": (2, 3, 4), "bsr_mm": (2, 3, 4), "nm_mm": (0, 2, 3), "csr_co
 
 _SCHEMAS = {
     "csr_mm": "csr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
-              "bool transpose_out, bool relu=False) -> Tensor",
+              "bool transpose_out, bool relu=False, Tensor? residual=None) -> Tensor",
     "bsr_mm": "bsr_mm(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, SymInt out_features, "
               "bool transpose_out) -> Tensor",
     "nm_mm": "nm_mm(Tensor val, Tensor idx, Tensor bias, Tensor x, SymInt n, SymInt m, SymInt out_features, "
              "bool transpose_out) -> Tensor",
     "csr_conv": "csr_conv(Tensor rowptr, Tensor off, Tensor val, Tensor bias, Tensor x, SymInt n, "
-                "SymInt out_features, SymInt slab, SymInt wp, SymInt wv, bool relu=False) -> Tensor",
+                "SymInt out_features, SymInt slab, SymInt wp, SymInt wv, bool relu=False, Tensor? residual=None) "
+                "-> Tensor",
     "ck_conv": "ck_conv(Tensor rowptr, Tensor chan, Tensor val, Tensor taps, Tensor bias, Tensor x, SymInt n, "
-               "SymInt out_features, SymInt plane, SymInt slab, SymInt wp, SymInt wv, bool relu=False) -> Tensor",
+               "SymInt out_features, SymInt plane, SymInt slab, SymInt wp, SymInt wv, bool relu=False, "
+               "Tensor? residual=None) -> Tensor",
     "csr_group_conv": "csr_group_conv(Tensor rowptr, Tensor col, Tensor val, Tensor bias, Tensor x, "
                       "SymInt out_features, SymInt groups, int[] kernel_size, int[] stride, int[] padding, "
                       "int[] dilation, bool relu=False) -> Tensor",
 }
 
-#: The ops with a fused ReLU (a last argument ``relu``).
+#: The ops with a fused ReLU (an argument ``relu`` after the weight, bias and input's arguments).
 RELU_OPS = ("csr_mm", "csr_conv", "ck_conv", "csr_group_conv")
+#: The ops with a fused residual add (an argument ``residual`` after ``relu``).
+RESIDUAL_OPS = ("csr_mm", "csr_conv", "ck_conv")
 
 
 def _mm_shape(x, out_features, transpose_out):
@@ -87,38 +94,65 @@ def _group_conv_shape(x, out_features, kernel_size, stride, padding, dilation):
 
 #: Each op's output shape from its arguments.
 _SHAPES = {
-    "csr_mm": lambda rowptr, col, val, bias, x, out, tr, relu=False: _mm_shape(x, out, tr),
+    "csr_mm": lambda rowptr, col, val, bias, x, out, tr, relu=False, residual=None: _mm_shape(x, out, tr),
     "bsr_mm": lambda rowptr, col, val, bias, x, out, tr: _mm_shape(x, out, tr),
     "nm_mm": lambda val, idx, bias, x, n, m, out, tr: _mm_shape(x, out, tr),
-    "csr_conv": lambda rowptr, off, val, bias, x, n, out, slab, wp, wv, relu=False: (out, n // wp, wv),
-    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out, plane, slab, wp, wv, relu=False: (out, n // wp, wv),
+    "csr_conv": lambda rowptr, off, val, bias, x, n, out, slab, wp, wv, relu=False, residual=None:
+        (out, n // wp, wv),
+    "ck_conv": lambda rowptr, chan, val, taps, bias, x, n, out, plane, slab, wp, wv, relu=False, residual=None:
+        (out, n // wp, wv),
     "csr_group_conv": lambda rowptr, col, val, bias, x, out, groups, ks, st, pad, dil, relu=False:
         _group_conv_shape(x, out, ks, st, pad, dil),
 }
 
 
-def _checked(name, kernel):
-    """``kernel(*args)`` of op ``name`` after :func:`check_dtypes`, with a contiguous ``x``."""
-    iv, ib, ix = ARG_POS[name]
+def check_residual(op, residual, shape, val):
+    """ValueError unless ``residual`` is None or a tensor of the output's ``shape``, on ``val``'s
+    device, of ``val``'s dtype (the kernel adds it in its store; no broadcasting)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise ValueError(f"{op}: residual must be a tensor or None, got {type(residual).__name__}")
+    if tuple(residual.shape) != tuple(shape) or residual.dtype != val.dtype or residual.device != val.device:
+        raise ValueError(f"{op}: residual must be {val.dtype} {list(shape)} on {val.device} (the output's shape), "
+                         f"got {residual.dtype} {list(residual.shape)} on {residual.device}")
 
-    def impl(*args, **kwargs):  # kwargs: relu, when called as a Python function
+
+def _checked(name, kernel):
+    """``kernel(*args)`` of op ``name`` after :func:`check_dtypes` (and :func:`check_residual`),
+    with a contiguous ``x`` (and residual)."""
+    iv, ib, ix = ARG_POS[name]
+    ir = _SCHEMAS[name].split("(", 1)[1].count(",")  # residual's position: the last argument
+
+    def impl(*args, **kwargs):  # kwargs: relu, residual, when called as a Python function
         check_dtypes(name, args[iv], args[ib], args[ix])
         args = list(args)
         args[ix] = args[ix].contiguous()
+        if name in RESIDUAL_OPS:
+            r = args[ir] if len(args) > ir else kwargs.get("residual")
+            check_residual(name, r, _SHAPES[name](*args, **kwargs), args[iv])
+            if r is not None and len(args) > ir:
+                args[ir] = r.contiguous()
+            elif r is not None:
+                kwargs["residual"] = r.contiguous()
         return kernel(*args, **kwargs)
 
     return impl
 
 
 def _triton(name):
-    """The CUDA implementation of op ``name``: its Triton launcher (the schema's arguments but
-    ``relu``), then an in-place ReLU when ``relu`` is True (the Triton kernels have no epilogue)."""
-    n = _SCHEMAS[name].count(",") if name in RELU_OPS else None  # arguments before relu
+    """The CUDA implementation of op ``name``: its Triton launcher (the schema's arguments before
+    ``relu``), then the residual added and an in-place ReLU (the Triton kernels have no epilogue)."""
+    schema = _SCHEMAS[name].split("(", 1)[1]
+    n = schema[:schema.index("bool relu")].count(",") if name in RELU_OPS else None  # arguments before relu
 
-    def launch(*args, relu=False):
+    def launch(*args, relu=False, residual=None):
         if n is not None and len(args) > n:
-            *args, relu = args
+            args, rest = args[:n], args[n:]
+            relu, residual = (tuple(rest) + (residual,))[:2]
         y = getattr(triton_module("spmm"), name)(*args)
+        if residual is not None:
+            y += residual
         return y.relu_() if relu else y
 
     return launch
@@ -161,10 +195,11 @@ _bitmap_mm = define("bitmap_mm(Tensor rowptr, Tensor mask, Tensor val, Tensor bi
 check_cpp("spmm")
 
 
-def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, *, relu=False):
-    """``torch.ops.sparsekern.csr_mm`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
+def csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, *, relu=False, residual=None):
+    """``torch.ops.sparsekern.csr_mm`` after :func:`check_dtypes`; ``max(y + residual, 0)`` fused
+    (``relu``; ``residual`` None or the output's shape, :func:`check_residual`)."""
     check_dtypes("csr_mm", val, bias, x)
-    return _csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, check_bool(relu, "relu"))
+    return _csr_mm(rowptr, col, val, bias, x, out_features, transpose_out, check_bool(relu, "relu"), residual)
 
 
 def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
@@ -173,10 +208,10 @@ def bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out):
     return _bsr_mm(rowptr, col, val, bias, x, out_features, transpose_out)
 
 
-def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, *, relu=False):
-    """``torch.ops.sparsekern.csr_conv`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
+def csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, *, relu=False, residual=None):
+    """``torch.ops.sparsekern.csr_conv`` after :func:`check_dtypes`; ``relu`` / ``residual`` as :func:`csr_mm`'s."""
     check_dtypes("csr_conv", val, bias, x)
-    return _csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, check_bool(relu, "relu"))
+    return _csr_conv(rowptr, off, val, bias, x, n, out_features, slab, wp, wv, check_bool(relu, "relu"), residual)
 
 
 def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
@@ -185,11 +220,12 @@ def nm_mm(val, idx, bias, x, n, m, out_features, transpose_out):
     return _nm_mm(val, idx, bias, x, n, m, out_features, transpose_out)
 
 
-def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, *, relu=False):
-    """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`; ``relu``: ``max(·, 0)`` fused."""
+def ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv, *, relu=False,
+            residual=None):
+    """``torch.ops.sparsekern.ck_conv`` after :func:`check_dtypes`; ``relu`` / ``residual`` as :func:`csr_mm`'s."""
     check_dtypes("ck_conv", val, bias, x)
     return _ck_conv(rowptr, chan, val, taps, bias, x, n, out_features, plane, slab, wp, wv,
-                    check_bool(relu, "relu"))
+                    check_bool(relu, "relu"), residual)
 
 
 def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size, stride, padding, dilation, *,
