@@ -54,15 +54,18 @@ SHAPES = [(1, 1, 1), (7, 5, 1), (7, 5, 3), (33, 17, 16), (65, 129, 100), (130, 7
 @pytest.mark.parametrize("transpose_out", [False, True])
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
-def test_csr_mm_matches_dense(kern, out, inp, n, density, transpose_out, has_bias, relu):
+@pytest.mark.parametrize("has_residual", [False, True])
+def test_csr_mm_matches_dense(kern, out, inp, n, density, transpose_out, has_bias, relu, has_residual):
     w = sparse_weight(out, inp, density)
     x = torch.randn(inp, n)
     bias = torch.randn(out) if has_bias else torch.empty(0)
     rowptr, col, val = csr_from_dense(w)
-    y = kern.csr_mm(rowptr, col, val, bias, x, out, transpose_out, relu)
     expect = w @ x + (bias[:, None] if has_bias else 0)
-    expect = expect.relu() if relu else expect
-    torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
+    expect = expect.t() if transpose_out else expect
+    residual = torch.randn_like(expect.t()).t() if has_residual else None  # non-contiguous
+    expect = expect + residual if has_residual else expect
+    y = kern.csr_mm(rowptr, col, val, bias, x, out, transpose_out, relu, residual)
+    torch.testing.assert_close(y, expect.relu() if relu else expect, **TOL)
     assert y.is_contiguous()
 
 
@@ -102,7 +105,8 @@ def test_csr_conv1x1(stride, n, per_call, monkeypatch):
 def test_csr_mm_input_chunks(order, n, transpose_out, relu):
     """The C++ kernel's reduction in chunks of x rows over blocks of many rows (in = 2000, 1100
     rows), a last column tile shifted left (n = 20, 70), columns in any order within a row; the
-    fused ReLU applies to the whole sum (the last chunk), not to partial sums."""
+    fused ReLU and residual apply to the whole sum (the last chunk), not to partial sums, and
+    equal the unfused add bit for bit (same sum, then the same add)."""
     w, b = sparse_weight(1100, 2000, 0.3), torch.randn(1100)
     rowptr, col, val = csr_from_dense(w)
     if order != "ascending":
@@ -115,6 +119,10 @@ def test_csr_mm_input_chunks(order, n, transpose_out, relu):
     expect = expect.relu() if relu else expect
     y = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out, relu)
     torch.testing.assert_close(y, expect.t() if transpose_out else expect, **TOL)
+    residual = torch.randn(n, 1100) if transpose_out else torch.randn(1100, n)
+    y = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out, relu, residual)
+    unfused = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out, False) + residual
+    assert torch.equal(y, unfused.relu() if relu else unfused)
 
 
 @pytest.mark.parametrize("n,inp", [(2, 3), (9, 17), (70, 130), (16, 1000)])
@@ -140,6 +148,9 @@ def test_opcheck():
     for x, tr in ((torch.randn(11, 5), True), (torch.randn(11, 1), False)):
         torch.library.opcheck(torch.ops.sparsekern.csr_mm, (rowptr, col, val, torch.randn(9), x, 9, tr))
         torch.library.opcheck(torch.ops.sparsekern.csr_mm, (rowptr, col, val, torch.randn(9), x, 9, tr, True))
+        residual = torch.randn((x.shape[1], 9) if tr else (9, x.shape[1]))
+        for relu in (False, True):
+            torch.library.opcheck(torch.ops.sparsekern.csr_mm, (rowptr, col, val, torch.randn(9), x, 9, tr, relu, residual))
 
 
 def test_compile_fullgraph():
@@ -211,12 +222,51 @@ def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, relu, monkeyp
     torch.testing.assert_close(y, expect.flip(0), **TOL)
 
 
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_layers_residual(batch, relu, broadcast):
+    """The layers' ``residual``: ``max(layer(x) + residual, 0)``, fused into the kernel for one
+    image (or any Linear batch) with a residual of the output's shape, the add (broadcast as
+    ``+``) after the kernel otherwise; the same either way."""
+    w, b = sparse_weight(12, 18, 0.4), torch.randn(12)
+    rowptr, col, val = csr_from_dense(w)
+
+    def mm(xt, transpose_out, relu=False, residual=None):
+        return spmm.csr_mm(rowptr, col, val, b, xt, 12, transpose_out, relu=relu, residual=residual)
+
+    x = torch.randn(batch, 5, 18)
+    expect = F.linear(x, w, b)
+    residual = torch.randn(1, 1, 12) if broadcast else torch.randn_like(expect)
+    y = functional.sparse_linear(x, mm, 12,
+                                 relu, residual)
+    torch.testing.assert_close(y, (expect + residual).relu() if relu else expect + residual, **TOL)
+    x = torch.randn(batch, 18, 7, 6)
+    expect = F.conv2d(x, w[:, :, None, None], b, stride=2)
+    residual = torch.randn(1, 12, 1, 1) if broadcast else torch.randn_like(expect)
+    y = functional.sparse_conv1x1(x, mm, 12, 2,
+                                  relu, residual)
+    torch.testing.assert_close(y, (expect + residual).relu() if relu else expect + residual, **TOL)
+    wt = sparse_weight(12, 2 * 9, 0.5).reshape(12, 2, 3, 3)
+    x = torch.randn(batch, 2, 7, 6)
+    expect = F.conv2d(x, wt, b, 2, 1)
+    residual = torch.randn(1, 12, 1, 1) if broadcast else torch.randn_like(expect)
+    expect = (expect + residual).relu() if relu else expect + residual
+    geometry = (12, (3, 3), (2, 2), (1, 1), (1, 1))
+    torch.testing.assert_close(functional.csr_conv2d(x, *csr_from_dense(wt.reshape(12, -1)), b, *geometry,
+                                                     relu=relu, residual=residual), expect, **TOL)
+    torch.testing.assert_close(functional.ck_conv2d(x, *ck_from_dense(wt), b, *geometry, relu=relu,
+                                                    residual=residual), expect, **TOL)
+
+
 def test_csr_conv_opcheck_and_bounds():
     rowptr, col, val = csr_from_dense(sparse_weight(6, 4, 0.5))
     off = (col * 3).int()
     x = torch.randn(4 * 3 + 6)
     for relu in (False, True):
         torch.library.opcheck(torch.ops.sparsekern.csr_conv, (rowptr, off, val, torch.randn(6), x, 6, 6, 7, 3, 2, relu))
+        torch.library.opcheck(torch.ops.sparsekern.csr_conv,
+                              (rowptr, off, val, torch.randn(6), x, 6, 6, 7, 3, 2, relu, torch.randn(6, 2, 2)))
     ops = kernel_backend("cpp", "spmm")[0]  # the C++ kernel's checks
     for slab, wp, wv in ((4, 3, 2), (100, 6, 6), (1, 2, 0)):
         torch.testing.assert_close(
@@ -231,10 +281,12 @@ def test_csr_conv_opcheck_and_bounds():
 @pytest.mark.parametrize("slack", [0, 7, 15, 40])
 @pytest.mark.parametrize("n,wp,wv", [(45, 9, 7), (63, 9, 7), (70, 10, 10), (200, 40, 33)])
 @pytest.mark.parametrize("relu", [False, True])
-def test_direct_conv_tail_columns(n, wp, wv, slack, relu):
+@pytest.mark.parametrize("has_residual", [False, True])
+def test_direct_conv_tail_columns(n, wp, wv, slack, relu, has_residual):
     """The last n % 16 wide columns: lane by lane when x ends at the furthest read (slack 0), as a
     whole vector whose extra columns are dropped when x has 15 more elements (slack >= 15;
-    in between: a partial fit), for csr_conv and ck_conv, 3×3 taps over 3 channels."""
+    in between: a partial fit), for csr_conv and ck_conv, 3×3 taps over 3 channels; a residual
+    ``[out, n / wp, wv]`` added to the kept columns only."""
     ops = kernel_backend("cpp", "spmm")[0]
     e = torch.empty(0)
     wt = sparse_weight(70, 3 * 9, 0.4).reshape(70, 3, 3, 3)
@@ -243,10 +295,11 @@ def test_direct_conv_tail_columns(n, wp, wv, slack, relu):
     rowptr, col, val = csr_from_dense(wt.reshape(70, -1))
     off = ((col // 9).long() * plane + taps.long()[col.long() % 9]).int()
     x = torch.randn(int(off.max()) + n + slack)
-    args = (rowptr, off, val, torch.randn(70), x, n, 70, 2 * plane, wp, wv, relu)
+    residual = torch.randn(70, n // wp, wv + 1)[..., 1:] if has_residual else None  # non-contiguous
+    args = (rowptr, off, val, torch.randn(70), x, n, 70, 2 * plane, wp, wv, relu, residual)
     torch.testing.assert_close(ops.csr_conv(*args), reference.csr_conv(*args), **TOL)
     x = torch.randn(2 * plane + int(taps.max()) + n + slack)
-    args = (*ck_from_dense(wt), taps, torch.randn(70), x, n, 70, plane, 2, wp, wv, relu)
+    args = (*ck_from_dense(wt), taps, torch.randn(70), x, n, 70, plane, 2, wp, wv, relu, residual)
     torch.testing.assert_close(ops.ck_conv(*args), reference.ck_conv(*args), **TOL)
 
 
@@ -465,6 +518,9 @@ def test_new_ops_opcheck():
     for relu in (False, True):
         torch.library.opcheck(torch.ops.sparsekern.ck_conv,
                               (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3, relu))
+        torch.library.opcheck(torch.ops.sparsekern.ck_conv,
+                              (rowptr, chan, val, taps, torch.randn(6), torch.randn(4 * 25 + 2), 15, 6, 25, 2, 5, 3, relu,
+                               torch.randn(6, 3, 3)))
 
 
 def test_new_ops_compile_fullgraph():
@@ -658,3 +714,36 @@ def test_public_function_relu(name):
             assert torch.equal(y, fn(*args).relu()) and (y == 0).any()
             with pytest.raises(TypeError, match="relu must be a bool"):
                 fn(*args, relu="True")
+
+
+@pytest.mark.parametrize("name", spmm.RESIDUAL_OPS)
+@pytest.mark.parametrize("path", ["eager", "registered", "meta", "reference"])
+def test_residual_epilogue_and_bad_residuals(name, path):
+    """``residual`` (the output's shape): ``max(y + residual, 0)`` equal to the op's result plus the
+    residual, bit for bit, whichever way the op is reached; a residual of another shape, dtype or
+    device is a ValueError naming it (the Python checks, and C++'s own)."""
+    for case, args in _op_cases():
+        if case != name:
+            continue
+        fn = {"eager": getattr(spmm, name), "reference": getattr(reference, name)}.get(
+            path, getattr(torch.ops.sparsekern, name))
+        y0 = (getattr(reference, name) if path == "reference" else getattr(spmm, name))(*args)
+        residual = torch.randn_like(y0)
+        if path == "meta":
+            args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+            residual = residual.to("meta")
+        for relu in (False, True):
+            kw = {"relu": relu, "residual": residual}
+            y = fn(*args, **kw) if path in ("eager", "reference") else fn(*args, relu, residual)
+            assert y.shape == y0.shape
+            if path != "meta":
+                assert torch.equal(y, (y0 + residual).relu() if relu else y0 + residual)
+        if path == "reference":
+            continue
+        for bad in (residual[:-1], residual.double(), residual.reshape(-1)):
+            with pytest.raises(ValueError, match="residual"):
+                fn(*args, residual=bad) if path == "eager" else fn(*args, False, bad)
+    ops = kernel_backend("cpp", "spmm")[0]  # the C++ op's own check
+    args = next(a for c, a in _op_cases() if c == name)
+    with pytest.raises(ValueError, match="residual"):
+        getattr(ops, name)(*args, False, torch.zeros(3))

@@ -413,8 +413,8 @@ def test_fp32_precision_of_either_api(legacy, precision):
 
 
 def test_relu_ops_cuda_implementation():
-    """The ops' CUDA implementations (``ops.spmm``'s adapters: the Triton launch, then the ReLU)
-    with ``relu`` True / False / left out, against the reference."""
+    """The ops' CUDA implementations (``ops.spmm``'s adapters: the Triton launch, then the residual
+    and the ReLU) with ``relu`` True / False / left out and a residual or none, against the reference."""
     from sparsekern.ops._common import IMPLS
 
     w = sparse_weight(9, 8, 0.5)
@@ -431,4 +431,7 @@ def test_relu_ops_cuda_implementation():
             y = launch(*dev(*tensors), *rest, relu).cpu()
             torch.testing.assert_close(y, ref(*tensors, *rest, relu), **TOL)
             assert (y.min() >= 0) == relu
+            residual = torch.randn_like(y)
+            y = launch(*dev(*tensors), *rest, relu, *dev(residual)).cpu()
+            torch.testing.assert_close(y, ref(*tensors, *rest, relu, residual), **TOL)
         torch.testing.assert_close(launch(*dev(*tensors), *rest).cpu(), ref(*tensors, *rest), **TOL)

@@ -1053,7 +1053,7 @@ const float* residual_data(const char* op, const std::optional<at::Tensor>& resi
                            const at::Tensor& y, at::Tensor& keep) {
   if (!residual.has_value()) return nullptr;
   const at::Tensor& r = *residual;
-  TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.sizes() == y.sizes(), op,
+  TORCH_CHECK_VALUE(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.sizes() == y.sizes(), op,
               ": residual must be a float32 CPU tensor of the output's shape ", y.sizes(), ", got ",
               r.scalar_type(), " ", r.sizes(), " on ", r.device());
   keep = r.contiguous();
