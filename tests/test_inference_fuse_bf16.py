@@ -643,7 +643,8 @@ def test_fuse_blocks_torchvision_basic_and_bottleneck():
     model = _calibrated(_pruned(TvNet()))
     expected = {"layer1.0.conv1": "ReLU", "layer1.0.conv2": "residual add + ReLU",
                 "layer1.1.conv1": "ReLU", "layer1.1.conv2": "residual add + ReLU"}
-    expected.update({f"layer2.{b}.conv{c}": "residual add + ReLU" if c == 3 else "ReLU" for b in (0, 1) for c in (1, 2, 3)})
+    expected.update({f"layer2.{b}.conv{c}": "residual add + ReLU" if c == 3 else "ReLU"
+                     for b in (0, 1) for c in (1, 2, 3)})
     _check_fused_blocks(model, ["layer1.0", "layer1.1", "layer2.0", "layer2.1"], expected)
     assert sk.inference.convert(copy.deepcopy(model), min_speedup=0.0, reps=1, batch_size=1).layer2[1].expansion == 4
 
@@ -726,13 +727,16 @@ class _Rules(nn.Module):
                                        g=CSRGroupConv2d.from_dense(_dense_conv(groups=4, seed=200 + i)),
                                        relu=nn.ReLU(inplace=True), shift=nn.Parameter(torch.randn(4, 1, 1))))
         self.top = CSRConv2d.from_dense(_dense_conv(seed=300))
+        inner = _Block(lambda s, x: s.a(s.relu(s.b(x))) + x, a=CSRConv2d.from_dense(_dense_conv(seed=301)),
+                       b=CSRConv2d.from_dense(_dense_conv(seed=302)), relu=nn.ReLU())
+        self.nested = _Block(lambda s, x: F.relu(s.inner(x)), inner=inner)  # a's pattern ends in the outer block
         self.fc = CSRLinear.from_dense(nn.Linear(4, 4))
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):
         h = self.pool(x).flatten(1)
         outs = [F.relu(self.fc(h) + h), self.top(x) + x]  # in the model's own forward: left
-        return outs + [getattr(self, name)(x.clone()) for name in _RULES]
+        return outs + [self.nested(x)] + [getattr(self, name)(x.clone()) for name in _RULES]
 
 
 def test_fuse_residual_blocks_rules():
@@ -741,7 +745,9 @@ def test_fuse_residual_blocks_rules():
     with torch.no_grad():
         refs = [model(x) for x in xs]
     fused, skipped = fuse_residual_blocks(model)
-    assert fused == {f"{name}.a": what for name, (_, what) in _RULES.items() if what}
+    assert fused == {f"{name}.a": what for name, (_, what) in _RULES.items() if what} | {
+        "nested.inner.b": "ReLU", "nested.inner.a": "residual add + ReLU"}
+    assert isinstance(model.nested, torch.fx.GraphModule) and isinstance(model.nested.inner, torch.fx.GraphModule)
     assert skipped == {"fc": "residual add + ReLU not fused: in the model's own forward (the model keeps its class)",
                        "top": "residual add not fused: in the model's own forward (the model keeps its class)"}
     assert type(model) is _Rules and not model.fc.relu

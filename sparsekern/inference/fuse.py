@@ -73,6 +73,7 @@ class _Proxy(torch.fx.Proxy):
 
 
 def _augmented(op):
+    """``_Proxy``'s method for in-place operator ``op`` (``__iadd__`` for ``operator.iadd``)."""
     def impl(self, other):
         return self.tracer.create_proxy("call_function", op, (self, other), {})
     impl.__name__ = f"__{op.__name__}__"
@@ -104,9 +105,8 @@ def trace(model):
 
 class Unit(NamedTuple):
     """A module traced as a whole: its name in the model followed by ``"."`` (``""`` for the model),
-    the module, its graph and its ``named_modules()`` (the graph's call targets)."""
+    its graph and its ``named_modules()`` (the graph's call targets)."""
     prefix: str
-    module: nn.Module
     graph: torch.fx.Graph
     modules: dict
 
@@ -124,7 +124,7 @@ def traced_units(model, wanted):
         seen.add(id(module))
         graph, note = trace(module)
         if graph is not None:
-            units.append(Unit(prefix, module, graph, dict(module.named_modules())))
+            units.append(Unit(prefix, graph, dict(module.named_modules())))
             return
         notes.append(note)
         for name, child in module.named_children():
@@ -265,8 +265,9 @@ def fuse_relu(model):
 _TENSOR_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                       operator.imul, torch.add, torch.sub, torch.mul}
 #: Functions and Tensor methods (by name) whose result is a tensor when their first argument is one.
-_TENSOR_OF_TENSOR = {operator.getitem, operator.neg, torch.relu, torch.relu_, F.relu, "add", "add_", "sub", "mul",
-                     "relu", "relu_", "contiguous", "reshape", "view", "flatten"}
+_TENSOR_OF_TENSOR = {operator.getitem, operator.neg, torch.relu, torch.relu_, F.relu, torch.flatten, "add", "add_",
+                     "sub", "mul", "relu", "relu_", "clone", "contiguous", "detach", "to", "float", "reshape", "view",
+                     "flatten", "permute", "transpose", "squeeze", "unsqueeze", "mean", "sum"}
 #: Module hooks a GraphModule in a module's place would not run.
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
           "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
@@ -352,7 +353,8 @@ def _matches(graph, modules, calls):
             found.append(_Match(node, chain, relu=user))
             continue
         r = _residual_of(user, end)
-        if (r is None or r not in tensors or user in taken or "residual" not in inspect.signature(layer.forward).parameters
+        if (r is None or r not in tensors or user in taken
+                or "residual" not in inspect.signature(layer.forward).parameters
                 or _mutation_between(node, user, chain, modules)):
             continue
         taken.add(user)
@@ -426,7 +428,8 @@ def _plain_attributes(owner):
     attrs = {}
     for klass in reversed(type(owner).__mro__):
         if klass.__module__.split(".")[0] not in ("torch", "builtins"):
-            attrs.update({k: v for k, v in vars(klass).items() if not k.startswith("_") and not hasattr(type(v), "__get__")})
+            attrs.update({k: v for k, v in vars(klass).items()
+                          if not k.startswith("_") and not hasattr(type(v), "__get__")})
     attrs.update({k: v for k, v in vars(owner).items() if not k.startswith("_") and k != "training"})
     return attrs
 
@@ -459,7 +462,7 @@ def _rewritten(owner, wanted):
     state = dict(owner.named_parameters()) | dict(owner.named_buffers())
     if any(n.op == "get_attr" and n.target not in state for n in graph.nodes):
         return None, set(), "reads a tensor that is not a parameter or buffer"
-    calls, applied = _call_counts([Unit("", owner, graph, modules)]), set()
+    calls, applied = _call_counts([Unit("", graph, modules)]), set()
     while True:
         match = next((m for m in _matches(graph, modules, calls)
                       if id(modules[m.layer.target]) not in applied
