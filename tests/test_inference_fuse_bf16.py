@@ -1,8 +1,9 @@
-"""Issue 16: BatchNorm folding, ReLU fusion and the separable max pool of ``convert`` (outputs
-equal the unfused model), convert's batch choice, and the bf16 / fp16 bitmap format (``bitmap_mm``,
+"""Issue 16: BatchNorm folding, ReLU and residual-block fusion and the separable max pool of
+``convert`` (outputs equal the unfused model), convert's batch choice, and the bf16 / fp16 bitmap format (``bitmap_mm``,
 ``BitmapLinear``): kernel vs reference and dense, opcheck, compile / export, a transformers Llama
 converted end to end."""
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ from bench.models import Bottleneck, mobilenet_v1
 from sparsekern import reference
 from sparsekern.inference import (BitmapConv1x1, BitmapLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
                                   CSRLinear, SeparableMaxPool2d, formats)
-from sparsekern.inference.fuse import batchnorm_pairs, fuse_relu
+from sparsekern.inference.fuse import batchnorm_pairs, fuse_relu, fuse_residual_blocks, trace
 from sparsekern.ops import spmm
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -415,27 +416,33 @@ def test_bitmap_op_called_directly_takes_strided_x_and_raises_type_errors():
 
 # --- ReLU fusion ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,fused", [("mobilenet_v1", 27), ("resnet50", 1)])
-def test_fuse_relu_whole_model_equals_unfused(name, fused):
-    """STR-pruned MobileNetV1 / ResNet-50 converted: each ReLU module that follows one conv only runs
-    in its kernel (MobileNetV1: all 27; ResNet: the stem's, each bottleneck's ``self.relu`` runs
-    three times and stays), the model keeps its class, outputs equal the unfused converted model's
-    and, within the whole-model tolerance, the finalized model's."""
+@pytest.mark.parametrize("name,relus,blocks", [("mobilenet_v1", 27, 0), ("resnet50", 1, 16)])
+def test_fuse_relu_and_blocks_whole_model_equal_unfused(name, relus, blocks):
+    """STR-pruned MobileNetV1 / ResNet-50 converted: fuse_relu runs in its kernel each ReLU module
+    that follows one conv only (MobileNetV1: all 27; ResNet: the stem's), fuse_residual_blocks then
+    each bottleneck's shared ``self.relu`` (after conv1, conv2) and its ``relu(y + identity)`` (into
+    conv3); the model keeps its class, outputs (batch 1: fused in the kernels; 3: the modules' add)
+    equal the unfused converted model's and, within the whole-model tolerance, the finalized model's."""
     from bench.bench_spmm import pruned_resnet50
 
     model = pruned_resnet50(model=name, calibration_batch=2)
     x = torch.randn(1, 3, 64, 64)
     unfused = sk.inference.convert(copy.deepcopy(model), example_input=x, min_speedup=0.0, reps=1,
-                                   formats=("csr",), fuse_relu=False)
+                                   formats=("csr",), fuse_relu=False, fuse_blocks=False)
     assert not any(getattr(m, "relu", None) is True for m in unfused.modules())
     conv = copy.deepcopy(unfused)
     names = fuse_relu(conv)
-    assert len(names) == fused and all(conv.get_submodule(n).relu for n in names)
-    assert type(conv) is type(model)
+    assert len(names) == relus and all(conv.get_submodule(n).relu for n in names)
+    fused, skipped = fuse_residual_blocks(conv)
+    expected = {f"layer{i + 1}.{b}.conv{c}": "residual add + ReLU" if c == 3 else "ReLU"
+                for i, n in enumerate((3, 4, 6, 3)[:blocks and 4]) for b in range(n) for c in (1, 2, 3)}
+    assert fused == expected and not skipped
+    assert type(conv) is type(model) and sum(isinstance(m, torch.fx.GraphModule) for m in conv.modules()) == blocks
     with torch.no_grad():
-        ref, out = model(x), conv(x)
-        torch.testing.assert_close(out, unfused(x), atol=0, rtol=0)
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # as the unfused model's (27+ layers deep)
+        for xb in (x, torch.randn(3, 3, 64, 64)):
+            out = conv(xb)
+            torch.testing.assert_close(out, unfused(xb), atol=0, rtol=0)
+            torch.testing.assert_close(out, model(xb), atol=1e-4, rtol=1e-4)  # as the unfused model's (27+ layers deep)
 
 
 def _dense_conv(groups=1, k=3, seed=0):
@@ -504,3 +511,255 @@ def test_fuse_relu_leaves_untraceable_models():
     model = Branchy().eval()
     assert fuse_relu(model) == [] and not model.conv.relu
     assert "relu=False" in repr(model.conv)
+
+
+# --- residual blocks ------------------------------------------------------------------------------
+
+class TvBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: one ``self.relu`` called twice, ``out += identity``."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes)
+        self.downsample, self.stride = downsample, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TvBottleneck(nn.Module):
+    """torchvision's ``Bottleneck``: one ``self.relu`` called three times, ``out += identity``."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample, self.stride = downsample, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+def _downsample(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class TvNet(nn.Module):
+    input_shape = (3, 12, 12)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(TvBasicBlock(8, 8), TvBasicBlock(8, 16, 2, _downsample(8, 16)))
+        self.layer2 = nn.Sequential(TvBottleneck(16, 4), TvBottleneck(16, 8, 2, _downsample(16, 32)))
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+def _pruned(model, density=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) < density)
+    return model
+
+
+def _hf_resnet(layer_type):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      layer_type=layer_type, num_labels=5))
+    model.input_shape = (3, 32, 32)
+    return _calibrated(_pruned(model))
+
+
+def _check_fused_blocks(model, blocks, expected, out=lambda y: y):
+    """``model`` (finalized, eval) converted without ``fuse_blocks``, then fused: the layers of
+    ``expected`` ({name: what}) fused and each block of ``blocks`` (names) a GraphModule of its
+    class's name with its attributes; same class and state_dict keys; outputs at batch 1 and 3
+    equal the unfused model's, the finalized model's within fp32 rounding; deep copies, pickles and
+    ``torch.compile`` give the same; convert's report notes them."""
+    xs = [torch.randn(b, *model.input_shape, generator=torch.Generator().manual_seed(b)) for b in (1, 3)]
+    kw = dict(example_input=xs[0], min_speedup=0.0, reps=1, formats=("csr", "ck"))
+    unfused = sk.inference.convert(copy.deepcopy(model), fuse_blocks=False, **kw)
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in unfused.modules())
+    assert not any(unfused.get_submodule(n).relu for n, what in expected.items() if "add" in what)
+    conv = copy.deepcopy(unfused)
+    fused, skipped = fuse_residual_blocks(conv)
+    assert fused == expected and not skipped
+    assert type(conv) is type(model) and list(conv.state_dict()) == list(unfused.state_dict())
+    for name in blocks:
+        block, original = conv.get_submodule(name), model.get_submodule(name)
+        assert isinstance(block, torch.fx.GraphModule) and type(block).__name__ == type(original).__name__
+        assert [n for n, _ in block.named_children()] == [n for n, _ in unfused.get_submodule(name).named_children()]
+        assert getattr(block, "stride", None) == getattr(original, "stride", None)
+    assert all(conv.get_submodule(n).relu == what.endswith("ReLU") for n, what in expected.items())
+    copies = [copy.deepcopy(conv), pickle.loads(pickle.dumps(conv)), torch.compile(conv, backend="eager")]
+    with torch.no_grad():
+        for x in xs:
+            y = out(conv(x))
+            torch.testing.assert_close(y, out(unfused(x)), atol=0, rtol=0)
+            torch.testing.assert_close(y, out(model(x)), **FP32)
+            for c in copies:
+                torch.testing.assert_close(out(c(x)), y, atol=0, rtol=0)
+    for c in copies[:2]:
+        assert list(c.state_dict()) == list(conv.state_dict())
+        assert all(getattr(c.get_submodule(n), "stride", None) == getattr(model.get_submodule(n), "stride", None)
+                   for n in blocks)
+    conv, report = sk.inference.convert(copy.deepcopy(model), return_report=True, **kw)
+    notes = {r.name: r.note for r in report}
+    assert all(notes[n].endswith(f"; {what} fused") for n, what in expected.items()), report
+    with torch.no_grad():
+        torch.testing.assert_close(out(conv(xs[1])), out(model(xs[1])), **FP32)
+
+
+def test_fuse_blocks_torchvision_basic_and_bottleneck():
+    """torchvision-style blocks (shared ``self.relu``, ``out += identity``, downsample): conv1's
+    (and conv2's) shared ReLU and the last conv's ``relu(out + identity)`` fused."""
+    model = _calibrated(_pruned(TvNet()))
+    expected = {"layer1.0.conv1": "ReLU", "layer1.0.conv2": "residual add + ReLU",
+                "layer1.1.conv1": "ReLU", "layer1.1.conv2": "residual add + ReLU"}
+    expected.update({f"layer2.{b}.conv{c}": "residual add + ReLU" if c == 3 else "ReLU"
+                     for b in (0, 1) for c in (1, 2, 3)})
+    _check_fused_blocks(model, ["layer1.0", "layer1.1", "layer2.0", "layer2.1"], expected)
+    assert sk.inference.convert(copy.deepcopy(model), min_speedup=0.0, reps=1, batch_size=1).layer2[1].expansion == 4
+
+
+@pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])
+def test_fuse_blocks_transformers_resnet_through_its_traceable_parts(layer_type):
+    """transformers' ResNet does not trace as a whole (its embeddings check the channels): its
+    stages do, so their BatchNorms fold, their ReLU modules fuse, and each layer's
+    ``hidden_state += residual; activation(hidden_state)`` goes into its last conv; the model keeps
+    its class and config."""
+    model = _hf_resnet(layer_type)
+    assert trace(model)[0] is None
+    last = "layer.2" if layer_type == "bottleneck" else "layer.1"
+    layers = [f"resnet.encoder.stages.{s}.layers.0" for s in (0, 1)]
+    _check_fused_blocks(model, layers, {f"{n}.{last}.convolution": "residual add + ReLU" for n in layers},
+                        out=lambda y: y.logits)
+    conv = sk.inference.convert(copy.deepcopy(model), min_speedup=0.0, reps=1, batch_size=1)
+    assert conv.config.to_dict() == model.config.to_dict()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+
+
+class _Block(nn.Module):
+    """A block running ``forward(self, x)`` (a module function: traced through) on its layers."""
+
+    def __init__(self, forward, **layers):
+        super().__init__()
+        self.run = forward
+        for name, m in layers.items():
+            setattr(self, name, m)
+
+    def forward(self, x):
+        return self.run(self, x)
+
+
+def _ran_in_place(s, x):
+    y = F.relu(s.a(x))  # fused: the block becomes a GraphModule
+    x += y  # in place on the block's input: still in place in the graph module
+    return x
+
+
+#: name: (forward, fused or None): each rule of fuse_residual_blocks on layer ``a`` (4 channels) of a block
+_RULES = {
+    "reversed_module_relu": (lambda s, x: s.relu(x + s.bn(s.a(x))), "residual add + ReLU"),
+    "torch_add_f_relu": (lambda s, x: F.relu(torch.add(s.a(x), x), inplace=True), "residual add + ReLU"),
+    "iadd_relu_": (lambda s, x: _iadd(s.a(x), x).relu_(), "residual add + ReLU"),
+    "method_add_torch_relu": (lambda s, x: torch.relu(s.a(x).add(x)), "residual add + ReLU"),
+    "add_": (lambda s, x: s.a(x).add_(x), "residual add"),
+    "broadcast_param": (lambda s, x: s.a(x) + s.shift, "residual add"),  # [4, 1, 1]: the modules' add
+    "later_residual": (lambda s, x: s.relu(s.a(x) + s.b(x)), "residual add + ReLU"),  # a moves after b
+    "shared_relu": (lambda s, x: s.relu(s.relu(s.a(x)) - x), "ReLU"),  # only the first call goes
+    "iadd_on_residual": (lambda s, x: _iadd(r := x * 2, s.a(x)) + r, None),  # r += e writes into r
+    "add_on_residual": (lambda s, x: (r := x * 2).add_(s.a(x)) + r, None),
+    "alpha": (lambda s, x: torch.add(s.a(x), x, alpha=2), None),
+    "layer_twice": (lambda s, x: s.a(s.a(x)) + x, None),
+    "output_twice": (lambda s, x: F.relu(y := s.a(x)) * y, None),
+    "mutated_input": (lambda s, x: _a_then_relu_input(s, x), None),  # a cannot move past relu_(x)
+    "number": (lambda s, x: s.a(x) + x.shape[1], None),
+    "no_residual_kernel": (lambda s, x: F.relu(s.g(x) + x), None),  # CSRGroupConv2d: ReLU only
+    "in_place_input": (_ran_in_place, "ReLU"),
+}
+
+
+def _iadd(a, b):
+    a += b
+    return a
+
+
+def _a_then_relu_input(s, x):
+    y = s.a(x)
+    x.relu_()
+    return y + x
+
+
+class _Rules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        for i, (name, (forward, _)) in enumerate(_RULES.items()):
+            setattr(self, name, _Block(forward, a=CSRConv2d.from_dense(_dense_conv(seed=i)),
+                                       b=CSRConv1x1.from_dense(_dense_conv(k=1, seed=100 + i)), bn=nn.Identity(),
+                                       g=CSRGroupConv2d.from_dense(_dense_conv(groups=4, seed=200 + i)),
+                                       relu=nn.ReLU(inplace=True), shift=nn.Parameter(torch.randn(4, 1, 1))))
+        self.top = CSRConv2d.from_dense(_dense_conv(seed=300))
+        inner = _Block(lambda s, x: s.a(s.relu(s.b(x))) + x, a=CSRConv2d.from_dense(_dense_conv(seed=301)),
+                       b=CSRConv2d.from_dense(_dense_conv(seed=302)), relu=nn.ReLU())
+        self.nested = _Block(lambda s, x: F.relu(s.inner(x)), inner=inner)  # a's pattern ends in the outer block
+        self.fc = CSRLinear.from_dense(nn.Linear(4, 4))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        h = self.pool(x).flatten(1)
+        outs = [F.relu(self.fc(h) + h), self.top(x) + x]  # in the model's own forward: left
+        return outs + [self.nested(x)] + [getattr(self, name)(x.clone()) for name in _RULES]
+
+
+def test_fuse_residual_blocks_rules():
+    model = _Rules().eval()
+    xs = [torch.randn(b, 4, 7, 6) for b in (1, 2)]
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+    fused, skipped = fuse_residual_blocks(model)
+    assert fused == {f"{name}.a": what for name, (_, what) in _RULES.items() if what} | {
+        "nested.inner.b": "ReLU", "nested.inner.a": "residual add + ReLU"}
+    assert isinstance(model.nested, torch.fx.GraphModule) and isinstance(model.nested.inner, torch.fx.GraphModule)
+    assert skipped == {"fc": "residual add + ReLU not fused: in the model's own forward (the model keeps its class)",
+                       "top": "residual add not fused: in the model's own forward (the model keeps its class)"}
+    assert type(model) is _Rules and not model.fc.relu
+    for name, (_, what) in _RULES.items():
+        block = getattr(model, name)
+        assert isinstance(block, torch.fx.GraphModule) == bool(what) and type(block).__name__ == "_Block", name
+        assert block.a.relu == bool(what and what.endswith("ReLU")) and block.run is _RULES[name][0]
+    assert "relu" in model.shared_relu.code  # the module's second call stays
+    with torch.no_grad():
+        for x, ref in zip(xs, refs):
+            for out, r in zip(model(x), ref):
+                torch.testing.assert_close(out, r, atol=0, rtol=0)
+        x = xs[0].clone()
+        assert model.in_place_input(x) is x and not torch.equal(x, xs[0])  # x += y: still in place
+    assert fuse_residual_blocks(model) == ({}, skipped)  # nothing left but the model's own

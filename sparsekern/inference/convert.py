@@ -23,7 +23,8 @@ conv; strided ones also as :class:`CSRGroupConv2d`, ``kernel=grouped``) and ck (
 :class:`BitmapConv1x1`). Other bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
 ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
 and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``); after
-them, the ReLU after a converted CSR / CK layer runs in its kernel (``fuse_relu``).
+them, the ReLU after a converted CSR / CK layer runs in its kernel (``fuse_relu``), and so do the
+residual add and shared / functional ReLU of a residual block (``fuse_blocks``).
 
 **The batch matters**: each format is measured at the layer's input shape, and the best format
 at batch 1 (a mat-vec) is not the best at batch 64. Pass ``example_input`` with the batch the
@@ -74,7 +75,8 @@ from torch import nn
 from ..ops._common import HAS_TRITON, check_number
 from .formats import block_fill, nm_pattern
 from .functional import conv_geometry
-from .fuse import batchnorm_pairs, fold_batchnorm, fuse_relu as fuse_relus, replace_maxpools, swap_module
+from .fuse import (batchnorm_pairs, fold_batchnorm, fuse_relu as fuse_relus, fuse_residual_blocks, replace_maxpools,
+                   swap_module)
 from .modules import (BitmapConv1x1, BitmapLinear, BSRConv1x1, BSRLinear, CKConv2d, CSRConv1x1, CSRConv2d, CSRGroupConv2d,
                       CSRLinear, NMConv1x1, NMLinear, SemiStructuredLinear, supports_conv, supports_conv1x1,
                       supports_group_conv, supports_semi_structured)
@@ -510,7 +512,7 @@ def _choose(m, row, cands, x, min_speedup, reps, reads=None):
 
 
 def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, return_report=False,
-            fold_bn=True, batch_size=None, fast_pool=True, fuse_relu=True):
+            fold_bn=True, batch_size=None, fast_pool=True, fuse_relu=True, fuse_blocks=True):
     """Replace each ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``) of ``model`` (in
     place) by the sparse inference module that the cost model ranks best and a measurement
     confirms at least ``min_speedup``× faster than the dense layer on this device (module
@@ -531,15 +533,22 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
     Converted modules are eval-only.
 
     fold_bn: first fold each eval ``BatchNorm2d`` that only follows a ``Conv2d`` into that conv
-    (``sparsekern.inference.fuse``: needs a model ``torch.fx`` can trace; the BatchNorm becomes
-    ``nn.Identity``, the conv gets a bias; zeros stay zero). The folded model's outputs equal the
-    original's within fp32 rounding.
+    (``sparsekern.inference.fuse``: in the model, or its largest sub-modules, that ``torch.fx`` can
+    trace; the BatchNorm becomes ``nn.Identity``, the conv gets a bias; zeros stay zero). The folded
+    model's outputs equal the original's within fp32 rounding.
 
     fuse_relu: then fuse each ``nn.ReLU`` module whose only input is a converted CSR / CK layer's
     output (through a folded BatchNorm's identity) and that runs nowhere else into that layer's
     kernel (``fuse.fuse_relu``: the layer's ``relu`` set, the ReLU an ``nn.Identity``; the model
     keeps its class). Functional ReLUs and ReLU modules reused elsewhere (ResNet's ``self.relu``)
-    stay: removing them would mean returning a rewritten ``torch.fx.GraphModule``.
+    are ``fuse_blocks``' job.
+
+    fuse_blocks: then fuse into each CSR / CK layer (relu not fused yet) the residual add its output
+    goes to (``out += identity``: the layer's residual epilogue) and the ReLU after the add or after
+    the layer, whatever ReLU it is (``fuse.fuse_residual_blocks``): each block holding such a
+    pattern becomes a ``torch.fx.GraphModule`` of its rewritten forward in its parents (same
+    children, ``state_dict``, attributes); the model keeps its class, and patterns in its own
+    forward stay. Report notes: ``residual add + ReLU fused`` etc., or why not.
 
     fast_pool: swap each ``nn.MaxPool2d`` (dilation 1, no ceil_mode / indices) for
     ``fuse.SeparableMaxPool2d`` (same outputs; torch's CPU max pool took ~10 % of a converted
@@ -633,4 +642,11 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
         for row in report:
             if row.name in fused:
                 row.note = f"{row.note}; ReLU fused"
+    if fuse_blocks:
+        fused, skipped = fuse_residual_blocks(model)
+        for row in report:
+            if row.name in fused:
+                row.note = f"{row.note}; {fused[row.name]} fused"
+            elif row.name in skipped:
+                row.note = f"{row.note}; {skipped[row.name]}"
     return (model, report) if return_report else model

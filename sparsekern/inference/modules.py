@@ -10,9 +10,10 @@ sparse convolution) and ``GroupConv2d`` (grouped / depthwise, zero padding)::
     CSRLinear  BSRLinear  NMLinear      CSRConv1x1  BSRConv1x1  NMConv1x1      CSRConv2d  CKConv2d
     CSRGroupConv2d
 
-CSR and CK modules have a ``relu`` attribute (default False; set by ``fuse.fuse_relu``): ``True``
-applies ``max(y, 0)`` in the kernel's store, the ReLU after the layer fused. Like ``stride``, it is
-a plain attribute (pickled, in ``extra_repr``), not in the ``state_dict``.
+CSR and CK modules have a ``relu`` attribute (default False; set by ``fuse.fuse_relu`` /
+``fuse.fuse_residual_blocks``): ``True`` applies ``max(y, 0)`` in the kernel's store, the ReLU after
+the layer fused. Like ``stride``, it is a plain attribute (pickled, in ``extra_repr``), not in the
+``state_dict``.
 
 The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
 of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
