@@ -17,7 +17,7 @@
 // the registers allow); a last partial tile is shifted left to end at n (no scalar tail for
 // n >= 16). The reduction runs in chunks of x rows whose tile slice fits L1, each shared by a
 // block of up to kChunkRows rows with their partial sums in a buffer, so the gathered x rows
-// come from L1. Rows are split over threads (at::parallel_for); [out, n] results are stored
+// come from L1. Tasks of rows go to the threads as they come free (dynamic_for); [out, n] results are stored
 // from the registers, [n, out] ones through the buffer. n = 1 (batch 1) is a CSR mat-vec with
 // one dot product per row. Each leaf is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
 // the baseline (target_clones), with FMA contraction enabled here.
@@ -137,6 +137,22 @@ SK_INLINE v8x2 relu0(const v8x2& a) { return {a.lo < v8{} ? v8{} : a.lo, a.hi < 
 // costs more than it saves there, and on a loaded machine waits for a time slice (~8 ms).
 constexpr int64_t kGrainMacs = 1 << 18;
 
+// f(t) for t in [0, tasks), the tasks handed out one by one to the threads as they come free
+// (an atomic counter), not split in equal runs up front: rows or tiles of unequal cost, or a
+// thread slowed by another process, leave no thread waiting for the slowest one's share.
+template <typename F>
+void dynamic_for(int64_t tasks, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < tasks; ++t) f(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) f(t);
+  });
+}
+
 // One work grain of rows: ~kGrainMacs multiply-adds per task.
 SK_INLINE int64_t grain_rows(int64_t stored, int64_t rows, int64_t n, int64_t align) {
   const int64_t per_row = std::max<int64_t>(1, stored / std::max<int64_t>(1, rows) * n);
@@ -146,19 +162,16 @@ SK_INLINE int64_t grain_rows(int64_t stored, int64_t rows, int64_t n, int64_t al
 // The direct convolutions' work grid: blocks of kConvRows rows × chunks of whole column tiles,
 // each task at least ~kGrainMacs multiply-adds. A batch folded into the wide columns (a group
 // of images stacked into one tall image) makes n large: the chunks spread it over the threads. Calls
-// leaf(row0, row1, col0, col1) for every task, row blocks outer, columns inner (a thread's
-// contiguous run of tasks reuses one row block's weights).
+// leaf(row0, row1, col0, col1) for every task (dynamic_for), row blocks outer, columns inner.
 template <typename Leaf>
 void conv_grid(int64_t rows, int64_t n, int64_t stored, const Leaf& leaf) {
   const int64_t rb = std::min(rows, kConvRows), nrb = (rows + rb - 1) / rb;
   const int64_t per_col = std::max<int64_t>(1, stored / std::max<int64_t>(1, rows) * rb);
   const int64_t chunk = std::max<int64_t>(1, kGrainMacs / per_col / kTile) * kTile;
   const int64_t ncc = (n + chunk - 1) / chunk;
-  at::parallel_for(0, nrb * ncc, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / ncc * rb, c = t % ncc * chunk;
-      leaf(r, std::min(rows, r + rb), c, std::min(n, c + chunk));
-    }
+  dynamic_for(nrb * ncc, [&](int64_t t) {
+    const int64_t r = t / ncc * rb, c = t % ncc * chunk;
+    leaf(r, std::min(rows, r + rb), c, std::min(n, c + chunk));
   });
 }
 
@@ -1184,9 +1197,12 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
       if (mv_leaf(rp, cp, vp, bp, xp, in, yp, relu, res, b, e)) bad = true;
     });
     if (bad) check_columns();  // raises
-  } else {
-    at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-      mm_leaf(rp, cp, vp, bp, xp, in, n, ldx, yp, out_features, transpose_out, relu, res, b, e);
+  } else {  // tasks of >= grain rows, ~4 per thread (dynamic_for)
+    const int64_t quarter = (out_features + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+    const int64_t rows = std::max(grain, (quarter + kRowBlock - 1) / kRowBlock * kRowBlock);
+    dynamic_for((out_features + rows - 1) / rows, [&](int64_t t) {
+      mm_leaf(rp, cp, vp, bp, xp, in, n, ldx, yp, out_features, transpose_out, relu, res, t * rows,
+              std::min(out_features, (t + 1) * rows));
     });
   }
   return y;
