@@ -177,6 +177,14 @@ def test_bad_inputs():
             ops.csr_mm(rowptr, col - col.max() - 1, val, torch.empty(0), torch.randn(3, n), 4, True)
     with pytest.raises(RuntimeError, match="rowptr must run"):
         ops.csr_mm(rowptr + 1, col, val, torch.empty(0), torch.randn(3, 2), 4, True)
+    rowptr, col, val = csr_from_dense(sparse_weight(1100, 300, 0.3))  # many row tasks, each checks its own
+    for bad in (300, -1):
+        for at in (0, col.numel() - 1):  # the first task's rows, the last one's
+            wrong = col.clone()
+            wrong[at] = bad
+            for n in (20, 64):
+                with pytest.raises(RuntimeError, match=rf"column index {bad} outside \[0, 300\)"):
+                    ops.csr_mm(rowptr, wrong, val, torch.empty(0), torch.randn(300, n), 1100, False)
     with pytest.raises(ValueError, match="float32"):
         csr_from_dense(torch.ones(2, 2, dtype=torch.float16))
     with pytest.raises(ValueError, match="2-D"):

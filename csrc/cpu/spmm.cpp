@@ -1138,7 +1138,7 @@ at::Tensor padded_x(const at::Tensor& x) {
   at::Tensor xp = at::empty({in, ldx}, x.options());
   const float* src = x.const_data_ptr<float>();
   float* dst = xp.mutable_data_ptr<float>();
-  at::parallel_for(0, in, std::max<int64_t>(1, (1 << 13) / ldx), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, in, std::max<int64_t>(1, (1 << 16) / ldx), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       std::memcpy(dst + k * ldx, src + k * n, n * sizeof(float));
       std::fill(dst + k * ldx + n, dst + (k + 1) * ldx, 0.f);
@@ -1179,7 +1179,8 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
     const int64_t bad = first_outside_i32(cp0, nnz_, 0, in);
     TORCH_CHECK(bad < 0, "csr_mm: column index ", bad < 0 ? 0 : cp0[bad], " outside [0, ", in, ")");
   };
-  const bool fused_check = n == 1 && in > 0;  // the mat-vec checks its indices as it reads them
+  // the leaves check the indices they are about to read (no separate pass over the weight)
+  const bool fused_check = n >= 1 && in > 0 && out_features > 0;
   if (!fused_check) check_columns();
   if (n == 0 || out_features == 0) return y;
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
@@ -1191,20 +1192,23 @@ at::Tensor csr_mm(const at::Tensor& rowptr, const at::Tensor& col, const at::Ten
   const int64_t ldx = xs.size(1);
   float* yp = y.mutable_data_ptr<float>();
   const int64_t grain = grain_rows(val.numel(), out_features, n, kRowBlock);
+  std::atomic<bool> bad{false};
   if (n == 1) {
-    std::atomic<bool> bad{false};
     at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
       if (mv_leaf(rp, cp, vp, bp, xp, in, yp, relu, res, b, e)) bad = true;
     });
-    if (bad) check_columns();  // raises
-  } else {  // tasks of >= grain rows, ~4 per thread (dynamic_for)
+  } else {  // tasks of >= grain rows, ~4 per thread (dynamic_for), each checking its rows' indices
     const int64_t quarter = (out_features + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
     const int64_t rows = std::max(grain, (quarter + kRowBlock - 1) / kRowBlock * kRowBlock);
     dynamic_for((out_features + rows - 1) / rows, [&](int64_t t) {
-      mm_leaf(rp, cp, vp, bp, xp, in, n, ldx, yp, out_features, transpose_out, relu, res, t * rows,
-              std::min(out_features, (t + 1) * rows));
+      const int64_t b = t * rows, e = std::min(out_features, b + rows);
+      int32_t lo, hi;
+      minmax_leaf(cp + rp[b], rp[e] - rp[b], lo, hi);
+      if (rp[e] > rp[b] && (lo < 0 || hi >= in)) bad = true;
+      else mm_leaf(rp, cp, vp, bp, xp, in, n, ldx, yp, out_features, transpose_out, relu, res, b, e);
     });
   }
+  if (bad) check_columns();  // raises
   return y;
 }
 
