@@ -13,7 +13,9 @@ sparse convolution) and ``GroupConv2d`` (grouped / depthwise, zero padding)::
 CSR and CK modules have a ``relu`` attribute (default False; set by ``fuse.fuse_relu`` /
 ``fuse.fuse_residual_blocks``): ``True`` applies ``max(y, 0)`` in the kernel's store, the ReLU after
 the layer fused. Like ``stride``, it is a plain attribute (pickled, in ``extra_repr``), not in the
-``state_dict``.
+``state_dict``. They also take ``forward(x, residual=None)``: ``layer(x) + residual`` before that max
+(a residual block's add, in the kernel's store when the residual has the output's shape and, for
+convs, the batch is one image; else added after the kernel, broadcast as ``+``).
 
 The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
 of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
