@@ -644,7 +644,7 @@ def csr_group_conv(rowptr, col, val, bias, x, out_features, groups, kernel_size,
     w = csr_to_dense(rowptr, col, val, (out_features, x.shape[1] // groups * kernel_size[0] * kernel_size[1]))
     y = torch.nn.functional.conv2d(x, w.view(out_features, -1, *kernel_size), bias if bias.numel() else None,
                                    stride, padding, dilation, groups)
-    return torch.relu(y) if relu else y
+    return _epilogue(y, relu, None)
 
 def bsr_to_dense(rowptr, col, val, shape):
     """Dense ``shape`` = ``[out, in]`` matrix of a block-CSR weight: ``val [nnzb, bo, bi]``,

@@ -8,7 +8,8 @@
 //     transpose_out=false: y = W·x + bias[:, None], shape [out_features, n] (1×1 conv layout);
 //     transpose_out=true:  y = (W·x + bias[:, None])ᵀ, shape [n, out_features] (Linear layout).
 //     relu=true: max(y, 0), applied to the sums as they are stored (a NaN stays NaN, as torch.relu);
-//     csr_conv, ck_conv and csr_group_conv take the same last argument.
+//     csr_conv, ck_conv and csr_group_conv take the same argument. residual (optional, y's shape):
+//     added to the sums as they are stored, before the max (csr_conv and ck_conv take it too).
 //
 // Performance structure (the approach of XNNPACK's sparse inference): the n dimension (batch or
 // pixels) is the vector dimension. For each output row and each of its nonzeros (k, v) the
@@ -417,18 +418,12 @@ SK_INLINE void store_wide(const float* acc, float* y, int64_t r0, int64_t rows, 
     for (int64_t r = 0; r < rows && keep > 0; ++r) {
       float* dst = y + ((r0 + r) * rows_out + h) * wv + c;
       const float* src = acc + r * kTile + (j - n0);
-      if (res) {
-        const float* rs = res + (dst - y);
-        if (relu) {
-          SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = relu0(src[k] + rs[k]);
-        } else {
-          SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = src[k] + rs[k];
-        }
-      } else if (relu) {
+      if (relu && !res) {
         SK_SIMD for (int64_t k = 0; k < keep; ++k) dst[k] = relu0(src[k]);
       } else {
         std::memcpy(dst, src, keep * sizeof(float));
       }
+      if (res) add_residual(dst, res + (dst - y), keep, relu);  // the sum, then the max
     }
     j += len;
   }
@@ -1075,7 +1070,6 @@ void check_dtypes(const char* op, const at::Tensor& val, const at::Tensor& bias,
                    "; they must have the same dtype (or bias empty)");
 }
 
-// The x / bias / output checks shared by csr_mm, bsr_mm and nm_mm; returns the empty output.
 // The residual's data for an output y: null without one, else residual (y's shape, float32 on
 // the CPU; kept contiguous in keep).
 const float* residual_data(const char* op, const std::optional<at::Tensor>& residual,
@@ -1089,6 +1083,7 @@ const float* residual_data(const char* op, const std::optional<at::Tensor>& resi
   return keep.const_data_ptr<float>();
 }
 
+// The x / bias / output checks shared by csr_mm, bsr_mm and nm_mm; returns the empty output.
 at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x,
                      int64_t out_features, bool transpose_out) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
