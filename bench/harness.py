@@ -292,12 +292,19 @@ def device_name(device):
         return torch.cuda.get_device_name()
     try:
         with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return m.group(1).strip()
+            info = f.read()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        info = ""
+    field = lambda key: (re.search(rf"^{key}\s*:\s*(.*)$", info, re.M) or [None, ""])[1].strip()
+    name = field("model name") or platform.processor() or platform.machine()
+    # a VM's model name can be as bare as "AMD EPYC": the family / model and the widest vector
+    # ISA tell Milan (AVX2) from Genoa (AVX-512) in the results
+    flags = field("flags").split()
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), None)
+    details = [f"family {field('cpu family')} model {field('model')}"] if field("model") else []
+    details += [isa] if isa else []
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def results_path(prefix, device_name, suffix=".md"):

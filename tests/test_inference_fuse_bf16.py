@@ -3,7 +3,10 @@
 ``BitmapLinear``): kernel vs reference and dense, opcheck, compile / export, a transformers Llama
 converted end to end."""
 import copy
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -19,6 +22,7 @@ from sparsekern.inference import (BitmapConv1x1, BitmapLinear, CKConv2d, CSRConv
 from sparsekern.inference.fuse import batchnorm_pairs, fuse_relu, fuse_residual_blocks, trace
 from sparsekern.ops import spmm
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32 = dict(atol=1e-5, rtol=1e-5)
 #: one rounding of an fp32 sum to the 16-bit dtype (both sides accumulate in fp32, in other orders)
 TOL16 = {torch.bfloat16: dict(atol=1e-5, rtol=2 ** -7), torch.float16: dict(atol=1e-5, rtol=2 ** -10)}
@@ -215,6 +219,35 @@ def test_bitmap_mm_equals_reference_and_dense(dtype, shape, batch, bias):
     dense = (x.float() @ w.float().t() + (b.float() if bias else 0)).to(dtype)
     torch.testing.assert_close(y, reference.bitmap_mm(*args), **TOL16[dtype])
     torch.testing.assert_close(y, dense, **TOL16[dtype])
+
+
+@pytest.mark.parametrize("isa", ["2", "1", "0"])
+def test_bitmap_mm_lower_isa_paths(isa):
+    """The AVX-512 path without BF16 (bf16 by shifts and FMAs), the AVX2 and the scalar paths,
+    forced by SPARSEKERN_BITMAP_ISA (a CPU otherwise runs only its highest: vdpbf16ps for bf16
+    where it has AVX512-BF16), equal the reference and catch a bad mask bit."""
+    code = """
+import pytest, torch
+from sparsekern import reference
+from sparsekern.inference import formats
+from sparsekern.ops import spmm
+from tests.test_inference_fuse_bf16 import DT16, SHAPES, TOL16, _sparse
+for dtype in DT16:
+    for shape in SHAPES + [(3, 1000)]:
+        for density in (0.4, 1.0):
+            w = _sparse(shape, density, dtype, seed=2)
+            for batch in (1, 2, 3, 4, 6):
+                x = torch.randn(batch, shape[1]).to(dtype)
+                args = (*formats.bitmap_from_dense(w), torch.randn(shape[0]).to(dtype), x, shape[0])
+                torch.testing.assert_close(spmm.bitmap_mm(*args), reference.bitmap_mm(*args), **TOL16[dtype])
+w = _sparse((8, 16), 0.5, torch.bfloat16)
+rowptr, mask, val = formats.bitmap_from_dense(w)
+mask[0, 0] ^= 1
+with pytest.raises(RuntimeError, match="set bits do not match rowptr"):
+    spmm.bitmap_mm(rowptr, mask, val, torch.empty(0, dtype=w.dtype), torch.randn(2, 16).to(w.dtype), 8)
+"""
+    env = {**os.environ, "SPARSEKERN_BITMAP_ISA": isa, "PYTHONPATH": REPO}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
 
 
 def test_bitmap_mm_non_contiguous_x_and_2to4():

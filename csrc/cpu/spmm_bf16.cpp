@@ -17,8 +17,10 @@
 // conversion to fp32 at once; fp16: then vcvtph2ps), and multiplies the dense x
 // segment (converted to fp32 once per call): the work is per column group, independent of the
 // density, and shared by up to 4 rows of x. The offsets of the 8 groups of a 64-bit mask word
-// are popcounts of its prefixes, so consecutive groups do not wait on each other. Without AVX2
-// (or F16C, FMA): a scalar loop over the set bits.
+// are popcounts of its prefixes, so consecutive groups do not wait on each other. With AVX-512
+// (BW, VBMI2) the step is 32 columns, expanded by vpexpandw (no table), bf16 multiplied by
+// vdpbf16ps where the CPU has AVX512-BF16 (x stays bf16): row_avx512. Without AVX2 (or F16C,
+// FMA): a scalar loop over the set bits. SPARSEKERN_BITMAP_ISA caps the level (isa_level).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,8 +32,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -166,7 +170,118 @@ bool has_avx2() {
                           __builtin_cpu_supports("popcnt");
   return yes;
 }
+
+// AVX-512 (BW + VBMI2: Ice Lake, Zen 4 and later): 32 columns per step. The step's packed values
+// are one masked 64-byte load (only its popcount of values is read: no slack needed) and one
+// vpexpandw by the 32 mask bits, which puts each value in its column's 16-bit lane and zeros
+// elsewhere: no table. Then, by Mode:
+//   kDot (bf16 on a CPU with AVX512-BF16: Zen 4, Cooper / Sapphire Rapids): one vdpbf16ps per row
+//     of x, which keeps x in bf16 (products of two bf16 are exact in fp32; it treats bf16
+//     subnormals, |v| < 2^-126, as zero);
+//   kSplit (bf16 otherwise): fp32 = the value shifted up 16 bits: a shift gives the even
+//     columns, a mask the odd ones, so x (fp32) is stored per 32-column step as its 16 even
+//     columns then its 16 odd ones; 2 FMAs per row of x;
+//   kHalf (fp16): vcvtph2ps of each half, x (fp32) in column order; 2 FMAs per row of x.
+enum Mode { kHalf, kSplit, kDot };
+
+// x as each mode reads it: Mode kDot bf16 [B, 8G]; else fp32 [B, 8G], for kSplit permuted.
+template <Mode M>
+using XT = std::conditional_t<M == kDot, uint16_t, float>;
+
+// The target includes AVX512-BF16 for kDot; the other modes' instantiations hold no BF16
+// instruction (no float → bf16 conversion, no dot) and run on CPUs without it.
+template <Mode M, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16,bmi2,popcnt"))) bool row_avx512(
+    const uint8_t* mk, int64_t G, const uint16_t* val, int64_t off, int64_t end, int64_t limit,
+    const XT<M>* x, int64_t ldx, float* out) {
+  // Accumulators per row of x: one per half of a 64-bit mask word (kDot), or one per FMA of
+  // the word (4 for one row of x, else 2, reused): latency hidden.
+  constexpr int NA = M == kDot ? 2 : NB == 1 ? 4 : 2;
+  __m512 a[NB][NA];
+  for (int b = 0; b < NB; ++b)
+    for (int q = 0; q < NA; ++q) a[b][q] = _mm512_setzero_ps();
+  const __m512i hi16 = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    uint64_t word;
+    std::memcpy(&word, mk + g0, 8);
+    if (off + int64_t(_mm_popcnt_u64(word)) > limit) return false;
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t m = uint32_t(word >> (32 * h));
+      const int n = _mm_popcnt_u32(m);
+      const __m512i w = _mm512_maskz_expand_epi16(
+          m, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, n), val + off));
+      off += n;
+      const XT<M>* xp = x + 8 * g0 + 32 * h;
+      if constexpr (M == kDot) {
+        for (int b = 0; b < NB; ++b)
+          a[b][h] = _mm512_dpbf16_ps(a[b][h], (__m512bh)w, (__m512bh)_mm512_loadu_si512(xp + b * ldx));
+      } else {
+        const __m512 lo = M == kSplit ? _mm512_castsi512_ps(_mm512_slli_epi32(w, 16))
+                                      : _mm512_cvtph_ps(_mm512_castsi512_si256(w));
+        const __m512 hi = M == kSplit ? _mm512_castsi512_ps(_mm512_and_si512(w, hi16))
+                                      : _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
+        const int q = NA == 4 ? 2 * h : 0;  // this step's pair of accumulators
+        for (int b = 0; b < NB; ++b) {
+          a[b][q] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + b * ldx), a[b][q]);
+          a[b][q + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + b * ldx + 16), a[b][q + 1]);
+        }
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m512 s = a[b][0];
+    for (int q = 1; q < NA; ++q) s = _mm512_add_ps(s, a[b][q]);
+    out[b] = _mm512_reduce_add_ps(s);
+  }
+  return off == end;
+}
+
+template <Mode M, int NB>
+bool rows_avx512_t(const int64_t* rp, const uint8_t* mask, int64_t G, const uint16_t* val,
+                   int64_t val_len, const XT<M>* x, int64_t ldx, float* acc, int64_t b0,
+                   int64_t b1) {
+  for (int64_t r = b0; r < b1; ++r)
+    if (!row_avx512<M, NB>(mask + r * G, G, val, rp[r], rp[r + 1], val_len - 8, x, ldx,
+                           acc + (r - b0) * kMaxB))
+      return false;
+  return true;
+}
+
+template <Mode M>
+bool rows_avx512(const int64_t* rp, const uint8_t* mask, int64_t G, const uint16_t* val,
+                 int64_t val_len, const void* x, int64_t ldx, int64_t B, float* acc,
+                 int64_t b0, int64_t b1) {
+  const XT<M>* xm = static_cast<const XT<M>*>(x);
+  switch (B) {
+    case 1: return rows_avx512_t<M, 1>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
+    case 2: return rows_avx512_t<M, 2>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
+    case 3: return rows_avx512_t<M, 3>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
+    default: return rows_avx512_t<M, 4>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
+  }
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") &&
+                          __builtin_cpu_supports("popcnt");
+  return yes;
+}
 #endif
+
+// The vector level bitmap_mm runs: 3 AVX-512 with BF16 (kDot for bf16), 2 AVX-512, 1 AVX2,
+// 0 scalar; SPARSEKERN_BITMAP_ISA=2, 1 or 0 caps it (tests of the lower paths on a CPU that has
+// the higher ones).
+int isa_level() {
+  static const int level = [] {
+    int cpu = 0;
+#ifdef SK_HAS_AVX2_PATH
+    cpu = !has_avx2() ? 0 : !has_avx512() ? 1 : __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+#endif
+    const char* cap = std::getenv("SPARSEKERN_BITMAP_ISA");
+    return cap ? std::min(cpu, std::atoi(cap)) : cpu;
+  }();
+  return level;
+}
 
 }  // namespace
 
@@ -204,16 +319,21 @@ at::Tensor bitmap_mm(const at::Tensor& rowptr, const at::Tensor& mask, const at:
               "bitmap_mm: bias must be empty or contiguous [out_features] of val's dtype");
   at::Tensor y = at::empty({B, out_features}, x.options());
   if (y.numel() == 0) return y;
-  // x in fp32, columns padded with zeros to 8G.
-  at::Tensor xf = at::zeros({B, 8 * G}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, in).copy_(x);
+  // x padded with zeros to 8G columns, in the layout of the path that runs (row_avx512's modes):
+  // bf16 for kDot, else fp32, for kSplit each 32 columns as their 16 even then 16 odd ones.
+  const int isa = isa_level();
+  const bool is_bf = dt == at::kBFloat16, dot = is_bf && isa == 3, split = is_bf && isa == 2;
+  at::Tensor xf = at::zeros({B, 8 * G}, x.options().dtype(dot ? dt : at::kFloat));
+  if (split)
+    xf.view({B, G / 4, 2, 16}).copy_(at::constant_pad_nd(x, {0, 8 * G - in}).view({B, G / 4, 16, 2}).transpose(2, 3));
+  else
+    xf.narrow(1, 0, in).copy_(x);
   at::Tensor bf = bias.numel() ? bias.to(at::kFloat) : bias;
-  const float* xp = xf.const_data_ptr<float>();
+  const char* xp = static_cast<const char*>(xf.const_data_ptr());
   const float* bp = bias.numel() ? bf.const_data_ptr<float>() : nullptr;
   const uint8_t* mp = mask.const_data_ptr<uint8_t>();
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(val.const_data_ptr());
   const int64_t val_len = val.numel();
-  const bool is_bf = dt == at::kBFloat16;
   at::Tensor yf = at::empty({B, out_features}, x.options().dtype(at::kFloat));
   float* yp = yf.mutable_data_ptr<float>();
   std::atomic<bool> bad{false};
@@ -226,10 +346,15 @@ at::Tensor bitmap_mm(const at::Tensor& rowptr, const at::Tensor& mask, const at:
       const int64_t e = std::min(r1, a + kRows);
       for (int64_t b0 = 0; b0 < B; b0 += kMaxB) {
         const int64_t nb = std::min(kMaxB, B - b0);
-        const float* xb = xp + b0 * 8 * G;
+        const void* xv = xp + b0 * 8 * G * xf.element_size();
+        const float* xb = static_cast<const float*>(xv);
         bool ok;
 #ifdef SK_HAS_AVX2_PATH
-        if (has_avx2())
+        if (isa >= 2)
+          ok = dot     ? rows_avx512<kDot>(rp, mp, G, vp, val_len, xv, 8 * G, nb, acc, a, e)
+               : split ? rows_avx512<kSplit>(rp, mp, G, vp, val_len, xv, 8 * G, nb, acc, a, e)
+                       : rows_avx512<kHalf>(rp, mp, G, vp, val_len, xv, 8 * G, nb, acc, a, e);
+        else if (isa == 1)
           ok = is_bf ? rows_avx2<true>(rp, mp, G, vp, val_len, xb, 8 * G, nb, acc, a, e)
                      : rows_avx2<false>(rp, mp, G, vp, val_len, xb, 8 * G, nb, acc, a, e);
         else
