@@ -233,10 +233,14 @@ def test_csr_conv2d(kern, cfg, density, has_bias, batch, per_call, relu, monkeyp
 @pytest.mark.parametrize("batch", [0, 1, 3])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("broadcast", [False, True])
-def test_layers_residual(batch, relu, broadcast):
+@pytest.mark.parametrize("one_image_groups", [False, True])
+def test_layers_residual(batch, relu, broadcast, one_image_groups, monkeypatch):
     """The layers' ``residual``: ``max(layer(x) + residual, 0)``, fused into the kernel for one
-    image (or any Linear batch) with a residual of the output's shape, the add (broadcast as
-    ``+``) after the kernel otherwise; the same either way."""
+    image (or any Linear batch; a batched 1×1 conv's groups of one image) with a residual of the
+    output's shape, added in place to each group's output for larger groups, the add (broadcast
+    as ``+``) after the kernel otherwise; the same either way."""
+    if one_image_groups:
+        monkeypatch.setattr(functional, "CONV_GROUP_BYTES", 1)
     w, b = sparse_weight(12, 18, 0.4), torch.randn(12)
     rowptr, col, val = csr_from_dense(w)
 

@@ -1095,8 +1095,8 @@ at::Tensor mm_output(const char* op, const at::Tensor& bias, const at::Tensor& x
                                     bias.numel() == out_features),
               op, ": bias must be empty or contiguous float32 [out_features]");
   const int64_t n = x.size(1);
-  return transpose_out ? at::empty({n, out_features}, x.options())
-                       : at::empty({out_features, n}, x.options());
+  return transpose_out ? empty_output({n, out_features}, x.options())
+                       : empty_output({out_features, n}, x.options());
 }
 
 SK_CLONES void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t c0, int64_t c1,
@@ -1238,7 +1238,7 @@ at::Tensor csr_conv(const at::Tensor& rowptr, const at::Tensor& off, const at::T
     TORCH_CHECK(bad < 0, "csr_conv: offset ", bad < 0 ? 0 : op[bad], " + n = ", n,
                 " reads past x (", x.numel(), " elements)");
   }
-  at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
+  at::Tensor y = empty_output({out_features, n / wp, wv}, x.options());
   at::Tensor res_keep;
   const float* res = residual_data("csr_conv", residual, y, res_keep);
   if (y.numel() == 0) return y;
@@ -1380,7 +1380,7 @@ at::Tensor ck_conv(const at::Tensor& rowptr, const at::Tensor& chan, const at::T
                   " elements)");
       max_chan = std::max<int64_t>(max_chan, cp[i]);
     }
-  at::Tensor y = at::empty({out_features, n / wp, wv}, x.options());
+  at::Tensor y = empty_output({out_features, n / wp, wv}, x.options());
   at::Tensor res_keep;
   const float* res = residual_data("ck_conv", residual, y, res_keep);
   if (y.numel() == 0) return y;
@@ -1447,7 +1447,7 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   const int64_t len = g.cg * g.plane + (dw * (kw - 1)) / sw + kTile;
   TORCH_CHECK(len < INT32_MAX, "csr_group_conv: a group of ", g.cg, " channels of ", g.hb, "×",
               g.wq, " pixels per phase is too large for int32 offsets");
-  at::Tensor y = at::empty({n_img, out_features, g.h_out, g.w_out}, x.options());
+  at::Tensor y = empty_output({n_img, out_features, g.h_out, g.w_out}, x.options());
   if (y.numel() == 0) return y;
   // col = c·R·S + r·S + s -> c·plane + tap (r, s) in the phases (functional.conv_taps), by a
   // table over the cg·R·S columns (no division per nonzero: a depthwise layer's ~5K took ~50 us)
