@@ -1,6 +1,10 @@
 """spmm family: the CSR, block (BSR), N:M and CK kernels (C++ and reference) against dense
 F.linear / F.conv2d, the format builders and their inverses (``sparsekern.inference.formats``), the
 layers on the ops (``sparsekern.inference.functional``), opcheck, torch.compile, bad inputs."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +18,7 @@ from sparsekern.ops import spmm
 from utils import kernel_backend
 
 TOL = dict(atol=1e-4, rtol=1e-4)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _no_bias(bias, val):
@@ -759,3 +764,46 @@ def test_residual_epilogue_and_bad_residuals(name, path):
     args = next(a for c, a in _op_cases() if c == name)
     with pytest.raises(ValueError, match="residual"):
         getattr(ops, name)(*args, False, torch.zeros(3))
+
+
+def _huge_page_advised(t):
+    """Whether the mapping holding ``t``'s first 2 MB-aligned byte carries MADV_HUGEPAGE (``hg`` in
+    its /proc/self/smaps VmFlags), read before anything faults it in."""
+    addr = -(-t.data_ptr() // (2 << 20)) * (2 << 20)
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if lo <= addr < hi:
+                flags = next(ln for ln in lines[i + 1:] if ln.startswith("VmFlags:"))
+                return "hg" in flags.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise / smaps: Linux only")
+@pytest.mark.parametrize("env", [None, "0"])
+def test_large_outputs_advised_huge_pages(env):
+    """Outputs of >= 8 MB (functional.new_output; csr_mm's and csr_conv's outputs in C++) ask for
+    transparent huge pages; smaller ones, and every one under SPARSEKERN_HUGE_PAGES=0, do not.
+    In a subprocess: the switch is read once per process."""
+    code = """
+import torch, sparsekern
+from sparsekern.inference import functional
+from sparsekern.inference.formats import csr_from_dense
+from tests.test_spmm import _huge_page_advised
+on = %r
+big = functional.new_output(torch.empty(1), 3, 1024, 1024)  # 12 MB
+assert _huge_page_advised(big) == on
+assert not _huge_page_advised(functional.new_output(torch.empty(1), 1024, 1024))  # 4 MB
+rowptr, col, val = csr_from_dense(torch.eye(64))
+y = torch.ops.sparsekern.csr_mm(rowptr, col, val, torch.empty(0), torch.randn(64, 40000), 64, False)  # 10 MB
+assert _huge_page_advised(y) == on
+assert torch.equal(y, torch.ops.sparsekern.csr_mm(rowptr, col, val, torch.empty(0), y, 64, False))
+""" % (env != "0")
+    env_vars = {k: v for k, v in os.environ.items() if k != "SPARSEKERN_HUGE_PAGES"}
+    if env is not None:
+        env_vars["SPARSEKERN_HUGE_PAGES"] = env
+    env_vars["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    subprocess.run([sys.executable, "-c", code], env=env_vars, check=True, cwd=REPO)
