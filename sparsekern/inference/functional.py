@@ -25,8 +25,20 @@ from ..ops.spmm import ck_conv, csr_conv
 #: Outputs of at least this many bytes get transparent huge pages (:func:`new_output`).
 HUGE_PAGE_MIN_BYTES = 8 << 20
 _HUGE, _MADV_HUGEPAGE = 2 << 20, 14
-_LIBC = (ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux")
-         and os.environ.get("SPARSEKERN_HUGE_PAGES") != "0" else None)
+
+
+def _libc():
+    """The C library, for ``madvise``: None off Linux, with ``SPARSEKERN_HUGE_PAGES=0``, or where it
+    cannot be loaded (the outputs are then plain allocations)."""
+    if not sys.platform.startswith("linux") or os.environ.get("SPARSEKERN_HUGE_PAGES") == "0":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def new_output(like, *shape):
