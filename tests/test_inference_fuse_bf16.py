@@ -772,6 +772,58 @@ class _Rules(nn.Module):
         return outs + [self.nested(x)] + [getattr(self, name)(x.clone()) for name in _RULES]
 
 
+class _SparseBottleneck(nn.Module):
+    """``relu(c(relu(a(x))) + x)`` with 1×1 convs of one sparse module class (a shared ReLU module)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.a, self.c = make(0), make(1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.c(self.relu(self.a(x)))
+        y += x
+        return self.relu(y)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.block = _SparseBottleneck(make)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(sk.inference.BSRConv1x1, {"block": (4, 1)}),
+                                        (sk.inference.NMConv1x1, {"n": 2, "m": 4}),
+                                        (sk.inference.BSRLinear, {"block": (2, 4)})])
+def test_fuse_blocks_block_and_nm_layers(cls, kwargs):
+    """Block (BSR) and N:M layers take the fused ReLU and residual add too, in place on their
+    kernel's fresh output (their ops have no epilogue): a bottleneck of them fuses as a CSR one,
+    with outputs bit-equal to the unfused block's (batch 1 and 3; a Linear over the last dim)."""
+    def make(seed):
+        torch.manual_seed(seed)
+        w = torch.randn(8, 8) * (torch.rand(8, 8) < 0.5)
+        w = w * sk.nm_mask(w, 2, 4) if "n" in kwargs else w
+        if cls is sk.inference.BSRLinear:
+            return cls(w, torch.randn(8), **kwargs)
+        return cls(w[:, :, None, None], torch.randn(8), **kwargs)
+
+    model = _Wrap(make).eval()
+    xs = [torch.randn(b, 8, 5, 3) if cls is not sk.inference.BSRLinear else torch.randn(b, 5, 8) for b in (1, 3)]
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+    fused, skipped = fuse_residual_blocks(model)
+    assert fused == {"block.a": "ReLU", "block.c": "residual add + ReLU"} and not skipped
+    assert model.block.a.relu and model.block.c.relu and "relu=True" in repr(model.block.c)
+    with torch.no_grad():
+        for x, ref in zip(xs, refs):
+            torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        model.block.c(xs[0], residual=1.0)
+
+
 def test_fuse_residual_blocks_rules():
     model = _Rules().eval()
     xs = [torch.randn(b, 4, 7, 6) for b in (1, 2)]

@@ -23,7 +23,7 @@ conv; strided ones also as :class:`CSRGroupConv2d`, ``kernel=grouped``) and ck (
 :class:`BitmapConv1x1`). Other bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
 ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
 and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``); after
-them, the ReLU after a converted CSR / CK layer runs in its kernel (``fuse_relu``), and so do the
+them, the ReLU after a converted CSR / CK / block / N:M layer runs in it (``fuse_relu``), and so do the
 residual add and shared / functional ReLU of a residual block (``fuse_blocks``).
 
 **The batch matters**: each format is measured at the layer's input shape, and the best format
@@ -537,13 +537,13 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
     trace; the BatchNorm becomes ``nn.Identity``, the conv gets a bias; zeros stay zero). The folded
     model's outputs equal the original's within fp32 rounding.
 
-    fuse_relu: then fuse each ``nn.ReLU`` module whose only input is a converted CSR / CK layer's
+    fuse_relu: then fuse each ``nn.ReLU`` module whose only input is a converted CSR / CK / block / N:M layer's
     output (through a folded BatchNorm's identity) and that runs nowhere else into that layer's
     kernel (``fuse.fuse_relu``: the layer's ``relu`` set, the ReLU an ``nn.Identity``; the model
     keeps its class). Functional ReLUs and ReLU modules reused elsewhere (ResNet's ``self.relu``)
     are ``fuse_blocks``' job.
 
-    fuse_blocks: then fuse into each CSR / CK layer (relu not fused yet) the residual add its output
+    fuse_blocks: then fuse into each CSR / CK / block / N:M layer (relu not fused yet) the residual add its output
     goes to (``out += identity``: the layer's residual epilogue) and the ReLU after the add or after
     the layer, whatever ReLU it is (``fuse.fuse_residual_blocks``): each block holding such a
     pattern becomes a ``torch.fx.GraphModule`` of its rewritten forward in its parents (same

@@ -71,8 +71,18 @@ def add_act(y, residual, relu):
     return y.relu_() if relu else y
 
 
+def epilogue_(y, relu, residual):
+    """The kernels' store epilogue after the fact, in place on a kernel's fresh output ``y``: ``y +=
+    residual`` (``y``'s shape), then ``max(·, 0)`` if ``relu`` — the values :func:`add_act` gives,
+    without a second tensor (for the ops without an epilogue: ``bsr_mm``, ``nm_mm``)."""
+    if residual is not None:
+        y.add_(residual)
+    return y.relu_() if relu else y
+
+
 def _call(mm, xt, transpose_out, relu, residual):
-    """``mm(xt, transpose_out)`` with the epilogue arguments only when set (the BSR / N:M ops have none)."""
+    """``mm(xt, transpose_out)`` with the epilogue arguments only when set (a bare op bound to its
+    weight takes none)."""
     if relu or residual is not None:
         return mm(xt, transpose_out, relu, residual)
     return mm(xt, transpose_out)

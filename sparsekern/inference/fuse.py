@@ -15,14 +15,14 @@ folded only if the conv and the BatchNorm are each called once, the conv's outpu
 BatchNorm as its only user, the BatchNorm is in eval mode with running statistics and the conv
 is a plain ``nn.Conv2d`` (no overridden ``forward``).
 
-After conversion, :func:`fuse_relu` moves the ReLU that follows a converted CSR / CK layer into its
+After conversion, :func:`fuse_relu` moves the ReLU that follows a converted CSR / CK / block / N:M layer into its
 kernel (the module's ``relu``): on the same graphs (sparsekern's modules traced as leaves), an
 ``nn.ReLU`` module called only there, whose input is the layer's output, possibly through the
 ``nn.Identity`` of a folded BatchNorm, with no other user on the way, becomes ``nn.Identity``; the
 layer must be called once. No class or forward changes.
 
 Then :func:`fuse_residual_blocks` fuses what needs a forward rewritten (ResNet blocks call one
-``self.relu`` three times and end with ``out += identity; out = self.relu(out)``). A CSR / CK layer
+``self.relu`` three times and end with ``out += identity; out = self.relu(out)``). A CSR / CK / block / N:M layer
 ``L`` without a fused ReLU, called once, whose output goes through ``nn.Identity`` calls (folded
 BatchNorms; each the only user of the one before) to exactly one user ``u``:
 
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .modules import CKConv2d, _CSR
+from .modules import CKConv2d, _BSR, _CSR, _NM
 
 
 #: In-place operators (``a += b``, ``a[i] = b``).
@@ -202,8 +202,8 @@ def swap_module(model, old, new):
 
 
 def _unfused(m):
-    """Whether ``m`` is a CSR / CK layer without a fused ReLU."""
-    return isinstance(m, (_CSR, CKConv2d)) and not m.relu
+    """Whether ``m`` is a CSR / CK / block / N:M layer without a fused ReLU."""
+    return isinstance(m, (_CSR, _BSR, _NM, CKConv2d)) and not m.relu
 
 
 def _is_identity(node, arg, modules):
@@ -236,7 +236,7 @@ def _is_relu(node, arg, modules):
 
 
 def fuse_relu(model):
-    """Fuse into each converted CSR / CK layer of ``model`` the ReLU module after it (module
+    """Fuse into each converted CSR / CK / block / N:M layer of ``model`` the ReLU module after it (module
     docstring), in place: the layer's ``relu`` becomes True, the ReLU an ``nn.Identity``.
     Returns the names of the layers fused."""
     units, _ = traced_units(model, _unfused)
@@ -478,7 +478,7 @@ def _rewritten(owner, wanted):
 
 
 def fuse_residual_blocks(model):
-    """Fuse the residual adds and the shared or functional ReLUs after ``model``'s CSR / CK layers
+    """Fuse the residual adds and the shared or functional ReLUs after ``model``'s CSR / CK / block / N:M layers
     into their kernels (module docstring), in place; the model keeps its class, each block holding a
     pattern becomes a ``torch.fx.GraphModule`` in its parents. Returns ``(fused, skipped)``:
     ``{layer name: "residual add + ReLU" / "residual add" / "ReLU"}`` fused, ``{layer name: what was

@@ -10,12 +10,14 @@ sparse convolution) and ``GroupConv2d`` (grouped / depthwise, zero padding)::
     CSRLinear  BSRLinear  NMLinear      CSRConv1x1  BSRConv1x1  NMConv1x1      CSRConv2d  CKConv2d
     CSRGroupConv2d
 
-CSR and CK modules have a ``relu`` attribute (default False; set by ``fuse.fuse_relu`` /
-``fuse.fuse_residual_blocks``): ``True`` applies ``max(y, 0)`` in the kernel's store, the ReLU after
-the layer fused. Like ``stride``, it is a plain attribute (pickled, in ``extra_repr``), not in the
-``state_dict``. They also take ``forward(x, residual=None)``: ``layer(x) + residual`` before that max
-(a residual block's add, in the kernel's store when the residual has the output's shape and, for
-convs, the batch is one image; else added after the kernel, broadcast as ``+``).
+CSR, CK, block and N:M modules have a ``relu`` attribute (default False; set by ``fuse.fuse_relu`` /
+``fuse.fuse_residual_blocks``): ``True`` applies ``max(y, 0)`` to the layer's output, the ReLU after
+the layer fused: in the kernel's store (CSR, CK), or in place on the kernel's fresh output (block,
+N:M: their ops have no epilogue; no second tensor, no module call). Like ``stride``, it is a plain
+attribute (pickled, in ``extra_repr``), not in the ``state_dict``. They also take ``forward(x,
+residual=None)``: ``layer(x) + residual`` before that max (a residual block's add, in the kernel's
+store or in place as the ReLU when the residual has the output's shape and, for convs, the batch is
+one image; else added after the kernel, broadcast as ``+``).
 
 The weight lives in plain buffers: a module pickles, and its ``state_dict`` loads into any module
 of the same class and layer shape (buffers are resized to the stored number of nonzeros/blocks;
@@ -85,12 +87,12 @@ class _Sparse(nn.Module):
                              f"got input of shape {tuple(x.shape)}")
 
     def _residual(self, residual):
-        """``residual`` after checking it is a tensor (or None) that supports the epilogue: only CSR /
-        CK modules (those with a fused ``relu``) take one."""
+        """``residual`` after checking it is a tensor (or None) that supports the epilogue: only the
+        modules with a fused ``relu`` (CSR, CK, block, N:M) take one."""
         if residual is None:
             return None
         if not hasattr(self, "relu"):
-            raise TypeError(f"{type(self).__name__} takes no residual (only the CSR and CK modules do)")
+            raise TypeError(f"{type(self).__name__} takes no residual (only the CSR, CK, block and N:M modules do)")
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: residual must be a torch.Tensor or None, got "
                             f"{type(residual).__name__}")
@@ -127,14 +129,16 @@ class _CSR:
 
 class _BSR:
     format = "block"
+    relu = False  # ReLU fused, in place after the kernel (module docstring)
 
     def _encode(self, w):
         rowptr, col, val = formats.bsr_from_dense(w, self.block)
         return {"rowptr": rowptr, "col": col, "val": val}
 
-    def _mm(self, x, transpose_out):
+    def _mm(self, x, transpose_out, relu=False, residual=None):
         b = self._buffers
-        return spmm.bsr_mm(b["rowptr"], b["col"], b["val"], self._b(), x, self.out_features, transpose_out)
+        return functional.epilogue_(spmm.bsr_mm(b["rowptr"], b["col"], b["val"], self._b(), x,
+                                                self.out_features, transpose_out), relu, residual)
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
@@ -147,14 +151,16 @@ class _BSR:
 
 class _NM:
     format = "nm"
+    relu = False  # ReLU fused, in place after the kernel (module docstring)
 
     def _encode(self, w):
         val, idx = formats.nm_from_dense(w, self.n, self.m)
         return {"val": val, "idx": idx, "nm": torch.tensor([self.n, self.m])}
 
-    def _mm(self, x, transpose_out):
+    def _mm(self, x, transpose_out, relu=False, residual=None):
         b = self._buffers
-        return spmm.nm_mm(b["val"], b["idx"], self._b(), x, self.n, self.m, self.out_features, transpose_out)
+        return functional.epilogue_(spmm.nm_mm(b["val"], b["idx"], self._b(), x, self.n, self.m,
+                                               self.out_features, transpose_out), relu, residual)
 
     def weight_dense(self):
         """The dense weight ``[out, in]``, zeros restored."""
