@@ -820,6 +820,9 @@ def test_fuse_blocks_block_and_nm_layers(cls, kwargs):
     with torch.no_grad():
         for x, ref in zip(xs, refs):
             torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+        torch.testing.assert_close(torch.export.export(model, (xs[0],)).module()(xs[0]), refs[0], atol=0, rtol=0)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(xs[1]), refs[1],
+                                   atol=0, rtol=0)
     with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
         model.block.c(xs[0], residual=1.0)
 
