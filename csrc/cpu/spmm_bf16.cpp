@@ -142,26 +142,33 @@ __attribute__((target("avx2,fma,f16c,bmi2,popcnt"))) bool row_avx2(
   return off == end;
 }
 
-template <bool BF, int NB>
-bool rows_avx2_t(const int64_t* rp, const uint8_t* mask, int64_t G, const uint16_t* val,
-                 int64_t val_len, const float* xf, int64_t ldx, float* acc, int64_t b0, int64_t b1) {
-  for (int64_t r = b0; r < b1; ++r)
-    if (!row_avx2<BF, NB>(mask + r * G, G, val, rp[r], rp[r + 1], val_len - 8, xf, ldx,
-                          acc + (r - b0) * kMaxB))
-      return false;
-  return true;
+// Rows b0..b1 of a vector path: row(nb, mask row, value offset, end, limit, acc row) with nb an
+// std::integral_constant of B (1..kMaxB rows of x, a compile-time count for the row kernel);
+// false at the first row whose mask reads past the values or disagrees with rowptr.
+template <typename Row>
+bool rows_vec(const int64_t* rp, const uint8_t* mask, int64_t G, int64_t val_len, int64_t B,
+              float* acc, int64_t b0, int64_t b1, const Row& row) {
+  const auto each = [&](auto nb) {
+    for (int64_t r = b0; r < b1; ++r)
+      if (!row(nb, mask + r * G, rp[r], rp[r + 1], val_len - 8, acc + (r - b0) * kMaxB)) return false;
+    return true;
+  };
+  switch (B) {
+    case 1: return each(std::integral_constant<int, 1>{});
+    case 2: return each(std::integral_constant<int, 2>{});
+    case 3: return each(std::integral_constant<int, 3>{});
+    default: return each(std::integral_constant<int, 4>{});
+  }
 }
 
 template <bool BF>
 bool rows_avx2(const int64_t* rp, const uint8_t* mask, int64_t G, const uint16_t* val,
                int64_t val_len, const float* xf, int64_t ldx, int64_t B, float* acc, int64_t b0,
                int64_t b1) {
-  switch (B) {
-    case 1: return rows_avx2_t<BF, 1>(rp, mask, G, val, val_len, xf, ldx, acc, b0, b1);
-    case 2: return rows_avx2_t<BF, 2>(rp, mask, G, val, val_len, xf, ldx, acc, b0, b1);
-    case 3: return rows_avx2_t<BF, 3>(rp, mask, G, val, val_len, xf, ldx, acc, b0, b1);
-    default: return rows_avx2_t<BF, 4>(rp, mask, G, val, val_len, xf, ldx, acc, b0, b1);
-  }
+  return rows_vec(rp, mask, G, val_len, B, acc, b0, b1,
+                  [&](auto nb, const uint8_t* mk, int64_t off, int64_t end, int64_t limit, float* out) {
+                    return row_avx2<BF, decltype(nb)::value>(mk, G, val, off, end, limit, xf, ldx, out);
+                  });
 }
 
 bool has_avx2() {
@@ -236,28 +243,15 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16,bmi2,popcnt"))) b
   return off == end;
 }
 
-template <Mode M, int NB>
-bool rows_avx512_t(const int64_t* rp, const uint8_t* mask, int64_t G, const uint16_t* val,
-                   int64_t val_len, const XT<M>* x, int64_t ldx, float* acc, int64_t b0,
-                   int64_t b1) {
-  for (int64_t r = b0; r < b1; ++r)
-    if (!row_avx512<M, NB>(mask + r * G, G, val, rp[r], rp[r + 1], val_len - 8, x, ldx,
-                           acc + (r - b0) * kMaxB))
-      return false;
-  return true;
-}
-
 template <Mode M>
 bool rows_avx512(const int64_t* rp, const uint8_t* mask, int64_t G, const uint16_t* val,
                  int64_t val_len, const void* x, int64_t ldx, int64_t B, float* acc,
                  int64_t b0, int64_t b1) {
   const XT<M>* xm = static_cast<const XT<M>*>(x);
-  switch (B) {
-    case 1: return rows_avx512_t<M, 1>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
-    case 2: return rows_avx512_t<M, 2>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
-    case 3: return rows_avx512_t<M, 3>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
-    default: return rows_avx512_t<M, 4>(rp, mask, G, val, val_len, xm, ldx, acc, b0, b1);
-  }
+  return rows_vec(rp, mask, G, val_len, B, acc, b0, b1,
+                  [&](auto nb, const uint8_t* mk, int64_t off, int64_t end, int64_t limit, float* out) {
+                    return row_avx512<M, decltype(nb)::value>(mk, G, val, off, end, limit, xm, ldx, out);
+                  });
 }
 
 bool has_avx512() {

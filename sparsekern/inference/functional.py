@@ -74,7 +74,8 @@ def add_act(y, residual, relu):
 def epilogue_(y, relu, residual):
     """The kernels' store epilogue after the fact, in place on a kernel's fresh output ``y``: ``y +=
     residual`` (``y``'s shape), then ``max(·, 0)`` if ``relu`` — the values :func:`add_act` gives,
-    without a second tensor (for the ops without an epilogue: ``bsr_mm``, ``nm_mm``)."""
+    without a second tensor (the ops without an epilogue, ``bsr_mm`` / ``nm_mm``, and a batched
+    1×1 conv's groups whose output is not in the residual's layout)."""
     if residual is not None:
         y.add_(residual)
     return y.relu_() if relu else y
@@ -146,9 +147,7 @@ def sparse_conv1x1(x, mm, out_features, stride=1, relu=False, residual=None):
             continue
         oi.copy_(_call(mm, xr, False, relu and residual is None, None).view(out_features, xi.shape[0], h, w).transpose(0, 1))
         if res:
-            oi.add_(residual[i:i + g])
-            if relu:
-                oi.relu_()
+            epilogue_(oi, relu, residual[i:i + g])
     return add_act(out, residual, relu) if residual is not None and not res else out
 
 
