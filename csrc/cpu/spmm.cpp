@@ -124,9 +124,9 @@ constexpr int64_t kConvRows = 64;  // rows sharing one channel slab (csr_conv)
 template <typename V>
 SK_INLINE V splat(float a);
 template <>
-SK_INLINE v16s splat<v16s>(float a) { return {v16{} + a}; }
+SK_INLINE v16s splat<v16s>(float a) { return {v16{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}}; }
 template <>
-SK_INLINE v8x2 splat<v8x2>(float a) { return {v8{} + a, v8{} + a}; }
+SK_INLINE v8x2 splat<v8x2>(float a) { return {v8{a, a, a, a, a, a, a, a}, v8{a, a, a, a, a, a, a, a}}; }
 
 // max(a, 0) per lane; a NaN stays NaN (torch.relu).
 SK_INLINE float relu0(float a) { return a < 0.f ? 0.f : a; }
