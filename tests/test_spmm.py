@@ -108,18 +108,22 @@ def test_csr_conv1x1(stride, n, per_call, monkeypatch):
 @pytest.mark.parametrize("transpose_out", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 def test_csr_mm_input_chunks(order, n, transpose_out, relu):
-    """The C++ kernel's reduction in chunks of x rows over blocks of many rows (in = 2000, 1100
-    rows), a last column tile shifted left (n = 20, 70), columns in any order within a row; the
-    fused ReLU and residual apply to the whole sum (the last chunk), not to partial sums, and
-    equal the unfused add bit for bit (same sum, then the same add)."""
-    w, b = sparse_weight(1100, 2000, 0.3), torch.randn(1100)
+    """The C++ kernel's reduction in chunks of x rows over blocks of many rows (1100 rows; in
+    >= 2000 and large enough that a 64-column tile's slice of x, in·256 bytes, exceeds half this
+    CPU's L2, below which the kernel does not chunk), a last column tile shifted left (n = 20,
+    70), columns in any order within a row; the fused ReLU and residual apply to the whole sum
+    (the last chunk), not to partial sums, and equal the unfused add bit for bit (same sum, then
+    the same add)."""
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    inp = max(2000, max(l2, 0) // 128 + 64)
+    w, b = sparse_weight(1100, inp, 0.3), torch.randn(1100)
     rowptr, col, val = csr_from_dense(w)
     if order != "ascending":
         row = torch.repeat_interleave(torch.arange(1100), rowptr.diff())
-        within = 1 - col / 2000 if order == "descending" else torch.rand(col.numel())  # in [0, 1]
+        within = 1 - col / inp if order == "descending" else torch.rand(col.numel())  # in [0, 1]
         perm = torch.argsort(row * 2 + within.double())
         col, val = col[perm].contiguous(), val[perm].contiguous()
-    x = torch.randn(2000, n)
+    x = torch.randn(inp, n)
     expect = w @ x + b[:, None]
     expect = expect.relu() if relu else expect
     y = torch.ops.sparsekern.csr_mm(rowptr, col, val, b, x, 1100, transpose_out, relu)
