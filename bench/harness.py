@@ -297,13 +297,14 @@ def device_name(device):
         info = ""
     field = lambda key: (re.search(rf"^{key}\s*:\s*(.*)$", info, re.M) or [None, ""])[1].strip()
     name = field("model name") or platform.processor() or platform.machine()
-    # a VM's model name can be as bare as "AMD EPYC": the family / model and the widest vector
-    # ISA tell Milan (AVX2) from Genoa (AVX-512) in the results
+    # a VM's model name can be as bare as "AMD EPYC" or "Intel Xeon Processor": the family /
+    # model and the widest vector ISA (and AMX) tell Milan (AVX2) from Genoa (AVX-512), Ice Lake
+    # from Sapphire Rapids and later (AMX) in the results
     flags = field("flags").split()
     isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
                 if flag in flags), None)
     details = [f"family {field('cpu family')} model {field('model')}"] if field("model") else []
-    details += [isa] if isa else []
+    details += [isa + (" + AMX" if isa == "AVX-512" and "amx_tile" in flags else "")] if isa else []
     return f"{name} ({', '.join(details)})" if details else name
 
 
