@@ -811,3 +811,71 @@ assert torch.equal(y, torch.ops.sparsekern.csr_mm(rowptr, col, val, torch.empty(
         env_vars["SPARSEKERN_HUGE_PAGES"] = env
     env_vars["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
     subprocess.run([sys.executable, "-c", code], env=env_vars, check=True, cwd=REPO)
+
+
+@pytest.fixture
+def output_cache():
+    """functional's output cache, empty, with outputs of any size going through it."""
+    functional.empty_output_cache()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(functional, "OUTPUT_CACHE_MIN_BYTES", 0)
+        yield functional._OUTPUTS
+    functional.empty_output_cache()
+
+
+def test_output_cache_reuses_only_unreferenced_buffers(output_cache):
+    """A large output's memory is handed out again once nothing references it (no tensor, no view);
+    while a view of it lives, a new buffer is made; empty_output_cache releases them."""
+    like = torch.empty(1)
+    a = functional.new_output(like, 2, 3, 5)
+    ptr = a.data_ptr()
+    del a
+    b = functional.new_output(like, 5, 6)  # same size, other shape: the same memory
+    assert b.data_ptr() == ptr and b.shape == (5, 6)
+    view = b[1:]
+    del b
+    c = functional.new_output(like, 30)
+    assert c.data_ptr() != ptr and view.data_ptr() == ptr + 6 * 4
+    assert functional.new_output(like.double(), 30).dtype == torch.float64  # dtype is part of the key
+    assert output_cache.nbytes == 30 * 4 * 2 + 30 * 8
+    assert functional.empty_output_cache() == 30 * 4 * 2 + 30 * 8 and output_cache.nbytes == 0
+    assert torch.equal(view, view.clone())  # still valid: its memory stays with it
+
+
+def test_output_cache_bound_and_eviction(output_cache, monkeypatch):
+    """At most OUTPUT_CACHE_BYTES: a free buffer is evicted (least recently used first) for a new
+    size; with no free buffer to evict the output is a plain allocation; 0 turns the cache off."""
+    monkeypatch.setattr(functional, "OUTPUT_CACHE_BYTES", 100 * 4)
+    like = torch.empty(1)
+    keep = functional.new_output(like, 60)
+    a = functional.new_output(like, 40)
+    assert output_cache.nbytes == 400
+    b = functional.new_output(like, 10)  # no room, nothing free: not cached
+    assert output_cache.nbytes == 400 and b.numel() == 10
+    del a
+    c = functional.new_output(like, 30)  # the free 40 evicted for it
+    assert output_cache.nbytes == 60 * 4 + 30 * 4 and len(output_cache.buffers) == 2
+    monkeypatch.setattr(functional, "OUTPUT_CACHE_BYTES", 0)
+    del keep, c
+    functional.empty_output_cache()
+    functional.new_output(like, 8)
+    assert output_cache.nbytes == 0
+
+
+def test_output_cache_keeps_earlier_outputs_intact(output_cache):
+    """A converted model's outputs from the cache: an earlier call's output, still held, is not
+    overwritten by later calls (batched 1×1 and 3×3 convs write their outputs through new_output)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1)).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(torch.rand_like(m.weight) < 0.3)
+        x = torch.randn(4, 8, 10, 10)
+        sparse = sk.inference.convert(model, example_input=x, formats=("csr",), min_speedup=0.0)
+        ref = model(x)
+        y1 = sparse(x)
+        assert output_cache.nbytes > 0
+        y2 = sparse(-x)
+        torch.testing.assert_close(y1, ref, **TOL)
+        torch.testing.assert_close(y2, model(-x), **TOL)

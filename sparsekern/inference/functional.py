@@ -11,6 +11,7 @@
   ``sparsekern::<fmt>_conv2d``.
 """
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -41,22 +42,100 @@ def _libc():
 _LIBC = _libc()
 
 
-def new_output(like, *shape):
-    """``like.new_empty(shape)`` for a layer's output. One of at least :data:`HUGE_PAGE_MIN_BYTES`
-    (CPU, Linux) asks for transparent huge pages on its 2 MB-aligned interior (``madvise
-    MADV_HUGEPAGE``) before anything writes it: fresh memory costs a page fault per 4 KB page at
-    first touch, and a batch-32 ResNet-50 layer's 100 MB output took ~25K of them, about as long
-    as the sparse layer (AMD EPYC). The C++ kernels' outputs follow the same policy
-    (``csrc/cpu/common.h`` ``empty_output``); ``SPARSEKERN_HUGE_PAGES=0`` turns both off."""
+def _fresh_output(like, shape):
+    """``like.new_empty(shape)``; at least :data:`HUGE_PAGE_MIN_BYTES` (CPU, Linux): transparent huge
+    pages asked for on its 2 MB-aligned interior (``madvise MADV_HUGEPAGE``) before anything writes
+    it: fresh memory costs a page fault per 4 KB page at first touch, and a batch-32 ResNet-50
+    layer's 100 MB output took ~25K of them, about as long as the sparse layer (AMD EPYC). The C++
+    kernels' outputs follow the same policy (``csrc/cpu/common.h`` ``empty_output``);
+    ``SPARSEKERN_HUGE_PAGES=0`` turns both off."""
     out = like.new_empty(shape)
     nbytes = out.numel() * out.element_size()
-    if (_LIBC is not None and nbytes >= HUGE_PAGE_MIN_BYTES and out.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
+    if _LIBC is not None and nbytes >= HUGE_PAGE_MIN_BYTES and out.device.type == "cpu":
         p = out.data_ptr()
         a, e = -(-p // _HUGE) * _HUGE, (p + nbytes) // _HUGE * _HUGE
         if e > a:
             _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(e - a), _MADV_HUGEPAGE)  # advice only
     return out
+
+
+#: Bytes of large layer outputs (:func:`new_output`) kept for reuse once their users drop them;
+#: ``SPARSEKERN_OUTPUT_CACHE_MB`` sets it (0: off).
+OUTPUT_CACHE_BYTES = int(float(os.environ.get("SPARSEKERN_OUTPUT_CACHE_MB", "2048")) * (1 << 20))
+#: Outputs of at least this many bytes go through the cache.
+OUTPUT_CACHE_MIN_BYTES = HUGE_PAGE_MIN_BYTES
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private torch API: no cache without it
+
+
+class _OutputCache:
+    """Large CPU layer outputs for reuse: memory the process wrote before costs no page faults
+    (fresh memory does, at first touch: ~0.5 ms per 3 MB on the Intel Xeon VM, a batch-32 ResNet-50
+    allocates ~1 GB of outputs per forward). A buffer is handed out again only when nothing but the
+    cache references its storage (no tensor, view or saved tensor of the last user left); at most
+    :data:`OUTPUT_CACHE_BYTES`, least recently used free buffers evicted first."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.buffers = []  # [(key, flat tensor)], least recently used first
+        self.nbytes = 0
+
+    @staticmethod
+    def _free(t):
+        return _storage_use_count(t.untyped_storage()._cdata) == 2  # the buffer + this call's storage object
+
+    def take(self, like, shape):
+        """A buffer of ``shape``'s size viewed as ``shape``, or None (no room in the cache)."""
+        numel = math.prod(shape)
+        key, nbytes = (numel, like.dtype, like.device), numel * like.element_size()
+        with self.lock:
+            free = [i for i, (_, t) in enumerate(self.buffers) if self._free(t)]
+            match = next((i for i in free if self.buffers[i][0] == key), None)
+            if match is not None:
+                self.buffers.append(self.buffers.pop(match))
+                return self.buffers[-1][1].view(shape)
+            evict = set()
+            for i in free:  # least recently used first
+                if self.nbytes + nbytes <= OUTPUT_CACHE_BYTES:
+                    break
+                evict.add(i)
+                self.nbytes -= self.buffers[i][1].nbytes
+            self.buffers = [b for i, b in enumerate(self.buffers) if i not in evict]
+            if self.nbytes + nbytes > OUTPUT_CACHE_BYTES:
+                return None
+            t = _fresh_output(like, (numel,))
+            self.buffers.append((key, t))
+            self.nbytes += nbytes
+            return t.view(shape)
+
+    def clear(self):
+        """Drop every buffer (those still in use stay with their users); returns the bytes dropped."""
+        with self.lock:
+            n, self.buffers, self.nbytes = self.nbytes, [], 0
+            return n
+
+
+_OUTPUTS = _OutputCache()
+
+
+def empty_output_cache():
+    """Release the layer outputs :func:`new_output` keeps for reuse (like ``torch.cuda.empty_cache``);
+    returns the bytes the cache held."""
+    return _OUTPUTS.clear()
+
+
+def new_output(like, *shape):
+    """``like.new_empty(shape)`` for a layer's output (uninitialized). A CPU one of at least
+    :data:`OUTPUT_CACHE_MIN_BYTES` comes from the output cache (:class:`_OutputCache`: a freed
+    earlier output's memory, no page faults; :func:`empty_output_cache` releases it), else fresh
+    (:func:`_fresh_output`: on huge pages)."""
+    if torch.compiler.is_compiling():
+        return like.new_empty(shape)
+    if (like.device.type == "cpu" and _storage_use_count is not None
+            and like.element_size() * math.prod(shape) >= OUTPUT_CACHE_MIN_BYTES):
+        out = _OUTPUTS.take(like, shape)
+        if out is not None:
+            return out
+    return _fresh_output(like, shape)
 
 
 def fits(residual, shape, like):
