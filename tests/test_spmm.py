@@ -879,3 +879,20 @@ def test_output_cache_keeps_earlier_outputs_intact(output_cache):
         y2 = sparse(-x)
         torch.testing.assert_close(y1, ref, **TOL)
         torch.testing.assert_close(y2, model(-x), **TOL)
+
+
+def test_output_cache_across_inference_mode(output_cache):
+    """A buffer first made under torch.inference_mode is reused outside it (and the other way) and
+    written in place there (an inference tensor would refuse that)."""
+    like = torch.empty(1)
+    for first, then in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
+        functional.empty_output_cache()
+        with first():
+            a = functional.new_output(like, 10)
+            a.fill_(1)
+        ptr = a.data_ptr()
+        del a
+        with then():
+            b = functional.new_output(like, 10)
+            b[2:5] = 3.0
+        assert b.data_ptr() == ptr and b[2] == 3.0

@@ -102,7 +102,8 @@ class _OutputCache:
             self.buffers = [b for i, b in enumerate(self.buffers) if i not in evict]
             if self.nbytes + nbytes > OUTPUT_CACHE_BYTES:
                 return None
-            t = _fresh_output(like, (numel,))
+            with torch.inference_mode(False):  # a normal tensor: reusable in and out of inference mode
+                t = _fresh_output(like, (numel,))
             self.buffers.append((key, t))
             self.nbytes += nbytes
             return t.view(shape)
