@@ -64,7 +64,27 @@ def _fresh_output(like, shape):
 OUTPUT_CACHE_BYTES = int(float(os.environ.get("SPARSEKERN_OUTPUT_CACHE_MB", "2048")) * (1 << 20))
 #: Outputs of at least this many bytes go through the cache.
 OUTPUT_CACHE_MIN_BYTES = HUGE_PAGE_MIN_BYTES
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private torch API: no cache without it
+
+
+def _use_count_probe():
+    """torch's storage use count (private API, ``torch._C._storage_Use_Count``) if it counts as the
+    cache expects (a tensor alone: 2 with the storage object of the call; a view more), else None: no
+    cache (it would never find a buffer free, only hold memory)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        t = torch.empty(1)
+        alone = count(t.untyped_storage()._cdata)
+        v = t[:]
+        viewed = count(t.untyped_storage()._cdata)
+        del v
+        return count if (alone, viewed) == (2, 3) and count(t.untyped_storage()._cdata) == 2 else None
+    except Exception:  # noqa: BLE001 (a private API: any failure means no cache)
+        return None
+
+
+_storage_use_count = _use_count_probe()
 
 
 class _OutputCache:
