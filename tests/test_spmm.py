@@ -896,3 +896,20 @@ def test_output_cache_across_inference_mode(output_cache):
             b = functional.new_output(like, 10)
             b[2:5] = 3.0
         assert b.data_ptr() == ptr and b[2] == 3.0
+
+
+@pytest.mark.parametrize("env,expect", [("0", 0), ("1.5", 3 << 19), (None, None), ("-3", "error"), ("lots", "error")])
+def test_output_cache_size_switch(env, expect, monkeypatch):
+    """SPARSEKERN_OUTPUT_CACHE_MB: megabytes (0 off); unset: 2 GB or an eighth of the RAM; anything
+    else a ValueError naming the variable."""
+    if env is None:
+        monkeypatch.delenv("SPARSEKERN_OUTPUT_CACHE_MB", raising=False)
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert functional._output_cache_bytes() == min(2 << 30, ram // 8)
+        return
+    monkeypatch.setenv("SPARSEKERN_OUTPUT_CACHE_MB", env)
+    if expect == "error":
+        with pytest.raises(ValueError, match="SPARSEKERN_OUTPUT_CACHE_MB"):
+            functional._output_cache_bytes()
+    else:
+        assert functional._output_cache_bytes() == expect

@@ -5,7 +5,7 @@ module (csr, block, nm or ck format; csr for grouped / depthwise convs) that a c
 confirms faster than dense. Weight formats: ``formats``; the layers on the spmm ops
 (``sparsekern.ops.spmm``): ``functional``. Large layer outputs (>= 8 MB) are reused once freed
 (``functional.new_output``; ``empty_output_cache()`` releases them, ``SPARSEKERN_OUTPUT_CACHE_MB``
-bounds them, default 2048, 0 off).
+bounds them, default 2048 or an eighth of the RAM, 0 off).
 """
 from .convert import Candidate, ConversionReport, LayerReport, convert, rank_formats
 from .functional import empty_output_cache

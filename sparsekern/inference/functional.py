@@ -59,9 +59,28 @@ def _fresh_output(like, shape):
     return out
 
 
-#: Bytes of large layer outputs (:func:`new_output`) kept for reuse once their users drop them;
-#: ``SPARSEKERN_OUTPUT_CACHE_MB`` sets it (0: off).
-OUTPUT_CACHE_BYTES = int(float(os.environ.get("SPARSEKERN_OUTPUT_CACHE_MB", "2048")) * (1 << 20))
+
+
+def _output_cache_bytes():
+    """``SPARSEKERN_OUTPUT_CACHE_MB`` (0: off), else 2 GB or an eighth of the machine's memory if less."""
+    env = os.environ.get("SPARSEKERN_OUTPUT_CACHE_MB")
+    if env is not None:
+        try:
+            mb = float(env)
+        except ValueError:
+            mb = -1.0
+        if not mb >= 0:
+            raise ValueError(f"SPARSEKERN_OUTPUT_CACHE_MB must be a number of megabytes >= 0, got {env!r}")
+        return int(mb * (1 << 20))
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        ram = 16 << 30
+    return min(2 << 30, ram // 8)
+
+
+#: Bytes of large layer outputs (:func:`new_output`) kept for reuse once their users drop them.
+OUTPUT_CACHE_BYTES = _output_cache_bytes()
 #: Outputs of at least this many bytes go through the cache.
 OUTPUT_CACHE_MIN_BYTES = HUGE_PAGE_MIN_BYTES
 
