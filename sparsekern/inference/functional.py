@@ -59,8 +59,6 @@ def _fresh_output(like, shape):
     return out
 
 
-
-
 def _output_cache_bytes():
     """``SPARSEKERN_OUTPUT_CACHE_MB`` (0: off), else 2 GB or an eighth of the machine's memory if less."""
     env = os.environ.get("SPARSEKERN_OUTPUT_CACHE_MB")
@@ -85,10 +83,14 @@ OUTPUT_CACHE_BYTES = _output_cache_bytes()
 OUTPUT_CACHE_MIN_BYTES = HUGE_PAGE_MIN_BYTES
 
 
+#: The storage use count of a tensor nothing else references, as read: the tensor + the call's storage object.
+_ALONE = 2
+
+
 def _use_count_probe():
     """torch's storage use count (private API, ``torch._C._storage_Use_Count``) if it counts as the
-    cache expects (a tensor alone: 2 with the storage object of the call; a view more), else None: no
-    cache (it would never find a buffer free, only hold memory)."""
+    cache expects (a tensor alone: :data:`_ALONE`; with a view, one more), else None: no cache (it
+    would never find a buffer free, only hold memory)."""
     count = getattr(torch._C, "_storage_Use_Count", None)
     if count is None:
         return None
@@ -98,7 +100,7 @@ def _use_count_probe():
         v = t[:]
         viewed = count(t.untyped_storage()._cdata)
         del v
-        return count if (alone, viewed) == (2, 3) and count(t.untyped_storage()._cdata) == 2 else None
+        return count if (alone, viewed) == (_ALONE, _ALONE + 1) and count(t.untyped_storage()._cdata) == _ALONE else None
     except Exception:  # noqa: BLE001 (a private API: any failure means no cache)
         return None
 
@@ -120,11 +122,10 @@ class _OutputCache:
 
     @staticmethod
     def _free(t):
-        return _storage_use_count(t.untyped_storage()._cdata) == 2  # the buffer + this call's storage object
+        return _storage_use_count(t.untyped_storage()._cdata) == _ALONE
 
-    def take(self, like, shape):
-        """A buffer of ``shape``'s size viewed as ``shape``, or None (no room in the cache)."""
-        numel = math.prod(shape)
+    def take(self, like, shape, numel):
+        """A buffer of ``numel`` elements viewed as ``shape``, or None (no room in the cache)."""
         key, nbytes = (numel, like.dtype, like.device), numel * like.element_size()
         with self.lock:
             free = [i for i, (_, t) in enumerate(self.buffers) if self._free(t)]
@@ -170,9 +171,10 @@ def new_output(like, *shape):
     (:func:`_fresh_output`: on huge pages)."""
     if torch.compiler.is_compiling():
         return like.new_empty(shape)
+    numel = math.prod(shape)
     if (like.device.type == "cpu" and _storage_use_count is not None
-            and like.element_size() * math.prod(shape) >= OUTPUT_CACHE_MIN_BYTES):
-        out = _OUTPUTS.take(like, shape)
+            and like.element_size() * numel >= OUTPUT_CACHE_MIN_BYTES):
+        out = _OUTPUTS.take(like, shape, numel)
         if out is not None:
             return out
     return _fresh_output(like, shape)
