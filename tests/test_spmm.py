@@ -341,6 +341,10 @@ def test_direct_conv_tail_columns(n, wp, wv, slack, relu, has_residual):
     (32, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), 40, 21),
     (24, 1, 4, (3, 3), (2, 2), (2, 2), (2, 2), 45, 30),
     (3, 1, 8, (3, 3), (2, 2), (1, 1), (1, 1), 64, 64),  # a stem
+    # groups 1, at most 8 output columns: one image in wide rows (csr_conv's leaf), channel slabs
+    (70, 1, 6, (3, 3), (2, 2), (1, 1), (1, 1), 14, 13),
+    (5, 1, 7, (5, 3), (3, 2), (2, 1), (1, 2), 17, 9),
+    (130, 1, 3, (3, 3), (1, 1), (1, 1), (1, 1), 5, 6),
 ])
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("has_bias", [False, True])
