@@ -885,6 +885,16 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
 
 // ---- csr_group_conv -------------------------------------------------------------------------------
 
+// This thread's grow-only scratch array of T (one per type): its pages are faulted in once, not
+// on every call (fresh memory costs ~0.5 ms of first-touch faults per 3 MB on these VMs).
+// Contents undefined.
+template <typename T>
+T* scratch(int64_t count) {
+  static thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < count) buf.resize(count);
+  return buf.data();
+}
+
 // Geometry of a grouped direct conv (functional.conv_geometry): image [C, H, W], cg = C / groups
 // channels and rows_g = out / groups output rows per group; outputs in bands of `band` rows
 // (nb bands); a band's input is the group's zero-padded stride phases [cg, sh, sw, hb, wq] from
@@ -899,8 +909,8 @@ SK_INLINE int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-
 // Copies the rows of the cg channels at x [cg, H, W] that the band of output rows from h0 reads
 // into the phases of buf (functional._phase_copies): padded pixel (pr, pc) = (r + ph, c + pw)
 // goes to phase (pr % sh, pc % sw), row pr / sh - h0, column pc / sw. Stride 2 along W splits
-// each row into its even and odd pixels. Padding rows are zeroed here; padding columns are never
-// written (buf starts zero).
+// each row into its even and odd pixels. Every phase row is written whole (padding rows and
+// columns zeroed here: buf may hold an earlier call's data).
 SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, int64_t h0, float* buf) {
   const int64_t phase = g.hb * g.wq;
   for (int64_t a = 0; a < g.sh; ++a) {  // phase row i holds padded row a + sh·(h0 + i)
@@ -915,6 +925,7 @@ SK_INLINE void group_phase_copy(const GroupGeom& g, const float* x, int64_t h0, 
       for (int64_t i = i0; i < i1; ++i) {
         const float* src = x + (c * g.h + a + g.sh * (h0 + i) - g.ph) * g.w;
         float* row = buf + c * g.plane + a * g.sw * phase + i * g.wq;
+        for (int64_t b = 0; b < g.sw; ++b) std::fill(row + b * phase, row + b * phase + g.wq, 0.f);
         if (g.sw == 1) {
           float* dst = row + g.pw;
           SK_SIMD for (int64_t j = 0; j < g.w; ++j) dst[j] = src[j];  // short rows: no memcpy call
@@ -1475,31 +1486,38 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   if (y.numel() == 0) return y;
   // col = c·R·S + r·S + s -> c·plane + tap (r, s) in the phases (functional.conv_taps), by a
   // table over the cg·R·S columns (no division per nonzero: a depthwise layer's ~5K took ~50 us)
-  std::vector<int32_t> table(g.cg * rs), off(nnz);
+  std::vector<int32_t> table(g.cg * rs);
   for (int64_t c = 0; c < g.cg; ++c)
     for (int64_t r = 0; r < kh; ++r)
       for (int64_t s = 0; s < kw; ++s)
         table[(c * kh + r) * kw + s] = int32_t(c * g.plane + (((r * dh) % sh) * sw + (s * dw) % sw) * g.hb * g.wq +
                                                (r * dh / sh) * g.wq + (s * dw) / sw);
-  for (int64_t i = 0; i < nnz; ++i) off[i] = table[cp[i]];
+  int32_t* off = scratch<int32_t>(nnz);
+  at::parallel_for(0, nnz, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) off[i] = table[cp[i]];
+  });
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const float* vp = val.const_data_ptr<float>();
   const float* bp = bias.numel() ? bias.const_data_ptr<float>() : nullptr;
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
+  // The slack past the phases (read only by the tiles' dropped columns) zeroed: no stale
+  // denormals or NaNs in the arithmetic.
+  const auto phases = [&](float* buf) { std::fill(buf + g.cg * g.plane, buf + len, 0.f); return buf; };
   if (wide) {  // the phases copied over the threads, a channel range each; then csr_conv's grid
-    std::vector<float> buf(len);  // padding columns and the slack stay zero
+    float* buf = phases(scratch<float>(len));
     at::parallel_for(0, c, std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, g.plane)),
                      [&](int64_t c0, int64_t c1) {
       GroupGeom part = g;
       part.cg = c1 - c0;
-      group_phase_copy(part, xp + c0 * h * w, 0, buf.data() + c0 * g.plane);
+      group_phase_copy(part, xp + c0 * h * w, 0, buf + c0 * g.plane);
     });
-    const int64_t n = h_out * wq, furthest = nnz ? *std::max_element(off.begin(), off.end()) : 0;
-    const int64_t run = run_columns(n, furthest, len);
+    int32_t lo = 0, furthest = 0;
+    if (nnz) minmax_i32(off, nnz, lo, furthest);
+    const int64_t n = h_out * wq, run = run_columns(n, furthest, len);
     conv_grid(out_features, run, nnz, [&](int64_t b, int64_t e, int64_t c0, int64_t c1) {
-      conv_leaf(rp, off.data(), vp, bp, buf.data(), n, kSlabChannels * g.plane, len, wq, g.w_out, relu,
-                nullptr, yp, b, e, c0, c1);
+      conv_leaf(rp, off, vp, bp, buf, n, kSlabChannels * g.plane, len, wq, g.w_out, relu, nullptr, yp, b, e,
+                c0, c1);
     });
     return y;
   }
@@ -1508,8 +1526,7 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
   // tasks of ~kGrainMacs / 8 (a depthwise 7×7 channel is ~0.2 us).
   const int64_t per_task = std::max<int64_t>(1, (nnz / groups + 4 * g.cg) * g.band * g.wq);
   at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainMacs / 8 / per_task), [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(len);  // the slack past the phases stays zero
-    group_leaf(g, groups, rp, off.data(), vp, bp, xp, relu, yp, t0, t1, buf.data());
+    group_leaf(g, groups, rp, off, vp, bp, xp, relu, yp, t0, t1, phases(scratch<float>(len)));
   });
   return y;
 }
