@@ -1017,6 +1017,12 @@ SK_INLINE void group_tasks(const GroupGeom& g, int64_t groups, const int64_t* ro
   }
 }
 
+// group_phase_copy in this CPU's clone (the body of a parallel_for lambda is compiled for the
+// baseline ISA: its 32-byte shuffles would run as SSE2 pairs).
+SK_CLONES void phase_copy_leaf(const GroupGeom& g, const float* x, int64_t h0, float* buf) {
+  group_phase_copy(g, x, h0, buf);
+}
+
 SK_CLONES_FMA void group_leaf(const GroupGeom& g, int64_t groups, const int64_t* rowptr,
                               const int32_t* off, const float* val, const float* bias,
                               const float* x, bool relu, float* y, int64_t t0, int64_t t1, float* buf) {
@@ -1510,7 +1516,7 @@ at::Tensor csr_group_conv(const at::Tensor& rowptr, const at::Tensor& col, const
                      [&](int64_t c0, int64_t c1) {
       GroupGeom part = g;
       part.cg = c1 - c0;
-      group_phase_copy(part, xp + c0 * h * w, 0, buf + c0 * g.plane);
+      phase_copy_leaf(part, xp + c0 * h * w, 0, buf + c0 * g.plane);
     });
     int32_t lo = 0, furthest = 0;
     if (nnz) minmax_i32(off, nnz, lo, furthest);
