@@ -885,9 +885,8 @@ SK_CLONES_FMA void ck_leaf(const int64_t* rowptr, const int32_t* chan, const flo
 
 // ---- csr_group_conv -------------------------------------------------------------------------------
 
-// This thread's grow-only scratch array of T (one per type): its pages are faulted in once, not
-// on every call (fresh memory costs ~0.5 ms of first-touch faults per 3 MB on these VMs).
-// Contents undefined.
+// This thread's grow-only scratch array of T (one per type): no allocation and zero-fill per call
+// or task (the largest size asked for stays allocated). Contents undefined.
 template <typename T>
 T* scratch(int64_t count) {
   static thread_local std::vector<T> buf;
