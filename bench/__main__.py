@@ -160,6 +160,10 @@ def main(argv=None):
         return memory_worker(*args.memory_worker)
     device = args.device
     env = H.environment(device)
+    # Freed tensors stay in the heap (glibc), dense and sparse alike: timings without page faults
+    # that depend on what the process allocated before (README "Quickstart: sparse inference").
+    from sparsekern.inference import retain_freed_memory
+    env["retain_freed_memory"] = device == "cpu" and retain_freed_memory()
     print(f"sparsekern bench, suite {args.suite}, on {env['device_name']} ({device}, {env['threads']} threads), "
           f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha'][:12]}; "
           f"sparsekern backend: {env['sparsekern_backend']}", file=sys.stderr, flush=True)
