@@ -708,3 +708,14 @@ def bitmap_mm(rowptr, mask, val, bias, x, out_features):
     if bias.numel():
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# --- max pooling (pool family: the converted models' MaxPool2d) ---------------------------------
+
+def max_pool2d(x, kernel_size, stride, padding):
+    """``y[n, c, i, j] = max over r < kh, s < kw of x[n, c, i·sh + r − ph, j·sw + s − pw]``, the
+    positions outside ``x`` being ``−inf`` (``x [N, C, H, W]`` → ``[N, C, H', W']``, ``H' = (H + 2ph −
+    kh) // sh + 1``); a NaN in a window gives NaN."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph), value=float("-inf"))
+    return xp.unfold(2, kh, sh).unfold(3, kw, sw).amax(dim=(-2, -1))

@@ -22,7 +22,7 @@ conv; strided ones also as :class:`CSRGroupConv2d`, ``kernel=grouped``) and ck (
 (:class:`CSRGroupConv2d`). CPU, bf16 / fp16: Linear and 1×1 conv can become bitmap (:class:`BitmapLinear`,
 :class:`BitmapConv1x1`). Other bf16 / fp16 convs, convs with string or non-zero padding modes and layers not run by
 ``example_input`` stay dense. Before the layers, eval BatchNorms are folded into their convs
-and max pools made separable (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``); after
+and max pools swapped for a faster one (``fold_bn``, ``fast_pool``: ``sparsekern.inference.fuse``); after
 them, the ReLU after a converted CSR / CK / block / N:M layer runs in it (``fuse_relu``), and so do the
 residual add and shared / functional ReLU of a residual block (``fuse_blocks``).
 
@@ -551,8 +551,8 @@ def convert(model, min_speedup=1.0, example_input=None, reps=5, formats=None, re
     forward stay. Report notes: ``residual add + ReLU fused`` etc., or why not.
 
     fast_pool: swap each ``nn.MaxPool2d`` (dilation 1, no ceil_mode / indices) for
-    ``fuse.SeparableMaxPool2d`` (same outputs; torch's CPU max pool took ~10 % of a converted
-    ResNet-50 at batch 1).
+    ``fuse.SeparableMaxPool2d`` (same outputs; on CPU ``sparsekern::max_pool2d``; torch's CPU max
+    pool took ~10 % of a converted ResNet-50 at batch 1).
 
     batch_size: without ``example_input``, the batch (Linear: rows; Conv2d: images of 14×14) the
     layers are measured at, i.e. the batch the model will run; default 1 with a warning, since a
