@@ -141,3 +141,13 @@ def test_separable_maxpool_module_runs_the_op_and_compiles():
     torch.testing.assert_close(torch.compile(pool, fullgraph=True, backend="eager")(x), ref, equal_nan=True, atol=0,
                                rtol=0)
     torch.testing.assert_close(torch.export.export(pool, (x,)).module()(x), ref, equal_nan=True, atol=0, rtol=0)
+
+
+def test_separable_maxpool_module_float64():
+    """A dtype the op does not take (float64) still pools, by the separable max."""
+    pool = SeparableMaxPool2d(3, 2, 1)
+    x = _input((2, 3, 9, 8), torch.float64)
+    with torch.profiler.profile() as prof:
+        y = pool(x)
+    assert not any(e.name == "sparsekern::max_pool2d" for e in prof.events())
+    torch.testing.assert_close(y, F.max_pool2d(x, 3, 2, 1), equal_nan=True, atol=0, rtol=0)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from ..ops._common import has_cpp
+from ..ops._common import FLOAT_DTYPES, has_cpp
 from ..ops.pool import max_pool2d
 from .modules import CKConv2d, _BSR, _CSR, _NM
 
@@ -580,7 +580,7 @@ class SeparableMaxPool2d(nn.Module):
         if h_out < 1 or w_out < 1:  # torch's pool raises too
             raise ValueError(f"SeparableMaxPool2d: input {tuple(x.shape)} is smaller than the {kh}×{kw} window "
                              f"with padding ({ph}, {pw}): output would be {h_out}×{w_out}")
-        if x.device.type == "cpu" and _CPP_POOL:
+        if x.device.type == "cpu" and _CPP_POOL and x.dtype in FLOAT_DTYPES:  # float64 / integers: separable
             return max_pool2d(x, self.kernel_size, self.stride, self.padding)
         return _max_taps(_max_taps(x, 2, kh, sh, ph, h_out), 3, kw, sw, pw, w_out).contiguous()
 
