@@ -919,7 +919,7 @@ def test_output_cache_size_switch(env, expect, monkeypatch):
         assert functional._output_cache_bytes() == expect
 
 
-@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION"), reason="mallopt's parameters: glibc only")
+@pytest.mark.skipif(functional._glibc() is None, reason="mallopt's parameters: glibc only")
 def test_retain_freed_memory_stops_page_faults():
     """After retain_freed_memory(), tensors of up to 32 MB allocated and freed repeatedly (3 × 4 MB
     live at once, as a residual block's activations) reuse the heap: no page faults. glibc's default
