@@ -35,7 +35,7 @@ SUITES = {
         "masks": "ends",
         "spmm": {"batches": (1, 64), "sparsities": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
                  "conv": (0.7, 0.8, 0.9, 0.95), "resnet50_convs": (0.7, 0.9, 0.95), "model": "full",
-                 "model_batches": (1, 32), "mobilenet": True, "bf16_mlp": ("50%", "70%", "2:4"),
+                 "model_batches": (1, 32), "mobilenet": True, "bf16_mlp": ("50%", "70%", "2:4"), "pool": (1, 32),
                  "cuda_dtypes": ("fp32", "fp16", "bf16")},
         "train_step": "resnet50",
     },
@@ -48,7 +48,8 @@ SUITES = {
         "gaussian": "mobilenet_v1",
         "asl": ((1024, 1024),),
         "masks": "smallest",
-        "spmm": {"batches": (64,), "sparsities": (0.5, 0.9, 0.99), "conv": (0.9,), "cuda_dtypes": ("fp32",)},
+        "spmm": {"batches": (64,), "sparsities": (0.5, 0.9, 0.99), "conv": (0.9,), "pool": (1,),
+                 "cuda_dtypes": ("fp32",)},
         "train_step": "resnet50-layer1",
     },
     # make gpu-check (bench/gpu_check.py): CUDA, a few minutes; 16M weights (smaller ones are
@@ -75,7 +76,7 @@ SUITES = {
         "gaussian": "tiny",
         "asl": ((64, 64),),
         "masks": "one",
-        "spmm": {"batches": (1,), "sparsities": (0.9,), "conv": (), "cuda_dtypes": ("fp32",)},
+        "spmm": {"batches": (1,), "sparsities": (0.9,), "conv": (), "pool": (1,), "cuda_dtypes": ("fp32",)},
         "train_step": "tiny",
     },
 }
@@ -368,6 +369,9 @@ def run_spmm(ctx):
                                worst_layer_speedup=min([r["relayer"]["speedup"] for r in changed if "relayer" in r],
                                                        default=None),
                                max_abs_diff=res["max_abs_err"]))
+    for batch in cfg.get("pool", ()):
+        if ctx.wanted(f"spmm/maxpool-stem/b{batch}/fp32/infer"):
+            rows += ctx.done(_stem_pool_rows(batch, ctx))
     for case in cfg.get("bf16_mlp", ()):
         if not ctx.wanted(f"spmm/llama-mlp-b1/{case}/bf16/infer"):
             continue
@@ -378,6 +382,27 @@ def run_spmm(ctx):
                                batch=1, shape=f"Llama MLP {hidden}→{inter}→{hidden} bf16, BitmapLinear",
                                other_load_cpus=res["load"], max_abs_diff=res["max_abs_err"]))
     return rows
+
+
+def _stem_pool_rows(batch, ctx):
+    """The converted models' max pool on a ResNet stem (``[batch, 64, 112, 112]``, 3×3 / 2, padding 1):
+    torch's ``F.max_pool2d`` (dense), ``torch.compile`` of it and ``sparsekern.ops.pool.max_pool2d``,
+    outputs checked equal."""
+    import torch.nn.functional as F
+    from sparsekern.ops.pool import max_pool2d
+
+    x = torch.randn(batch, 64, 112, 112, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    compiled = torch.compile(F.max_pool2d, dynamic=False)
+    fns = {"dense": lambda: F.max_pool2d(x, 3, 2, 1), "compile": lambda: compiled(x, 3, 2, 1),
+           "sparsekern": lambda: max_pool2d(x, 3, 2, 1)}
+    ref = fns["dense"]()
+    for name in ("compile", "sparsekern"):
+        if not torch.equal(fns[name](), ref):
+            raise AssertionError(f"spmm/maxpool-stem/b{batch}: {name} differs from F.max_pool2d")
+    stats = ctx.time(fns)
+    return _rows("spmm", "maxpool-stem", f"b{batch}", x.numel(), "fp32", "infer", stats, batch=batch,
+                 shape=f"max pool 3×3/2 of [{batch}, 64, 112, 112] (a ResNet stem's)")
 
 
 def run_spmm_cuda(ctx):
@@ -447,6 +472,7 @@ TARGETS = [
     ("spmm/llama-mlp-b1/50%/bf16/infer", "sparsekern", "dense", 1.3, "speedup"),
     ("spmm/llama-mlp-b1/70%/bf16/infer", "sparsekern", "dense", 2.0, "speedup"),
     ("spmm/llama-mlp-b1/2:4/bf16/infer", "sparsekern", "dense", 1.3, "speedup"),
+    ("spmm/maxpool-stem/b1/fp32/infer", "sparsekern", "compile", 2.0, "speedup"),
 ]
 #: CUDA targets besides the per-op bandwidth and compile ones that :func:`targets` adds
 CUDA_TARGETS = [

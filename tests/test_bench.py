@@ -133,5 +133,5 @@ def test_bench_runs_without_pytest(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = tmp_path.glob("*-tiny.json")
     rows = json.loads(path.read_text())["rows"]
-    assert {r["provider"] for r in rows} == {"dense", "torch_csr", "sparsekern"}
-    assert {r["case"] for r in rows} == {"spmm/linear-b1/90%/fp32/infer"}
+    assert {r["provider"] for r in rows} == {"dense", "torch_csr", "compile", "sparsekern"}
+    assert {r["case"] for r in rows} == {"spmm/linear-b1/90%/fp32/infer", "spmm/maxpool-stem/b1/fp32/infer"}
