@@ -1,4 +1,4 @@
-// pool family: max pooling for the converted models (sparsekern/inference/fuse.py MaxPool2d).
+// pool family: max pooling for the converted models (sparsekern/inference/fuse.py SeparableMaxPool2d).
 //
 // Contract (schema defined once, in sparsekern/ops/pool.py):
 //   max_pool2d(x, kernel_size, stride, padding) -> y [N, C, H', W'], x's dtype (fp32, bf16, fp16)
@@ -10,9 +10,9 @@
 //
 // One output row per step: the elementwise max of its (up to) kh input rows into a row buffer
 // padded with −inf (contiguous, vectorized), then, tap by tap, the max over the kw columns of each
-// output's window in that buffer (no bounds to check). Replaces
-// a max over strided slices in Python (ResNet stem [1, 64, 112, 112], 3×3/2: four elementwise ops,
-// two intermediates and a copy).
+// output's window in that buffer (no bounds to check). On CPU it replaces the module's max over
+// strided slices in Python (ResNet stem [1, 64, 112, 112], 3×3/2: four elementwise ops, two
+// intermediates and a copy), which stays for other devices and float64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
